@@ -1,0 +1,3 @@
+"""Client for the Task Guard sidecar."""
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+import sys
+
+from taskguard.cli import main
+
+sys.exit(main())

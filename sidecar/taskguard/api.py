@@ -1,0 +1,323 @@
+"""The gRPC servicer: each method is parse (wire) -> engine -> render (wire).
+
+This module holds the only table from failures to gRPC status codes
+(``status_for``) and the only ``context.abort`` call (``_answer``).
+Business outcomes (ALREADY_RUNNING, RETRY_REQUIRES_APPROVAL) are responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+
+from taskguard import core, wire
+from taskguard.core import GuardRecord, Rejected, RejectionKind
+from taskguard.engine import Engine, Result
+from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
+from taskguard.leases import HoldSession, LeaseKeeper
+from taskguard.store import RevisionCompacted, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+
+# 192 random bits: a lease_id is a capability, not an identifier.
+_LEASE_ID_BYTES = 24
+
+_LIST_SCAN_CHUNK = 512
+
+_HOLD_DROPPED = "the holder's Hold stream ended without a release"
+
+
+class Refused(Exception):
+    """A core rejection on its way to the status table."""
+
+    def __init__(self, rejection: Rejected) -> None:
+        super().__init__(rejection.message)
+        self.rejection = rejection
+
+
+class Draining(Exception):
+    """The sidecar is shutting down; streams end so clients reconnect and resume."""
+
+
+_REJECTION_STATUS = {
+    RejectionKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectionKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    RejectionKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one place that decides which status a failure becomes."""
+    match error:
+        case wire.BadRequest() | Refused():
+            return _REJECTION_STATUS[error.rejection.kind], error.rejection.message
+        case StoreUnavailable():
+            return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {error}"
+        case RevisionCompacted():
+            return grpc.StatusCode.OUT_OF_RANGE, f"start_revision: {error}"
+        case WatchOverflow() | TooManyWatchers():
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        case Draining():
+            return grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down; reconnect and resume"
+        case _:
+            return grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log"
+
+
+def _answer(
+    method: Callable[[Any, _Request, aio.ServicerContext[Any, Any]], Awaitable[_Response]],
+) -> Callable[[Any, _Request, aio.ServicerContext[Any, Any]], Awaitable[_Response]]:
+    @functools.wraps(method)
+    async def answered(self: Any, request: _Request, context: aio.ServicerContext[Any, Any]) -> _Response:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, aio.AbortError):
+            raise
+        except Exception as error:
+            code, message = status_for(error)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__name__)
+            await context.abort(code, message)
+            raise AssertionError("abort returned") from error
+
+    return answered
+
+
+def _expect(result: Result) -> GuardRecord:
+    if isinstance(result.reply, Rejected):
+        raise Refused(result.reply)
+    assert result.record is not None
+    return result.record
+
+
+def _new_lease_id() -> str:
+    return secrets.token_urlsafe(_LEASE_ID_BYTES)
+
+
+class TaskGuardService(pb_grpc.TaskGuardServicer):
+    def __init__(self, engine: Engine, hub: EventHub, keeper: LeaseKeeper) -> None:
+        self._engine = engine
+        self._hub = hub
+        self._keeper = keeper
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """End every Hold and WatchGuards stream with UNAVAILABLE (graceful shutdown)."""
+        self._draining.set()
+
+    def _render(self, record: GuardRecord) -> pb.Guard:
+        return wire.guard(record, core.is_stale(record, self._engine.now(), self._engine.policy))
+
+    # --- leases -------------------------------------------------------------------------
+
+    @_answer
+    async def Acquire(self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any]) -> pb.AcquireResponse:
+        command, _ = wire.acquire(request, stream_bound=False, new_lease_id=_new_lease_id())
+        result = await self._engine.execute(command)
+        return self._acquire_response(result, pb.AcquireResponse)
+
+    def _acquire_response(self, result: Result, kind: Callable[..., _Response], **extra: Any) -> _Response:
+        reply = result.reply
+        if isinstance(reply, Rejected):
+            raise Refused(reply)
+        assert isinstance(reply, core.AcquireReply)
+        return kind(outcome=int(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id, **extra)
+
+    @_answer
+    async def Renew(self, request: pb.RenewRequest, context: aio.ServicerContext[Any, Any]) -> pb.RenewResponse:
+        lease_id = wire.lease_id(request.lease_id)
+        ttl_s = wire.renew_ttl_s(request)
+        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Renew(key, lease_id, ttl_s))
+        return pb.RenewResponse(guard=self._render(_expect(result)))
+
+    @_answer
+    async def Release(self, request: pb.ReleaseRequest, context: aio.ServicerContext[Any, Any]) -> pb.ReleaseResponse:
+        lease_id = wire.lease_id(request.lease_id)
+        status = wire.run_status(request.status)
+        detail = wire.release_detail(request.detail)
+        result = await self._engine.execute_on_lease(
+            lease_id, lambda key: core.Release(key, lease_id, status, detail)
+        )
+        return pb.ReleaseResponse(guard=self._render(_expect(result)))
+
+    @_answer
+    async def Hold(self, request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        session = self._keeper.hold()
+        try:
+            await self._hold(session, context)
+        finally:
+            session.close(_HOLD_DROPPED)
+
+    async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any]) -> None:
+        first = await context.read()
+        which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
+        if which == "acquire":
+            command, join = wire.acquire(first.acquire, stream_bound=True, new_lease_id=_new_lease_id())
+            result = await session.acquire(command, join)
+        elif which == "resume":
+            lease_id = wire.lease_id(first.resume.lease_id, "resume.lease_id")
+            result = await session.resume(lease_id)
+        else:
+            raise wire.BadRequest("request", "the first Hold message must be acquire or resume")
+        await context.write(self._acquire_response(result, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT))
+        if session.ended is None:
+            return  # refused without JOIN: answered, and the stream ends
+        reader: asyncio.Task[Any] | None = None
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            while True:
+                reader = reader or asyncio.ensure_future(context.read())
+                waits: set[asyncio.Future[Any]] = {reader, session.ended, draining}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if draining.done():
+                    raise Draining()
+                if session.ended.done():
+                    await self._hold_ended(session, context)
+                    return
+                message = reader.result()
+                reader = None
+                if not isinstance(message, pb.HoldRequest):
+                    return  # the client half-closed without a release; the session abandons
+                if await self._hold_step(session, message, context):
+                    return
+        finally:
+            draining.cancel()
+            if reader is not None:
+                reader.cancel()
+
+    async def _hold_ended(self, session: HoldSession, context: aio.ServicerContext[Any, Any]) -> None:
+        assert session.ended is not None
+        final = session.ended.result()
+        if session.held is None:
+            await context.write(
+                pb.HoldResponse(
+                    outcome=pb.ACQUIRE_OUTCOME_ALREADY_RUNNING,
+                    guard=self._render(final),
+                    event=pb.HOLD_EVENT_WINNER_FINISHED,
+                )
+            )
+            return
+        await context.write(pb.HoldResponse(guard=self._render(final), event=pb.HOLD_EVENT_LOST))
+        problem = core.lease_problem(final, session.held.lease_id)
+        raise Refused(problem or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost"))
+
+    async def _hold_step(
+        self, session: HoldSession, message: pb.HoldRequest, context: aio.ServicerContext[Any, Any]
+    ) -> bool:
+        """Handle one message after the first; True when the stream is done."""
+        which = message.WhichOneof("request")
+        if session.held is None:
+            raise wire.BadRequest("request", "a joined Hold stream only waits; send nothing")
+        if which == "heartbeat":
+            record = _expect(await session.heartbeat())
+            await context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_HEARTBEAT_ACK))
+            return False
+        if which == "release":
+            status = wire.run_status(message.release.status)
+            detail = wire.release_detail(message.release.detail)
+            record = _expect(await session.release(status, detail))
+            await context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_RELEASED))
+            return True
+        raise wire.BadRequest("request", "after the first message a Hold stream takes only heartbeat or release")
+
+    # --- operators ----------------------------------------------------------------------
+
+    @_answer
+    async def ApproveRetry(
+        self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ApproveRetryResponse:
+        result = await self._engine.execute(wire.approve_retry(request))
+        return pb.ApproveRetryResponse(guard=self._render(_expect(result)))
+
+    @_answer
+    async def ForceRelease(
+        self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ForceReleaseResponse:
+        result = await self._engine.execute(wire.force_release(request))
+        return pb.ForceReleaseResponse(guard=self._render(_expect(result)))
+
+    # --- reads ----------------------------------------------------------------------------
+
+    @_answer
+    async def GetGuard(self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any]) -> pb.Guard:
+        record = await self._engine.get(wire.task_key(request.task_key))
+        if record is None:
+            raise Refused(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
+        return self._render(record)
+
+    @_answer
+    async def ListGuards(
+        self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ListGuardsResponse:
+        prefix = wire.key_prefix(request.key_prefix)
+        states = wire.guard_states(request.states)
+        size = wire.page_size(request.page_size)
+        after = wire.decode_page_token(request.page_token)
+        now, policy = self._engine.now(), self._engine.policy
+        found: list[GuardRecord] = []
+        exhausted = False
+        while len(found) < size:
+            chunk = await self._engine.store.scan(prefix, after, _LIST_SCAN_CHUNK)
+            for record in chunk:
+                after = record.task_key
+                if states and record.state not in states:
+                    continue
+                if request.stale_only and not core.is_stale(record, now, policy):
+                    continue
+                found.append(record)
+                if len(found) == size:
+                    break
+            if len(chunk) < _LIST_SCAN_CHUNK and (not chunk or after == chunk[-1].task_key):
+                exhausted = True
+                break
+        return pb.ListGuardsResponse(
+            guards=[self._render(record) for record in found],
+            next_page_token="" if exhausted else wire.encode_page_token(after),
+        )
+
+    @_answer
+    async def CheckFence(
+        self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.CheckFenceResponse:
+        record = await self._engine.get(wire.task_key(request.task_key))
+        valid = core.fence_is_valid(record, request.fencing_token, self._engine.now())
+        response = pb.CheckFenceResponse(valid=valid)
+        if record is not None:
+            response.guard.CopyFrom(self._render(record))
+        return response
+
+    @_answer
+    async def WatchGuards(self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]) -> None:
+        watcher = self._hub.open(wire.key_prefix(request.key_prefix))
+        pump = asyncio.ensure_future(self._pump(watcher, request, context))
+        overflowed = asyncio.ensure_future(watcher.overflowed.wait())
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait({pump, overflowed, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if pump.done():
+                pump.result()
+            elif overflowed.done():
+                raise WatchOverflow(watcher.last_revision)
+            else:
+                raise Draining()
+        finally:
+            for task in (pump, overflowed, draining):
+                task.cancel()
+            self._hub.close(watcher)
+
+    async def _pump(self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]) -> None:
+        now, policy = self._engine.now, self._engine.policy
+        async for event in self._hub.stream(watcher, request.start_revision, request.include_snapshot):
+            await context.write(wire.guard_event(event, core.is_stale(event.guard, now(), policy)))
+

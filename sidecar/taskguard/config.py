@@ -1,0 +1,220 @@
+"""One frozen ``Settings``, from a TOML file, ``TASKGUARD_*`` variables and flags, in rising precedence.
+
+This is the only module that reads ``os.environ``. Every value is validated
+here, at start, with a message naming the setting, where it came from and
+the rule it broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from taskguard.core import Policy
+from taskguard.store.retention import Retention
+
+ENV_PREFIX = "TASKGUARD_"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "taskguard" if base else Path(f"/tmp/taskguard-{os.getuid()}")
+
+
+def _data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME")
+    return (Path(base) if base else Path.home() / ".local" / "share") / "taskguard"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str
+    db: Path
+    store: str = "sqlite"
+    default_ttl_s: float = 60.0
+    max_ttl_s: float = 24 * 3600.0
+    stale_after_s: float = 120.0
+    resume_grace_s: float = 15.0
+    abandoned_requires_approval: bool = False
+    expired_requires_approval: bool = False
+    event_retention_count: int = 100_000
+    event_retention_age_s: float = 24 * 3600.0
+    watch_buffer: int = 4096
+    max_watchers: int = 1024
+    shutdown_grace_s: float = 5.0
+    log_level: str = "info"
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(
+            default_ttl_s=self.default_ttl_s,
+            max_ttl_s=self.max_ttl_s,
+            stale_after_s=self.stale_after_s,
+            resume_grace_s=self.resume_grace_s,
+            abandoned_requires_approval=self.abandoned_requires_approval,
+            expired_requires_approval=self.expired_requires_approval,
+        )
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(max_events=self.event_retention_count, max_age_s=self.event_retention_age_s or None)
+
+
+def default_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "listen": f"unix:{_runtime_dir() / 'taskguard.sock'}",
+        "db": _data_dir() / "taskguard.db",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+# --- parsing -------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration_s(value: Any) -> float:
+    """``30``, ``"30s"``, ``"1.5m"``, ``"250ms"``, ``"2h"`` -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 30s, 5m or 1h")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError("must be a duration such as 30s, 5m or 1h")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    parse: Callable[[Any], Any]
+    check: Callable[[Any], bool]
+    requirement: str
+    help: str
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+_RULES: dict[str, _Rule] = {
+    "listen": _Rule(str, lambda v: bool(v), "must be host:port or unix:PATH", "address to listen on"),
+    "db": _Rule(Path, lambda v: bool(str(v)), "must be a file path", "SQLite database file"),
+    "store": _Rule(str, lambda v: v in ("sqlite", "memory"), "must be sqlite or memory", "storage backend"),
+    "default_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "TTL of unary leases"),
+    "max_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "largest TTL a caller may ask"),
+    "stale_after_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "RUNNING without heartbeat this long is stale"),
+    "resume_grace_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0", "time for Hold holders to resume after a restart"),
+    "abandoned_requires_approval": _Rule(_parse_bool, lambda v: True, "", "ABANDONED guards need approve-retry"),
+    "expired_requires_approval": _Rule(_parse_bool, lambda v: True, "", "EXPIRED guards need approve-retry"),
+    "event_retention_count": _Rule(_parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"),
+    "event_retention_age_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0 (0: no age limit)", "age limit of kept events"),
+    "watch_buffer": _Rule(_parse_int, _positive, "must be a whole number > 0", "events buffered per watcher before it is cut off"),
+    "max_watchers": _Rule(_parse_int, _positive, "must be a whole number > 0", "WatchGuards streams at once"),
+    "shutdown_grace_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0", "time in-flight calls get at shutdown"),
+    "log_level": _Rule(str.lower, lambda v: v in ("debug", "info", "warning", "error"), "must be debug, info, warning or error", "log level"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.removesuffix("_s").upper()
+
+
+def _toml_name(name: str) -> str:
+    return name.removesuffix("_s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every setting (all default to None: unset, so lower sources show through)."""
+    parser.add_argument("--config", type=Path, help="TOML file with settings (env: TASKGUARD_CONFIG)")
+    for name, rule in _RULES.items():
+        if rule.parse is _parse_bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=rule.help)
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=f"{rule.help} (env: {_env_name(name)})")
+
+
+def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    raw: dict[str, tuple[Any, str]] = {}
+    config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if config_path:
+        raw.update(_from_toml(Path(config_path)))
+    for name in _RULES:
+        if _env_name(name) in environ:
+            raw[name] = (environ[_env_name(name)], f"environment variable {_env_name(name)}")
+        value = getattr(args, name, None) if args is not None else None
+        if value is not None:
+            raw[name] = (value, f"flag {_flag(name)}")
+    values: dict[str, Any] = {}
+    for name, (value, source) in raw.items():
+        rule = _RULES[name]
+        try:
+            parsed = rule.parse(value)
+        except (TypeError, ValueError):
+            parsed = None
+        if parsed is None or not rule.check(parsed):
+            raise ConfigError(f"{_toml_name(name)} ({source}): {rule.requirement}, got {value!r}")
+        values[name] = parsed
+    settings = default_settings(**values)
+    if settings.default_ttl_s > settings.max_ttl_s:
+        raise ConfigError(
+            f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"
+        )
+    return settings
+
+
+def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"config file {path}: cannot read it: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path}: not valid TOML: {error}") from None
+    known = {_toml_name(name): name for name in _RULES}
+    found: dict[str, tuple[Any, str]] = {}
+    for key, value in document.items():
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+        found[known[key]] = (value, f"config file {path}")
+    return found
+
+
+assert {f.name for f in fields(Settings)} == set(_RULES), "every setting needs a rule"

@@ -1,0 +1,246 @@
+"""Lease keeping: turns "TTL passed", "stream dropped" and "did not resume" into commands.
+
+This module never writes the store; it hands ``Expire`` and ``Abandon`` to
+the engine, which lets the core decide (a renewal that raced the timer simply
+makes the ``Expire`` a no-op), the way etcd's lessor hands expired leases to
+the server instead of deleting keys itself.
+
+* TTL deadlines: one sweeper task sleeps until the earliest deadline. Heap
+  entries can be stale (renewed, released); the core's decision sorts that out,
+  and the sweeper re-arms a guard whose deadline moved.
+* Hold streams: a stream attaches to the run it holds; when it ends without a
+  release, the run is abandoned at once. Only the stream currently attached
+  can abandon it, so a holder that re-attached on a new stream is safe from
+  its old stream's teardown.
+* Restart: a stream-bound run found RUNNING at start-up gets the resume grace
+  for its holder to come back on a new stream, then it is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from taskguard import core
+from taskguard.core import Abandon, Acquire, Event, Expire, GuardRecord, Outcome
+from taskguard.engine import Engine, Result
+from taskguard.events import EventHub
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    def __init__(self, engine: Engine, hub: EventHub) -> None:
+        self._engine = engine
+        self._hub = hub
+        self._heap: list[tuple[float, str, int]] = []
+        self._armed: dict[str, tuple[int, float]] = {}
+        self._wakeup = asyncio.Event()
+        self._attached: dict[str, tuple[int, object]] = {}
+        self._orphans: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = False
+        engine.store.subscribe(self._on_commit)
+
+    async def start(self) -> None:
+        """Arm every deadline found in the store and give orphaned stream holders the resume grace."""
+        loop = asyncio.get_running_loop()
+        grace = self._engine.policy.resume_grace_s
+        for record in await self._engine.store.running():
+            self.arm(record)
+            if record.stream_bound and record.task_key not in self._attached:
+                self._orphans[record.task_key] = loop.call_later(
+                    grace,
+                    self._abandon_orphan,
+                    record.task_key,
+                    record.fencing_token,
+                    f"holder did not resume within {grace:g}s after a sidecar restart",
+                )
+        self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
+
+    async def stop(self) -> None:
+        """Stop timers; streams that end from now on leave their guards for a later resume."""
+        self._stopping = True
+        for handle in self._orphans.values():
+            handle.cancel()
+        self._orphans.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # --- TTL ---------------------------------------------------------------------------
+
+    def arm(self, record: GuardRecord) -> None:
+        deadline = record.expires_deadline
+        if not record.running or deadline is None:
+            return
+        armed = self._armed.get(record.task_key)
+        if armed is not None and armed[0] == record.fencing_token and armed[1] <= deadline:
+            return  # an earlier timer fires first and re-arms from what it finds
+        self._armed[record.task_key] = (record.fencing_token, deadline)
+        heapq.heappush(self._heap, (deadline, record.task_key, record.fencing_token))
+        if self._heap[0][0] == deadline:
+            self._wakeup.set()
+
+    def _on_commit(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.arm(event.guard)
+
+    async def _sweep(self) -> None:
+        clock = self._engine.clock
+        while True:
+            if not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            delay = self._heap[0][0] - clock.monotonic()
+            if delay > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
+            due: list[tuple[str, int]] = []
+            now = clock.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, key, token = heapq.heappop(self._heap)
+                if self._armed.get(key, (None,))[0] == token:
+                    del self._armed[key]
+                due.append((key, token))
+            # Concurrently, so that many expiries share one group commit.
+            await asyncio.gather(*(self._expire(key, token) for key, token in due))
+
+    async def _expire(self, key: str, token: int) -> None:
+        try:
+            result = await self._engine.execute(Expire(key, token))
+        except Exception:
+            log.exception("expiring %r failed; retrying in 1s", key)
+            asyncio.get_running_loop().call_later(1.0, self._rearm_later, key, token)
+            return
+        if result.record is not None and result.record.fencing_token == token:
+            self.arm(result.record)  # heartbeats moved the deadline
+
+    def _rearm_later(self, key: str, token: int) -> None:
+        heapq.heappush(self._heap, (self._engine.clock.monotonic(), key, token))
+        self._wakeup.set()
+
+    # --- streams ---------------------------------------------------------------------
+
+    def attach(self, record: GuardRecord, stream: object) -> None:
+        self._attached[record.task_key] = (record.fencing_token, stream)
+        orphan = self._orphans.pop(record.task_key, None)
+        if orphan is not None:
+            orphan.cancel()
+
+    def detach(self, record: GuardRecord, stream: object, reason: str) -> None:
+        """The stream ended without a release: abandon its run, unless it is no longer the holder."""
+        if self._attached.get(record.task_key) != (record.fencing_token, stream):
+            return
+        del self._attached[record.task_key]
+        if not self._stopping:
+            self._spawn(self._engine.execute(Abandon(record.task_key, record.fencing_token, reason)))
+
+    def release_attachment(self, record: GuardRecord, stream: object) -> None:
+        if self._attached.get(record.task_key) == (record.fencing_token, stream):
+            del self._attached[record.task_key]
+
+    def _abandon_orphan(self, key: str, token: int, reason: str) -> None:
+        self._orphans.pop(key, None)
+        if key not in self._attached:
+            self._spawn(self._engine.execute(Abandon(key, token, reason)))
+
+    def _spawn(self, work: Coroutine[Any, Any, Result]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("abandoning a guard failed: %s", task.exception())
+
+    # --- Hold sessions ---------------------------------------------------------------
+
+    def hold(self) -> HoldSession:
+        return HoldSession(self._engine, self._hub, self)
+
+
+class HoldSession:
+    """One Hold stream's lease: acquire or resume, heartbeats, release, and its end.
+
+    ``ended`` resolves with the final snapshot when the held run stops holding
+    the guard for any reason other than this session's own release (expired,
+    force-released), or, for a JOIN, when the winning run ends.
+    """
+
+    def __init__(self, engine: Engine, hub: EventHub, keeper: LeaseKeeper) -> None:
+        self._engine = engine
+        self._hub = hub
+        self._keeper = keeper
+        self.held: GuardRecord | None = None
+        self.ended: asyncio.Future[GuardRecord] | None = None
+        self._released = False
+
+    async def acquire(self, command: Acquire, join: bool) -> Result:
+        result = await self._engine.execute(command)
+        await self._follow(result, join)
+        return result
+
+    async def resume(self, lease_id: str) -> Result:
+        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Resume(key, lease_id))
+        await self._follow(result, join=False)
+        return result
+
+    async def _follow(self, result: Result, join: bool) -> None:
+        reply = result.reply
+        if not isinstance(reply, core.AcquireReply):
+            return
+        if reply.outcome is Outcome.ACQUIRED:
+            self.held = reply.guard
+            self._keeper.attach(reply.guard, self)
+        elif not (join and reply.outcome is Outcome.ALREADY_RUNNING):
+            return
+        self.ended = self._hub.run_ended(reply.guard)
+        self._hub.check_run(await self._engine.get(reply.guard.task_key))
+
+    async def heartbeat(self) -> Result:
+        held = self._require_held()
+        result = await self._engine.execute_on_lease(held.lease_id, lambda key: core.Heartbeat(key, held.lease_id))
+        if result.record is not None and isinstance(result.reply, core.GuardReply):
+            self._keeper.arm(result.record)
+        return result
+
+    async def release(self, status: core.RunStatus, detail: str) -> Result:
+        held = self._require_held()
+        result = await self._engine.execute_on_lease(
+            held.lease_id, lambda key: core.Release(key, held.lease_id, status, detail)
+        )
+        if isinstance(result.reply, core.GuardReply):
+            self._released = True
+            self._keeper.release_attachment(held, self)
+            if self.ended is not None:
+                self.ended.cancel()
+        return result
+
+    def close(self, reason: str) -> None:
+        """The stream is over; abandon the run unless it was released or lost already."""
+        if self.ended is not None and not self.ended.done():
+            self.ended.cancel()
+        if self.held is not None and not self._released:
+            self._keeper.detach(self.held, self, reason)
+
+    def _require_held(self) -> GuardRecord:
+        if self.held is None:
+            raise RuntimeError("no lease is held on this stream")
+        return self.held

@@ -1,0 +1,128 @@
+"""The composition root: store, engine, leases, events and the gRPC server, started and stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+
+from taskguard.api import TaskGuardService
+from taskguard.clock import Clock, SystemClock
+from taskguard.config import Settings
+from taskguard.engine import Engine
+from taskguard.events import EventHub
+from taskguard.leases import LeaseKeeper
+from taskguard.store import Store
+from taskguard.store.memory import MemoryStore
+from taskguard.store.sqlite import SqliteStore
+
+log = logging.getLogger("taskguard")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskGuard"].full_name
+
+_SERVER_OPTIONS = [
+    # Find holders whose host or network died without closing the connection.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.max_receive_message_length", 1 << 20),
+]
+
+
+def open_store(settings: Settings, clock: Clock) -> Store:
+    if settings.store == "memory":
+        return MemoryStore(clock, settings.retention)
+    return SqliteStore(settings.db, clock, settings.retention)
+
+
+@dataclass
+class Sidecar:
+    address: str
+    server: aio.Server
+    store: Store
+    engine: Engine
+    hub: EventHub
+    keeper: LeaseKeeper
+    service: TaskGuardService
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop accepting, end streams so clients resume elsewhere, finish calls, flush, close."""
+        await self.health.enter_graceful_shutdown()
+        await self.keeper.stop()
+        self.service.drain()
+        await self.server.stop(grace_s)
+        await self.store.close()
+
+
+def _bind(server: aio.Server, listen: str) -> str:
+    if listen.startswith("unix:"):
+        path = Path(listen.removeprefix("unix:").removeprefix("//"))
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.is_socket():
+            path.unlink()  # left behind by a sidecar that died
+        server.add_insecure_port(f"unix:{path}")
+        return f"unix:{path}"
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
+    clock = clock or SystemClock()
+    store = open_store(settings, clock)
+    await store.open()
+    engine = Engine(store, clock, settings.policy)
+    hub = EventHub(store, buffer_size=settings.watch_buffer, max_watchers=settings.max_watchers)
+    keeper = LeaseKeeper(engine, hub)
+    await keeper.start()
+    service = TaskGuardService(engine, hub, keeper)
+
+    server = aio.server(options=_SERVER_OPTIONS)
+    pb_grpc.add_TaskGuardServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = _bind(server, settings.listen)
+    await server.start()
+    if address.startswith("unix:"):
+        os.chmod(address.removeprefix("unix:"), 0o600)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Sidecar(address, server, store, engine, hub, keeper, service, health_servicer)
+
+
+async def run(settings: Settings) -> int:
+    """``taskguard serve``: run until SIGTERM or SIGINT, then stop gracefully."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    sidecar = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    store_name = f"sqlite {settings.db}" if settings.store == "sqlite" else settings.store
+    print(f"taskguard listening on {sidecar.address} (store: {store_name})", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await sidecar.stop(settings.shutdown_grace_s)
+    return 0

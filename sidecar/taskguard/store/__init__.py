@@ -1,0 +1,105 @@
+"""The store: durability only, no business rules.
+
+The engine drives every backend through ``Store``: read a guard, commit a
+transition only if the guard's revision is unchanged since it was read, and
+append the transition's events to a log that watchers can resume from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from taskguard.core import Durability, Event, GuardRecord
+
+
+class StoreError(Exception):
+    """Base of the store's failures."""
+
+
+class StoreConflict(StoreError):
+    """The guard changed between the read and the commit; decide again."""
+
+    @classmethod
+    def at(cls, task_key: str, current: int, expected: int) -> StoreConflict:
+        return cls(f"guard {task_key!r} is at revision {current}, not {expected}")
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot commit now (disk full or read-only, backend down)."""
+
+
+class RevisionCompacted(StoreError):
+    """Events before ``oldest`` are no longer retained."""
+
+    def __init__(self, requested: int, oldest: int) -> None:
+        super().__init__(f"revision {requested} is no longer retained; the oldest available is {oldest}")
+        self.requested = requested
+        self.oldest = oldest
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One decided transition of one guard."""
+
+    record: GuardRecord
+    events: tuple[Event, ...]
+    durability: Durability
+    # The revision of the record the decision was made on; 0 when it was absent.
+    expected_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A write as stored: the record and events stamped with their revisions."""
+
+    record: GuardRecord
+    events: tuple[Event, ...]
+
+
+# Called after every durable batch with its events in revision order.
+CommitListener = Callable[[Sequence[Event]], None]
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, task_key: str) -> GuardRecord | None: ...
+
+    async def find_run(self, lease_id: str) -> GuardRecord | None:
+        """The latest snapshot of the run that ``lease_id`` was minted for, current or past."""
+        ...
+
+    async def commit(self, write: Write) -> Committed:
+        """Store ``write``; SYNC returns once it is durable, LAZY and VOLATILE at once.
+
+        Raises StoreConflict if the guard's revision moved, StoreUnavailable
+        if it cannot be made durable.
+        """
+        ...
+
+    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        """Guards whose key starts with ``prefix`` and sorts after ``after``, in key order."""
+        ...
+
+    async def running(self) -> list[GuardRecord]:
+        """Every RUNNING guard (to re-arm deadlines after a restart)."""
+        ...
+
+    async def events_since(self, revision: int, limit: int) -> list[Event]:
+        """Committed events from ``revision`` on; RevisionCompacted if it is no longer kept."""
+        ...
+
+    @property
+    def revision(self) -> int:
+        """The revision of the last committed event."""
+        ...
+
+    def subscribe(self, listener: CommitListener) -> None: ...
+
+    async def flush(self) -> None:
+        """Persist every LAZY write made so far."""
+        ...

@@ -1,0 +1,121 @@
+"""Records and events as JSON documents, for backends that store bytes."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from taskguard.clock import to_monotonic
+from taskguard.core import Event, EventType, GuardRecord, GuardState, Instant, RunStatus
+
+
+def _at(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _parse_at(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def record_to_doc(record: GuardRecord) -> dict[str, Any]:
+    # Monotonic fields are process-local, so only their UTC twins are stored.
+    return {
+        "task_key": record.task_key,
+        "state": record.state.name,
+        "run_id": record.run_id,
+        "holder": record.holder,
+        "lease_id": record.lease_id,
+        "fencing_token": record.fencing_token,
+        "attempt": record.attempt,
+        "started_at": _at(record.started_at),
+        "heartbeat_at": _at(record.heartbeat_at),
+        "ttl_s": record.ttl_s,
+        "expires_at": _at(record.expires_at),
+        "running_deadline": record.expires_deadline is not None,
+        "stream_bound": record.stream_bound,
+        "labels": dict(record.labels),
+        "last_status": record.last_status.name,
+        "last_detail": record.last_detail,
+        "released_at": _at(record.released_at),
+        "released_by": record.released_by,
+        "duplicate_count": record.duplicate_count,
+        "approved_by": record.approved_by,
+        "approval_reason": record.approval_reason,
+        "trace_context": record.trace_context,
+        "revision": record.revision,
+    }
+
+
+def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
+    heartbeat_at = _parse_at(doc["heartbeat_at"])
+    started_at = _parse_at(doc["started_at"])
+    expires_at = _parse_at(doc["expires_at"])
+    assert heartbeat_at is not None and started_at is not None
+    return GuardRecord(
+        task_key=doc["task_key"],
+        state=GuardState[doc["state"]],
+        run_id=doc["run_id"],
+        holder=doc["holder"],
+        lease_id=doc["lease_id"],
+        fencing_token=int(doc["fencing_token"]),
+        attempt=int(doc["attempt"]),
+        started_at=started_at,
+        heartbeat_at=heartbeat_at,
+        last_seen=to_monotonic(heartbeat_at, now),
+        ttl_s=doc["ttl_s"],
+        expires_at=expires_at,
+        expires_deadline=(
+            to_monotonic(expires_at, now) if expires_at is not None and doc["running_deadline"] else None
+        ),
+        stream_bound=bool(doc["stream_bound"]),
+        labels=tuple(sorted(doc["labels"].items())),
+        last_status=RunStatus[doc["last_status"]],
+        last_detail=doc["last_detail"],
+        released_at=_parse_at(doc["released_at"]),
+        released_by=doc["released_by"],
+        duplicate_count=int(doc["duplicate_count"]),
+        approved_by=doc["approved_by"],
+        approval_reason=doc["approval_reason"],
+        trace_context=doc["trace_context"],
+        revision=int(doc["revision"]),
+    )
+
+
+def event_to_doc(event: Event) -> dict[str, Any]:
+    return {
+        "type": event.type.name,
+        "guard": record_to_doc(event.guard),
+        "occurred_at": _at(event.occurred_at),
+        "trigger_run_id": event.trigger_run_id,
+        "trigger_holder": event.trigger_holder,
+        "actor": event.actor,
+        "reason": event.reason,
+        "revision": event.revision,
+    }
+
+
+def event_from_doc(doc: dict[str, Any], now: Instant) -> Event:
+    occurred_at = _parse_at(doc["occurred_at"])
+    assert occurred_at is not None
+    return Event(
+        type=EventType[doc["type"]],
+        guard=record_from_doc(doc["guard"], now),
+        occurred_at=occurred_at,
+        trigger_run_id=doc["trigger_run_id"],
+        trigger_holder=doc["trigger_holder"],
+        actor=doc["actor"],
+        reason=doc["reason"],
+        revision=int(doc["revision"]),
+    )
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(text: str | bytes) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("stored document is not an object")
+    return value

@@ -1,0 +1,88 @@
+"""The in-memory index of guards that the single-process backends keep in front of their log."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import replace
+
+from taskguard.core import Durability, Event, GuardRecord
+from taskguard.store import CommitListener, Committed, StoreConflict, Write
+
+
+class GuardIndex:
+    """Every guard by key, in key order, plus the lease of each current run.
+
+    Not thread-safe: it lives on the event loop that owns the store.
+    """
+
+    def __init__(self) -> None:
+        self._guards: dict[str, GuardRecord] = {}
+        self._sorted_keys: list[str] = []
+        self._current_leases: dict[str, str] = {}
+        self._listeners: list[CommitListener] = []
+
+    def get(self, task_key: str) -> GuardRecord | None:
+        return self._guards.get(task_key)
+
+    def key_of_current_lease(self, lease_id: str) -> str | None:
+        return self._current_leases.get(lease_id)
+
+    def check(self, write: Write) -> None:
+        current = self._guards.get(write.record.task_key)
+        revision = current.revision if current is not None else 0
+        if revision != write.expected_revision:
+            raise StoreConflict.at(write.record.task_key, revision, write.expected_revision)
+
+    def put(self, record: GuardRecord) -> None:
+        previous = self._guards.get(record.task_key)
+        if previous is None:
+            bisect.insort(self._sorted_keys, record.task_key)
+        elif previous.lease_id != record.lease_id:
+            self._current_leases.pop(previous.lease_id, None)
+        self._guards[record.task_key] = record
+        if record.lease_id:
+            self._current_leases[record.lease_id] = record.task_key
+
+    def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        start = bisect.bisect_right(self._sorted_keys, after) if after else 0
+        if prefix and prefix > after:
+            start = max(start, bisect.bisect_left(self._sorted_keys, prefix))
+        found: list[GuardRecord] = []
+        for key in self._sorted_keys[start:]:
+            if not key.startswith(prefix):
+                break
+            found.append(self._guards[key])
+            if len(found) >= limit:
+                break
+        return found
+
+    def running(self) -> list[GuardRecord]:
+        return [guard for guard in self._guards.values() if guard.running]
+
+    def subscribe(self, listener: CommitListener) -> None:
+        self._listeners.append(listener)
+
+    def publish(self, events: Sequence[Event]) -> None:
+        if events:
+            for listener in self._listeners:
+                listener(events)
+
+
+def stamp(write: Write, first_revision: int) -> Committed:
+    """Give ``write``'s events consecutive revisions from ``first_revision``.
+
+    A state change (SYNC) moves the guard's revision to its last event's; a
+    refused trigger (LAZY) is an event of its own but leaves the guard's
+    revision where the last state change put it.
+    """
+    moves_revision = write.durability is Durability.SYNC
+    events: list[Event] = []
+    for offset, event in enumerate(write.events):
+        revision = first_revision + offset
+        guard = replace(event.guard, revision=revision) if moves_revision else event.guard
+        events.append(replace(event, revision=revision, guard=guard))
+    record = write.record
+    if moves_revision and events:
+        record = replace(record, revision=events[-1].revision)
+    return Committed(record, tuple(events))

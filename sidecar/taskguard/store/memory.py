@@ -1,0 +1,79 @@
+"""The in-memory twin of the SQLite store: same contract, nothing durable (tests, throwaway sidecars)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from taskguard.clock import Clock
+from taskguard.core import Durability, Event, GuardRecord
+from taskguard.store import CommitListener, Committed, RevisionCompacted, Write
+from taskguard.store.index import GuardIndex, stamp
+from taskguard.store.retention import Retention
+
+
+class MemoryStore:
+    def __init__(self, clock: Clock, retention: Retention | None = None) -> None:
+        self._clock = clock
+        self._retention = retention or Retention()
+        self._index = GuardIndex()
+        self._runs: dict[str, GuardRecord] = {}
+        self._events: deque[Event] = deque()
+        self._revision = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def get(self, task_key: str) -> GuardRecord | None:
+        return self._index.get(task_key)
+
+    async def find_run(self, lease_id: str) -> GuardRecord | None:
+        key = self._index.key_of_current_lease(lease_id)
+        if key is not None:
+            return self._index.get(key)
+        return self._runs.get(lease_id)
+
+    async def commit(self, write: Write) -> Committed:
+        self._index.check(write)
+        if write.durability is Durability.VOLATILE:
+            self._index.put(write.record)
+            return Committed(write.record, ())
+        committed = stamp(write, self._revision + 1)
+        self._revision += len(committed.events)
+        self._index.put(committed.record)
+        self._runs[committed.record.lease_id] = committed.record
+        self._events.extend(committed.events)
+        self._prune()
+        self._index.publish(committed.events)
+        return committed
+
+    def _prune(self) -> None:
+        while len(self._events) > self._retention.max_events:
+            self._events.popleft()
+        cutoff = self._retention.cutoff(self._clock.now_utc())
+        while cutoff is not None and self._events and self._events[0].occurred_at < cutoff:
+            self._events.popleft()
+
+    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        return self._index.scan(prefix, after, limit)
+
+    async def running(self) -> list[GuardRecord]:
+        return self._index.running()
+
+    async def events_since(self, revision: int, limit: int) -> list[Event]:
+        oldest = self._events[0].revision if self._events else self._revision + 1
+        if revision < oldest and revision <= self._revision:
+            raise RevisionCompacted(revision, oldest)
+        return [event for event in self._events if event.revision >= revision][:limit]
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def subscribe(self, listener: CommitListener) -> None:
+        self._index.subscribe(listener)
+
+    async def flush(self) -> None:
+        return None

@@ -1,0 +1,339 @@
+"""The embedded default store: SQLite in WAL mode through aiosqlite, with group commit.
+
+One writer task owns the write connection. Transitions queue up while the
+previous batch is being fsynced and go into the next transaction together, so
+a burst of N acquisitions costs a handful of fsyncs, not N. A SYNC write's
+future resolves only after its COMMIT returned (``synchronous=FULL``), which is
+what lets the engine promise "committed before anyone is told".
+
+Every guard is also kept in memory (``GuardIndex``): this process is the only
+writer, so the in-memory copy is authoritative and reads never touch the disk.
+Reads of old runs (a lease that is no longer current) and of the event log go
+through a second, read-only connection, which WAL lets run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from taskguard.clock import Clock, instant
+from taskguard.core import Durability, Event, GuardRecord
+from taskguard.store import (
+    CommitListener,
+    Committed,
+    RevisionCompacted,
+    StoreConflict,
+    StoreError,
+    StoreUnavailable,
+    Write,
+)
+from taskguard.store import codec
+from taskguard.store.index import GuardIndex, stamp
+from taskguard.store.retention import Retention
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS guards (
+    task_key TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    doc      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    lease_id      TEXT PRIMARY KEY,
+    task_key      TEXT NOT NULL,
+    fencing_token INTEGER NOT NULL,
+    doc           TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_key ON runs (task_key, fencing_token);
+CREATE TABLE IF NOT EXISTS events (
+    revision    INTEGER PRIMARY KEY,
+    task_key    TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    doc         TEXT NOT NULL
+);
+"""
+
+_UPSERT_GUARD = (
+    "INSERT INTO guards (task_key, revision, doc) VALUES (?, ?, ?) "
+    "ON CONFLICT (task_key) DO UPDATE SET revision = excluded.revision, doc = excluded.doc"
+)
+_UPSERT_RUN = (
+    "INSERT INTO runs (lease_id, task_key, fencing_token, doc) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (lease_id) DO UPDATE SET doc = excluded.doc"
+)
+_INSERT_EVENT = "INSERT INTO events (revision, task_key, occurred_at, doc) VALUES (?, ?, ?, ?)"
+_SET_REVISION = "INSERT INTO meta (name, value) VALUES ('revision', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+
+# Pruning the event log costs a DELETE; do it once per this many new events.
+_PRUNE_EVERY = 1000
+
+
+class SchemaTooNew(StoreError):
+    def __init__(self, path: Path, found: int) -> None:
+        super().__init__(
+            f"{path}: database schema version {found} is newer than this sidecar's ({SCHEMA_VERSION}); "
+            "upgrade taskguard or point --db at another file"
+        )
+
+
+class DatabaseCorrupt(StoreError):
+    pass
+
+
+@dataclass(slots=True)
+class _Queued:
+    write: Write
+    done: asyncio.Future[Committed] | None
+
+
+class SqliteStore:
+    """Not safe to share across event loops; one process per database file."""
+
+    def __init__(self, path: Path, clock: Clock, retention: Retention | None = None) -> None:
+        self._path = path
+        self._clock = clock
+        self._retention = retention or Retention()
+        self._index = GuardIndex()
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: list[_Queued] = []
+        self._flush_waiters: list[asyncio.Future[None]] = []
+        self._has_work = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._revision = 0
+        self._oldest_event = 1
+        self._since_prune = 0
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._prepare(self._db)
+            await self._load(self._db)
+            self._reader = await aiosqlite.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.DatabaseError as error:
+            await self._close_connections()
+            raise DatabaseCorrupt(f"{self._path}: not a usable Task Guard database: {error}") from error
+        self._writer = asyncio.create_task(self._write_loop(), name="taskguard-sqlite-writer")
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(self._path, found)
+        async with db.execute("PRAGMA journal_mode=WAL") as cursor:
+            mode = await cursor.fetchone()
+        if not mode or str(mode[0]).lower() != "wal":
+            raise DatabaseCorrupt(f"{self._path}: could not switch to WAL mode (got {mode})")
+        # FULL: a commit is on disk, not only in the OS cache, before it returns.
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.executescript(_SCHEMA)
+        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    async def _load(self, db: aiosqlite.Connection) -> None:
+        now = instant(self._clock)
+        async with db.execute("SELECT doc FROM guards") as cursor:
+            async for (doc,) in cursor:
+                self._index.put(codec.record_from_doc(codec.loads(doc), now))
+        async with db.execute("SELECT value FROM meta WHERE name = 'revision'") as cursor:
+            row = await cursor.fetchone()
+        self._revision = int(row[0]) if row else 0
+        async with db.execute("SELECT MIN(revision) FROM events") as cursor:
+            row = await cursor.fetchone()
+        self._oldest_event = int(row[0]) if row and row[0] is not None else self._revision + 1
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self.flush()
+            self._closing = True
+            self._has_work.set()
+            await self._writer
+            self._writer = None
+        await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        for connection in (self._reader, self._db):
+            if connection is not None:
+                await connection.close()
+        self._reader = self._db = None
+
+    async def get(self, task_key: str) -> GuardRecord | None:
+        return self._index.get(task_key)
+
+    async def find_run(self, lease_id: str) -> GuardRecord | None:
+        key = self._index.key_of_current_lease(lease_id)
+        if key is not None:
+            return self._index.get(key)
+        assert self._reader is not None
+        async with self._reader.execute("SELECT doc FROM runs WHERE lease_id = ?", (lease_id,)) as cursor:
+            row = await cursor.fetchone()
+        return codec.record_from_doc(codec.loads(row[0]), instant(self._clock)) if row else None
+
+    async def commit(self, write: Write) -> Committed:
+        if self._writer is None or self._closing:
+            raise StoreUnavailable("the store is closed")
+        if write.durability is not Durability.SYNC:
+            # Refusals and heartbeats are visible at once; their rows ride along
+            # with the next batch (VOLATILE ones only with the next state change).
+            self._index.check(write)
+            self._index.put(write.record)
+            if write.durability is Durability.LAZY:
+                self._enqueue(_Queued(write, None))
+            return Committed(write.record, ())
+        done: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Queued(write, done))
+        return await done
+
+    def _enqueue(self, item: _Queued) -> None:
+        self._queue.append(item)
+        self._has_work.set()
+
+    async def flush(self) -> None:
+        if self._writer is None:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(waiter)
+        self._has_work.set()
+        await waiter
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._has_work.wait()
+            self._has_work.clear()
+            batch, self._queue = self._queue, []
+            waiters, self._flush_waiters = self._flush_waiters, []
+            if batch:
+                await self._write_batch(batch)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            if self._closing and not self._queue:
+                return
+
+    async def _write_batch(self, batch: list[_Queued]) -> None:
+        assert self._db is not None
+        revision = self._revision
+        # Revisions as of this batch, so that two queued writes of one key are
+        # checked against each other and not only against the committed index.
+        latest: dict[str, int] = {}
+        accepted: list[tuple[_Queued, Committed]] = []
+        guard_rows: list[tuple[str, int, str]] = []
+        run_rows: list[tuple[str, str, int, str]] = []
+        event_rows: list[tuple[int, str, str, str]] = []
+        for item in batch:
+            write = item.write
+            key = write.record.task_key
+            if item.done is not None:
+                current = latest.get(key)
+                if current is None:
+                    record = self._index.get(key)
+                    current = record.revision if record is not None else 0
+                if current != write.expected_revision:
+                    item.done.set_exception(StoreConflict.at(key, current, write.expected_revision))
+                    continue
+            committed = stamp(write, revision + 1)
+            revision += len(committed.events)
+            latest[key] = committed.record.revision
+            accepted.append((item, committed))
+            doc = codec.dumps(codec.record_to_doc(committed.record))
+            guard_rows.append((key, committed.record.revision, doc))
+            run_rows.append((committed.record.lease_id, key, committed.record.fencing_token, doc))
+            event_rows.extend(
+                (event.revision, key, event.occurred_at.isoformat(), codec.dumps(codec.event_to_doc(event)))
+                for event in committed.events
+            )
+        if not accepted:
+            return
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            await self._db.executemany(_UPSERT_GUARD, guard_rows)
+            await self._db.executemany(_UPSERT_RUN, run_rows)
+            await self._db.executemany(_INSERT_EVENT, event_rows)
+            await self._db.execute(_SET_REVISION, (str(revision),))
+            self._since_prune += len(event_rows)
+            if self._since_prune >= _PRUNE_EVERY:
+                await self._prune(revision)
+            await self._db.execute("COMMIT")
+        except sqlite3.Error as error:
+            log.error("commit of %d transitions failed: %s", len(accepted), error)
+            await self._rollback()
+            for item, _ in accepted:
+                if item.done is not None and not item.done.done():
+                    item.done.set_exception(StoreUnavailable(f"the database cannot commit: {error}"))
+            return
+        self._revision = revision
+        events: list[Event] = []
+        for item, committed in accepted:
+            if item.done is not None:
+                self._index.put(committed.record)
+                if not item.done.done():
+                    item.done.set_result(committed)
+            events.extend(committed.events)
+        self._index.publish(events)
+
+    async def _prune(self, revision: int) -> None:
+        assert self._db is not None
+        self._since_prune = 0
+        await self._db.execute("DELETE FROM events WHERE revision <= ?", (revision - self._retention.max_events,))
+        cutoff = self._retention.cutoff(self._clock.now_utc())
+        if cutoff is not None:
+            # Keep the newest event so the log never forgets the current revision.
+            await self._db.execute(
+                "DELETE FROM events WHERE occurred_at < ? AND revision < ?", (cutoff.isoformat(), revision)
+            )
+        async with self._db.execute("SELECT MIN(revision) FROM events") as cursor:
+            row = await cursor.fetchone()
+        self._oldest_event = int(row[0]) if row and row[0] is not None else revision + 1
+
+    async def _rollback(self) -> None:
+        assert self._db is not None
+        try:
+            if self._db.in_transaction:
+                await self._db.execute("ROLLBACK")
+        except sqlite3.Error as error:
+            log.error("rollback failed: %s", error)
+
+    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        return self._index.scan(prefix, after, limit)
+
+    async def running(self) -> list[GuardRecord]:
+        return self._index.running()
+
+    async def events_since(self, revision: int, limit: int) -> list[Event]:
+        if revision < self._oldest_event and revision <= self._revision:
+            raise RevisionCompacted(revision, self._oldest_event)
+        assert self._reader is not None
+        now = instant(self._clock)
+        async with self._reader.execute(
+            "SELECT doc FROM events WHERE revision >= ? AND revision <= ? ORDER BY revision LIMIT ?",
+            (revision, self._revision, limit),
+        ) as cursor:
+            return [codec.event_from_doc(codec.loads(doc), now) async for (doc,) in cursor]
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def subscribe(self, listener: CommitListener) -> None:
+        self._index.subscribe(listener)
+

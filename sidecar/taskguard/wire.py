@@ -1,0 +1,225 @@
+"""Protobuf <-> core: input validation on the way in, snapshots on the way out.
+
+With ``api.py`` this is the only sidecar module that imports the generated
+stubs. Every check names the field and the rule, and runs before anything
+reaches the engine, so a rejected request cannot change stored state.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from taskguard_client.v1 import taskguard_pb2 as pb
+
+from taskguard import core
+from taskguard.core import Event, GuardRecord, GuardState, Rejected, RejectionKind, RunStatus
+
+MAX_TASK_KEY_BYTES = 512
+MAX_ID_BYTES = 128
+MAX_TEXT_BYTES = 256
+MAX_DETAIL_BYTES = 4096
+MAX_LABELS = 64
+MAX_LABEL_KEY_BYTES = 63
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+class BadRequest(Exception):
+    """A request that breaks a rule; carries the rejection the edge turns into a status."""
+
+    def __init__(self, field: str, rule: str, kind: RejectionKind = RejectionKind.INVALID_ARGUMENT) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.rejection = Rejected(kind, field, rule)
+
+
+# --- validation -------------------------------------------------------------------
+
+
+def _printable(value: str, field: str, low: int, high: int) -> str:
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if not low <= size <= high or not value.isprintable():
+        span = f"{low}..{high}" if low else f"at most {high}"
+        raise BadRequest(field, f"must be {span} bytes of printable UTF-8")
+    return value
+
+
+def task_key(value: str, field: str = "task_key") -> str:
+    return _printable(value, field, 1, MAX_TASK_KEY_BYTES)
+
+
+def key_prefix(value: str) -> str:
+    return _printable(value, "key_prefix", 0, MAX_TASK_KEY_BYTES)
+
+
+def lease_id(value: str, field: str = "lease_id") -> str:
+    if not value:
+        raise BadRequest(field, "is required")
+    return _printable(value, field, 1, MAX_ID_BYTES)
+
+
+def _text(value: str, field: str, limit: int = MAX_TEXT_BYTES) -> str:
+    if len(value.encode("utf-8", "surrogatepass")) > limit:
+        raise BadRequest(field, f"must be at most {limit} bytes")
+    return value
+
+
+def _enum(value: int, field: str, allowed: Mapping[int, str]) -> int:
+    if value not in allowed:
+        names = ", ".join(allowed.values())
+        raise BadRequest(field, f"must be one of {names} (got {value})")
+    return value
+
+
+_RUN_STATUS_NAMES = {int(s): f"RUN_STATUS_{s.name}" for s in RunStatus if s is not RunStatus.UNSPECIFIED}
+_GUARD_STATE_NAMES = {int(s): f"GUARD_STATE_{s.name}" for s in GuardState}
+_ON_CONFLICT_NAMES = {
+    pb.ON_CONFLICT_UNSPECIFIED: "ON_CONFLICT_UNSPECIFIED",
+    pb.ON_CONFLICT_REJECT: "ON_CONFLICT_REJECT",
+    pb.ON_CONFLICT_JOIN: "ON_CONFLICT_JOIN",
+}
+
+
+def run_status(value: int) -> RunStatus:
+    return RunStatus(_enum(value, "status", _RUN_STATUS_NAMES))
+
+
+def duration_s(message: Duration, field: str) -> float:
+    if not -999_999_999 <= message.nanos <= 999_999_999 or (message.seconds * message.nanos < 0):
+        raise BadRequest(field, "is not a valid google.protobuf.Duration")
+    return message.seconds + message.nanos / 1e9
+
+
+def _labels(values: Mapping[str, str]) -> core.Labels:
+    if len(values) > MAX_LABELS:
+        raise BadRequest("labels", f"must have at most {MAX_LABELS} entries")
+    for key, value in values.items():
+        _printable(key, "labels", 1, MAX_LABEL_KEY_BYTES)
+        _text(value, f"labels[{key}]")
+    return tuple(sorted(values.items()))
+
+
+def acquire(
+    request: pb.AcquireRequest, *, stream_bound: bool, new_lease_id: str, trace_context: str = ""
+) -> tuple[core.Acquire, bool]:
+    """The Acquire command, and whether the caller asked to JOIN the winner."""
+    key = task_key(request.task_key)
+    run_id = _printable(request.run_id, "run_id", 1, MAX_ID_BYTES) if request.run_id else str(uuid.uuid4())
+    on_conflict = _enum(request.on_conflict, "on_conflict", _ON_CONFLICT_NAMES)
+    join = on_conflict == pb.ON_CONFLICT_JOIN
+    if join and not stream_bound:
+        raise BadRequest("on_conflict", "ON_CONFLICT_JOIN needs a Hold stream")
+    ttl_s = duration_s(request.ttl, "ttl") if request.HasField("ttl") else None
+    command = core.Acquire(
+        task_key=key,
+        run_id=run_id,
+        holder=_text(request.holder, "holder"),
+        ttl_s=ttl_s,
+        lease_id=new_lease_id,
+        stream_bound=stream_bound,
+        labels=_labels(request.labels),
+        trace_context=trace_context,
+    )
+    return command, join
+
+
+def renew_ttl_s(request: pb.RenewRequest) -> float | None:
+    return duration_s(request.ttl, "ttl") if request.HasField("ttl") else None
+
+
+def release_detail(detail: str) -> str:
+    return _text(detail, "detail", MAX_DETAIL_BYTES)
+
+
+def approve_retry(request: pb.ApproveRetryRequest) -> core.ApproveRetry:
+    return core.ApproveRetry(
+        task_key(request.task_key), _text(request.approver, "approver"), _text(request.reason, "reason", MAX_DETAIL_BYTES)
+    )
+
+
+def force_release(request: pb.ForceReleaseRequest) -> core.ForceRelease:
+    return core.ForceRelease(
+        task_key(request.task_key), _text(request.operator, "operator"), _text(request.reason, "reason", MAX_DETAIL_BYTES)
+    )
+
+
+def guard_states(values: Iterable[int]) -> frozenset[GuardState]:
+    return frozenset(GuardState(_enum(value, "states", _GUARD_STATE_NAMES)) for value in values)
+
+
+def page_size(value: int) -> int:
+    if value > MAX_PAGE_SIZE:
+        raise BadRequest("page_size", f"must be at most {MAX_PAGE_SIZE}")
+    return value or DEFAULT_PAGE_SIZE
+
+
+def encode_page_token(last_key: str) -> str:
+    return base64.urlsafe_b64encode(last_key.encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return task_key(base64.urlsafe_b64decode(token.encode()).decode(), "page_token")
+    except (binascii.Error, UnicodeError, ValueError, BadRequest):
+        raise BadRequest("page_token", "is not a token this server issued") from None
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def guard(record: GuardRecord, stale: bool) -> pb.Guard:
+    message = pb.Guard(
+        task_key=record.task_key,
+        session_key=record.session_key,
+        task_name=record.task_name,
+        state=int(record.state),
+        run_id=record.run_id,
+        holder=record.holder,
+        started_at=_timestamp(record.started_at),
+        fencing_token=record.fencing_token,
+        attempt=record.attempt,
+        last_status=int(record.last_status),
+        last_detail=record.last_detail,
+        duplicate_count=record.duplicate_count,
+        stream_bound=record.stream_bound,
+        labels=dict(record.labels),
+        revision=record.revision,
+        heartbeat_at=_timestamp(record.heartbeat_at),
+        stale=stale,
+        approved_by=record.approved_by,
+        approval_reason=record.approval_reason,
+        released_by=record.released_by,
+    )
+    if record.expires_at is not None:
+        message.expires_at.CopyFrom(_timestamp(record.expires_at))
+    if record.released_at is not None:
+        message.released_at.CopyFrom(_timestamp(record.released_at))
+    if record.ttl_s is not None:
+        message.ttl.FromNanoseconds(round(record.ttl_s * 1e9))
+    return message
+
+
+def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
+    return pb.GuardEvent(
+        revision=event.revision,
+        type=int(event.type),
+        guard=guard(event.guard, stale),
+        trigger_run_id=event.trigger_run_id,
+        trigger_holder=event.trigger_holder,
+        occurred_at=_timestamp(event.occurred_at),
+        actor=event.actor,
+        reason=event.reason,
+    )
