@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from taskguard_client.v1 import taskguard_pb2 as pb
-from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 from taskguard import core, wire
 from taskguard.core import GuardRecord, Rejected, RejectionKind
@@ -25,6 +23,8 @@ from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HoldSession, LeaseKeeper
 from taskguard.store import RevisionCompacted, StoreUnavailable
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         lease_id = wire.lease_id(request.lease_id)
         status = wire.run_status(request.status)
         detail = wire.release_detail(request.detail)
-        result = await self._engine.execute_on_lease(
-            lease_id, lambda key: core.Release(key, lease_id, status, detail)
-        )
+        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Release(key, lease_id, status, detail))
         return pb.ReleaseResponse(guard=self._render(_expect(result)))
 
     @_answer
@@ -316,8 +314,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 task.cancel()
             self._hub.close(watcher)
 
-    async def _pump(self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _pump(
+        self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> None:
         now, policy = self._engine.now, self._engine.policy
         async for event in self._hub.stream(watcher, request.start_revision, request.include_snapshot):
             await context.write(wire.guard_event(event, core.is_stale(event.guard, now(), policy)))
-

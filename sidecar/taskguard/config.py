@@ -136,16 +136,33 @@ _RULES: dict[str, _Rule] = {
     "store": _Rule(str, lambda v: v in ("sqlite", "memory"), "must be sqlite or memory", "storage backend"),
     "default_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "TTL of unary leases"),
     "max_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "largest TTL a caller may ask"),
-    "stale_after_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "RUNNING without heartbeat this long is stale"),
-    "resume_grace_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0", "time for Hold holders to resume after a restart"),
+    "stale_after_s": _Rule(
+        parse_duration_s, _positive, "must be a duration > 0", "RUNNING without heartbeat this long is stale"
+    ),
+    "resume_grace_s": _Rule(
+        parse_duration_s, _non_negative, "must be a duration >= 0", "time for Hold holders to resume after a restart"
+    ),
     "abandoned_requires_approval": _Rule(_parse_bool, lambda v: True, "", "ABANDONED guards need approve-retry"),
     "expired_requires_approval": _Rule(_parse_bool, lambda v: True, "", "EXPIRED guards need approve-retry"),
-    "event_retention_count": _Rule(_parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"),
-    "event_retention_age_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0 (0: no age limit)", "age limit of kept events"),
-    "watch_buffer": _Rule(_parse_int, _positive, "must be a whole number > 0", "events buffered per watcher before it is cut off"),
+    "event_retention_count": _Rule(
+        _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
+    ),
+    "event_retention_age_s": _Rule(
+        parse_duration_s, _non_negative, "must be a duration >= 0 (0: no age limit)", "age limit of kept events"
+    ),
+    "watch_buffer": _Rule(
+        _parse_int, _positive, "must be a whole number > 0", "events buffered per watcher before it is cut off"
+    ),
     "max_watchers": _Rule(_parse_int, _positive, "must be a whole number > 0", "WatchGuards streams at once"),
-    "shutdown_grace_s": _Rule(parse_duration_s, _non_negative, "must be a duration >= 0", "time in-flight calls get at shutdown"),
-    "log_level": _Rule(str.lower, lambda v: v in ("debug", "info", "warning", "error"), "must be debug, info, warning or error", "log level"),
+    "shutdown_grace_s": _Rule(
+        parse_duration_s, _non_negative, "must be a duration >= 0", "time in-flight calls get at shutdown"
+    ),
+    "log_level": _Rule(
+        str.lower,
+        lambda v: v in ("debug", "info", "warning", "error"),
+        "must be debug, info, warning or error",
+        "log level",
+    ),
 }
 
 
@@ -166,7 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with settings (env: TASKGUARD_CONFIG)")
     for name, rule in _RULES.items():
         if rule.parse is _parse_bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=rule.help)
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=rule.help
+            )
         else:
             parser.add_argument(_flag(name), dest=name, default=None, help=f"{rule.help} (env: {_env_name(name)})")
 

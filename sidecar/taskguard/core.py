@@ -357,10 +357,7 @@ def is_stale(record: GuardRecord, now: float, policy: Policy) -> bool:
 
 def fence_is_valid(record: GuardRecord | None, fencing_token: int, now: float) -> bool:
     return (
-        record is not None
-        and record.running
-        and record.fencing_token == fencing_token
-        and not is_expired(record, now)
+        record is not None and record.running and record.fencing_token == fencing_token and not is_expired(record, now)
     )
 
 
@@ -407,9 +404,7 @@ def decide(record: GuardRecord | None, command: Command, now: Instant, policy: P
 
 def _check_ttl(ttl_s: float | None, policy: Policy) -> Rejected | None:
     if ttl_s is not None and not 0 < ttl_s <= policy.max_ttl_s:
-        return Rejected(
-            RejectionKind.INVALID_ARGUMENT, "ttl", f"must be > 0s and <= {_seconds(policy.max_ttl_s)}"
-        )
+        return Rejected(RejectionKind.INVALID_ARGUMENT, "ttl", f"must be > 0s and <= {_seconds(policy.max_ttl_s)}")
     return None
 
 
@@ -633,7 +628,9 @@ def _abandon(record: GuardRecord | None, cmd: Abandon, now: Instant) -> Decision
         released_at=now.wall,
         expires_deadline=None,
     )
-    return Decision(abandoned, (Event(EventType.ABANDONED, abandoned, now.wall, reason=cmd.reason),), GuardReply(abandoned))
+    return Decision(
+        abandoned, (Event(EventType.ABANDONED, abandoned, now.wall, reason=cmd.reason),), GuardReply(abandoned)
+    )
 
 
 def _approve_retry(record: GuardRecord | None, cmd: ApproveRetry, now: Instant, policy: Policy) -> Decision:

@@ -111,15 +111,19 @@ class LeaseKeeper:
                 except TimeoutError:
                     pass
                 continue
-            due: list[tuple[str, int]] = []
-            now = clock.monotonic()
-            while self._heap and self._heap[0][0] <= now:
-                _, key, token = heapq.heappop(self._heap)
-                if self._armed.get(key, (None,))[0] == token:
-                    del self._armed[key]
-                due.append((key, token))
-            # Concurrently, so that many expiries share one group commit.
-            await asyncio.gather(*(self._expire(key, token) for key, token in due))
+            await self.expire_due()
+
+    async def expire_due(self) -> None:
+        """Expire every guard whose deadline has passed by the clock's current reading."""
+        due: list[tuple[str, int]] = []
+        now = self._engine.clock.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            _, key, token = heapq.heappop(self._heap)
+            if self._armed.get(key, (None,))[0] == token:
+                del self._armed[key]
+            due.append((key, token))
+        # Concurrently, so that many expiries share one group commit.
+        await asyncio.gather(*(self._expire(key, token) for key, token in due))
 
     async def _expire(self, key: str, token: int) -> None:
         try:

@@ -13,8 +13,6 @@ from pathlib import Path
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from taskguard_client.v1 import taskguard_pb2 as pb
-from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 from taskguard.api import TaskGuardService
 from taskguard.clock import Clock, SystemClock
@@ -25,6 +23,8 @@ from taskguard.leases import LeaseKeeper
 from taskguard.store import Store
 from taskguard.store.memory import MemoryStore
 from taskguard.store.sqlite import SqliteStore
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger("taskguard")
 

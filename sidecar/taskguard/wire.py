@@ -12,13 +12,14 @@ import binascii
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from taskguard_client.v1 import taskguard_pb2 as pb
 
 from taskguard import core
 from taskguard.core import Event, GuardRecord, GuardState, Rejected, RejectionKind, RunStatus
+from taskguard_client.v1 import taskguard_pb2 as pb
 
 MAX_TASK_KEY_BYTES = 512
 MAX_ID_BYTES = 128
@@ -78,11 +79,7 @@ def _enum(value: int, field: str, allowed: Mapping[int, str]) -> int:
 
 _RUN_STATUS_NAMES = {int(s): f"RUN_STATUS_{s.name}" for s in RunStatus if s is not RunStatus.UNSPECIFIED}
 _GUARD_STATE_NAMES = {int(s): f"GUARD_STATE_{s.name}" for s in GuardState}
-_ON_CONFLICT_NAMES = {
-    pb.ON_CONFLICT_UNSPECIFIED: "ON_CONFLICT_UNSPECIFIED",
-    pb.ON_CONFLICT_REJECT: "ON_CONFLICT_REJECT",
-    pb.ON_CONFLICT_JOIN: "ON_CONFLICT_JOIN",
-}
+_ON_CONFLICT_NAMES = {int(value): pb.OnConflict.Name(value) for value in pb.OnConflict.values()}
 
 
 def run_status(value: int) -> RunStatus:
@@ -138,13 +135,17 @@ def release_detail(detail: str) -> str:
 
 def approve_retry(request: pb.ApproveRetryRequest) -> core.ApproveRetry:
     return core.ApproveRetry(
-        task_key(request.task_key), _text(request.approver, "approver"), _text(request.reason, "reason", MAX_DETAIL_BYTES)
+        task_key(request.task_key),
+        _text(request.approver, "approver"),
+        _text(request.reason, "reason", MAX_DETAIL_BYTES),
     )
 
 
 def force_release(request: pb.ForceReleaseRequest) -> core.ForceRelease:
     return core.ForceRelease(
-        task_key(request.task_key), _text(request.operator, "operator"), _text(request.reason, "reason", MAX_DETAIL_BYTES)
+        task_key(request.task_key),
+        _text(request.operator, "operator"),
+        _text(request.reason, "reason", MAX_DETAIL_BYTES),
     )
 
 
@@ -185,13 +186,13 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
         task_key=record.task_key,
         session_key=record.session_key,
         task_name=record.task_name,
-        state=int(record.state),
+        state=cast(pb.GuardState, int(record.state)),
         run_id=record.run_id,
         holder=record.holder,
         started_at=_timestamp(record.started_at),
         fencing_token=record.fencing_token,
         attempt=record.attempt,
-        last_status=int(record.last_status),
+        last_status=cast(pb.RunStatus, int(record.last_status)),
         last_detail=record.last_detail,
         duplicate_count=record.duplicate_count,
         stream_bound=record.stream_bound,
@@ -215,7 +216,7 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
 def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
     return pb.GuardEvent(
         revision=event.revision,
-        type=int(event.type),
+        type=cast(pb.GuardEventType, int(event.type)),
         guard=guard(event.guard, stale),
         trigger_run_id=event.trigger_run_id,
         trigger_holder=event.trigger_holder,

@@ -32,8 +32,8 @@ from taskguard.store import (
     StoreError,
     StoreUnavailable,
     Write,
+    codec,
 )
-from taskguard.store import codec
 from taskguard.store.index import GuardIndex, stamp
 from taskguard.store.retention import Retention
 
@@ -75,7 +75,9 @@ _UPSERT_RUN = (
     "ON CONFLICT (lease_id) DO UPDATE SET doc = excluded.doc"
 )
 _INSERT_EVENT = "INSERT INTO events (revision, task_key, occurred_at, doc) VALUES (?, ?, ?, ?)"
-_SET_REVISION = "INSERT INTO meta (name, value) VALUES ('revision', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+_SET_REVISION = (
+    "INSERT INTO meta (name, value) VALUES ('revision', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
 
 # Pruning the event log costs a DELETE; do it once per this many new events.
 _PRUNE_EVERY = 1000
@@ -336,4 +338,3 @@ class SqliteStore:
 
     def subscribe(self, listener: CommitListener) -> None:
         self._index.subscribe(listener)
-

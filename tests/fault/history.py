@@ -1,0 +1,122 @@
+"""Record what clients were told, then check it against the sidecar's event log.
+
+A small checker in the spirit of etcd's robustness tests: clients log every
+acknowledged answer; after each crash and restart, the store's event log must
+explain all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+from tests.support import acquire, watch_until
+
+_STATE_CHANGES = {
+    pb.GUARD_EVENT_TYPE_ACQUIRED,
+    pb.GUARD_EVENT_TYPE_RELEASED,
+    pb.GUARD_EVENT_TYPE_EXPIRED,
+    pb.GUARD_EVENT_TYPE_ABANDONED,
+    pb.GUARD_EVENT_TYPE_FORCE_RELEASED,
+    pb.GUARD_EVENT_TYPE_RETRY_APPROVED,
+}
+
+
+@dataclass(frozen=True)
+class Ack:
+    """One answer a client received."""
+
+    task_key: str
+    kind: str  # "acquired" | "refused" | "released" | "renewed"
+    run_id: str
+    fencing_token: int
+    status: int = 0
+
+
+@dataclass
+class History:
+    acks: list[Ack] = field(default_factory=list)
+    target: int = 0
+    reached: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self, ack: Ack) -> None:
+        self.acks.append(ack)
+        if len(self.acks) >= self.target:
+            self.reached.set()
+
+    def expect(self, more: int) -> asyncio.Event:
+        self.target = len(self.acks) + more
+        self.reached = asyncio.Event()
+        return self.reached
+
+
+async def client_loop(stub: pb_grpc.TaskGuardStub, task_key: str, history: History, seed: int) -> None:
+    """Acquire, maybe renew, release, again, until the sidecar goes away."""
+    rng = random.Random(seed)
+    try:
+        while True:
+            run_id = uuid.uuid4().hex
+            response = await acquire(stub, task_key, ttl_s=600, run_id=run_id, holder=f"client-{seed}")
+            if response.outcome != pb.ACQUIRE_OUTCOME_ACQUIRED:
+                history.record(Ack(task_key, "refused", response.guard.run_id, response.guard.fencing_token))
+                continue
+            history.record(Ack(task_key, "acquired", run_id, response.guard.fencing_token))
+            if rng.random() < 0.3:
+                await stub.Renew(pb.RenewRequest(lease_id=response.lease_id), timeout=10)
+                history.record(Ack(task_key, "renewed", run_id, response.guard.fencing_token))
+            status = rng.choice((pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_CANCELLED))
+            await stub.Release(pb.ReleaseRequest(lease_id=response.lease_id, status=status), timeout=10)
+            history.record(Ack(task_key, "released", run_id, response.guard.fencing_token, status))
+    except grpc.aio.AioRpcError as error:
+        if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            raise
+
+
+async def event_log(stub: pb_grpc.TaskGuardStub, sentinel_key: str) -> list[pb.GuardEvent]:
+    """Every retained event, from revision 1 to the head (found by committing a sentinel)."""
+    head = (await acquire(stub, sentinel_key, run_id=uuid.uuid4().hex)).guard.revision
+    return await watch_until(stub, lambda seen: bool(seen) and seen[-1].revision >= head, start_revision=1)
+
+
+def check(history: History, events: list[pb.GuardEvent]) -> None:
+    """Every acknowledged answer is explained by the log, and the log never shows two runs at once."""
+    revisions = [event.revision for event in events]
+    assert revisions == sorted(set(revisions)), "revisions must rise strictly"
+    acquired: dict[str, dict[str, int]] = defaultdict(dict)
+    released: dict[str, dict[str, int]] = defaultdict(dict)
+    renewed: dict[str, set[str]] = defaultdict(set)
+    running: dict[str, str | None] = {}
+    last_token: dict[str, int] = defaultdict(int)
+    for event in events:
+        guard = event.guard
+        if event.type not in _STATE_CHANGES:
+            if event.type == pb.GUARD_EVENT_TYPE_RENEWED:
+                renewed[guard.task_key].add(guard.run_id)
+            continue
+        key = guard.task_key
+        if event.type == pb.GUARD_EVENT_TYPE_ACQUIRED:
+            assert running.get(key) is None, f"{key}: run {guard.run_id} acquired while {running[key]} ran"
+            assert guard.fencing_token > last_token[key], f"{key}: fencing token did not rise"
+            last_token[key] = guard.fencing_token
+            running[key] = guard.run_id
+            acquired[key][guard.run_id] = guard.fencing_token
+        else:
+            if running.get(key) == guard.run_id:
+                running[key] = None
+            if event.type == pb.GUARD_EVENT_TYPE_RELEASED:
+                released[key][guard.run_id] = guard.last_status
+    for ack in history.acks:
+        key = ack.task_key
+        if ack.kind in ("acquired", "refused"):
+            assert acquired[key].get(ack.run_id) == ack.fencing_token, f"lost acknowledged acquisition: {ack}"
+        elif ack.kind == "renewed":
+            assert ack.run_id in renewed[key], f"lost acknowledged renewal: {ack}"
+        elif ack.kind == "released":
+            assert released[key].get(ack.run_id) == ack.status, f"lost acknowledged release: {ack}"

@@ -1,0 +1,31 @@
+"""The committed stubs are exactly what proto/generate.py makes from proto/."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from tests.support import ROOT
+
+
+def _generate_module() -> object:
+    spec = importlib.util.spec_from_file_location("taskguard_generate", ROOT / "proto" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
+    generate = _generate_module()
+    fresh = generate.generate(tmp_path)  # type: ignore[attr-defined]
+    committed_dir: Path = generate.PACKAGE_DIR  # type: ignore[attr-defined]
+    stale = [path.name for path in fresh if path.read_bytes() != (committed_dir / path.name).read_bytes()]
+    assert not stale, f"stale generated code: {stale}; run python proto/generate.py and commit the result"
+
+
+def test_the_grpc_stub_imports_the_messages_from_the_client_package() -> None:
+    text = (ROOT / "clients/python/taskguard_client/v1/taskguard_pb2_grpc.py").read_text()
+    assert "from taskguard_client.v1 import taskguard_pb2" in text
