@@ -59,8 +59,8 @@ def serve(arguments: list[str]) -> int:
 
 def test(arguments: list[str]) -> int:
     checks = [
-        (BIN / "ruff", "check", "sidecar", "clients/python", "tests", "proto", "bench", ".ci"),
-        (BIN / "ruff", "format", "--check", "sidecar", "clients/python", "tests", "proto", "bench", ".ci"),
+        (BIN / "ruff", "check", "sidecar", "clients/python", "tests", "proto", ".ci"),
+        (BIN / "ruff", "format", "--check", "sidecar", "clients/python", "tests", "proto", ".ci"),
         (BIN / "mypy",),
     ]
     for check in checks:

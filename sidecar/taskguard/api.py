@@ -23,6 +23,7 @@ from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HoldSession, LeaseKeeper
 from taskguard.store import RevisionCompacted, StoreUnavailable
+from taskguard.telemetry import RpcSpan, Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -75,26 +76,38 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log"
 
 
+_Method = Callable[[Any, _Request, aio.ServicerContext[Any, Any], RpcSpan], Awaitable[_Response]]
+
+
 def _answer(
-    method: Callable[[Any, _Request, aio.ServicerContext[Any, Any]], Awaitable[_Response]],
+    method: _Method[_Request, _Response],
 ) -> Callable[[Any, _Request, aio.ServicerContext[Any, Any]], Awaitable[_Response]]:
+    """Run an RPC inside its span and turn any failure into its status: the one ``abort`` there is."""
+
     @functools.wraps(method)
-    async def answered(self: Any, request: _Request, context: aio.ServicerContext[Any, Any]) -> _Response:
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, aio.AbortError):
-            raise
-        except Exception as error:
-            code, message = status_for(error)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            await context.abort(code, message)
-            raise AssertionError("abort returned") from error
+    async def answered(self: TaskGuardService, request: _Request, context: aio.ServicerContext[Any, Any]) -> _Response:
+        with self.telemetry.rpc(method.__name__, context.invocation_metadata()) as span:
+            try:
+                response = await method(self, request, context, span)
+            except (asyncio.CancelledError, aio.AbortError):
+                span.status("CANCELLED", grpc.StatusCode.CANCELLED.value[0], "")
+                raise
+            except Exception as error:
+                code, message = status_for(error)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method.__name__)
+                span.status(code.name, code.value[0], message)
+                await context.abort(code, message)
+                raise AssertionError("abort returned") from error
+            span.status("OK", 0, "")
+            return response
 
     return answered
 
 
-def _expect(result: Result) -> GuardRecord:
+def _expect(result: Result, span: RpcSpan | None = None) -> GuardRecord:
+    if span is not None:
+        span.guard(result.record)
     if isinstance(result.reply, Rejected):
         raise Refused(result.reply)
     assert result.record is not None
@@ -106,7 +119,8 @@ def _new_lease_id() -> str:
 
 
 class TaskGuardService(pb_grpc.TaskGuardServicer):
-    def __init__(self, engine: Engine, hub: EventHub, keeper: LeaseKeeper) -> None:
+    def __init__(self, engine: Engine, hub: EventHub, keeper: LeaseKeeper, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
         self._engine = engine
         self._hub = hub
         self._keeper = keeper
@@ -122,53 +136,73 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     # --- leases -------------------------------------------------------------------------
 
     @_answer
-    async def Acquire(self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any]) -> pb.AcquireResponse:
-        command, _ = wire.acquire(request, stream_bound=False, new_lease_id=_new_lease_id())
+    async def Acquire(
+        self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+    ) -> pb.AcquireResponse:
+        command, _ = wire.acquire(
+            request,
+            stream_bound=False,
+            new_lease_id=_new_lease_id(),
+            trace_context=self.telemetry.traceparent(),
+        )
         result = await self._engine.execute(command)
-        return self._acquire_response(result, pb.AcquireResponse)
+        return self._acquire_response(result, span, pb.AcquireResponse)
 
-    def _acquire_response(self, result: Result, kind: Callable[..., _Response], **extra: Any) -> _Response:
+    def _acquire_response(
+        self, result: Result, span: RpcSpan, kind: Callable[..., _Response], **extra: Any
+    ) -> _Response:
         reply = result.reply
         if isinstance(reply, Rejected):
             raise Refused(reply)
         assert isinstance(reply, core.AcquireReply)
+        span.guard(reply.guard)
+        span.outcome(reply.outcome, reply.guard)
         return kind(outcome=int(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id, **extra)
 
     @_answer
-    async def Renew(self, request: pb.RenewRequest, context: aio.ServicerContext[Any, Any]) -> pb.RenewResponse:
+    async def Renew(
+        self, request: pb.RenewRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+    ) -> pb.RenewResponse:
         lease_id = wire.lease_id(request.lease_id)
         ttl_s = wire.renew_ttl_s(request)
         result = await self._engine.execute_on_lease(lease_id, lambda key: core.Renew(key, lease_id, ttl_s))
-        return pb.RenewResponse(guard=self._render(_expect(result)))
+        return pb.RenewResponse(guard=self._render(_expect(result, span)))
 
     @_answer
-    async def Release(self, request: pb.ReleaseRequest, context: aio.ServicerContext[Any, Any]) -> pb.ReleaseResponse:
+    async def Release(
+        self, request: pb.ReleaseRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+    ) -> pb.ReleaseResponse:
         lease_id = wire.lease_id(request.lease_id)
         status = wire.run_status(request.status)
         detail = wire.release_detail(request.detail)
         result = await self._engine.execute_on_lease(lease_id, lambda key: core.Release(key, lease_id, status, detail))
-        return pb.ReleaseResponse(guard=self._render(_expect(result)))
+        return pb.ReleaseResponse(guard=self._render(_expect(result, span)))
 
     @_answer
-    async def Hold(self, request_iterator: Any, context: aio.ServicerContext[Any, Any]) -> None:
+    async def Hold(self, request_iterator: Any, context: aio.ServicerContext[Any, Any], span: RpcSpan) -> None:
         session = self._keeper.hold()
         try:
-            await self._hold(session, context)
+            await self._hold(session, context, span)
         finally:
             session.close(_HOLD_DROPPED)
 
-    async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any]) -> None:
+    async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any], span: RpcSpan) -> None:
         first = await context.read()
         which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
         if which == "acquire":
-            command, join = wire.acquire(first.acquire, stream_bound=True, new_lease_id=_new_lease_id())
+            command, join = wire.acquire(
+                first.acquire,
+                stream_bound=True,
+                new_lease_id=_new_lease_id(),
+                trace_context=self.telemetry.traceparent(),
+            )
             result = await session.acquire(command, join)
         elif which == "resume":
             lease_id = wire.lease_id(first.resume.lease_id, "resume.lease_id")
             result = await session.resume(lease_id)
         else:
             raise wire.BadRequest("request", "the first Hold message must be acquire or resume")
-        await context.write(self._acquire_response(result, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT))
+        await context.write(self._acquire_response(result, span, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT))
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         reader: asyncio.Task[Any] | None = None
@@ -233,30 +267,33 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def ApproveRetry(
-        self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
     ) -> pb.ApproveRetryResponse:
         result = await self._engine.execute(wire.approve_retry(request))
-        return pb.ApproveRetryResponse(guard=self._render(_expect(result)))
+        return pb.ApproveRetryResponse(guard=self._render(_expect(result, span)))
 
     @_answer
     async def ForceRelease(
-        self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
     ) -> pb.ForceReleaseResponse:
         result = await self._engine.execute(wire.force_release(request))
-        return pb.ForceReleaseResponse(guard=self._render(_expect(result)))
+        return pb.ForceReleaseResponse(guard=self._render(_expect(result, span)))
 
     # --- reads ----------------------------------------------------------------------------
 
     @_answer
-    async def GetGuard(self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any]) -> pb.Guard:
+    async def GetGuard(
+        self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+    ) -> pb.Guard:
         record = await self._engine.get(wire.task_key(request.task_key))
+        span.guard(record)
         if record is None:
             raise Refused(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
         return self._render(record)
 
     @_answer
     async def ListGuards(
-        self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
     ) -> pb.ListGuardsResponse:
         prefix = wire.key_prefix(request.key_prefix)
         states = wire.guard_states(request.states)
@@ -286,9 +323,10 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def CheckFence(
-        self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any]
+        self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
     ) -> pb.CheckFenceResponse:
         record = await self._engine.get(wire.task_key(request.task_key))
+        span.guard(record)
         valid = core.fence_is_valid(record, request.fencing_token, self._engine.now())
         response = pb.CheckFenceResponse(valid=valid)
         if record is not None:
@@ -296,7 +334,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         return response
 
     @_answer
-    async def WatchGuards(self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]) -> None:
+    async def WatchGuards(
+        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+    ) -> None:
         watcher = self._hub.open(wire.key_prefix(request.key_prefix))
         pump = asyncio.ensure_future(self._pump(watcher, request, context))
         overflowed = asyncio.ensure_future(watcher.overflowed.wait())
@@ -306,7 +346,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             if pump.done():
                 pump.result()
             elif overflowed.done():
-                raise WatchOverflow(watcher.last_revision)
+                raise WatchOverflow(watcher.delivered)
             else:
                 raise Draining()
         finally:
@@ -320,3 +360,5 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         now, policy = self._engine.now, self._engine.policy
         async for event in self._hub.stream(watcher, request.start_revision, request.include_snapshot):
             await context.write(wire.guard_event(event, core.is_stale(event.guard, now(), policy)))
+            if event.type is not core.EventType.SNAPSHOT:
+                watcher.delivered = event.revision

@@ -8,6 +8,7 @@ the rule it broke.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from typing import Any
 
 from taskguard.core import Policy
 from taskguard.store.retention import Retention
+from taskguard.telemetry import TelemetrySettings
 
 ENV_PREFIX = "TASKGUARD_"
 
@@ -26,14 +28,15 @@ class ConfigError(Exception):
     pass
 
 
-def _runtime_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR")
+def _runtime_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_RUNTIME_DIR")
     return Path(base) / "taskguard" if base else Path(f"/tmp/taskguard-{os.getuid()}")
 
 
-def _data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME")
-    return (Path(base) if base else Path.home() / ".local" / "share") / "taskguard"
+def _data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME")
+    home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+    return (Path(base) if base else home / ".local" / "share") / "taskguard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,10 @@ class Settings:
     max_watchers: int = 1024
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
+    otlp_endpoint: str = ""
+    telemetry_console: bool = False
+    # Not a setting anyone types: tests hand in in-memory exporters here.
+    telemetry_overrides: TelemetrySettings | None = None
 
     @property
     def policy(self) -> Policy:
@@ -66,14 +73,21 @@ class Settings:
         )
 
     @property
+    def telemetry(self) -> TelemetrySettings:
+        if self.telemetry_overrides is not None:
+            return self.telemetry_overrides
+        return TelemetrySettings(otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console)
+
+    @property
     def retention(self) -> Retention:
         return Retention(max_events=self.event_retention_count, max_age_s=self.event_retention_age_s or None)
 
 
-def default_settings(**overrides: Any) -> Settings:
+def default_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    environ = os.environ if environ is None else environ
     values: dict[str, Any] = {
-        "listen": f"unix:{_runtime_dir() / 'taskguard.sock'}",
-        "db": _data_dir() / "taskguard.db",
+        "listen": f"unix:{_runtime_dir(environ) / 'taskguard.sock'}",
+        "db": _data_dir(environ) / "taskguard.db",
     }
     values.update(overrides)
     return Settings(**values)
@@ -90,11 +104,16 @@ def parse_duration_s(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 30s, 5m or 1h")
     if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError("must be a duration such as 30s, 5m or 1h")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("must be a duration such as 30s, 5m or 1h")
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    # TOML has inf and nan, and a long enough string of digits parses to inf.
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration")
+    return seconds
 
 
 def _parse_bool(value: Any) -> bool:
@@ -109,9 +128,17 @@ def _parse_bool(value: Any) -> bool:
 
 
 def _parse_int(value: Any) -> int:
-    if isinstance(value, bool):
+    # int() would truncate a TOML 1.5 to 1 (and raise OverflowError on inf).
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError("must be a whole number")
     return int(value)
+
+
+def _parse_path(value: Any) -> Path:
+    # Path("") is Path("."), which would pass as a file path.
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a file path")
+    return Path(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +159,7 @@ def _non_negative(value: float) -> bool:
 
 _RULES: dict[str, _Rule] = {
     "listen": _Rule(str, lambda v: bool(v), "must be host:port or unix:PATH", "address to listen on"),
-    "db": _Rule(Path, lambda v: bool(str(v)), "must be a file path", "SQLite database file"),
+    "db": _Rule(_parse_path, lambda v: bool(str(v)), "must be a file path", "SQLite database file"),
     "store": _Rule(str, lambda v: v in ("sqlite", "memory"), "must be sqlite or memory", "storage backend"),
     "default_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "TTL of unary leases"),
     "max_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "largest TTL a caller may ask"),
@@ -142,8 +169,12 @@ _RULES: dict[str, _Rule] = {
     "resume_grace_s": _Rule(
         parse_duration_s, _non_negative, "must be a duration >= 0", "time for Hold holders to resume after a restart"
     ),
-    "abandoned_requires_approval": _Rule(_parse_bool, lambda v: True, "", "ABANDONED guards need approve-retry"),
-    "expired_requires_approval": _Rule(_parse_bool, lambda v: True, "", "EXPIRED guards need approve-retry"),
+    "abandoned_requires_approval": _Rule(
+        _parse_bool, lambda v: True, "must be true or false", "ABANDONED guards need approve-retry"
+    ),
+    "expired_requires_approval": _Rule(
+        _parse_bool, lambda v: True, "must be true or false", "EXPIRED guards need approve-retry"
+    ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
     ),
@@ -156,6 +187,12 @@ _RULES: dict[str, _Rule] = {
     "max_watchers": _Rule(_parse_int, _positive, "must be a whole number > 0", "WatchGuards streams at once"),
     "shutdown_grace_s": _Rule(
         parse_duration_s, _non_negative, "must be a duration >= 0", "time in-flight calls get at shutdown"
+    ),
+    "otlp_endpoint": _Rule(
+        str, lambda v: True, "", "OTLP/gRPC endpoint for traces and metrics (also OTEL_EXPORTER_OTLP_ENDPOINT)"
+    ),
+    "telemetry_console": _Rule(
+        _parse_bool, lambda v: True, "must be true or false", "print spans and metrics to stdout (debugging)"
     ),
     "log_level": _Rule(
         str.lower,
@@ -196,6 +233,11 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if config_path:
         raw.update(_from_toml(Path(config_path)))
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        raw["otlp_endpoint"] = (
+            environ["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            "environment variable OTEL_EXPORTER_OTLP_ENDPOINT",
+        )
     for name in _RULES:
         if _env_name(name) in environ:
             raw[name] = (environ[_env_name(name)], f"environment variable {_env_name(name)}")
@@ -212,7 +254,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         if parsed is None or not rule.check(parsed):
             raise ConfigError(f"{_toml_name(name)} ({source}): {rule.requirement}, got {value!r}")
         values[name] = parsed
-    settings = default_settings(**values)
+    settings = default_settings(environ=environ, **values)
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(
             f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"
@@ -236,4 +278,4 @@ def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
     return found
 
 
-assert {f.name for f in fields(Settings)} == set(_RULES), "every setting needs a rule"
+assert {f.name for f in fields(Settings)} - {"telemetry_overrides"} == set(_RULES), "every setting needs a rule"

@@ -420,7 +420,7 @@ def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Pol
         started = _new_run(current, cmd, ttl_s, now)
         return Decision(
             started,
-            healed + (Event(EventType.ACQUIRED, started, now.wall),),
+            (*healed, Event(EventType.ACQUIRED, started, now.wall)),
             AcquireReply(Outcome.ACQUIRED, started, fresh=True),
         )
 
@@ -433,7 +433,8 @@ def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Pol
         return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, healed, now)
 
     # A free key, asked for by the run that just ended on it: a late retry of
-    # an old request must not start the same run twice.
+    # that run's request must not start it twice. (Only the last run is known
+    # here; run ids are meant to be unique per run.)
     return _reject(
         Rejected(
             RejectionKind.FAILED_PRECONDITION,
@@ -499,7 +500,7 @@ def _refuse(
     event = Event(event_type, counted, now.wall, trigger_run_id=cmd.run_id, trigger_holder=cmd.holder)
     # Healing is a real state change and must be durable; a bare refusal is not.
     durability = Durability.SYNC if healed else Durability.LAZY
-    return Decision(counted, healed + (event,), AcquireReply(outcome, counted), durability)
+    return Decision(counted, (*healed, event), AcquireReply(outcome, counted), durability)
 
 
 def _touch(record: GuardRecord, now: Instant, ttl_s: float | None = None) -> GuardRecord:
@@ -538,6 +539,9 @@ def _ending(record: GuardRecord) -> str:
         return f"the guard expired at {_iso(record.released_at)}: {record.last_detail}"
     if record.state is GuardState.ABANDONED:
         return f"the guard was abandoned at {_iso(record.released_at)}: {record.last_detail}"
+    if record.last_status is RunStatus.UNSPECIFIED:
+        # RETRY_APPROVED after an expiry or abandonment: the run was never released, so say how it ended.
+        return f"the run ended without a release ({record.last_detail}) and a retry was approved since"
     return f"the lease was already released with {record.last_status.name}"
 
 
@@ -548,8 +552,8 @@ def _renew(record: GuardRecord | None, cmd: Renew, now: Instant, policy: Policy)
     if (problem := lease_problem(current, cmd.lease_id)) is not None:
         return _reject(problem, current if healed else None, healed)
     assert current is not None
-    ttl_s = cmd.ttl_s if cmd.ttl_s is not None else (current.ttl_s or policy.default_ttl_s)
-    renewed = _touch(current, now, ttl_s)
+    # Without a new ttl the lease keeps its own, and a Hold lease without one keeps having none.
+    renewed = _touch(current, now, cmd.ttl_s)
     return Decision(renewed, (Event(EventType.RENEWED, renewed, now.wall),), GuardReply(renewed))
 
 
@@ -563,11 +567,15 @@ def _heartbeat(record: GuardRecord | None, cmd: Heartbeat, now: Instant) -> Deci
 
 
 def _release(record: GuardRecord | None, cmd: Release, now: Instant) -> Decision:
+    if cmd.status not in _RELEASED_STATE:
+        return _reject(Rejected(RejectionKind.INVALID_ARGUMENT, "status", "must be SUCCEEDED, FAILED or CANCELLED"))
     current, healed = heal(record, now)
+    # Released by its holder (not expired, abandoned or force-released), possibly approved for a retry since.
     if (
         current is not None
         and current.lease_id == cmd.lease_id
-        and current.state in _RELEASED_STATE.values()
+        and not current.running
+        and current.last_status is not RunStatus.UNSPECIFIED
         and not current.released_by
     ):
         if current.last_status is cmd.status:
@@ -654,7 +662,7 @@ def _approve_retry(record: GuardRecord | None, cmd: ApproveRetry, now: Instant, 
         approval_reason=cmd.reason,
     )
     event = Event(EventType.RETRY_APPROVED, approved, now.wall, actor=cmd.approver, reason=cmd.reason)
-    return Decision(approved, healed + (event,), GuardReply(approved))
+    return Decision(approved, (*healed, event), GuardReply(approved))
 
 
 def _force_release(record: GuardRecord | None, cmd: ForceRelease, now: Instant) -> Decision:

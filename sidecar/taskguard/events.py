@@ -50,7 +50,10 @@ class Watcher:
         self.overflowed = asyncio.Event()
         self.live = False
         self.dropped = False
+        # The last revision taken from the buffer or log, and the last one the
+        # stream finished writing (where a resume must start after).
         self.last_revision = 0
+        self.delivered = 0
 
     def offer(self, events: Sequence[Event]) -> None:
         if self.dropped or self.overflowed.is_set():
@@ -144,6 +147,7 @@ class EventHub:
         """
         head = self._store.revision
         watcher.last_revision = head if start_revision == 0 else start_revision - 1
+        watcher.delivered = watcher.last_revision
         if include_snapshot:
             async for event in self._snapshot(watcher.prefix, head):
                 yield event

@@ -23,6 +23,7 @@ from taskguard.leases import LeaseKeeper
 from taskguard.store import Store
 from taskguard.store.memory import MemoryStore
 from taskguard.store.sqlite import SqliteStore
+from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -64,6 +65,7 @@ class Sidecar:
         self.service.drain()
         await self.server.stop(grace_s)
         await self.store.close()
+        await self.service.telemetry.stop()
 
 
 def _bind(server: aio.Server, listen: str) -> str:
@@ -82,6 +84,7 @@ def _bind(server: aio.Server, listen: str) -> str:
 
 
 async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
+    """Open the store, recover leases, and serve on ``settings.listen``."""
     clock = clock or SystemClock()
     store = open_store(settings, clock)
     await store.open()
@@ -89,7 +92,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
     hub = EventHub(store, buffer_size=settings.watch_buffer, max_watchers=settings.max_watchers)
     keeper = LeaseKeeper(engine, hub)
     await keeper.start()
-    service = TaskGuardService(engine, hub, keeper)
+    telemetry = Telemetry(settings.telemetry, settings.policy)
+    telemetry.attach(store, clock)
+    service = TaskGuardService(engine, hub, keeper, telemetry)
 
     server = aio.server(options=_SERVER_OPTIONS)
     pb_grpc.add_TaskGuardServicer_to_server(service, server)

@@ -76,6 +76,11 @@ class Store(Protocol):
     async def commit(self, write: Write) -> Committed:
         """Store ``write``; SYNC returns once it is durable, LAZY and VOLATILE at once.
 
+        Callers serialise writes per task key (the engine's per-key mutex):
+        a LAZY or VOLATILE write while a SYNC write of the same key is in
+        flight is a StoreConflict. The events of a LAZY write may come back
+        unstamped; they are published with revisions once persisted.
+
         Raises StoreConflict if the guard's revision moved, StoreUnavailable
         if it cannot be made durable.
         """

@@ -45,6 +45,8 @@ class GuardIndex:
             self._current_leases[record.lease_id] = record.task_key
 
     def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        if limit <= 0:
+            return []
         start = bisect.bisect_right(self._sorted_keys, after) if after else 0
         if prefix and prefix > after:
             start = max(start, bisect.bisect_left(self._sorted_keys, prefix))

@@ -53,7 +53,8 @@ class MemoryStore:
         while len(self._events) > self._retention.max_events:
             self._events.popleft()
         cutoff = self._retention.cutoff(self._clock.now_utc())
-        while cutoff is not None and self._events and self._events[0].occurred_at < cutoff:
+        # Like the SQLite store, keep the newest event so the log never forgets the current revision.
+        while cutoff is not None and len(self._events) > 1 and self._events[0].occurred_at < cutoff:
             self._events.popleft()
 
     async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
@@ -63,6 +64,7 @@ class MemoryStore:
         return self._index.running()
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
+        revision = max(revision, 1)
         oldest = self._events[0].revision if self._events else self._revision + 1
         if revision < oldest and revision <= self._revision:
             raise RevisionCompacted(revision, oldest)

@@ -79,8 +79,13 @@ _SET_REVISION = (
     "INSERT INTO meta (name, value) VALUES ('revision', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 
-# Pruning the event log costs a DELETE; do it once per this many new events.
+# Pruning the event log costs a DELETE; do it once per this many new events
+# (or this long), so the log may run over its count limit by that much.
 _PRUNE_EVERY = 1000
+_PRUNE_INTERVAL_S = 60.0
+# Refused triggers wait this long for a state change to ride along with
+# before they get a transaction of their own.
+_LAZY_LINGER_S = 0.1
 
 
 class SchemaTooNew(StoreError):
@@ -119,6 +124,11 @@ class SqliteStore:
         self._revision = 0
         self._oldest_event = 1
         self._since_prune = 0
+        self._last_prune = 0.0
+        self._syncing: dict[str, int] = {}
+        self._linger: asyncio.TimerHandle | None = None
+        self.transactions = 0
+        self._lazy_lost = 0
 
     @property
     def path(self) -> Path:
@@ -130,10 +140,17 @@ class SqliteStore:
             self._db = await aiosqlite.connect(self._path, isolation_level=None)
             await self._prepare(self._db)
             await self._load(self._db)
-            self._reader = await aiosqlite.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None)
+            await self._prune(self._revision)
+            # as_uri() percent-encodes the path: a raw '#', '?' or '%' in it would end or alter the URI.
+            reader_uri = f"{self._path.absolute().as_uri()}?mode=ro"
+            self._reader = await aiosqlite.connect(reader_uri, uri=True, isolation_level=None)
         except sqlite3.DatabaseError as error:
             await self._close_connections()
             raise DatabaseCorrupt(f"{self._path}: not a usable Task Guard database: {error}") from error
+        except BaseException:
+            # SchemaTooNew and the like: a refused open leaves nothing for the caller to close.
+            await self._close_connections()
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="taskguard-sqlite-writer")
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
@@ -194,38 +211,64 @@ class SqliteStore:
     async def commit(self, write: Write) -> Committed:
         if self._writer is None or self._closing:
             raise StoreUnavailable("the store is closed")
+        key = write.record.task_key
         if write.durability is not Durability.SYNC:
             # Refusals and heartbeats are visible at once; their rows ride along
             # with the next batch (VOLATILE ones only with the next state change).
+            # Applied over a state change still in flight they would be written
+            # from the wrong base, so that is a conflict, like a moved revision.
+            if key in self._syncing:
+                raise StoreConflict(f"guard {key!r} has a state change in flight")
             self._index.check(write)
             self._index.put(write.record)
             if write.durability is Durability.LAZY:
-                self._enqueue(_Queued(write, None))
+                self._queue.append(_Queued(write, None))
+                if self._linger is None:
+                    self._linger = asyncio.get_running_loop().call_later(_LAZY_LINGER_S, self._has_work.set)
             return Committed(write.record, ())
         done: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        self._syncing[key] = self._syncing.get(key, 0) + 1
         self._enqueue(_Queued(write, done))
-        return await done
+        try:
+            return await done
+        finally:
+            if self._syncing[key] == 1:
+                del self._syncing[key]
+            else:
+                self._syncing[key] -= 1
 
     def _enqueue(self, item: _Queued) -> None:
         self._queue.append(item)
         self._has_work.set()
 
     async def flush(self) -> None:
+        """Persist every LAZY write made so far; StoreUnavailable if some could not be."""
         if self._writer is None:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flush_waiters.append(waiter)
         self._has_work.set()
         await waiter
+        lost, self._lazy_lost = self._lazy_lost, 0
+        if lost:
+            raise StoreUnavailable(f"{lost} refused-trigger records could not be written")
 
     async def _write_loop(self) -> None:
         while True:
             await self._has_work.wait()
             self._has_work.clear()
+            if self._linger is not None:
+                self._linger.cancel()
+                self._linger = None
             batch, self._queue = self._queue, []
             waiters, self._flush_waiters = self._flush_waiters, []
             if batch:
-                await self._write_batch(batch)
+                try:
+                    await self._write_batch(batch)
+                except Exception as error:
+                    # Whatever broke, no caller may wait forever on this batch.
+                    log.exception("writing a batch failed")
+                    self._fail(batch, StoreUnavailable(f"the store failed to write: {error!r}"))
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -273,15 +316,14 @@ class SqliteStore:
             await self._db.executemany(_INSERT_EVENT, event_rows)
             await self._db.execute(_SET_REVISION, (str(revision),))
             self._since_prune += len(event_rows)
-            if self._since_prune >= _PRUNE_EVERY:
+            if self._prune_due():
                 await self._prune(revision)
             await self._db.execute("COMMIT")
+            self.transactions += 1
         except sqlite3.Error as error:
             log.error("commit of %d transitions failed: %s", len(accepted), error)
             await self._rollback()
-            for item, _ in accepted:
-                if item.done is not None and not item.done.done():
-                    item.done.set_exception(StoreUnavailable(f"the database cannot commit: {error}"))
+            self._fail([item for item, _ in accepted], StoreUnavailable(f"the database cannot commit: {error}"))
             return
         self._revision = revision
         events: list[Event] = []
@@ -293,9 +335,21 @@ class SqliteStore:
             events.extend(committed.events)
         self._index.publish(events)
 
+    def _fail(self, items: list[_Queued], error: StoreUnavailable) -> None:
+        for item in items:
+            if item.done is None:
+                self._lazy_lost += 1
+            elif not item.done.done():
+                item.done.set_exception(error)
+
+    def _prune_due(self) -> bool:
+        # By count every so many events, and by age at least once a minute.
+        return self._since_prune >= _PRUNE_EVERY or self._clock.monotonic() - self._last_prune >= _PRUNE_INTERVAL_S
+
     async def _prune(self, revision: int) -> None:
         assert self._db is not None
         self._since_prune = 0
+        self._last_prune = self._clock.monotonic()
         await self._db.execute("DELETE FROM events WHERE revision <= ?", (revision - self._retention.max_events,))
         cutoff = self._retention.cutoff(self._clock.now_utc())
         if cutoff is not None:
@@ -322,6 +376,7 @@ class SqliteStore:
         return self._index.running()
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
+        revision = max(revision, 1)
         if revision < self._oldest_event and revision <= self._revision:
             raise RevisionCompacted(revision, self._oldest_event)
         assert self._reader is not None

@@ -1,0 +1,335 @@
+"""OpenTelemetry: spans per RPC, duplicate -> winner links, run spans and metrics.
+
+The only module that imports opentelemetry. Off by default: ``Telemetry.off()``
+hands out a no-op span and ignores events, so a sidecar without an exporter
+pays for one attribute lookup per call and nothing else.
+
+* Every RPC gets a SERVER span named ``taskguard.<method>`` whose parent is the
+  caller's W3C ``traceparent`` (read with the globally configured propagator,
+  the standard one unless OTEL_PROPAGATORS says otherwise), with the RPC
+  semantic-convention attributes and the guard's ``taskguard.*`` attributes.
+* The winning acquisition's span context is stored with the guard (as a
+  traceparent string in ``GuardRecord.trace_context``, so it survives a
+  restart). A refused trigger's span carries a Link to it, with
+  ``taskguard.winner_run_id`` and ``taskguard.winner_fencing_token``.
+* A ``taskguard.run`` span covers each run, from its start to its end. It is
+  emitted when the run ends (release, expiry, abandonment, force-release),
+  with the run's real start time and the winning acquisition as parent, so
+  it needs no in-memory span across a restart.
+* Metrics come from committed events: they count what was stored, not what
+  was attempted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from taskguard import __version__
+from taskguard.clock import Clock
+from taskguard.core import Event, EventType, GuardRecord, Outcome, Policy, RunStatus, is_stale
+from taskguard.store import Store
+
+log = logging.getLogger(__name__)
+
+RPC_SERVICE = "taskguard.v1.TaskGuard"
+# Stored span contexts are always W3C traceparents, whatever propagator callers use.
+_W3C = TraceContextTextMapPropagator()
+_GAUGE_REFRESH_S = 10.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_RUN_ENDS = {EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONED, EventType.FORCE_RELEASED}
+_COUNTED = {
+    EventType.ACQUIRED: "taskguard.acquisitions",
+    EventType.DUPLICATE_REFUSED: "taskguard.duplicates_refused",
+    EventType.RETRY_REFUSED: "taskguard.retries_refused",
+    EventType.RETRY_APPROVED: "taskguard.retry_approvals",
+    EventType.EXPIRED: "taskguard.expirations",
+    EventType.ABANDONED: "taskguard.abandonments",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    otlp_endpoint: str = ""
+    console: bool = False
+    # Tests hand in their own (in-memory) span exporter or metric reader.
+    span_processor: SpanProcessor | None = None
+    metric_reader: MetricReader | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint or self.console or self.span_processor or self.metric_reader)
+
+
+class RpcSpan:
+    """What an RPC handler tells its span; the base class is the no-op one."""
+
+    def guard(self, record: GuardRecord | None) -> None:
+        pass
+
+    def outcome(self, outcome: Outcome, record: GuardRecord) -> None:
+        pass
+
+    def status(self, code_name: str, code_value: int, message: str) -> None:
+        pass
+
+
+_NO_SPAN = RpcSpan()
+
+
+class _RecordingRpcSpan(RpcSpan):
+    def __init__(self, span: trace.Span, acquire_duration: Histogram) -> None:
+        self._span = span
+        self._acquire_duration = acquire_duration
+        self._started = time.perf_counter()
+
+    def guard(self, record: GuardRecord | None) -> None:
+        if record is not None:
+            self._span.set_attributes(_guard_attributes(record))
+
+    def outcome(self, outcome: Outcome, record: GuardRecord) -> None:
+        self._acquire_duration.record(time.perf_counter() - self._started, {"taskguard.outcome": outcome.name})
+        self._span.set_attribute("taskguard.outcome", outcome.name)
+        if outcome is Outcome.ACQUIRED:
+            return
+        winner = _span_context(record.trace_context)
+        attributes: dict[str, str | int] = {
+            "taskguard.winner_run_id": record.run_id,
+            "taskguard.winner_fencing_token": record.fencing_token,
+        }
+        self._span.set_attributes(attributes)
+        if winner is not None:
+            self._span.add_link(winner, attributes)
+
+    def status(self, code_name: str, code_value: int, message: str) -> None:
+        self._span.set_attribute("rpc.grpc.status_code", code_value)
+        if code_name != "OK":
+            self._span.set_status(Status(StatusCode.ERROR, f"{code_name}: {message}"))
+
+
+class Telemetry:
+    def __init__(self, settings: TelemetrySettings, policy: Policy) -> None:
+        self.enabled = settings.enabled
+        self._policy = policy
+        self._tracer_provider: TracerProvider | None = None
+        self._meter_provider: MeterProvider | None = None
+        self._gauges = {"running": 0, "stale": 0}
+        self._refresher: asyncio.Task[None] | None = None
+        if not self.enabled:
+            return
+        resource = Resource.create({"service.name": "taskguard", "service.version": __version__})
+        self._tracer_provider = TracerProvider(resource=resource)
+        for processor in _span_processors(settings):
+            self._tracer_provider.add_span_processor(processor)
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=_metric_readers(settings))
+        self._tracer = self._tracer_provider.get_tracer("taskguard", __version__)
+        meter = self._meter_provider.get_meter("taskguard", __version__)
+        self._counters = {
+            kind: meter.create_counter(name, unit="{event}", description=f"{kind.name.lower()} events committed")
+            for kind, name in _COUNTED.items()
+        }
+        self._acquire_duration = meter.create_histogram(
+            "taskguard.acquire.duration", unit="s", description="time to answer an Acquire or Hold acquisition"
+        )
+        self._run_duration = meter.create_histogram(
+            "taskguard.run.duration", unit="s", description="from acquisition to the end of a run"
+        )
+        meter.create_observable_gauge(
+            "taskguard.guards.running", [self._observe("running")], unit="{guard}", description="RUNNING guards"
+        )
+        meter.create_observable_gauge(
+            "taskguard.guards.stale", [self._observe("stale")], unit="{guard}", description="stale RUNNING guards"
+        )
+
+    @classmethod
+    def off(cls) -> Telemetry:
+        return cls(TelemetrySettings(), Policy())
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def attach(self, store: Store, clock: Clock) -> None:
+        if not self.enabled:
+            return
+        store.subscribe(self._on_commit)
+        self._refresher = asyncio.create_task(self._refresh_gauges(store, clock), name="taskguard-telemetry-gauges")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        # Exporters block on the network; keep the event loop free while they flush.
+        if self._tracer_provider is not None:
+            await asyncio.to_thread(self._tracer_provider.shutdown)
+        if self._meter_provider is not None:
+            await asyncio.to_thread(self._meter_provider.shutdown)
+
+    # --- RPC spans --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def rpc(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Iterator[RpcSpan]:
+        """A SERVER span for one RPC, current for its duration, child of the caller's traceparent."""
+        if not self.enabled:
+            yield _NO_SPAN
+            return
+        carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+        parent = propagate.extract(carrier)
+        with self._tracer.start_as_current_span(
+            f"taskguard.{_snake(method)}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": RPC_SERVICE, "rpc.method": method},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            yield _RecordingRpcSpan(span, self._acquire_duration)
+
+    def traceparent(self) -> str:
+        """The current span's context as a W3C traceparent ("" when off or not recording)."""
+        if not self.enabled:
+            return ""
+        carrier: dict[str, str] = {}
+        _W3C.inject(carrier, context=otel_context.get_current())
+        return carrier.get("traceparent", "")
+
+    # --- committed events -------------------------------------------------------------
+
+    def _on_commit(self, events: Sequence[Event]) -> None:
+        for event in events:
+            counter = self._counters.get(event.type)
+            if counter is not None:
+                counter.add(1)
+            if event.type in _RUN_ENDS:
+                self._end_run(event.guard)
+
+    def _end_run(self, record: GuardRecord) -> None:
+        ended_at = record.released_at or record.heartbeat_at
+        self._run_duration.record(
+            max(0.0, (ended_at - record.started_at).total_seconds()), {"taskguard.state": record.state.name}
+        )
+        parent = _span_context(record.trace_context)
+        span = self._tracer.start_span(
+            "taskguard.run",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None,
+            kind=SpanKind.INTERNAL,
+            attributes={
+                **_guard_attributes(record),
+                "taskguard.state": record.state.name,
+                "taskguard.run_status": record.last_status.name,
+            },
+            start_time=_nanos(record.started_at),
+        )
+        if record.last_status is RunStatus.SUCCEEDED:
+            span.set_status(Status(StatusCode.OK))
+        elif record.last_status is RunStatus.FAILED or record.state.name in ("EXPIRED", "ABANDONED"):
+            span.set_status(Status(StatusCode.ERROR, record.last_detail or record.state.name))
+        span.end(end_time=_nanos(ended_at))
+
+    # --- gauges -------------------------------------------------------------------------
+
+    def _observe(self, name: str) -> Any:
+        def observe(options: CallbackOptions) -> list[Observation]:
+            return [Observation(self._gauges[name])]
+
+        return observe
+
+    async def refresh_gauges(self, store: Store, clock: Clock) -> None:
+        """Count running and stale guards for the gauges.
+
+        Observable callbacks run on the exporter's thread; they only read the
+        numbers computed here, on the loop that owns the store.
+        """
+        running = await store.running()
+        now = clock.monotonic()
+        self._gauges["running"] = len(running)
+        self._gauges["stale"] = sum(1 for record in running if is_stale(record, now, self._policy))
+
+    async def _refresh_gauges(self, store: Store, clock: Clock) -> None:
+        while True:
+            await self.refresh_gauges(store, clock)
+            await asyncio.sleep(_GAUGE_REFRESH_S)
+
+
+def _span_processors(settings: TelemetrySettings) -> list[SpanProcessor]:
+    processors: list[SpanProcessor] = []
+    if settings.span_processor is not None:
+        processors.append(settings.span_processor)
+    exporters: list[SpanExporter] = []
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporters.append(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=_insecure(settings.otlp_endpoint)))
+    if settings.console:
+        exporters.append(ConsoleSpanExporter())
+    processors.extend(BatchSpanProcessor(exporter) for exporter in exporters)
+    return processors
+
+
+def _metric_readers(settings: TelemetrySettings) -> list[MetricReader]:
+    readers: list[MetricReader] = []
+    if settings.metric_reader is not None:
+        readers.append(settings.metric_reader)
+    exporters: list[MetricExporter] = []
+    if settings.otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        exporters.append(
+            OTLPMetricExporter(endpoint=settings.otlp_endpoint, insecure=_insecure(settings.otlp_endpoint))
+        )
+    if settings.console:
+        exporters.append(ConsoleMetricExporter())
+    readers.extend(PeriodicExportingMetricReader(exporter) for exporter in exporters)
+    return readers
+
+
+def _insecure(endpoint: str) -> bool:
+    return not endpoint.startswith("https://")
+
+
+def _guard_attributes(record: GuardRecord) -> dict[str, str | int]:
+    return {
+        "taskguard.task_key": record.task_key,
+        "taskguard.session_key": record.session_key,
+        "taskguard.task_name": record.task_name,
+        "taskguard.run_id": record.run_id,
+        "taskguard.fencing_token": record.fencing_token,
+    }
+
+
+def _span_context(traceparent: str) -> trace.SpanContext | None:
+    if not traceparent:
+        return None
+    context = _W3C.extract({"traceparent": traceparent})
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
+def _nanos(at: datetime) -> int:
+    # Integer arithmetic: a float timestamp loses the last digits of nanoseconds.
+    return (at - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _snake(method: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(method))

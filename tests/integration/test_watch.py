@@ -1,0 +1,150 @@
+"""WatchGuards: live events, snapshots, resume by revision, retention, slow watchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+from tests.support import InProcess, SidecarProcess, acquire, watch_until
+
+TIMEOUT_S = 10.0
+
+
+def _types(events: list[pb.GuardEvent]) -> list[str]:
+    return [pb.GuardEventType.Name(e.type).removeprefix("GUARD_EVENT_TYPE_") for e in events]
+
+
+async def _next(call: Any) -> pb.GuardEvent:
+    event: pb.GuardEvent = await asyncio.wait_for(call.read(), TIMEOUT_S)
+    return event
+
+
+async def test_a_watcher_sees_every_kind_of_change_in_order(manual: InProcess, key: str) -> None:
+    stub = manual.stub
+    call = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+    # Nothing is sent before the first change, so prove the watch is registered with a change of our own.
+    first = await acquire(stub, key + "/a", ttl_s=5, run_id="a1", holder="gw-1")
+    assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_ACQUIRED
+    await acquire(stub, key + "/a", run_id="a2", holder="cron")
+    await manual.sidecar.store.flush()
+    duplicate = await _next(call)
+    assert duplicate.type == pb.GUARD_EVENT_TYPE_DUPLICATE_REFUSED
+    assert (duplicate.trigger_run_id, duplicate.trigger_holder) == ("a2", "cron")
+    assert duplicate.guard.run_id == "a1" and duplicate.guard.duplicate_count == 1
+    await manual.advance(6)
+    assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_EXPIRED
+
+    failing = await acquire(stub, key + "/b")
+    assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_ACQUIRED
+    await stub.Release(pb.ReleaseRequest(lease_id=failing.lease_id, status=pb.RUN_STATUS_FAILED, detail="exit 1"))
+    released = await _next(call)
+    assert released.type == pb.GUARD_EVENT_TYPE_RELEASED and released.guard.state == pb.GUARD_STATE_FAILED
+    await stub.ApproveRetry(pb.ApproveRetryRequest(task_key=key + "/b", approver="ops", reason="fixed"))
+    approved = await _next(call)
+    assert approved.type == pb.GUARD_EVENT_TYPE_RETRY_APPROVED
+    assert (approved.actor, approved.reason) == ("ops", "fixed")
+
+    hold = stub.Hold()
+    await hold.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key + "/c")))
+    await asyncio.wait_for(hold.read(), TIMEOUT_S)
+    assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_ACQUIRED
+    hold.cancel()
+    assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_ABANDONED
+    call.cancel()
+    assert first.guard.revision > 0
+
+
+async def test_snapshot_first_then_live_events(in_process: InProcess, key: str) -> None:
+    stub = in_process.stub
+    for name in ("a", "b", "c"):
+        await acquire(stub, f"{key}/{name}")
+    await acquire(stub, "other::job")
+    call = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key, include_snapshot=True))
+    snapshot = [await _next(call) for _ in range(3)]
+    assert _types(snapshot) == ["SNAPSHOT"] * 3
+    assert [e.guard.task_key for e in snapshot] == [f"{key}/{name}" for name in ("a", "b", "c")]
+    head = snapshot[0].revision
+    live = await acquire(stub, f"{key}/d")
+    event = await _next(call)
+    assert event.type == pb.GUARD_EVENT_TYPE_ACQUIRED and event.revision == live.guard.revision > head
+    call.cancel()
+
+
+async def test_a_watcher_resumes_after_a_disconnect_without_gaps_or_repeats(in_process: InProcess, key: str) -> None:
+    stub = in_process.stub
+    start = (await acquire(stub, f"{key}/0")).guard.revision
+    seen = await watch_until(stub, lambda events: len(events) == 1, key_prefix=key, start_revision=start)
+    last = seen[-1].revision
+    expected = [last]
+    for i in range(1, 20):
+        expected.append((await acquire(stub, f"{key}/{i}")).guard.revision)
+    resumed = await watch_until(stub, lambda events: len(events) == 19, key_prefix=key, start_revision=last + 1)
+    assert [e.revision for e in seen + resumed] == expected
+
+
+async def test_a_watcher_resumes_across_a_sidecar_sigkill(sidecar: SidecarProcess, key: str) -> None:
+    revisions: list[int] = []
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        start = (await acquire(stub, f"{key}/0")).guard.revision
+        seen = await watch_until(stub, lambda events: len(events) == 1, key_prefix=key, start_revision=start)
+        revisions.extend(e.revision for e in seen)
+        for i in range(1, 10):
+            await acquire(stub, f"{key}/{i}")
+    sidecar.restart_after_kill()
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        for i in range(10, 15):
+            await acquire(stub, f"{key}/{i}")
+        rest = await watch_until(
+            stub, lambda events: len(events) == 14, key_prefix=key, start_revision=revisions[-1] + 1
+        )
+    revisions.extend(e.revision for e in rest)
+    assert revisions == sorted(set(revisions))
+    assert [e.guard.task_key for e in rest] == [f"{key}/{i}" for i in range(1, 15)]
+
+
+async def test_a_start_revision_older_than_retention_is_out_of_range(
+    in_process_factory: Callable[..., Any], key: str
+) -> None:
+    harness: InProcess = await in_process_factory(event_retention_count=10)
+    stub = harness.stub
+    for i in range(1200):
+        await acquire(stub, f"{key}/{i}")
+    call = stub.WatchGuards(pb.WatchGuardsRequest(start_revision=1))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _next(call)
+    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    details = error.value.details() or ""
+    assert details.startswith("start_revision: revision 1 is no longer retained; the oldest available is ")
+    oldest = int(details.rsplit(" ", 1)[1])
+    again = await watch_until(stub, lambda events: bool(events), start_revision=oldest)
+    assert again[0].revision == oldest
+
+
+async def test_a_watcher_that_never_reads_is_cut_off_and_acquires_still_complete(
+    in_process_factory: Callable[..., Any], key: str
+) -> None:
+    harness: InProcess = await in_process_factory(watch_buffer=64)
+    stub = harness.stub
+    stalled = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+    await acquire(stub, f"{key}/first")
+    responses = await asyncio.wait_for(asyncio.gather(*(acquire(stub, f"{key}/{i}") for i in range(1000))), 60)
+    assert {r.outcome for r in responses} == {pb.ACQUIRE_OUTCOME_ACQUIRED}
+    # The client reads only now: what was in flight, then the status that cut it off.
+    received: list[pb.GuardEvent] = []
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        while True:
+            received.append(await _next(stalled))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = error.value.details() or ""
+    assert f"resume with start_revision={received[-1].revision + 1}" in details
+    assert len(received) < 1001
+    assert harness.sidecar.hub.watcher_count == 0
