@@ -35,6 +35,7 @@ class SidecarProcess:
     args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    listening_on: str = ""
     log_paths: list[Path] = field(default_factory=list)
 
     @property
@@ -47,7 +48,8 @@ class SidecarProcess:
 
     @property
     def address(self) -> str:
-        return f"unix:{self.socket}"
+        """Where it said it listens (a --listen among ``args`` may have moved it off the socket)."""
+        return self.listening_on or f"unix:{self.socket}"
 
     def start(self, *extra: str) -> None:
         """Start and return once it printed its address (it prints only when serving)."""
@@ -60,7 +62,7 @@ class SidecarProcess:
             "taskguard",
             "serve",
             "--listen",
-            self.address,
+            f"unix:{self.socket}",
             "--db",
             str(self.db),
             *self.args,
@@ -86,6 +88,7 @@ class SidecarProcess:
                     raise RuntimeError(f"sidecar exited with {self.process.wait()}; log: {self.log()}")
                 line += chunk
             assert b"listening on" in line, line
+            self.listening_on = line.decode().split("listening on ", 1)[1].split(" ", 1)[0]
         finally:
             selector.close()
 

@@ -12,16 +12,18 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
 
 from taskguard import core, wire
+from taskguard.auth import Authorizer, Caller, PermissionDenied
 from taskguard.core import GuardRecord, Rejected, RejectionKind
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
-from taskguard.leases import HoldSession, LeaseKeeper
+from taskguard.leases import HolderLimit, HoldSession, LeaseKeeper
 from taskguard.store import RevisionCompacted, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
@@ -70,32 +72,51 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.OUT_OF_RANGE, f"start_revision: {error}"
         case WatchOverflow() | TooManyWatchers():
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        case PermissionDenied():
+            return grpc.StatusCode.PERMISSION_DENIED, str(error)
+        case HolderLimit():
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
         case Draining():
             return grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down; reconnect and resume"
         case _:
             return grpc.StatusCode.INTERNAL, "internal error; see the sidecar's log"
 
 
-_Method = Callable[[Any, _Request, aio.ServicerContext[Any, Any], RpcSpan], Awaitable[_Response]]
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What every RPC handler gets besides its request: its span and who is calling."""
+
+    span: RpcSpan
+    caller: Caller
+
+
+_Method = Callable[[Any, _Request, aio.ServicerContext[Any, Any], Call], Awaitable[_Response]]
 
 
 def _answer(
     method: _Method[_Request, _Response],
 ) -> Callable[[Any, _Request, aio.ServicerContext[Any, Any]], Awaitable[_Response]]:
-    """Run an RPC inside its span and turn any failure into its status: the one ``abort`` there is."""
+    """Identify the caller, check its role, run the RPC in its span, and turn any failure into its status.
+
+    This is the one ``abort`` there is.
+    """
+    name = method.__name__
 
     @functools.wraps(method)
     async def answered(self: TaskGuardService, request: _Request, context: aio.ServicerContext[Any, Any]) -> _Response:
-        with self.telemetry.rpc(method.__name__, context.invocation_metadata()) as span:
+        metadata = context.invocation_metadata()
+        with self.telemetry.rpc(name, metadata) as span:
             try:
-                response = await method(self, request, context, span)
+                caller = self.authorizer.identify(context.peer(), metadata, _common_names(context))
+                self.authorizer.check(name, caller)
+                response = await method(self, request, context, Call(span, caller))
             except (asyncio.CancelledError, aio.AbortError):
                 span.status("CANCELLED", grpc.StatusCode.CANCELLED.value[0], "")
                 raise
             except Exception as error:
                 code, message = status_for(error)
                 if code is grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", method.__name__)
+                    log.exception("%s failed", name)
                 span.status(code.name, code.value[0], message)
                 await context.abort(code, message)
                 raise AssertionError("abort returned") from error
@@ -103,6 +124,12 @@ def _answer(
             return response
 
     return answered
+
+
+def _common_names(context: aio.ServicerContext[Any, Any]) -> list[str]:
+    """The client certificate's common names under mTLS, else nothing."""
+    names = context.auth_context().get("x509_common_name", [])
+    return [name.decode(errors="replace") for name in names]
 
 
 def _expect(result: Result, span: RpcSpan | None = None) -> GuardRecord:
@@ -119,8 +146,11 @@ def _new_lease_id() -> str:
 
 
 class TaskGuardService(pb_grpc.TaskGuardServicer):
-    def __init__(self, engine: Engine, hub: EventHub, keeper: LeaseKeeper, telemetry: Telemetry) -> None:
+    def __init__(
+        self, engine: Engine, hub: EventHub, keeper: LeaseKeeper, telemetry: Telemetry, authorizer: Authorizer
+    ) -> None:
         self.telemetry = telemetry
+        self.authorizer = authorizer
         self._engine = engine
         self._hub = hub
         self._keeper = keeper
@@ -137,16 +167,18 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def Acquire(
-        self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.AcquireResponse:
         command, _ = wire.acquire(
             request,
             stream_bound=False,
             new_lease_id=_new_lease_id(),
             trace_context=self.telemetry.traceparent(),
+            principal=call.caller.principal,
         )
-        result = await self._engine.execute(command)
-        return self._acquire_response(result, span, pb.AcquireResponse)
+        with self._keeper.admit(command.holder):
+            result = await self._engine.execute(command)
+        return self._acquire_response(result, call.span, pb.AcquireResponse)
 
     def _acquire_response(
         self, result: Result, span: RpcSpan, kind: Callable[..., _Response], **extra: Any
@@ -161,32 +193,32 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def Renew(
-        self, request: pb.RenewRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.RenewRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.RenewResponse:
         lease_id = wire.lease_id(request.lease_id)
         ttl_s = wire.renew_ttl_s(request)
         result = await self._engine.execute_on_lease(lease_id, lambda key: core.Renew(key, lease_id, ttl_s))
-        return pb.RenewResponse(guard=self._render(_expect(result, span)))
+        return pb.RenewResponse(guard=self._render(_expect(result, call.span)))
 
     @_answer
     async def Release(
-        self, request: pb.ReleaseRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.ReleaseRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ReleaseResponse:
         lease_id = wire.lease_id(request.lease_id)
         status = wire.run_status(request.status)
         detail = wire.release_detail(request.detail)
         result = await self._engine.execute_on_lease(lease_id, lambda key: core.Release(key, lease_id, status, detail))
-        return pb.ReleaseResponse(guard=self._render(_expect(result, span)))
+        return pb.ReleaseResponse(guard=self._render(_expect(result, call.span)))
 
     @_answer
-    async def Hold(self, request_iterator: Any, context: aio.ServicerContext[Any, Any], span: RpcSpan) -> None:
+    async def Hold(self, request_iterator: Any, context: aio.ServicerContext[Any, Any], call: Call) -> None:
         session = self._keeper.hold()
         try:
-            await self._hold(session, context, span)
+            await self._hold(session, context, call)
         finally:
             session.close(_HOLD_DROPPED)
 
-    async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any], span: RpcSpan) -> None:
+    async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any], call: Call) -> None:
         first = await context.read()
         which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
         if which == "acquire":
@@ -195,6 +227,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 stream_bound=True,
                 new_lease_id=_new_lease_id(),
                 trace_context=self.telemetry.traceparent(),
+                principal=call.caller.principal,
             )
             result = await session.acquire(command, join)
         elif which == "resume":
@@ -202,7 +235,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             result = await session.resume(lease_id)
         else:
             raise wire.BadRequest("request", "the first Hold message must be acquire or resume")
-        await context.write(self._acquire_response(result, span, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT))
+        await context.write(
+            self._acquire_response(result, call.span, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT)
+        )
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         reader: asyncio.Task[Any] | None = None
@@ -267,33 +302,33 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def ApproveRetry(
-        self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ApproveRetryResponse:
         result = await self._engine.execute(wire.approve_retry(request))
-        return pb.ApproveRetryResponse(guard=self._render(_expect(result, span)))
+        return pb.ApproveRetryResponse(guard=self._render(_expect(result, call.span)))
 
     @_answer
     async def ForceRelease(
-        self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ForceReleaseResponse:
         result = await self._engine.execute(wire.force_release(request))
-        return pb.ForceReleaseResponse(guard=self._render(_expect(result, span)))
+        return pb.ForceReleaseResponse(guard=self._render(_expect(result, call.span)))
 
     # --- reads ----------------------------------------------------------------------------
 
     @_answer
     async def GetGuard(
-        self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.Guard:
         record = await self._engine.get(wire.task_key(request.task_key))
-        span.guard(record)
+        call.span.guard(record)
         if record is None:
             raise Refused(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
         return self._render(record)
 
     @_answer
     async def ListGuards(
-        self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ListGuardsResponse:
         prefix = wire.key_prefix(request.key_prefix)
         states = wire.guard_states(request.states)
@@ -323,10 +358,10 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def CheckFence(
-        self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.CheckFenceResponse:
         record = await self._engine.get(wire.task_key(request.task_key))
-        span.guard(record)
+        call.span.guard(record)
         valid = core.fence_is_valid(record, request.fencing_token, self._engine.now())
         response = pb.CheckFenceResponse(valid=valid)
         if record is not None:
@@ -335,7 +370,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     @_answer
     async def WatchGuards(
-        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], span: RpcSpan
+        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> None:
         watcher = self._hub.open(wire.key_prefix(request.key_prefix))
         pump = asyncio.ensure_future(self._pump(watcher, request, context))

@@ -8,6 +8,7 @@ the rule it broke.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from taskguard.auth import AuthSettings
 from taskguard.core import Policy
 from taskguard.store.retention import Retention
 from taskguard.telemetry import TelemetrySettings
@@ -26,6 +28,19 @@ ENV_PREFIX = "TASKGUARD_"
 
 class ConfigError(Exception):
     pass
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _runtime_dir(environ: Mapping[str, str]) -> Path:
@@ -58,6 +73,23 @@ class Settings:
     log_level: str = "info"
     otlp_endpoint: str = ""
     telemetry_console: bool = False
+    # Listener and transport security.
+    socket_mode: int = 0o600
+    socket_group: str = ""
+    allow_remote: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Access control; None: the sidecar's own uid and root.
+    operator_uids: tuple[int, ...] | None = None
+    operator_token: str = ""
+    operator_token_file: Path | None = None
+    holder_token: str = ""
+    holder_token_file: Path | None = None
+    # Limits that keep one client from hurting the rest.
+    max_message_bytes: int = 1 << 20
+    max_streams_per_connection: int = 4096
+    max_guards_per_holder: int = 10_000
     # Not a setting anyone types: tests hand in in-memory exporters here.
     telemetry_overrides: TelemetrySettings | None = None
 
@@ -77,6 +109,20 @@ class Settings:
         if self.telemetry_overrides is not None:
             return self.telemetry_overrides
         return TelemetrySettings(otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console)
+
+    @property
+    def auth(self) -> AuthSettings:
+        uids = self.operator_uids if self.operator_uids is not None else (0, os.geteuid())
+        return AuthSettings(
+            operator_token=self.operator_token or _read_secret(self.operator_token_file, "operator_token_file"),
+            holder_token=self.holder_token or _read_secret(self.holder_token_file, "holder_token_file"),
+            operator_uids=frozenset(uids),
+        )
+
+    def __repr__(self) -> str:
+        # Tokens stay out of logs and tracebacks.
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SECRETS}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def retention(self) -> Retention:
@@ -134,6 +180,26 @@ def _parse_int(value: Any) -> int:
     return int(value)
 
 
+def _parse_octal(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(str(value), 8)
+
+
+def _parse_uids(value: Any) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [part for part in str(value).split(",") if part.strip()]
+    return tuple(_parse_int(item) if not isinstance(item, str) else int(item.strip()) for item in items)
+
+
+def _read_secret(path: Path | None, setting: str) -> str:
+    if path is None:
+        return ""
+    try:
+        return path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"{setting}: cannot read {path}: {error.strerror}") from None
+
+
 def _parse_path(value: Any) -> Path:
     # Path("") is Path("."), which would pass as a file path.
     if isinstance(value, str) and not value.strip():
@@ -147,6 +213,7 @@ class _Rule:
     check: Callable[[Any], bool]
     requirement: str
     help: str
+    secret: bool = False
 
 
 def _positive(value: float) -> bool:
@@ -193,6 +260,40 @@ _RULES: dict[str, _Rule] = {
     ),
     "telemetry_console": _Rule(
         _parse_bool, lambda v: True, "must be true or false", "print spans and metrics to stdout (debugging)"
+    ),
+    "socket_mode": _Rule(
+        _parse_octal, lambda v: 0 <= v <= 0o777, "must be an octal file mode such as 0600", "unix socket file mode"
+    ),
+    "socket_group": _Rule(str, lambda v: True, "", "group of the unix socket (name or gid)"),
+    "allow_remote": _Rule(
+        _parse_bool, lambda v: True, "must be true or false", "let a TCP listener bind to a non-loopback address"
+    ),
+    "tls_cert": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS certificate chain (PEM) for TCP"),
+    "tls_key": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS private key (PEM)"),
+    "tls_client_ca": _Rule(
+        _parse_path, lambda v: True, "must be a file path", "CA (PEM) that client certificates must chain to: mTLS"
+    ),
+    "operator_uids": _Rule(
+        _parse_uids,
+        lambda v: all(uid >= 0 for uid in v),
+        "must be a list of uids such as [0, 1000] (env: 0,1000)",
+        "uids that are operators on the unix socket (default: the sidecar's own and root)",
+    ),
+    "operator_token": _Rule(str, lambda v: True, "", "operator bearer token (prefer operator_token_file)", True),
+    "operator_token_file": _Rule(_parse_path, lambda v: True, "must be a file path", "file holding the operator token"),
+    "holder_token": _Rule(str, lambda v: True, "", "holder bearer token every call must present", True),
+    "holder_token_file": _Rule(_parse_path, lambda v: True, "must be a file path", "file holding the holder token"),
+    "max_message_bytes": _Rule(
+        _parse_int,
+        lambda v: 1024 <= v <= 64 << 20,
+        "must be a whole number of bytes from 1024 to 64 MiB",
+        "largest request",
+    ),
+    "max_streams_per_connection": _Rule(
+        _parse_int, _positive, "must be a whole number > 0", "concurrent streams one connection may open"
+    ),
+    "max_guards_per_holder": _Rule(
+        _parse_int, _positive, "must be a whole number > 0", "RUNNING guards one holder may have at once"
     ),
     "log_level": _Rule(
         str.lower,
@@ -252,9 +353,29 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         except (TypeError, ValueError):
             parsed = None
         if parsed is None or not rule.check(parsed):
-            raise ConfigError(f"{_toml_name(name)} ({source}): {rule.requirement}, got {value!r}")
+            shown = "a value that is not shown" if rule.secret else repr(value)
+            raise ConfigError(f"{_toml_name(name)} ({source}): {rule.requirement}, got {shown}")
         values[name] = parsed
     settings = default_settings(environ=environ, **values)
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together: give both or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    if settings.tls_cert is not None and settings.listen.startswith("unix:"):
+        raise ConfigError("TLS is for TCP listeners; the unix socket is protected by its file mode")
+    for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file (TLS)")
+    if not settings.listen.startswith("unix:"):
+        host, _, port = settings.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"listen: must be host:port or unix:PATH, got {settings.listen!r}")
+        if not settings.allow_remote and not is_loopback(host):
+            raise ConfigError(
+                f"listen: {host} is not a loopback address; a sidecar listens on loopback or a unix socket "
+                "unless allow_remote is set"
+            )
+    settings.auth  # reads token files now, so a missing one fails at start
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(
             f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"
@@ -277,5 +398,7 @@ def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
         found[known[key]] = (value, f"config file {path}")
     return found
 
+
+_SECRETS = frozenset(name for name, rule in _RULES.items() if rule.secret)
 
 assert {f.name for f in fields(Settings)} - {"telemetry_overrides"} == set(_RULES), "every setting needs a rule"

@@ -188,6 +188,8 @@ class GuardRecord:
     approval_reason: str = ""
     # The winning acquisition's span context (a W3C traceparent), opaque here.
     trace_context: str = ""
+    # Who acquired it, as the shell authenticated them ("uid:1000", "cert:CN", ...).
+    principal: str = ""
     revision: int = 0
 
     @property
@@ -217,6 +219,9 @@ class Acquire:
     stream_bound: bool
     labels: Labels = ()
     trace_context: str = ""
+    # The authenticated caller. Only the same principal gets a run's lease back
+    # by its run_id: run ids are shown to everyone, leases are capabilities.
+    principal: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +430,7 @@ def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Pol
         )
 
     if current.running:
-        if current.run_id == cmd.run_id:
+        if current.run_id == cmd.run_id and current.principal == cmd.principal:
             return _acquire_again(current, cmd, ttl_s, now)
         return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, healed, now)
 
@@ -468,6 +473,7 @@ def _new_run(previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, no
         approved_by=previous.approved_by if approved and previous else "",
         approval_reason=previous.approval_reason if approved and previous else "",
         trace_context=cmd.trace_context,
+        principal=cmd.principal,
         revision=previous.revision if previous else 0,
     )
 

@@ -19,23 +19,34 @@ the server instead of deleting keys itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
-from collections.abc import Coroutine, Sequence
+from collections import Counter
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 from taskguard import core
-from taskguard.core import Abandon, Acquire, Event, Expire, GuardRecord, Outcome
+from taskguard.core import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub
 
 log = logging.getLogger(__name__)
 
+_RUN_ENDS = frozenset({EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONED, EventType.FORCE_RELEASED})
+
+
+class HolderLimit(Exception):
+    """One holder already has as many RUNNING guards as it may."""
+
 
 class LeaseKeeper:
-    def __init__(self, engine: Engine, hub: EventHub) -> None:
+    def __init__(self, engine: Engine, hub: EventHub, max_guards_per_holder: int = 0) -> None:
         self._engine = engine
         self._hub = hub
+        self._max_per_holder = max_guards_per_holder
+        self._held_by: Counter[str] = Counter()
+        self._admitting: Counter[str] = Counter()
         self._heap: list[tuple[float, str, int]] = []
         self._armed: dict[str, tuple[int, float]] = {}
         self._wakeup = asyncio.Event()
@@ -52,6 +63,7 @@ class LeaseKeeper:
         grace = self._engine.policy.resume_grace_s
         for record in await self._engine.store.running():
             self.arm(record)
+            self._held_by[record.holder] += 1
             if record.stream_bound and record.task_key not in self._attached:
                 self._orphans[record.task_key] = loop.call_later(
                     grace,
@@ -95,6 +107,31 @@ class LeaseKeeper:
     def _on_commit(self, events: Sequence[Event]) -> None:
         for event in events:
             self.arm(event.guard)
+            if event.type is EventType.ACQUIRED:
+                self._held_by[event.guard.holder] += 1
+            elif event.type in _RUN_ENDS:
+                self._held_by[event.guard.holder] -= 1
+                if self._held_by[event.guard.holder] <= 0:
+                    del self._held_by[event.guard.holder]
+
+    @contextlib.contextmanager
+    def admit(self, holder: str) -> Iterator[None]:
+        """Refuse an acquisition that would take ``holder`` past its limit.
+
+        Acquisitions being decided count too, so a burst cannot overshoot.
+        """
+        if self._max_per_holder and self._held_by[holder] + self._admitting[holder] >= self._max_per_holder:
+            raise HolderLimit(
+                f"holder: {holder!r} already holds {self._held_by[holder]} RUNNING guards "
+                f"(max_guards_per_holder is {self._max_per_holder})"
+            )
+        self._admitting[holder] += 1
+        try:
+            yield
+        finally:
+            self._admitting[holder] -= 1
+            if not self._admitting[holder]:
+                del self._admitting[holder]
 
     async def _sweep(self) -> None:
         clock = self._engine.clock
@@ -197,7 +234,8 @@ class HoldSession:
         self._released = False
 
     async def acquire(self, command: Acquire, join: bool) -> Result:
-        result = await self._engine.execute(command)
+        with self._keeper.admit(command.holder):
+            result = await self._engine.execute(command)
         await self._follow(result, join)
         return result
 

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from taskguard import listener
 from taskguard.api import TaskGuardService
+from taskguard.auth import Authorizer
 from taskguard.clock import Clock, SystemClock
 from taskguard.config import Settings
 from taskguard.engine import Engine
 from taskguard.events import EventHub
 from taskguard.leases import LeaseKeeper
+from taskguard.listener import Listener
 from taskguard.store import Store
 from taskguard.store.memory import MemoryStore
 from taskguard.store.sqlite import SqliteStore
@@ -31,14 +33,17 @@ log = logging.getLogger("taskguard")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskGuard"].full_name
 
-_SERVER_OPTIONS = [
-    # Find holders whose host or network died without closing the connection.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.max_receive_message_length", 1 << 20),
-]
+
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        # Find holders whose host or network died without closing the connection.
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+    ]
 
 
 def open_store(settings: Settings, clock: Clock) -> Store:
@@ -57,60 +62,62 @@ class Sidecar:
     keeper: LeaseKeeper
     service: TaskGuardService
     health: health.aio.HealthServicer
+    listener: Listener
+    _stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, end streams so clients resume elsewhere, finish calls, flush, close."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.keeper.stop()
         self.service.drain()
         await self.server.stop(grace_s)
+        await self.listener.stop()
         await self.store.close()
         await self.service.telemetry.stop()
 
 
-def _bind(server: aio.Server, listen: str) -> str:
-    if listen.startswith("unix:"):
-        path = Path(listen.removeprefix("unix:").removeprefix("//"))
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # left behind by a sidecar that died
-        server.add_insecure_port(f"unix:{path}")
-        return f"unix:{path}"
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    host = listen.rsplit(":", 1)[0]
-    return f"{host}:{port}"
-
-
 async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
-    """Open the store, recover leases, and serve on ``settings.listen``."""
+    """Open the store, recover leases, and serve on ``settings.listen``.
+
+    A failure half-way closes what was opened (an open aiosqlite connection
+    would keep the process alive), then raises.
+    """
     clock = clock or SystemClock()
     store = open_store(settings, clock)
     await store.open()
-    engine = Engine(store, clock, settings.policy)
-    hub = EventHub(store, buffer_size=settings.watch_buffer, max_watchers=settings.max_watchers)
-    keeper = LeaseKeeper(engine, hub)
-    await keeper.start()
-    telemetry = Telemetry(settings.telemetry, settings.policy)
-    telemetry.attach(store, clock)
-    service = TaskGuardService(engine, hub, keeper, telemetry)
+    async with contextlib.AsyncExitStack() as undo:
+        undo.push_async_callback(store.close)
+        engine = Engine(store, clock, settings.policy)
+        hub = EventHub(store, buffer_size=settings.watch_buffer, max_watchers=settings.max_watchers)
+        keeper = LeaseKeeper(engine, hub, settings.max_guards_per_holder)
+        await keeper.start()
+        undo.push_async_callback(keeper.stop)
+        telemetry = Telemetry(settings.telemetry, settings.policy)
+        telemetry.attach(store, clock)
+        undo.push_async_callback(telemetry.stop)
 
-    server = aio.server(options=_SERVER_OPTIONS)
-    pb_grpc.add_TaskGuardServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    address = _bind(server, settings.listen)
-    await server.start()
-    if address.startswith("unix:"):
-        os.chmod(address.removeprefix("unix:"), 0o600)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Sidecar(address, server, store, engine, hub, keeper, service, health_servicer)
+        server = aio.server(options=_server_options(settings))
+        undo.push_async_callback(server.stop, None)
+        bound = listener.bind(server, settings)
+        undo.push_async_callback(bound.stop)
+        service = TaskGuardService(engine, hub, keeper, telemetry, Authorizer(settings.auth, bound.front))
+        pb_grpc.add_TaskGuardServicer_to_server(service, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        with listener.private_umask():
+            await server.start()
+        await bound.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        undo.pop_all()
+    return Sidecar(bound.address, server, store, engine, hub, keeper, service, health_servicer, bound)
 
 
 async def run(settings: Settings) -> int:

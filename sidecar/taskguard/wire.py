@@ -102,7 +102,12 @@ def _labels(values: Mapping[str, str]) -> core.Labels:
 
 
 def acquire(
-    request: pb.AcquireRequest, *, stream_bound: bool, new_lease_id: str, trace_context: str = ""
+    request: pb.AcquireRequest,
+    *,
+    stream_bound: bool,
+    new_lease_id: str,
+    trace_context: str = "",
+    principal: str = "",
 ) -> tuple[core.Acquire, bool]:
     """The Acquire command, and whether the caller asked to JOIN the winner."""
     key = task_key(request.task_key)
@@ -121,6 +126,7 @@ def acquire(
         stream_bound=stream_bound,
         labels=_labels(request.labels),
         trace_context=trace_context,
+        principal=principal,
     )
     return command, join
 

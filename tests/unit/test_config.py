@@ -313,7 +313,9 @@ def test_an_unknown_toml_key_is_rejected_listing_the_known_ones(tmp_path: Path) 
 
 
 def test_a_toml_table_is_an_unknown_setting(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown setting 'server'; known: abandoned_requires_approval, db, "):
+    with pytest.raises(
+        ConfigError, match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, db, "
+    ):
         load(tmp_path, toml='[server]\nlisten = "unix:/tmp/x.sock"\n')
 
 
@@ -363,12 +365,30 @@ EVERY_SETTING = [
     ("log_level", '"ERROR"', "error"),
     ("otlp_endpoint", '"http://collector:4317"', "http://collector:4317"),
     ("telemetry_console", "true", "1"),
+    ("socket_mode", '"0660"', "660"),
+    ("socket_group", '"taskguard"', "taskguard"),
+    ("allow_remote", "true", "true"),
+    ("tls_cert", '"/tmp/tg-config-test/cert.pem"', "/tmp/tg-config-test/cert.pem"),
+    ("tls_key", '"/tmp/tg-config-test/key.pem"', "/tmp/tg-config-test/key.pem"),
+    ("tls_client_ca", '"/tmp/tg-config-test/ca.pem"', "/tmp/tg-config-test/ca.pem"),
+    ("operator_uids", "[0, 1000]", "0,1000"),
+    ("operator_token", '"op-secret"', "op-secret"),
+    ("operator_token_file", '"/tmp/tg-config-test/op.token"', "/tmp/tg-config-test/op.token"),
+    ("holder_token", '"holder-secret"', "holder-secret"),
+    ("holder_token_file", '"/tmp/tg-config-test/holder.token"', "/tmp/tg-config-test/holder.token"),
+    ("max_message_bytes", "65536", "65536"),
+    ("max_streams_per_connection", "100", "100"),
+    ("max_guards_per_holder", "50", "50"),
 ]
 
 
 def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_path: Path) -> None:
     assert sorted(name for name, _, _ in EVERY_SETTING) == TOML_NAMES
-    booleans = {"abandoned_requires_approval", "expired_requires_approval", "telemetry_console"}
+    booleans = {"abandoned_requires_approval", "expired_requires_approval", "telemetry_console", "allow_remote"}
+    files = Path("/tmp/tg-config-test")
+    files.mkdir(exist_ok=True)
+    for name in ("cert.pem", "key.pem", "ca.pem", "op.token", "holder.token"):
+        (files / name).write_text(name)
 
     from_toml = load(tmp_path, toml="".join(f"{name} = {literal}\n" for name, literal, _ in EVERY_SETTING))
     from_env = load(tmp_path, env={f"TASKGUARD_{name.upper()}": text for name, _, text in EVERY_SETTING})
@@ -397,5 +417,20 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         log_level="error",
         otlp_endpoint="http://collector:4317",
         telemetry_console=True,
+        socket_mode=0o660,
+        socket_group="taskguard",
+        allow_remote=True,
+        tls_cert=files / "cert.pem",
+        tls_key=files / "key.pem",
+        tls_client_ca=files / "ca.pem",
+        operator_uids=(0, 1000),
+        operator_token="op-secret",
+        operator_token_file=files / "op.token",
+        holder_token="holder-secret",
+        holder_token_file=files / "holder.token",
+        max_message_bytes=65536,
+        max_streams_per_connection=100,
+        max_guards_per_holder=50,
     )
     assert from_toml == from_env == from_flags == expected
+    assert "op-secret" not in repr(expected) and "holder-secret" not in repr(expected)

@@ -977,3 +977,13 @@ def test_a_repeated_release_after_a_retry_was_approved_is_still_idempotent() -> 
     assert again.record is None and again.reply == GuardReply(approved)
     other = decide(approved, Release(KEY, "lease-run-1", RunStatus.SUCCEEDED), at(3), DEFAULT)
     assert isinstance(other.reply, Rejected) and other.reply.field == "status"
+
+
+def test_only_the_acquiring_principal_gets_a_run_back_by_its_run_id() -> None:
+    mine = replace(acquire("run-1"), principal="uid:1000")
+    held = commit(None, mine, at(0))
+    again = decide(held, replace(mine, lease_id="lease-minted-again"), at(1), DEFAULT)
+    assert isinstance(again.reply, AcquireReply) and again.reply.lease_id == "lease-run-1"
+    stolen = decide(held, replace(mine, principal="uid:65534", lease_id="lease-thief"), at(1), DEFAULT)
+    assert isinstance(stolen.reply, AcquireReply)
+    assert stolen.reply.outcome is Outcome.ALREADY_RUNNING and stolen.reply.lease_id == ""

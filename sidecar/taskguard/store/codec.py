@@ -43,6 +43,7 @@ def record_to_doc(record: GuardRecord) -> dict[str, Any]:
         "approved_by": record.approved_by,
         "approval_reason": record.approval_reason,
         "trace_context": record.trace_context,
+        "principal": record.principal,
         "revision": record.revision,
     }
 
@@ -78,6 +79,7 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
         approved_by=doc["approved_by"],
         approval_reason=doc["approval_reason"],
         trace_context=doc["trace_context"],
+        principal=doc.get("principal", ""),
         revision=int(doc["revision"]),
     )
 

@@ -1,0 +1,108 @@
+"""Who is calling, and may they call this method.
+
+Two roles. Holders may acquire, hold, renew, release, read and watch; only a
+lease_id (an unguessable capability) lets a caller renew or release a lease.
+Operators may also approve retries and force-release guards. A caller is an
+operator when it presents the operator token (``authorization: Bearer ...``,
+compared in constant time) or, on the unix socket, when its uid is in the
+operator uid list. When a holder token is configured, every call needs it (or
+the operator token).
+
+The caller's *principal* ("uid:1000", "cert:<common name>", "token:holder",
+"anonymous") is recorded with each acquisition; only the same principal gets
+a run's lease back by asking again with its run_id.
+
+Secrets never leave this module: they are not logged, not put on spans and
+not echoed in errors.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+OPERATOR_METHODS = frozenset({"ApproveRetry", "ForceRelease"})
+
+
+class PermissionDenied(Exception):
+    pass
+
+
+class PeerDirectory(Protocol):
+    def uid_for(self, peer: str) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: str
+    operator: bool
+    holder: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    operator_token: str = ""
+    holder_token: str = ""
+    operator_uids: frozenset[int] = frozenset()
+
+    def __repr__(self) -> str:  # never print the tokens
+        return f"AuthSettings(operator_token={'***' if self.operator_token else ''!r}, operator_uids={set(self.operator_uids)})"
+
+
+class Authorizer:
+    def __init__(self, settings: AuthSettings, peers: PeerDirectory | None = None) -> None:
+        self._settings = settings
+        self._peers = peers
+        # On a socket only its owner can open (0600), every unix caller is the owner or root.
+        self._owner_uid = os.geteuid()
+
+    def identify(
+        self, peer: str, metadata: Iterable[tuple[str, str | bytes]] | None, common_names: list[str]
+    ) -> Caller:
+        token = _bearer(metadata)
+        settings = self._settings
+        operator = bool(settings.operator_token) and token is not None and _same(token, settings.operator_token)
+        holder = bool(settings.holder_token) and token is not None and _same(token, settings.holder_token)
+        uid = self._uid(peer)
+        if uid is not None and uid in settings.operator_uids:
+            operator = True
+        if uid is not None:
+            principal = f"uid:{uid}"
+        elif common_names:
+            principal = f"cert:{common_names[0]}"
+        elif operator:
+            principal = "token:operator"
+        elif holder:
+            principal = "token:holder"
+        else:
+            principal = "anonymous"
+        return Caller(principal=principal, operator=operator, holder=operator or holder or not settings.holder_token)
+
+    def _uid(self, peer: str) -> int | None:
+        if not peer.startswith("unix:"):
+            return None
+        if self._peers is not None:
+            return self._peers.uid_for(peer)
+        return self._owner_uid
+
+    def check(self, method: str, caller: Caller) -> None:
+        if not caller.holder:
+            raise PermissionDenied(f"{method} needs the holder token (authorization: Bearer ...)")
+        if method in OPERATOR_METHODS and not caller.operator:
+            raise PermissionDenied(
+                f"{method} is for operators: present the operator token or call from an operator uid"
+            )
+
+
+def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+            return value[7:].strip()
+    return None
+
+
+def _same(presented: str, expected: str) -> bool:
+    return hmac.compare_digest(presented.encode(), expected.encode())
