@@ -85,7 +85,7 @@ class SidecarProcess:
                     raise TimeoutError(f"sidecar did not start; log: {self.log()}")
                 chunk = os.read(self.process.stdout.fileno(), 4096)
                 if not chunk:
-                    raise RuntimeError(f"sidecar exited with {self.process.wait()}; log: {self.log()}")
+                    raise RuntimeError(f"sidecar exited with {self._reap(10)}; log: {self.log()}")
                 line += chunk
             assert b"listening on" in line, line
             self.listening_on = line.decode().split("listening on ", 1)[1].split(" ", 1)[0]

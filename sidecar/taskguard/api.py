@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from taskguard import core, wire
@@ -40,6 +41,8 @@ _LEASE_ID_BYTES = 24
 _LIST_SCAN_CHUNK = 512
 
 _HOLD_DROPPED = "the holder's Hold stream ended without a release"
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskGuard"].full_name
 
 
 class Refused(Exception):
@@ -109,6 +112,7 @@ def _answer(
             try:
                 caller = self.authorizer.identify(context.peer(), metadata, _common_names(context))
                 self.authorizer.check(name, caller)
+                _decoded(request)
                 response = await method(self, request, context, Call(span, caller))
             except (asyncio.CancelledError, aio.AbortError):
                 span.status("CANCELLED", grpc.StatusCode.CANCELLED.value[0], "")
@@ -220,6 +224,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any], call: Call) -> None:
         first = await context.read()
+        _decoded(first)
         which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
         if which == "acquire":
             command, join = wire.acquire(
@@ -254,6 +259,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                     return
                 message = reader.result()
                 reader = None
+                _decoded(message)
                 if not isinstance(message, pb.HoldRequest):
                     return  # the client half-closed without a release; the session abandons
                 if await self._hold_step(session, message, context):
@@ -397,3 +403,51 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             await context.write(wire.guard_event(event, core.is_stale(event.guard, now(), policy)))
             if event.type is not core.EventType.SNAPSHOT:
                 watcher.delivered = event.revision
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request whose bytes are not the message they should be."""
+
+    type_name: str
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def register(service: TaskGuardService, server: aio.Server) -> None:
+    """Add the servicer like the generated helper does, but with deserializers that cannot fail.
+
+    grpc answers a request it cannot decode with UNKNOWN before any handler
+    runs; decoding here instead lets the one status table answer
+    INVALID_ARGUMENT naming the message.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["TaskGuard"].methods:
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _decoded(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise wire.BadRequest("request", f"is not a valid {request.type_name} message")

@@ -13,7 +13,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskguard import listener
+from taskguard import api, listener
 from taskguard.api import TaskGuardService
 from taskguard.auth import Authorizer
 from taskguard.clock import Clock, SystemClock
@@ -26,12 +26,10 @@ from taskguard.store import Store
 from taskguard.store.memory import MemoryStore
 from taskguard.store.sqlite import SqliteStore
 from taskguard.telemetry import Telemetry
-from taskguard_client.v1 import taskguard_pb2 as pb
-from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 log = logging.getLogger("taskguard")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskGuard"].full_name
+SERVICE_NAME = api.SERVICE_NAME
 
 
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -104,7 +102,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         bound = listener.bind(server, settings)
         undo.push_async_callback(bound.stop)
         service = TaskGuardService(engine, hub, keeper, telemetry, Authorizer(settings.auth, bound.front))
-        pb_grpc.add_TaskGuardServicer_to_server(service, server)
+        api.register(service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

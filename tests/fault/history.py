@@ -14,10 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import grpc
+from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import acquire, watch_until
+from tests.support import SidecarProcess, acquire, watch_until
 
 _STATE_CHANGES = {
     pb.GUARD_EVENT_TYPE_ACQUIRED,
@@ -120,3 +121,28 @@ def check(history: History, events: list[pb.GuardEvent]) -> None:
             assert ack.run_id in renewed[key], f"lost acknowledged renewal: {ack}"
         elif ack.kind == "released":
             assert released[key].get(ack.run_id) == ack.status, f"lost acknowledged release: {ack}"
+
+
+async def crash_cycle(
+    sidecar: SidecarProcess, keys: list[str], history: History, *, acks: int, clients_per_key: int, seed: int
+) -> None:
+    """Load the sidecar until ``acks`` more answers came back, SIGKILL it, restart it, check the log."""
+    reached = history.expect(acks)
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        clients = [
+            asyncio.ensure_future(client_loop(stub, key, history, seed=seed * 1000 + i))
+            for i, key in enumerate(keys * clients_per_key)
+        ]
+        await asyncio.wait_for(reached.wait(), 30)
+        sidecar.kill()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    sidecar.start()
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        check(history, await event_log(stub, f"{keys[0]}-sentinel-{seed}"))
+        # Runs cut off by the kill hold their keys until their TTL; an operator frees them.
+        for key in keys:
+            guard = await stub.GetGuard(pb.GetGuardRequest(task_key=key))
+            if guard.state == pb.GUARD_STATE_RUNNING:
+                await stub.ForceRelease(pb.ForceReleaseRequest(task_key=key, operator="crash-loop"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Callable
 
@@ -10,7 +9,7 @@ from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.fault.history import History, check, client_loop, event_log
+from tests.fault.history import History, crash_cycle
 from tests.support import SidecarProcess, acquire
 
 KEYS = 6
@@ -23,30 +22,14 @@ async def test_a_sigkilled_sidecar_keeps_every_acknowledged_transition(
     sidecar_factory: Callable[..., SidecarProcess],
 ) -> None:
     sidecar = sidecar_factory()
-    prefix = f"t-{uuid.uuid4().hex}"
-    keys = [f"{prefix}::job-{i}" for i in range(KEYS)]
+    keys = [f"t-{uuid.uuid4().hex}::job-{i}" for i in range(KEYS)]
     history = History()
     for cycle in range(CYCLES):
-        reached = history.expect(ACKS_PER_CYCLE)
-        async with aio.insecure_channel(sidecar.address) as channel:
-            stub = pb_grpc.TaskGuardStub(channel)
-            clients = [
-                asyncio.ensure_future(client_loop(stub, key, history, seed=cycle * 100 + i))
-                for i, key in enumerate(keys * CLIENTS_PER_KEY)
-            ]
-            await asyncio.wait_for(reached.wait(), 30)
-            sidecar.kill()
-            await asyncio.wait_for(asyncio.gather(*clients), 30)
-        sidecar.start()
-        async with aio.insecure_channel(sidecar.address) as channel:
-            stub = pb_grpc.TaskGuardStub(channel)
-            check(history, await event_log(stub, f"{prefix}::sentinel-{cycle}"))
-            highest = max(ack.fencing_token for ack in history.acks if ack.task_key == keys[0])
-            guard = await stub.GetGuard(pb.GetGuardRequest(task_key=keys[0]))
-            if guard.state == pb.GUARD_STATE_RUNNING:
-                await stub.ForceRelease(pb.ForceReleaseRequest(task_key=keys[0], operator="test"))
-            assert (await acquire(stub, keys[0])).guard.fencing_token > highest
-            await stub.ForceRelease(pb.ForceReleaseRequest(task_key=keys[0], operator="test"))
+        await crash_cycle(sidecar, keys, history, acks=ACKS_PER_CYCLE, clients_per_key=CLIENTS_PER_KEY, seed=cycle)
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        highest = max(ack.fencing_token for ack in history.acks if ack.task_key == keys[0])
+        assert (await acquire(stub, keys[0])).guard.fencing_token > highest
 
 
 async def test_a_ttl_lease_keeps_its_deadline_across_a_sigkill(sidecar: SidecarProcess, key: str) -> None:

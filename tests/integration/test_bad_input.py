@@ -89,3 +89,11 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(in_process: InP
     assert (error.value.details() or "").startswith(message)
     assert await stub.ListGuards(pb.ListGuardsRequest()) == before
     assert in_process.sidecar.store.revision == revision
+
+
+async def test_bytes_that_are_not_the_request_message_are_invalid_argument(in_process: InProcess) -> None:
+    call = in_process.channel.unary_unary("/taskguard.v1.TaskGuard/Acquire")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(b"\xff\xff\xff")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "request: is not a valid taskguard.v1.AcquireRequest message"

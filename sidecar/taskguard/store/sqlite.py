@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,7 @@ from taskguard.store.retention import Retention
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -65,6 +64,17 @@ CREATE TABLE IF NOT EXISTS events (
     doc         TEXT NOT NULL
 );
 """
+
+# MIGRATIONS[n] takes a database from schema version n to n + 1; PRAGMA
+# user_version records where a file is. Append, never edit: files in the field
+# are at every version this list ever had.
+MIGRATIONS: tuple[str, ...] = (
+    _SCHEMA_V1,
+    # 2: age-based retention deletes by time; without an index that is a scan of the whole log.
+    "CREATE INDEX IF NOT EXISTS events_by_time ON events (occurred_at);",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 
 _UPSERT_GUARD = (
     "INSERT INTO guards (task_key, revision, doc) VALUES (?, ?, ?) "
@@ -144,6 +154,12 @@ class SqliteStore:
             # as_uri() percent-encodes the path: a raw '#', '?' or '%' in it would end or alter the URI.
             reader_uri = f"{self._path.absolute().as_uri()}?mode=ro"
             self._reader = await aiosqlite.connect(reader_uri, uri=True, isolation_level=None)
+        except sqlite3.OperationalError as error:
+            # The file may be fine: the disk, a permission or a lock is in the way.
+            await self._close_connections()
+            raise StoreUnavailable(
+                f"{self._path}: cannot open the database: {error}{_why_not_writable(self._path)}"
+            ) from error
         except sqlite3.DatabaseError as error:
             await self._close_connections()
             raise DatabaseCorrupt(f"{self._path}: not a usable Task Guard database: {error}") from error
@@ -159,6 +175,18 @@ class SqliteStore:
         found = int(row[0]) if row else 0
         if found > SCHEMA_VERSION:
             raise SchemaTooNew(self._path, found)
+        if found == 0:
+            async with db.execute("SELECT count(*) FROM sqlite_master") as cursor:
+                row = await cursor.fetchone()
+            if row and row[0]:
+                raise DatabaseCorrupt(
+                    f"{self._path}: a SQLite database, but not Task Guard's (tables, no schema version)"
+                )
+        else:
+            async with db.execute("PRAGMA quick_check") as cursor:
+                verdict = [str(line[0]) async for line in cursor]
+            if verdict != ["ok"]:
+                raise DatabaseCorrupt(f"{self._path}: integrity check failed: {'; '.join(verdict[:3])}")
         async with db.execute("PRAGMA journal_mode=WAL") as cursor:
             mode = await cursor.fetchone()
         if not mode or str(mode[0]).lower() != "wal":
@@ -166,8 +194,11 @@ class SqliteStore:
         # FULL: a commit is on disk, not only in the OS cache, before it returns.
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA foreign_keys=ON")
-        await db.executescript(_SCHEMA)
-        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for version in range(found, SCHEMA_VERSION):
+            # One transaction per step: a crash mid-migration leaves the file at a version it really is at.
+            await db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[version]} PRAGMA user_version={version + 1}; COMMIT;")
+            if found:
+                log.info("%s: migrated the schema from version %d to %d", self._path, version, version + 1)
 
     async def _load(self, db: aiosqlite.Connection) -> None:
         now = instant(self._clock)
@@ -393,3 +424,10 @@ class SqliteStore:
 
     def subscribe(self, listener: CommitListener) -> None:
         self._index.subscribe(listener)
+
+
+def _why_not_writable(path: Path) -> str:
+    for target in (path, path.parent):
+        if target.exists() and not os.access(target, os.W_OK):
+            return f" ({target} is not writable: read-only file system or permissions)"
+    return ""

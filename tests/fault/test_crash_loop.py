@@ -1,0 +1,32 @@
+"""Fifty SIGKILLs at random moments under load: the history clients saw always checks out."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from tests.fault.history import History, crash_cycle
+from tests.support import SidecarProcess
+
+CYCLES = 50
+KEYS = 12
+CLIENTS_PER_KEY = 2
+
+
+@pytest.mark.slow
+async def test_fifty_crashes_at_random_moments_lose_nothing_acknowledged(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    rng = random.Random(20261125)
+    sidecar = sidecar_factory()
+    keys = [f"t-{uuid.uuid4().hex}::crash-{i}" for i in range(KEYS)]
+    history = History()
+    for cycle in range(CYCLES):
+        # The moment of the kill: after a random number of answers, from almost at once to well into the load.
+        await crash_cycle(sidecar, keys, history, acks=rng.randint(1, 120), clients_per_key=CLIENTS_PER_KEY, seed=cycle)
+    kinds = {ack.kind for ack in history.acks}
+    assert {"acquired", "released", "refused", "renewed"} <= kinds
+    assert sidecar.starts == CYCLES + 1
