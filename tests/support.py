@@ -36,6 +36,7 @@ class SidecarProcess:
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     listening_on: str = ""
+    health_address: str = ""
     log_paths: list[Path] = field(default_factory=list)
 
     @property
@@ -88,7 +89,9 @@ class SidecarProcess:
                     raise RuntimeError(f"sidecar exited with {self._reap(10)}; log: {self.log()}")
                 line += chunk
             assert b"listening on" in line, line
-            self.listening_on = line.decode().split("listening on ", 1)[1].split(" ", 1)[0]
+            text = line.decode()
+            self.listening_on = text.split("listening on ", 1)[1].split(" ", 1)[0]
+            self.health_address = text.split("health only on ", 1)[1].rstrip(")\n") if "health only on" in text else ""
         finally:
             selector.close()
 

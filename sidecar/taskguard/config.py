@@ -77,6 +77,9 @@ class Settings:
     socket_mode: int = 0o600
     socket_group: str = ""
     allow_remote: bool = False
+    # A second, health-only listener (grpc.health.v1 and nothing else) for
+    # probes that cannot reach a unix socket, such as the kubelet's.
+    health_listen: str = ""
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -267,6 +270,12 @@ _RULES: dict[str, _Rule] = {
     "socket_group": _Rule(str, lambda v: True, "", "group of the unix socket (name or gid)"),
     "allow_remote": _Rule(
         _parse_bool, lambda v: True, "must be true or false", "let a TCP listener bind to a non-loopback address"
+    ),
+    "health_listen": _Rule(
+        str,
+        lambda v: not v or (":" in v and v.rpartition(":")[2].isdigit()),
+        "must be host:port",
+        "extra TCP listener serving only the gRPC health service (for kubelet probes)",
     ),
     "tls_cert": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS certificate chain (PEM) for TCP"),
     "tls_key": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS private key (PEM)"),

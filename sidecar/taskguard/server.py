@@ -61,6 +61,7 @@ class Sidecar:
     service: TaskGuardService
     health: health.aio.HealthServicer
     listener: Listener
+    probes: tuple[aio.Server, str] | None = None
     _stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
@@ -72,6 +73,8 @@ class Sidecar:
         await self.keeper.stop()
         self.service.drain()
         await self.server.stop(grace_s)
+        if self.probes is not None:
+            await self.probes[0].stop(None)
         await self.listener.stop()
         await self.store.close()
         await self.service.telemetry.stop()
@@ -112,10 +115,26 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         with listener.private_umask():
             await server.start()
         await bound.start()
+        probes = await _health_only_server(settings, health_servicer)
+        if probes is not None:
+            undo.push_async_callback(probes[0].stop, None)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()
-    return Sidecar(bound.address, server, store, engine, hub, keeper, service, health_servicer, bound)
+    return Sidecar(bound.address, server, store, engine, hub, keeper, service, health_servicer, bound, probes)
+
+
+async def _health_only_server(settings: Settings, servicer: health.aio.HealthServicer) -> tuple[aio.Server, str] | None:
+    """Serve the health service alone on ``health_listen``: probes learn liveness, nothing else."""
+    if not settings.health_listen:
+        return None
+    probes = aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, probes)
+    port = probes.add_insecure_port(settings.health_listen)
+    if port == 0:
+        raise OSError(f"health_listen: cannot listen on {settings.health_listen}")
+    await probes.start()
+    return probes, f"{settings.health_listen.rpartition(':')[0]}:{port}"
 
 
 async def run(settings: Settings) -> int:
@@ -131,7 +150,8 @@ async def run(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     store_name = f"sqlite {settings.db}" if settings.store == "sqlite" else settings.store
-    print(f"taskguard listening on {sidecar.address} (store: {store_name})", flush=True)
+    health_note = f"; health only on {sidecar.probes[1]}" if sidecar.probes else ""
+    print(f"taskguard listening on {sidecar.address} (store: {store_name}{health_note})", flush=True)
     await stop.wait()
     log.info("shutting down")
     await sidecar.stop(settings.shutdown_grace_s)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -68,3 +71,14 @@ async def test_health_and_reflection_are_served(sidecar: SidecarProcess) -> None
         names = {service.name for service in answer.list_services_response.service}
         assert "taskguard.v1.TaskGuard" in names and "grpc.health.v1.Health" in names
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_the_health_only_listener_serves_health_and_nothing_else(sidecar_factory: Any) -> None:
+    sidecar: SidecarProcess = sidecar_factory("--health-listen", "127.0.0.1:0")
+    assert sidecar.health_address
+    async with aio.insecure_channel(sidecar.health_address) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await pb_grpc.TaskGuardStub(channel).ListGuards(pb.ListGuardsRequest())
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
