@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -130,7 +131,8 @@ def _probe(target: str, what: str) -> Finding:
     """Is a sidecar serving there? Ask its health service."""
     try:
         with grpc.insecure_channel(target) as channel:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            stub: Any = health_pb2_grpc.HealthStub(channel)  # its type stubs name no methods
+            response = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
     except grpc.RpcError as error:
         return Finding(
             False, "listener", f"{what}, and nothing answers health checks there ({error.code().name}); a stale socket?"

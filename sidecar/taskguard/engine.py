@@ -18,6 +18,7 @@ from taskguard.clock import Clock, instant
 from taskguard.core import (
     Command,
     Decision,
+    Durability,
     Event,
     GuardRecord,
     Policy,
@@ -98,8 +99,16 @@ class Engine:
     async def _decide_and_commit(self, command: Command) -> Result:
         for _ in range(_MAX_CONFLICT_RETRIES):
             record = await self.store.get(command.task_key)
-            decision = core.decide(record, command, instant(self.clock), self.policy)
+            now = instant(self.clock)
+            healed, expiry = core.heal(record, now)
             try:
+                if expiry and healed is not None and record is not None:
+                    # Healing is a transition of its own, committed first: every
+                    # commit then carries one state change, one event, one revision
+                    # (which a store like etcd maps onto one transaction each).
+                    committed = await self.store.commit(Write(healed, expiry, Durability.SYNC, record.revision))
+                    record = committed.record
+                decision = core.decide(record, command, now, self.policy)
                 return await self._commit(record, decision)
             except StoreConflict:
                 continue
