@@ -234,3 +234,18 @@ async def test_a_real_sidecar_exports_spans_and_links_over_otlp(
     (run,) = by_name["taskguard.run"]
     assert run.parent_span_id == winner.span_id and run.trace_id == winner.trace_id
     assert {"taskguard.acquisitions", "taskguard.duplicates_refused"} <= receiver.metric_names
+
+
+async def test_console_export_prints_spans_for_debugging(
+    in_process_factory: Callable[..., Any], key: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    harness: InProcess = await in_process_factory(telemetry_console=True)
+    await acquire(harness.stub, key)
+    await harness.close()  # shutting down flushes the batch processor
+    printed = capfd.readouterr().out
+    assert '"name": "taskguard.acquire"' in printed
+    assert key in printed
+
+
+async def test_telemetry_is_off_by_default(in_process: InProcess) -> None:
+    assert not in_process.sidecar.service.telemetry.enabled
