@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -282,7 +283,7 @@ def _span_processors(settings: TelemetrySettings) -> list[SpanProcessor]:
 
         exporters.append(OTLPSpanExporter(endpoint=settings.otlp_endpoint, insecure=_insecure(settings.otlp_endpoint)))
     if settings.console:
-        exporters.append(ConsoleSpanExporter())
+        exporters.append(ConsoleSpanExporter(out=sys.stdout))  # the stdout of now, not of import time
     processors.extend(BatchSpanProcessor(exporter) for exporter in exporters)
     return processors
 
@@ -299,7 +300,7 @@ def _metric_readers(settings: TelemetrySettings) -> list[MetricReader]:
             OTLPMetricExporter(endpoint=settings.otlp_endpoint, insecure=_insecure(settings.otlp_endpoint))
         )
     if settings.console:
-        exporters.append(ConsoleMetricExporter())
+        exporters.append(ConsoleMetricExporter(out=sys.stdout))
     readers.extend(PeriodicExportingMetricReader(exporter) for exporter in exporters)
     return readers
 

@@ -237,12 +237,12 @@ async def test_a_real_sidecar_exports_spans_and_links_over_otlp(
 
 
 async def test_console_export_prints_spans_for_debugging(
-    in_process_factory: Callable[..., Any], key: str, capfd: pytest.CaptureFixture[str]
+    in_process_factory: Callable[..., Any], key: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     harness: InProcess = await in_process_factory(telemetry_console=True)
     await acquire(harness.stub, key)
     await harness.close()  # shutting down flushes the batch processor
-    printed = capfd.readouterr().out
+    printed = capsys.readouterr().out
     assert '"name": "taskguard.acquire"' in printed
     assert key in printed
 
