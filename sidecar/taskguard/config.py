@@ -384,7 +384,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
                 f"listen: {host} is not a loopback address; a sidecar listens on loopback or a unix socket "
                 "unless allow_remote is set"
             )
-    settings.auth  # reads token files now, so a missing one fails at start
+    _ = settings.auth  # reads the token files now, so a missing one fails at start
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(
             f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"

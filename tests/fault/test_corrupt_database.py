@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 from grpc import aio
-from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import SidecarProcess, acquire
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -12,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
+
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-
 from tests.support import SidecarProcess, acquire
 
 MAX_ATTEMPTS = 20_000
@@ -32,6 +33,10 @@ def small_disk(workdir: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def _remount(mount_point: Path, mode: str) -> None:
+    await asyncio.to_thread(subprocess.run, ["mount", "-o", f"remount,{mode}", str(mount_point)], check=True)
 
 
 def _fill(directory: Path) -> Path:
@@ -93,14 +98,14 @@ async def test_a_read_only_disk_is_a_clear_start_error_and_a_later_start_works(
     async with aio.insecure_channel(sidecar.address) as channel:
         held = await acquire(pb_grpc.TaskGuardStub(channel), key)
     assert sidecar.terminate() == 0
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    await _remount(small_disk, "ro")
     try:
         with pytest.raises(RuntimeError, match="sidecar exited with 1"):
             sidecar.start()
         assert "cannot start" in sidecar.log() and "read-only file system" in sidecar.log()
         assert "Traceback" not in sidecar.log()
     finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        await _remount(small_disk, "rw")
     sidecar.start()
     async with aio.insecure_channel(sidecar.address) as channel:
         guard = await pb_grpc.TaskGuardStub(channel).GetGuard(pb.GetGuardRequest(task_key=key))

@@ -15,9 +15,9 @@ import pytest
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-
 from tests.support import SidecarProcess
 
 SERVICE = "/taskguard.v1.TaskGuard/"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -119,13 +120,14 @@ for call in (
 async def test_a_non_operator_uid_on_a_shared_socket_is_denied_and_cannot_take_a_lease(
     sidecar_factory: Callable[..., SidecarProcess], workdir: Path, key: str
 ) -> None:
-    workdir.chmod(0o711)
+    await asyncio.to_thread(workdir.chmod, 0o711)
     sidecar = sidecar_factory("--socket-mode", "0666", "--operator-uids", "0")
     async with aio.insecure_channel(sidecar.address) as channel:
         stub = pb_grpc.TaskGuardStub(channel)
         held = await acquire(stub, key, run_id="root-run")
         nobody = pwd.getpwnam("nobody")
-        result = subprocess.run(
+        result = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-c", _AS_OTHER_USER, sidecar.address, key, "root-run"],
             user=nobody.pw_uid,
             group=nobody.pw_gid,

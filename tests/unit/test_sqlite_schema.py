@@ -77,5 +77,5 @@ async def test_a_damaged_page_fails_the_integrity_check_at_open(tmp_path: Path) 
     offset = (root - 1) * page_size
     data[offset : offset + 8] = b"\xff" * 8  # an index page whose header is garbage
     path.write_bytes(bytes(data))
-    with pytest.raises(DatabaseCorrupt, match="integrity check failed|malformed"):
+    with pytest.raises(DatabaseCorrupt, match=r"integrity check failed|malformed"):
         await SqliteStore(path, ManualClock()).open()

@@ -1,0 +1,1174 @@
+/**
+ * The Task Guard client: typed calls over @grpc/grpc-js, streaming leases
+ * (`hold`, `openHold`), paging (`list`) and a resuming `watch`.
+ *
+ * Theory of operation
+ * -------------------
+ * Every unary call carries a deadline (`deadlineMs`, default 10 s) that
+ * covers all of its attempts. Calls that are safe to repeat (acquire with a
+ * run id fixed before the first attempt, renew, release, get, list,
+ * checkFence) are retried with backoff while the sidecar answers UNAVAILABLE;
+ * approveRetry and forceRelease are not, since a repeat of a call that did
+ * land would be refused.
+ *
+ * A `Lease` lives on a Hold stream. It heartbeats every ttl/3 when it has a
+ * TTL. When the stream breaks with UNAVAILABLE (the sidecar restarted or is
+ * draining), it resumes on a new stream with its lease id for up to
+ * `resumeWindowMs`; the sidecar keeps a stream-bound run for its resume grace
+ * after a restart. A lease the sidecar takes away (force-release, expiry) or
+ * that cannot be resumed is *lost*: `lost` resolves, `signal` aborts.
+ *
+ * Streams have no overall deadline (they last as long as the lease or the
+ * watch); the deadline bounds each step that waits for an answer instead
+ * (the acquisition, the release).
+ */
+
+import { randomUUID } from "node:crypto";
+import { hostname } from "node:os";
+import { setTimeout as sleep } from "node:timers/promises";
+import * as grpc from "@grpc/grpc-js";
+import * as pb from "./generated/taskguard/v1/taskguard.ts";
+import {
+  type AlreadyRunning,
+  LeaseLostError,
+  type RetryRequiresApproval,
+  StatusError,
+  type TaskGuardError,
+  UnavailableError,
+  cancelled,
+  conflictError,
+  deadlineExceeded,
+  fromCallError,
+  invalidArgument,
+  leaseLost,
+  protocolError,
+} from "./errors.ts";
+
+// --- public types ------------------------------------------------------------------------
+
+export type GuardState =
+  | "UNSPECIFIED"
+  | "RUNNING"
+  | "SUCCEEDED"
+  | "FAILED"
+  | "CANCELLED"
+  | "ABANDONED"
+  | "EXPIRED"
+  | "RETRY_APPROVED";
+
+export type RunStatus = "SUCCEEDED" | "FAILED" | "CANCELLED";
+
+export type GuardEventType =
+  | "UNSPECIFIED"
+  | "SNAPSHOT"
+  | "ACQUIRED"
+  | "DUPLICATE_REFUSED"
+  | "RETRY_REFUSED"
+  | "RENEWED"
+  | "RELEASED"
+  | "EXPIRED"
+  | "ABANDONED"
+  | "RETRY_APPROVED"
+  | "FORCE_RELEASED"
+  | "RESUMED";
+
+/** A guard's snapshot, as the sidecar answered it (see `Guard` in taskguard.proto for each field). */
+export interface Guard {
+  taskKey: string;
+  sessionKey: string;
+  taskName: string;
+  state: GuardState;
+  /** The current run (RUNNING) or the last one. */
+  runId: string;
+  holder: string;
+  startedAt: Date;
+  /** Undefined when the lease has no TTL. */
+  expiresAt: Date | undefined;
+  fencingToken: number;
+  attempt: number;
+  /** How the last run was released; undefined while running or when it ended otherwise. */
+  lastStatus: RunStatus | undefined;
+  lastDetail: string;
+  releasedAt: Date | undefined;
+  duplicateCount: number;
+  streamBound: boolean;
+  labels: Record<string, string>;
+  revision: number;
+  heartbeatAt: Date;
+  stale: boolean;
+  approvedBy: string;
+  approvalReason: string;
+  /** The TTL of the current lease in milliseconds; undefined when it has none. */
+  ttlMs: number | undefined;
+  releasedBy: string;
+}
+
+export interface GuardEvent {
+  /** Strictly rising, except that SNAPSHOT events share the revision the snapshot was taken at. */
+  revision: number;
+  type: GuardEventType;
+  guard: Guard;
+  triggerRunId: string;
+  triggerHolder: string;
+  occurredAt: Date | undefined;
+  actor: string;
+  reason: string;
+}
+
+/** A unary acquisition: the lease id renews and releases it. */
+export interface Acquired {
+  outcome: "ACQUIRED";
+  taskKey: string;
+  runId: string;
+  leaseId: string;
+  fencingToken: number;
+  startedAt: Date;
+  expiresAt: Date | undefined;
+  guard: Guard;
+}
+
+/**
+ * A refused acquisition, which `acquire`, `hold` and `openHold` return
+ * instead of throwing when `onConflict` is "return" or "join": the run in the
+ * way. `guard` is the winner's snapshot (ALREADY_RUNNING) or the failed run's
+ * (RETRY_REQUIRES_APPROVAL); after a join (`joined`), the winner's final
+ * snapshot, whose `state` says how that run ended.
+ */
+export interface Conflict {
+  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL";
+  taskKey: string;
+  runId: string;
+  holder: string;
+  startedAt: Date;
+  fencingToken: number;
+  guard: Guard;
+  joined: boolean;
+  /** The error "raise" would have thrown. */
+  error: AlreadyRunning | RetryRequiresApproval;
+}
+
+export interface AcquireOptions {
+  /** Defaults to a UUID made once, before the first attempt, so that retries are idempotent. */
+  runId?: string;
+  /** Unary leases always have one (the sidecar's default when unset); Hold leases only when set. */
+  ttlMs?: number;
+  labels?: Record<string, string>;
+  /** Shown to the runs this one refuses. Defaults to the client's holder (`host:pid`). */
+  holder?: string;
+}
+
+export type OnConflict = "raise" | "return" | "join";
+
+export interface HoldOptions extends AcquireOptions {
+  /**
+   * "raise" (default): throw AlreadyRunning / RetryRequiresApproval.
+   * "return": return a Conflict. "join": wait until the winning run ends, then return a Conflict with its final
+   * guard (a RETRY_REQUIRES_APPROVAL conflict comes back at once: there is no run to wait for).
+   */
+  onConflict?: OnConflict;
+  /** Stops a "join" wait (it then throws CancelledError). */
+  signal?: AbortSignal;
+}
+
+export interface ListOptions {
+  keyPrefix?: string;
+  states?: GuardState[];
+  staleOnly?: boolean;
+  /** Guards per call, 1..1000 (the sidecar's default 100 when unset). */
+  pageSize?: number;
+}
+
+export interface WatchOptions {
+  keyPrefix?: string;
+  /** The first revision to receive; unset: changes from now on. */
+  startRevision?: number;
+  /** First the current guards as SNAPSHOT events. */
+  includeSnapshot?: boolean;
+  /** Ends the iteration (quietly) when aborted. */
+  signal?: AbortSignal;
+}
+
+export interface FenceCheck {
+  /** True only while the run with this token still holds the guard. */
+  valid: boolean;
+  /** Undefined when no guard has this key. */
+  guard: Guard | undefined;
+}
+
+export interface ClientOptions {
+  /** `unix:/path` or `host:port`; default `defaultAddress()`. */
+  address?: string;
+  /** Bounds every call (all attempts of it) and every answer a stream waits for. Default 10 000. */
+  deadlineMs?: number;
+  /** How long a lease whose stream broke keeps trying to resume. Default 15 000 (the sidecar's resume grace). */
+  resumeWindowMs?: number;
+  /** The default holder; `host:pid` when unset. */
+  holder?: string;
+  /** Sent as `authorization: Bearer <token>` when the sidecar asks for a holder or operator token. */
+  token?: string;
+  /** Extra grpc-js channel options. */
+  channelOptions?: grpc.ChannelOptions;
+}
+
+// --- addresses -----------------------------------------------------------------------------
+
+/** TASKGUARD_ADDR, else the sidecar's own default socket: `$XDG_RUNTIME_DIR/taskguard/` or `/tmp/taskguard-<uid>/`. */
+export function defaultAddress(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.TASKGUARD_ADDR) {
+    return env.TASKGUARD_ADDR;
+  }
+  if (env.XDG_RUNTIME_DIR) {
+    return `unix:${env.XDG_RUNTIME_DIR}/taskguard/taskguard.sock`;
+  }
+  return `unix:/tmp/taskguard-${process.getuid?.() ?? 0}/taskguard.sock`;
+}
+
+// --- wire conversion -------------------------------------------------------------------------
+
+const MAX_DETAIL_BYTES = 4096;
+const DEFAULT_DEADLINE_MS = 10_000;
+const DEFAULT_RESUME_WINDOW_MS = 15_000;
+const BACKOFF_FIRST_MS = 50;
+const BACKOFF_MAX_MS = 2_000;
+
+const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  // Notice a dead peer on a connection that carries only a quiet Hold stream (the sidecar allows pings every 5 s).
+  "grpc.keepalive_time_ms": 10_000,
+  "grpc.keepalive_timeout_ms": 5_000,
+  "grpc.keepalive_permit_without_calls": 1,
+  // The sidecar is local: reconnect quickly after it restarts rather than after grpc's default 1 s+.
+  "grpc.initial_reconnect_backoff_ms": 100,
+  "grpc.max_reconnect_backoff_ms": 2_000,
+};
+
+function stripPrefix<T extends string>(value: string, prefix: string, known: readonly T[], fallback: T): T {
+  const name = value.startsWith(prefix) ? value.slice(prefix.length) : value;
+  return (known as readonly string[]).includes(name) ? (name as T) : fallback;
+}
+
+const GUARD_STATES: readonly GuardState[] = [
+  "RUNNING",
+  "SUCCEEDED",
+  "FAILED",
+  "CANCELLED",
+  "ABANDONED",
+  "EXPIRED",
+  "RETRY_APPROVED",
+];
+const RUN_STATUSES: readonly RunStatus[] = ["SUCCEEDED", "FAILED", "CANCELLED"];
+const EVENT_TYPES: readonly GuardEventType[] = [
+  "SNAPSHOT",
+  "ACQUIRED",
+  "DUPLICATE_REFUSED",
+  "RETRY_REFUSED",
+  "RENEWED",
+  "RELEASED",
+  "EXPIRED",
+  "ABANDONED",
+  "RETRY_APPROVED",
+  "FORCE_RELEASED",
+  "RESUMED",
+];
+
+function durationMs(duration: pb.Guard["ttl"]): number | undefined {
+  return duration === undefined ? undefined : duration.seconds * 1000 + duration.nanos / 1e6;
+}
+
+function toDuration(ms: number, field: string): { seconds: number; nanos: number } {
+  if (!Number.isFinite(ms) || ms <= 0) {
+    throw invalidArgument(field, "must be a number of milliseconds > 0");
+  }
+  const seconds = Math.floor(ms / 1000);
+  return { seconds, nanos: Math.round((ms - seconds * 1000) * 1e6) };
+}
+
+export function guardFromWire(guard: pb.Guard | undefined): Guard {
+  if (guard === undefined) {
+    throw protocolError("the sidecar answered without a guard");
+  }
+  const lastStatus = stripPrefix<RunStatus | "UNSPECIFIED">(
+    guard.lastStatus,
+    "RUN_STATUS_",
+    RUN_STATUSES,
+    "UNSPECIFIED",
+  );
+  return {
+    taskKey: guard.taskKey,
+    sessionKey: guard.sessionKey,
+    taskName: guard.taskName,
+    state: stripPrefix(guard.state, "GUARD_STATE_", GUARD_STATES, "UNSPECIFIED"),
+    runId: guard.runId,
+    holder: guard.holder,
+    startedAt: guard.startedAt ?? new Date(0),
+    expiresAt: guard.expiresAt,
+    fencingToken: guard.fencingToken,
+    attempt: guard.attempt,
+    lastStatus: lastStatus === "UNSPECIFIED" ? undefined : lastStatus,
+    lastDetail: guard.lastDetail,
+    releasedAt: guard.releasedAt,
+    duplicateCount: guard.duplicateCount,
+    streamBound: guard.streamBound,
+    labels: { ...guard.labels },
+    revision: guard.revision,
+    heartbeatAt: guard.heartbeatAt ?? new Date(0),
+    stale: guard.stale,
+    approvedBy: guard.approvedBy,
+    approvalReason: guard.approvalReason,
+    ttlMs: durationMs(guard.ttl),
+    releasedBy: guard.releasedBy,
+  };
+}
+
+function eventFromWire(event: pb.GuardEvent): GuardEvent {
+  return {
+    revision: event.revision,
+    type: stripPrefix(event.type, "GUARD_EVENT_TYPE_", EVENT_TYPES, "UNSPECIFIED"),
+    guard: guardFromWire(event.guard),
+    triggerRunId: event.triggerRunId,
+    triggerHolder: event.triggerHolder,
+    occurredAt: event.occurredAt,
+    actor: event.actor,
+    reason: event.reason,
+  };
+}
+
+function runStatusToWire(status: RunStatus): pb.RunStatus {
+  if (!RUN_STATUSES.includes(status)) {
+    throw invalidArgument("status", `must be SUCCEEDED, FAILED or CANCELLED (got ${String(status)})`);
+  }
+  return `RUN_STATUS_${status}`;
+}
+
+/** The sidecar takes at most 4096 bytes of detail; a long error message must not make the release fail. */
+function clipDetail(detail: string): string {
+  const bytes = Buffer.from(detail, "utf8");
+  if (bytes.length <= MAX_DETAIL_BYTES) {
+    return detail;
+  }
+  // Cut on a character boundary: decoding a cut sequence would add U+FFFD, so drop back to a lead byte.
+  let end = MAX_DETAIL_BYTES - 3;
+  while (end > 0 && ((bytes[end] ?? 0) & 0xc0) === 0x80) {
+    end -= 1;
+  }
+  return `${bytes.subarray(0, end).toString("utf8")}...`;
+}
+
+function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = false): Conflict {
+  const kind = outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING" ? "ALREADY_RUNNING" : "RETRY_REQUIRES_APPROVAL";
+  return {
+    outcome: kind,
+    taskKey: guard.taskKey,
+    runId: guard.runId,
+    holder: guard.holder,
+    startedAt: guard.startedAt,
+    fencingToken: guard.fencingToken,
+    guard,
+    joined,
+    error: conflictError(kind, guard),
+  };
+}
+
+function backoffMs(attempt: number): number {
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** (attempt - 1));
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+const TIMED_OUT = Symbol("timed out");
+
+/** `promise`'s value, or TIMED_OUT once `deadline` (epoch ms) passed; the timer never outlives the race. */
+async function beforeDeadline<T>(promise: Promise<T>, deadline: number): Promise<T | typeof TIMED_OUT> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<typeof TIMED_OUT>((resolve) => {
+    timer = setTimeout(resolve, Math.max(0, deadline - Date.now()), TIMED_OUT);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message || error.name : String(error);
+}
+
+// --- trace context -------------------------------------------------------------------------
+
+/** The part of @opentelemetry/api we use, typed here so the package type-checks without that optional peer. */
+interface OpenTelemetry {
+  context: { active(): unknown };
+  propagation: { inject(context: unknown, carrier: Record<string, string>): void };
+}
+
+// A variable, not a literal: TypeScript then does not look for the module's types.
+const OPENTELEMETRY_API = "@opentelemetry/api";
+let openTelemetry: Promise<OpenTelemetry | undefined> | undefined;
+
+/** @opentelemetry/api is an optional peer: present, it carries the caller's trace context to the sidecar. */
+function loadOpenTelemetry(): Promise<OpenTelemetry | undefined> {
+  openTelemetry ??= (async () => {
+    try {
+      return (await import(OPENTELEMETRY_API)) as OpenTelemetry;
+    } catch {
+      return undefined; // not installed: no trace context to carry
+    }
+  })();
+  return openTelemetry;
+}
+
+// --- Hold streams ----------------------------------------------------------------------------
+
+type HoldStream = grpc.ClientDuplexStream<pb.HoldRequest, pb.HoldResponse>;
+
+interface StreamEnd {
+  end: true;
+  /** Undefined when the stream ended with OK. */
+  error: TaskGuardError | undefined;
+}
+
+/**
+ * One Hold call, read as a queue: `next()` gives messages in order and then
+ * how the stream ended. Reading through the stream's async iterator yields
+ * every buffered message before the call's error, which grpc-js's events
+ * alone do not promise (it emits "error" as soon as the status arrives).
+ */
+class HoldCall {
+  readonly #call: HoldStream;
+  readonly #queue: (pb.HoldResponse | StreamEnd)[] = [];
+  #wake: (() => void) | undefined;
+  #ended = false;
+
+  constructor(call: HoldStream) {
+    this.#call = call;
+    void this.#pump();
+  }
+
+  async #pump(): Promise<void> {
+    let end: StreamEnd = { end: true, error: undefined };
+    try {
+      for await (const message of this.#call) {
+        this.#push(message as pb.HoldResponse);
+      }
+    } catch (error) {
+      end = { end: true, error: fromCallError(error) };
+    }
+    this.#ended = true;
+    this.#push(end);
+  }
+
+  #push(item: pb.HoldResponse | StreamEnd): void {
+    this.#queue.push(item);
+    this.#wake?.();
+  }
+
+  /** The next message or the end; `TIMED_OUT` when nothing came before `deadline` (epoch ms). */
+  async next(deadline?: number): Promise<pb.HoldResponse | StreamEnd | typeof TIMED_OUT> {
+    for (;;) {
+      const item = this.#queue.shift();
+      if (item !== undefined) {
+        if ("end" in item) {
+          this.#queue.unshift(item); // the end stays the answer to every later call
+        }
+        return item;
+      }
+      const left = deadline === undefined ? undefined : deadline - Date.now();
+      if (left !== undefined && left <= 0) {
+        return TIMED_OUT;
+      }
+      await new Promise<void>((resolve) => {
+        const timer = left === undefined ? undefined : setTimeout(resolve, left);
+        this.#wake = () => {
+          clearTimeout(timer);
+          this.#wake = undefined;
+          resolve();
+        };
+      });
+    }
+  }
+
+  send(request: pb.HoldRequest): void {
+    if (this.#ended || this.#call.writableEnded || this.#call.destroyed) {
+      return; // the end is already queued; the reader learns it there
+    }
+    this.#call.write(request, () => {});
+  }
+
+  cancel(): void {
+    this.#call.cancel();
+  }
+}
+
+// --- the lease ---------------------------------------------------------------------------------
+
+export type LeaseState = "held" | "resuming" | "releasing" | "released" | "lost";
+
+interface LeaseContext {
+  openHold(): Promise<HoldCall>;
+  releaseUnary(leaseId: string, status: RunStatus, detail: string, deadline: number): Promise<Guard>;
+  /** The lease is over (released or lost): the client stops tracking it. */
+  forget(lease: Lease): void;
+  readonly deadlineMs: number;
+  readonly resumeWindowMs: number;
+}
+
+/**
+ * A guard held over a Hold stream, from `Client.openHold`. Release it exactly
+ * once with `release()`; until then the sidecar keeps it for this run
+ * (heartbeats are automatic) and ends it ABANDONED if this process goes away.
+ * Not shared across processes: pass the lease id to `Client.release` for that.
+ */
+export class Lease {
+  readonly outcome = "ACQUIRED" as const;
+  readonly taskKey: string;
+  readonly runId: string;
+  /** The capability that renews and releases this lease. */
+  readonly leaseId: string;
+  readonly fencingToken: number;
+  readonly startedAt: Date;
+  /** Resolves (never rejects) with why, when the guard is taken away or cannot be resumed. */
+  readonly lost: Promise<LeaseLostError>;
+  /** Aborted, with the LeaseLostError as its reason, when `lost` resolves: hand it to the work the lease guards. */
+  readonly signal: AbortSignal;
+
+  #guard: Guard;
+  #state: LeaseState = "held";
+  #stream: HoldCall;
+  readonly #context: LeaseContext;
+  readonly #abort = new AbortController();
+  #resolveLost: (error: LeaseLostError) => void = () => {};
+  #lostError: LeaseLostError | undefined;
+  #lostGuard: Guard | undefined;
+  #heartbeat: NodeJS.Timeout | undefined;
+  #released: Promise<Guard> | undefined;
+  #releaseAnswer: ((answer: Guard | StreamEnd) => void) | undefined;
+  #stateChanged: (() => void)[] = [];
+
+  /** @internal Made by `Client.openHold`. */
+  constructor(context: LeaseContext, stream: HoldCall, answer: pb.HoldResponse) {
+    const guard = guardFromWire(answer.guard);
+    this.#context = context;
+    this.#stream = stream;
+    this.#guard = guard;
+    this.taskKey = guard.taskKey;
+    this.runId = guard.runId;
+    this.leaseId = answer.leaseId;
+    this.fencingToken = guard.fencingToken;
+    this.startedAt = guard.startedAt;
+    this.signal = this.#abort.signal;
+    this.lost = new Promise((resolve) => {
+      this.#resolveLost = resolve;
+    });
+    const ttlMs = guard.ttlMs;
+    if (ttlMs !== undefined) {
+      this.#heartbeat = setInterval(() => this.#beat(), Math.max(1, ttlMs / 3));
+      this.#heartbeat.unref();
+    }
+    void this.#read(stream);
+  }
+
+  /** The latest snapshot: from the acquisition, the last heartbeat answer, a resume or the release. */
+  get guard(): Guard {
+    return this.#guard;
+  }
+
+  get state(): LeaseState {
+    return this.#state;
+  }
+
+  /**
+   * End the run with `status` (and a detail of at most 4096 bytes; longer is
+   * clipped). Returns the released guard; throws LeaseLostError when the lease
+   * was lost first. Calling it again returns the first call's answer.
+   */
+  release(status: RunStatus = "SUCCEEDED", detail = ""): Promise<Guard> {
+    this.#released ??= this.#release(status, clipDetail(detail));
+    return this.#released;
+  }
+
+  async #release(status: RunStatus, detail: string): Promise<Guard> {
+    const wireStatus = runStatusToWire(status);
+    const deadline = Date.now() + this.#context.deadlineMs;
+    while (this.#state === "resuming") {
+      await this.#nextState();
+    }
+    if (this.#state === "lost") {
+      throw this.#lostError;
+    }
+    this.#setState("releasing");
+    this.#stopHeartbeats();
+    const answer = new Promise<Guard | StreamEnd>((resolve) => {
+      this.#releaseAnswer = resolve;
+    });
+    this.#stream.send({ request: { $case: "release", release: { status: wireStatus, detail } } });
+    const result = await beforeDeadline(answer, deadline);
+    if (result !== TIMED_OUT && !("end" in result)) {
+      this.#guard = result;
+      this.#setState("released");
+      return result;
+    }
+    // The stream broke or went quiet before its answer. Release is idempotent by lease id, and also
+    // reaches a run the sidecar keeps for its resume grace after a restart.
+    this.#stream.cancel();
+    try {
+      const guard = await this.#context.releaseUnary(this.leaseId, status, detail, deadline);
+      this.#guard = guard;
+      this.#setState("released");
+      return guard;
+    } catch (error) {
+      const lost =
+        error instanceof LeaseLostError
+          ? error
+          : leaseLost(
+              `${this.taskKey}: the release of run ${this.runId} was not confirmed: ${messageOf(error)}`,
+              undefined,
+              error,
+            );
+      this.#markLost(lost);
+      throw lost;
+    }
+  }
+
+  #beat(): void {
+    if (this.#state === "held") {
+      this.#stream.send({ request: { $case: "heartbeat", heartbeat: {} } });
+    }
+  }
+
+  async #read(stream: HoldCall): Promise<void> {
+    for (;;) {
+      const message = await stream.next();
+      if (message === TIMED_OUT) {
+        continue; // no deadline was given; cannot happen
+      }
+      if (stream !== this.#stream) {
+        return; // a stream this lease has moved on from
+      }
+      if ("end" in message) {
+        this.#streamEnded(message);
+        return;
+      }
+      const guard = message.guard === undefined ? undefined : guardFromWire(message.guard);
+      switch (message.event) {
+        case "HOLD_EVENT_HEARTBEAT_ACK":
+          if (guard !== undefined) this.#guard = guard;
+          break;
+        case "HOLD_EVENT_RELEASED":
+          if (guard !== undefined) this.#releaseAnswer?.(guard);
+          break;
+        case "HOLD_EVENT_LOST":
+          this.#lostGuard = guard;
+          break;
+      }
+    }
+  }
+
+  #streamEnded(end: StreamEnd): void {
+    const state = this.#state;
+    if (state === "releasing") {
+      this.#releaseAnswer?.(end);
+      return;
+    }
+    if (state !== "held") {
+      return;
+    }
+    if (end.error instanceof UnavailableError && this.#lostGuard === undefined) {
+      void this.#resume(end.error);
+      return;
+    }
+    const guard = this.#lostGuard;
+    const why = end.error?.message ?? "the Hold stream ended without a release";
+    this.#markLost(leaseLost(`${this.taskKey}: ${why}`, guard, end.error));
+  }
+
+  async #resume(cause: TaskGuardError): Promise<void> {
+    this.#setState("resuming");
+    const deadline = Date.now() + this.#context.resumeWindowMs;
+    let last: TaskGuardError = cause;
+    for (let attempt = 1; Date.now() < deadline && this.#state === "resuming"; attempt++) {
+      let stream: HoldCall;
+      try {
+        stream = await this.#context.openHold();
+      } catch (error) {
+        last = fromCallError(error);
+        await sleep(backoffMs(attempt));
+        continue;
+      }
+      stream.send({ request: { $case: "resume", resume: { leaseId: this.leaseId } } });
+      const answer = await stream.next(Math.min(deadline, Date.now() + this.#context.deadlineMs));
+      if (this.#state !== "resuming") {
+        stream.cancel(); // abandoned (the client closed) while we waited
+        return;
+      }
+      if (answer !== TIMED_OUT && !("end" in answer) && answer.outcome === "ACQUIRE_OUTCOME_ACQUIRED") {
+        this.#guard = guardFromWire(answer.guard);
+        this.#stream = stream;
+        this.#setState("held");
+        void this.#read(stream);
+        return;
+      }
+      stream.cancel();
+      if (answer !== TIMED_OUT && !("end" in answer && answer.error instanceof UnavailableError)) {
+        // NOT_FOUND or FAILED_PRECONDITION (or an answer that is no lease): the sidecar no longer has this run for us.
+        const error = "end" in answer ? answer.error : undefined;
+        const why = error?.message ?? `the sidecar answered ${"end" in answer ? "nothing" : answer.outcome}`;
+        this.#markLost(leaseLost(`${this.taskKey}: could not resume: ${why}`, undefined, error));
+        return;
+      }
+      if (answer !== TIMED_OUT && "end" in answer && answer.error !== undefined) {
+        last = answer.error;
+      }
+      await sleep(Math.min(backoffMs(attempt), Math.max(0, deadline - Date.now())));
+    }
+    this.#markLost(
+      leaseLost(
+        `${this.taskKey}: the Hold stream broke and could not be resumed ` +
+          `within ${this.#context.resumeWindowMs} ms: ${last.message}`,
+        undefined,
+        last,
+      ),
+    );
+  }
+
+  #markLost(error: LeaseLostError): void {
+    if (this.#state === "lost" || this.#state === "released") {
+      return;
+    }
+    error.guard ??= this.#lostGuard;
+    if (error.guard !== undefined) {
+      this.#guard = error.guard;
+    }
+    this.#lostError = error;
+    this.#stopHeartbeats();
+    this.#stream.cancel();
+    this.#setState("lost");
+    this.#resolveLost(error);
+    this.#abort.abort(error);
+  }
+
+  #stopHeartbeats(): void {
+    clearInterval(this.#heartbeat);
+    this.#heartbeat = undefined;
+  }
+
+  #setState(state: LeaseState): void {
+    this.#state = state;
+    if (state === "released" || state === "lost") {
+      this.#context.forget(this);
+    }
+    const waiting = this.#stateChanged;
+    this.#stateChanged = [];
+    for (const wake of waiting) wake();
+  }
+
+  #nextState(): Promise<void> {
+    return new Promise((resolve) => this.#stateChanged.push(resolve));
+  }
+
+  /** @internal Ends the stream without a release (the client is closing): the sidecar abandons the run. */
+  abandon(): void {
+    this.#markLost(leaseLost(`${this.taskKey}: the client was closed while it held the guard`));
+  }
+}
+
+// --- the client ------------------------------------------------------------------------------
+
+type Callback<Res> = (error: grpc.ServiceError | null, response: Res) => void;
+type UnaryMethod<Req, Res> = (
+  request: Req,
+  metadata: grpc.Metadata,
+  options: Partial<grpc.CallOptions>,
+  callback: Callback<Res>,
+) => grpc.ClientUnaryCall;
+
+/**
+ * A connection to one sidecar. Cheap to keep for the life of the process;
+ * `close()` it to let the process exit. Leases opened through it end
+ * (ABANDONED) when it closes.
+ */
+export class Client {
+  readonly address: string;
+  readonly deadlineMs: number;
+  readonly resumeWindowMs: number;
+  readonly holder: string;
+  readonly #token: string | undefined;
+  readonly #stub: pb.TaskGuardClient;
+  readonly #leases = new Set<Lease>();
+
+  constructor(options: ClientOptions = {}) {
+    this.address = options.address ?? defaultAddress();
+    this.deadlineMs = options.deadlineMs ?? DEFAULT_DEADLINE_MS;
+    this.resumeWindowMs = options.resumeWindowMs ?? DEFAULT_RESUME_WINDOW_MS;
+    this.holder = options.holder ?? `${hostname()}:${process.pid}`;
+    this.#token = options.token;
+    this.#stub = new pb.TaskGuardClient(this.address, grpc.credentials.createInsecure(), {
+      ...CHANNEL_OPTIONS,
+      ...options.channelOptions,
+    });
+  }
+
+  close(): void {
+    for (const lease of [...this.#leases]) lease.abandon();
+    this.#stub.close();
+  }
+
+  // --- leases -------------------------------------------------------------------------------
+
+  /**
+   * Acquire with a TTL lease (the sidecar's default TTL when `ttlMs` is unset).
+   * Conflicts throw AlreadyRunning / RetryRequiresApproval, or with
+   * `onConflict: "return"` come back as a Conflict.
+   */
+  acquire(taskKey: string, options?: AcquireOptions & { onConflict?: "raise" }): Promise<Acquired>;
+  acquire(taskKey: string, options: AcquireOptions & { onConflict: "return" }): Promise<Acquired | Conflict>;
+  async acquire(
+    taskKey: string,
+    options: AcquireOptions & { onConflict?: "raise" | "return" } = {},
+  ): Promise<Acquired | Conflict> {
+    const request = this.#acquireRequest(taskKey, options, "ON_CONFLICT_REJECT");
+    const response = await this.#unary(this.#stub.acquire, request, true);
+    const guard = guardFromWire(response.guard);
+    if (response.outcome === "ACQUIRE_OUTCOME_ACQUIRED") {
+      return {
+        outcome: "ACQUIRED",
+        taskKey: guard.taskKey,
+        runId: guard.runId,
+        leaseId: response.leaseId,
+        fencingToken: guard.fencingToken,
+        startedAt: guard.startedAt,
+        expiresAt: guard.expiresAt,
+        guard,
+      };
+    }
+    const refused = conflict(response.outcome, guard);
+    if (options.onConflict === "return") {
+      return refused;
+    }
+    throw refused.error;
+  }
+
+  /** Extend a TTL lease (by its own TTL, or `ttlMs`). */
+  async renew(leaseId: string, options: { ttlMs?: number } = {}): Promise<Guard> {
+    const ttl = options.ttlMs === undefined ? undefined : toDuration(options.ttlMs, "ttl");
+    const response = await this.#unary(this.#stub.renew, { leaseId, ttl }, true);
+    return guardFromWire(response.guard);
+  }
+
+  /** End the run that holds `leaseId`. Repeating it with the same status answers the same guard. */
+  async release(leaseId: string, status: RunStatus, detail = ""): Promise<Guard> {
+    return this.#releaseUnary(leaseId, status, clipDetail(detail), Date.now() + this.deadlineMs);
+  }
+
+  async #releaseUnary(leaseId: string, status: RunStatus, detail: string, deadline: number): Promise<Guard> {
+    const request = { leaseId, status: runStatusToWire(status), detail };
+    const response = await this.#unary(this.#stub.release, request, true, deadline);
+    return guardFromWire(response.guard);
+  }
+
+  /**
+   * Acquire over a Hold stream and keep the guard until `lease.release()`: for
+   * callers that acquire in one callback and release in another. Prefer `hold`
+   * when one function does the work.
+   */
+  openHold(taskKey: string, options?: HoldOptions & { onConflict?: "raise" }): Promise<Lease>;
+  openHold(taskKey: string, options: HoldOptions & { onConflict: "return" | "join" }): Promise<Lease | Conflict>;
+  openHold(taskKey: string, options?: HoldOptions): Promise<Lease | Conflict>;
+  async openHold(taskKey: string, options: HoldOptions = {}): Promise<Lease | Conflict> {
+    const onConflict = options.onConflict ?? "raise";
+    const wireConflict = onConflict === "join" ? "ON_CONFLICT_JOIN" : "ON_CONFLICT_REJECT";
+    const request = this.#acquireRequest(taskKey, options, wireConflict);
+    const deadline = Date.now() + this.deadlineMs;
+    for (let attempt = 1; ; attempt++) {
+      const stream = await this.#openHold();
+      stream.send({ request: { $case: "acquire", acquire: request } });
+      const answer = await stream.next(deadline);
+      if (answer === TIMED_OUT) {
+        stream.cancel();
+        throw deadlineExceeded(`${taskKey}: no answer to the acquisition within ${this.deadlineMs} ms`);
+      }
+      if ("end" in answer) {
+        const pause = backoffMs(attempt);
+        // Nothing was answered, and the run id is fixed: trying again cannot start a second run.
+        if (answer.error instanceof UnavailableError && Date.now() + pause < deadline) {
+          await sleep(pause);
+          continue;
+        }
+        throw answer.error ?? protocolError(`${taskKey}: the Hold stream ended without an answer`);
+      }
+      if (answer.outcome === "ACQUIRE_OUTCOME_ACQUIRED") {
+        const lease = new Lease(this.#leaseContext(), stream, answer);
+        this.#leases.add(lease);
+        return lease;
+      }
+      const guard = guardFromWire(answer.guard);
+      if (onConflict === "join" && answer.outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING") {
+        return this.#join(stream, guard, options.signal);
+      }
+      stream.cancel();
+      const refused = conflict(answer.outcome, guard);
+      if (onConflict === "raise") {
+        throw refused.error;
+      }
+      return refused;
+    }
+  }
+
+  async #join(stream: HoldCall, guard: Guard, signal: AbortSignal | undefined): Promise<Conflict> {
+    const stop = () => stream.cancel();
+    signal?.addEventListener("abort", stop, { once: true });
+    try {
+      for (;;) {
+        const message = await stream.next();
+        if (message === TIMED_OUT) continue;
+        if ("end" in message) {
+          if (signal?.aborted) {
+            throw cancelled(`${guard.taskKey}: stopped waiting for run ${guard.runId}`, signal.reason);
+          }
+          throw (
+            message.error ?? protocolError(`${guard.taskKey}: the joined Hold stream ended before the winner did`)
+          );
+        }
+        if (message.event === "HOLD_EVENT_WINNER_FINISHED") {
+          stream.cancel();
+          return conflict("ACQUIRE_OUTCOME_ALREADY_RUNNING", guardFromWire(message.guard), true);
+        }
+      }
+    } finally {
+      signal?.removeEventListener("abort", stop);
+    }
+  }
+
+  /**
+   * Run `fn` while holding the guard: acquire over a Hold stream, run, then
+   * release SUCCEEDED, or FAILED with the error's message when `fn` throws
+   * (the error is rethrown). When the lease is lost while `fn` runs,
+   * `lease.signal` aborts and `hold` throws LeaseLostError after `fn` settles.
+   */
+  hold<T>(
+    taskKey: string,
+    options: HoldOptions & { onConflict?: "raise" },
+    fn: (lease: Lease) => T | Promise<T>,
+  ): Promise<T>;
+  hold<T>(
+    taskKey: string,
+    options: HoldOptions & { onConflict: "return" | "join" },
+    fn: (lease: Lease) => T | Promise<T>,
+  ): Promise<T | Conflict>;
+  hold<T>(taskKey: string, options: HoldOptions, fn: (lease: Lease) => T | Promise<T>): Promise<T | Conflict>;
+  async hold<T>(taskKey: string, options: HoldOptions, fn: (lease: Lease) => T | Promise<T>): Promise<T | Conflict> {
+    const lease = await this.openHold(taskKey, options);
+    if (!(lease instanceof Lease)) {
+      return lease;
+    }
+    let result: T;
+    try {
+      result = await fn(lease);
+    } catch (error) {
+      // The work's own error is what the caller needs; a failed release (lost lease) must not hide it.
+      await lease.release("FAILED", messageOf(error)).catch(() => {});
+      throw error;
+    }
+    await lease.release("SUCCEEDED");
+    return result;
+  }
+
+  // --- operators ----------------------------------------------------------------------------
+
+  /** Let a FAILED guard (or one the policy holds) be acquired exactly once more. Not retried. */
+  async approveRetry(taskKey: string, options: { approver?: string; reason?: string } = {}): Promise<Guard> {
+    const request = { taskKey, approver: options.approver ?? this.holder, reason: options.reason ?? "" };
+    return guardFromWire((await this.#unary(this.#stub.approveRetry, request, false)).guard);
+  }
+
+  /** End a RUNNING guard's run as CANCELLED; its holder's lease stops working. Not retried. */
+  async forceRelease(taskKey: string, options: { operator?: string; reason?: string } = {}): Promise<Guard> {
+    const request = { taskKey, operator: options.operator ?? this.holder, reason: options.reason ?? "" };
+    return guardFromWire((await this.#unary(this.#stub.forceRelease, request, false)).guard);
+  }
+
+  // --- reads --------------------------------------------------------------------------------
+
+  /** The guard of `taskKey`; NotFoundError when no run ever acquired it. */
+  async get(taskKey: string): Promise<Guard> {
+    return guardFromWire(await this.#unary(this.#stub.getGuard, { taskKey }, true));
+  }
+
+  /** Every matching guard, in task key order, fetching page after page as the iteration goes. */
+  async *list(options: ListOptions = {}): AsyncGenerator<Guard, void, undefined> {
+    let pageToken = "";
+    do {
+      const request: pb.ListGuardsRequest = {
+        keyPrefix: options.keyPrefix ?? "",
+        states: (options.states ?? []).map((state): pb.GuardState => `GUARD_STATE_${state}`),
+        staleOnly: options.staleOnly ?? false,
+        pageSize: options.pageSize ?? 0,
+        pageToken,
+      };
+      const page = await this.#unary(this.#stub.listGuards, request, true);
+      for (const guard of page.guards) {
+        yield guardFromWire(guard);
+      }
+      pageToken = page.nextPageToken;
+    } while (pageToken);
+  }
+
+  /** Whether the run with `fencingToken` still holds `taskKey`'s guard. */
+  async checkFence(taskKey: string, fencingToken: number): Promise<FenceCheck> {
+    const response = await this.#unary(this.#stub.checkFence, { taskKey, fencingToken }, true);
+    return { valid: response.valid, guard: response.guard === undefined ? undefined : guardFromWire(response.guard) };
+  }
+
+  /**
+   * Guard events as they are committed. After UNAVAILABLE, a dropped
+   * connection or RESOURCE_EXHAUSTED (fell behind), it reconnects by itself
+   * from the revision after the last one it yielded, and never yields a
+   * revision twice. Throws OutOfRangeError when that revision is older than
+   * the sidecar's history. Runs until the loop breaks or `signal` aborts.
+   *
+   * A watch that starts "from now" and breaks before its first event resumes
+   * "from now" again (there is no revision to resume from); one broken during
+   * its snapshot takes a new snapshot and yields only the guards that are new
+   * or changed.
+   */
+  async *watch(options: WatchOptions = {}): AsyncGenerator<GuardEvent, void, undefined> {
+    const { signal } = options;
+    // The revision to ask for next; 0 asks for "from now", before anything was seen.
+    let from = options.startRevision ?? 0;
+    let snapshotting = options.includeSnapshot ?? false;
+    const snapshot = new Map<string, number>(); // task key -> revision of the guard yielded in the snapshot
+    let attempt = 0;
+    while (!signal?.aborted) {
+      const request: pb.WatchGuardsRequest = {
+        keyPrefix: options.keyPrefix ?? "",
+        startRevision: snapshotting ? 0 : from,
+        includeSnapshot: snapshotting,
+      };
+      const call = this.#stub.watchGuards(request, await this.#metadata());
+      const stop = () => call.cancel();
+      signal?.addEventListener("abort", stop, { once: true });
+      if (signal?.aborted) {
+        stop();
+      }
+      let failure: TaskGuardError | undefined;
+      try {
+        for await (const message of call) {
+          const event = message as pb.GuardEvent;
+          attempt = 0;
+          if (event.type === "GUARD_EVENT_TYPE_SNAPSHOT") {
+            const guard = event.guard;
+            if (guard === undefined || snapshot.get(guard.taskKey) === guard.revision) {
+              continue; // yielded before the stream broke, and unchanged since
+            }
+            snapshot.set(guard.taskKey, guard.revision);
+            from = Math.max(from, event.revision + 1);
+            yield eventFromWire(event);
+            continue;
+          }
+          if (snapshotting) {
+            snapshotting = false;
+            snapshot.clear();
+          }
+          if (event.revision < from) {
+            continue;
+          }
+          from = event.revision + 1;
+          yield eventFromWire(event);
+        }
+      } catch (error) {
+        failure = fromCallError(error);
+      } finally {
+        signal?.removeEventListener("abort", stop);
+        call.cancel();
+      }
+      if (signal?.aborted) {
+        return;
+      }
+      if (failure !== undefined && !isResumable(failure)) {
+        throw failure;
+      }
+      attempt += 1;
+      await sleep(backoffMs(attempt), undefined, { signal }).catch(() => {});
+    }
+  }
+
+  // --- plumbing -----------------------------------------------------------------------------
+
+  #acquireRequest(taskKey: string, options: AcquireOptions, onConflict: pb.OnConflict): pb.AcquireRequest {
+    return {
+      taskKey,
+      runId: options.runId ?? randomUUID(),
+      holder: options.holder ?? this.holder,
+      ttl: options.ttlMs === undefined ? undefined : toDuration(options.ttlMs, "ttl"),
+      labels: { ...options.labels },
+      onConflict,
+    };
+  }
+
+  async #metadata(): Promise<grpc.Metadata> {
+    const metadata = new grpc.Metadata();
+    if (this.#token) {
+      metadata.set("authorization", `Bearer ${this.#token}`);
+    }
+    const otel = await loadOpenTelemetry();
+    if (otel !== undefined) {
+      const carrier: Record<string, string> = {};
+      otel.propagation.inject(otel.context.active(), carrier);
+      for (const [key, value] of Object.entries(carrier)) {
+        metadata.set(key, value);
+      }
+    }
+    return metadata;
+  }
+
+  async #openHold(): Promise<HoldCall> {
+    return new HoldCall(this.#stub.hold(await this.#metadata()));
+  }
+
+  #leaseContext(): LeaseContext {
+    return {
+      openHold: () => this.#openHold(),
+      releaseUnary: (leaseId, status, detail, deadline) => this.#releaseUnary(leaseId, status, detail, deadline),
+      forget: (lease) => this.#leases.delete(lease),
+      deadlineMs: this.deadlineMs,
+      resumeWindowMs: this.resumeWindowMs,
+    };
+  }
+
+  /** One unary call under one deadline; `safe` calls are retried with backoff while UNAVAILABLE. */
+  async #unary<Req, Res>(
+    method: UnaryMethod<Req, Res>,
+    request: Req,
+    safe: boolean,
+    deadline = Date.now() + this.deadlineMs,
+  ): Promise<Res> {
+    const metadata = await this.#metadata();
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await new Promise<Res>((resolve, reject) => {
+          method.call(this.#stub, request, metadata, { deadline }, (error, response) =>
+            error ? reject(error) : resolve(response),
+          );
+        });
+      } catch (error) {
+        const failure = fromCallError(error);
+        const pause = backoffMs(attempt);
+        if (safe && failure instanceof UnavailableError && Date.now() + pause < deadline) {
+          await sleep(pause);
+          continue;
+        }
+        throw failure;
+      }
+    }
+  }
+}
+
+function isResumable(error: TaskGuardError): boolean {
+  if (!(error instanceof StatusError)) {
+    return false;
+  }
+  return (
+    error instanceof UnavailableError ||
+    error.code === grpc.status.RESOURCE_EXHAUSTED ||
+    // A connection reset can surface as INTERNAL ("RST_STREAM") or UNKNOWN before grpc-js sees the socket close.
+    (error.code === grpc.status.INTERNAL && /RST_STREAM|Connection dropped/i.test(error.message))
+  );
+}
