@@ -6,7 +6,8 @@ Operators may also approve retries and force-release guards. A caller is an
 operator when it presents the operator token (``authorization: Bearer ...``,
 compared in constant time) or, on the unix socket, when its uid is in the
 operator uid list. When a holder token is configured, every call needs it (or
-the operator token).
+the operator token). A caller that acts for others (the dashboard) sends
+``x-taskguard-token-only: 1`` so that its own uid grants it nothing.
 
 The caller's *principal* ("uid:1000", "cert:<common name>", "token:holder",
 "anonymous") is recorded with each acquisition; only the same principal gets
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 OPERATOR_METHODS = frozenset({"ApproveRetry", "ForceRelease"})
+# Metadata by which a caller asks to be judged by its token alone, never by its uid.
+TOKEN_ONLY_HEADER = "x-taskguard-token-only"
 
 
 class PermissionDenied(Exception):
@@ -68,7 +71,7 @@ class Authorizer:
         operator = bool(settings.operator_token) and token is not None and _same(token, settings.operator_token)
         holder = bool(settings.holder_token) and token is not None and _same(token, settings.holder_token)
         uid = self._uid(peer)
-        if uid is not None and uid in settings.operator_uids:
+        if uid is not None and uid in settings.operator_uids and not _token_only(metadata):
             operator = True
         if uid is not None:
             principal = f"uid:{uid}"
@@ -96,6 +99,11 @@ class Authorizer:
             raise PermissionDenied(
                 f"{method} is for operators: present the operator token or call from an operator uid"
             )
+
+
+def _token_only(metadata: Iterable[tuple[str, Any]] | None) -> bool:
+    """A proxy for other people (the dashboard) waives the operator role its own uid would give it."""
+    return any(key == TOKEN_ONLY_HEADER and value == "1" for key, value in metadata or ())
 
 
 def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:

@@ -348,3 +348,12 @@ async def test_secrets_stay_out_of_logs_and_errors(
     assert OPERATOR_TOKEN not in log and HOLDER_TOKEN not in log
     bad = _serve("--listen", "unix:/x.sock", "--holder-token", HOLDER_TOKEN, "--max-watchers", "zero")
     assert bad.returncode == 2 and HOLDER_TOKEN not in bad.stderr
+
+
+async def test_a_caller_acting_for_others_can_waive_its_uids_operator_role(in_process: InProcess, key: str) -> None:
+    stub = in_process.stub
+    await _failed_guard(stub, key)
+    waived = (("x-taskguard-token-only", "1"),)
+    await _denied(stub.ApproveRetry(pb.ApproveRetryRequest(task_key=key, approver="page"), metadata=waived))
+    approved = await stub.ApproveRetry(pb.ApproveRetryRequest(task_key=key, approver="owner"))
+    assert approved.guard.state == pb.GUARD_STATE_RETRY_APPROVED
