@@ -4,6 +4,7 @@
     python3 .ci/dev.py serve [serve flags...]   set up, then run the sidecar on its embedded default
     python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node client's tests
     python3 .ci/dev.py setup                     set up only
+    python3 .ci/dev.py bench [bench flags...]    set up, then the benchmark against etcd and Redis (bench/run.py)
 
 Needs nothing but python3 (3.11+): the virtual environment, the Python
 packages and the tools the tests use are installed here, and again only when
@@ -99,10 +100,15 @@ def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
 
+def bench(arguments: list[str]) -> int:
+    """bench/run.py installs Debian's etcd-server and redis-server itself when their binaries are missing."""
+    return subprocess.run([str(BIN / "python"), "-m", "bench.run", *arguments], cwd=ROOT).returncode
+
+
 def test(arguments: list[str]) -> int:
     checks = [
-        (BIN / "ruff", "check", "sidecar", "clients/python", "tests", "proto", ".ci"),
-        (BIN / "ruff", "format", "--check", "sidecar", "clients/python", "tests", "proto", ".ci"),
+        (BIN / "ruff", "check", "sidecar", "clients/python", "tests", "proto", ".ci", "bench"),
+        (BIN / "ruff", "format", "--check", "sidecar", "clients/python", "tests", "proto", ".ci", "bench"),
         (BIN / "mypy",),
     ]
     for check in checks:
@@ -128,13 +134,15 @@ def test_node() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "test", "setup"):
+    if not argv or argv[0] not in ("serve", "test", "setup", "bench"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
         setup()
         if argv[0] == "serve":
             return serve(argv[1:])
+        if argv[0] == "bench":
+            return bench(argv[1:])
         setup_node()
         if argv[0] == "test":
             return test(argv[1:])

@@ -1,0 +1,5 @@
+"""The benchmark of issue 6: Task Guard against an etcd mutex and a Redis ``SET NX PX`` lock on one machine.
+
+``python -m bench.run`` (or ``python3 .ci/dev.py bench``) starts every server on loopback and runs
+``python -m bench.load`` against them in a separate process; see ``bench/run.py``.
+"""

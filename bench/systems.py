@@ -1,0 +1,116 @@
+"""The systems the load process drives, behind one small interface, and Task Guard's own side of it.
+
+A system turns "acquire the guard of this key" and "release it" into its own calls: Task Guard's
+unary ``Acquire``/``Release``, an etcd lease + transaction mutex (``bench/etcd_mutex.py``) or a Redis
+``SET NX PX`` lock (``bench/redis_lock.py``).
+
+Connections: a gRPC connection multiplexes calls, so the gRPC systems get one channel per concurrent
+client up to ``MAX_GRPC_CHANNELS`` (each its own connection: ``grpc.use_local_subchannel_pool``); a Redis
+connection carries one command at a time, so Redis gets one connection per concurrent client.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Protocol
+
+from grpc import aio
+
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+
+MAX_GRPC_CHANNELS = 64
+RPC_TIMEOUT_S = 30.0
+# Without it, channels to one target share one subchannel, hence one connection (and its stream limit).
+OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
+SYSTEMS = ("taskguard", "etcd", "redis-durable", "redis-volatile")
+
+
+class System(Protocol):
+    name: str
+
+    def connections_for(self, concurrency: int) -> int:
+        """How many connections ``concurrency`` simultaneous callers get."""
+        ...
+
+    async def connect(self, connections: int) -> None:
+        """Open ``connections`` connections and wait until each is ready (not part of any timing)."""
+        ...
+
+    async def acquire(self, key: str, connection: int) -> Any | None:
+        """Try to take ``key``'s guard once; what ``release`` needs when taken, None when someone holds it."""
+        ...
+
+    async def release(self, handle: Any, connection: int) -> None: ...
+
+    async def tidy(self) -> None:
+        """Clean up after refused attempts (etcd: revoke the losers' leases); not timed."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def open_channels(target: str, count: int) -> list[aio.Channel]:
+    channels = [aio.insecure_channel(target, options=[OWN_CONNECTION]) for _ in range(count)]
+    for channel in channels:
+        await channel.channel_ready()
+    return channels
+
+
+class TaskGuardSystem:
+    """Unary Acquire (server default TTL) and Release(SUCCEEDED) against a real sidecar."""
+
+    name = "taskguard"
+
+    def __init__(self, target: str, holder: str = "bench") -> None:
+        self._target = target
+        self._holder = holder
+        self._channels: list[aio.Channel] = []
+        self._stubs: list[pb_grpc.TaskGuardStub] = []
+
+    def connections_for(self, concurrency: int) -> int:
+        return min(concurrency, MAX_GRPC_CHANNELS)
+
+    async def connect(self, connections: int) -> None:
+        self._channels = await open_channels(self._target, connections)
+        self._stubs = [pb_grpc.TaskGuardStub(channel) for channel in self._channels]
+
+    async def acquire(self, key: str, connection: int) -> str | None:
+        stub = self._stubs[connection % len(self._stubs)]
+        reply = await stub.Acquire(pb.AcquireRequest(task_key=key, holder=self._holder), timeout=RPC_TIMEOUT_S)
+        if reply.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED:
+            lease_id: str = reply.lease_id
+            return lease_id
+        return None
+
+    async def release(self, handle: str, connection: int) -> None:
+        stub = self._stubs[connection % len(self._stubs)]
+        await stub.Release(pb.ReleaseRequest(lease_id=handle, status=pb.RUN_STATUS_SUCCEEDED), timeout=RPC_TIMEOUT_S)
+
+    async def tidy(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels, self._stubs = [], []
+
+
+def make_system(name: str, args: argparse.Namespace) -> System:
+    """The system ``name`` with the addresses the runner passed on the command line."""
+    if name == "taskguard":
+        return TaskGuardSystem(args.target)
+    if name == "etcd":
+        from bench.etcd_mutex import EtcdMutex
+
+        if not args.etcd:
+            raise SystemExit("load: --etcd HOST:PORT is needed for the etcd system")
+        return EtcdMutex(args.etcd, args.etcd_stubs)
+    if name in ("redis-durable", "redis-volatile"):
+        from bench.redis_lock import RedisLock
+
+        address = args.redis_durable if name == "redis-durable" else args.redis_volatile
+        if not address:
+            raise SystemExit(f"load: --{name} HOST:PORT is needed for the {name} system")
+        return RedisLock(name, address)
+    raise SystemExit(f"load: unknown system {name!r}; one of {', '.join(SYSTEMS)}")
