@@ -1,12 +1,315 @@
-"""The ``taskguard`` command."""
+"""The ``taskguard`` command: ``serve`` runs the sidecar; every other command is a client of it.
+
+The client commands use the public ``taskguard_client`` API and nothing else
+of the sidecar's, like httpx's ``_main.py`` on its public ``Client``. They
+report a failure as one line on stderr and a documented exit code (``EPILOG``),
+never a traceback. ``run`` lives in ``cli_run.py``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
+import os
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
 
 from taskguard import __version__, config
+from taskguard_client import (
+    AlreadyRunning,
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    Guard,
+    GuardEvent,
+    GuardState,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RetryRequiresApproval,
+    TaskGuardError,
+    UnavailableError,
+    default_address,
+)
+
+# Exit codes: the sysexits(3) numbers where one fits, and the documented table in EPILOG.
+EXIT_OK = 0
+EXIT_FENCE_INVALID = 1
+EXIT_USAGE = 2
+EXIT_INVALID_ARGUMENT = 65  # EX_DATAERR
+EXIT_NOT_FOUND = 66  # EX_NOINPUT
+EXIT_FAILED_PRECONDITION = 67
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_ERROR = 70  # EX_SOFTWARE
+EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again later
+EXIT_RETRY_REQUIRES_APPROVAL = 76
+EXIT_PERMISSION_DENIED = 77  # EX_NOPERM
+EXIT_LEASE_LOST = 79
+EXIT_JOINED_RUN_FAILED = 80
+EXIT_CANNOT_EXECUTE = 126
+EXIT_COMMAND_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+The client commands talk to the sidecar at --addr; without it, at $TASKGUARD_ADDR, else at the
+sidecar's default socket: unix:$XDG_RUNTIME_DIR/taskguard/taskguard.sock, or
+unix:/tmp/taskguard-<uid>/taskguard.sock when $XDG_RUNTIME_DIR is unset.
+
+exit codes:
+  0    success; run: the command exited 0, --on-conflict skip found the task running,
+       or --on-conflict wait saw the run it waited for succeed
+  1    check-fence: the token does not hold the guard
+  2    usage error
+  65   the sidecar refused an argument, such as a malformed task key (INVALID_ARGUMENT)
+  66   no such guard or lease (NOT_FOUND)
+  67   the guard's state does not allow it, e.g. approve-retry of a guard that did not fail (FAILED_PRECONDITION)
+  69   the sidecar is not reachable, or did not answer within --timeout (UNAVAILABLE, DEADLINE_EXCEEDED)
+  70   any other error the sidecar reported
+  75   run: another run holds the guard (ALREADY_RUNNING)
+  76   run: the last run failed and a retry needs approve-retry (RETRY_REQUIRES_APPROVAL); also with skip and wait
+  77   permission denied, including a sidecar socket this user may not open
+  79   run: the guard was taken away while the command ran (force-released, expired); the command got SIGTERM
+  80   run --on-conflict wait: the run waited for did not succeed
+  126  run: the command cannot be executed
+  127  run: the command was not found (nothing was acquired)
+  N    run: the command's exit status; 128+N when a signal N killed it
+  130  interrupted (Ctrl-C); while run's command runs, the signal goes to it and its status counts
+"""
+
+
+def _duration(value: str) -> float:
+    try:
+        seconds = config.parse_duration_s(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be a duration > 0")
+    return seconds
+
+
+def _state(value: str) -> GuardState:
+    try:
+        return GuardState(value.upper())
+    except ValueError:
+        names = ", ".join(state.value for state in GuardState)
+        raise argparse.ArgumentTypeError(f"must be one of {names}") from None
+
+
+# --- presenting ---------------------------------------------------------------------------
+
+
+def _iso(at: datetime | None) -> str:
+    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if at else "-"
+
+
+def _span(delta: timedelta) -> str:
+    total = int(abs(delta.total_seconds()))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return _iso(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, Guard | GuardEvent):
+        return {field.name: _json_value(getattr(value, field.name)) for field in fields(value)}
+    if isinstance(value, dict):
+        return {key: _json_value(item) for key, item in value.items()}
+    return value
+
+
+def guard_json(guard: Guard) -> dict[str, Any]:
+    document: dict[str, Any] = _json_value(guard)
+    return document
+
+
+def _state_text(guard: Guard) -> str:
+    return f"{guard.state.value} (stale)" if guard.stale and guard.running else guard.state.value
+
+
+def _table(guards: Sequence[Guard], now: datetime) -> str:
+    headers = ("KEY", "STATE", "RUN ID", "HOLDER", "STARTED", "AGE", "EXPIRES", "TOKEN", "DUPS")
+    rows = [
+        (
+            guard.task_key,
+            _state_text(guard),
+            guard.run_id,
+            guard.holder or "-",
+            _iso(guard.started_at),
+            _span(now - guard.started_at),
+            _expires(guard, now),
+            str(guard.fencing_token),
+            str(guard.duplicate_count),
+        )
+        for guard in guards
+    ]
+    widths = [max(len(row[column]) for row in (headers, *rows)) for column in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    )
+
+
+def _expires(guard: Guard, now: datetime) -> str:
+    if not guard.running or guard.expires_at is None:
+        return "-"
+    left = guard.expires_at - now
+    return f"in {_span(left)}" if left >= timedelta(0) else f"{_span(left)} ago"
+
+
+def _event_line(event: GuardEvent) -> str:
+    guard = event.guard
+    parts = [f"{event.revision:>8}", f"{event.type.value:<17}", guard.task_key, _state_text(guard)]
+    parts.append(f"run={guard.run_id} token={guard.fencing_token}")
+    if guard.holder:
+        parts.append(f"holder={guard.holder!r}")
+    if event.trigger_run_id:
+        parts.append(f"refused={event.trigger_run_id} ({event.trigger_holder or '-'})")
+    if event.actor:
+        parts.append(f"by={event.actor!r}")
+    if event.reason:
+        parts.append(f"reason={event.reason!r}")
+    elif not guard.running and guard.last_detail and event.type.value not in ("SNAPSHOT", "DUPLICATE_REFUSED"):
+        parts.append(f"detail={guard.last_detail!r}")
+    return " ".join(parts)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
+    """Print one line for ``error`` on stderr; the exit code it maps to."""
+    match error:
+        case PermissionDeniedError():
+            message, code = f"permission denied by the sidecar at {address}: {error}", EXIT_PERMISSION_DENIED
+        case UnavailableError():
+            message, code = f"the sidecar at {address} is not reachable: {error}", EXIT_UNAVAILABLE
+        case DeadlineExceededError():
+            message, code = f"the sidecar at {address} did not answer within {timeout_s:g}s", EXIT_UNAVAILABLE
+        case InvalidArgumentError():
+            message, code = f"invalid argument: {error}", EXIT_INVALID_ARGUMENT
+        case NotFoundError():
+            message, code = f"not found: {error}", EXIT_NOT_FOUND
+        case FailedPreconditionError():
+            message, code = str(error), EXIT_FAILED_PRECONDITION
+        case AlreadyRunning():
+            message, code = str(error), EXIT_ALREADY_RUNNING
+        case RetryRequiresApproval():
+            hint = f"taskguard approve-retry {error.task_key} --reason ..."
+            message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
+        case _:
+            message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
+    print(f"taskguard: {one_line(message)}", file=sys.stderr, flush=True)
+    return code
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+_Command = Callable[[Client, argparse.Namespace], int]
+
+
+def _client_command(command: _Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        address = args.addr or default_address()
+        try:
+            with Client(address, timeout=args.timeout) as client:
+                return command(client, args)
+        except TaskGuardError as error:
+            return report(error, address, args.timeout)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away (taskguard watch | head); keep the final flush at exit from failing too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+
+    return run
+
+
+def _ls(client: Client, args: argparse.Namespace) -> int:
+    guards = list(client.list(prefix=args.prefix, states=args.state, stale_only=args.stale))
+    if args.json:
+        _print(json.dumps([guard_json(guard) for guard in guards], indent=2))
+    elif guards:
+        _print(_table(guards, datetime.now(UTC)))
+    else:
+        print("no guards", file=sys.stderr)
+    return EXIT_OK
+
+
+def _get(client: Client, args: argparse.Namespace) -> int:
+    guard = client.get(args.key)
+    if args.json:
+        _print(json.dumps(guard_json(guard), indent=2))
+        return EXIT_OK
+    document = guard_json(guard)
+    width = max(len(name) for name in document)
+    _print("\n".join(f"{name.ljust(width)}  {_plain(value)}" for name, value in document.items()))
+    return EXIT_OK
+
+
+def _plain(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={item}" for key, item in value.items()) or "-"
+    return str(value)
+
+
+def _watch(client: Client, args: argparse.Namespace) -> int:
+    with client.watch(args.prefix, start_revision=args.start_revision, include_snapshot=args.snapshot) as events:
+        for event in events:
+            _print(json.dumps(_json_value(event)) if args.json else _event_line(event))
+    return EXIT_OK
+
+
+def _approve_retry(client: Client, args: argparse.Namespace) -> int:
+    guard = client.approve_retry(args.key, args.approver or getpass.getuser(), args.reason)
+    _print(f"{guard.task_key}: {guard.state.value} by {guard.approved_by} (run {guard.run_id} may be retried once)")
+    return EXIT_OK
+
+
+def _force_release(client: Client, args: argparse.Namespace) -> int:
+    guard = client.force_release(args.key, args.operator or getpass.getuser(), args.reason)
+    _print(f"{guard.task_key}: run {guard.run_id} {guard.state.value} by {guard.released_by}")
+    return EXIT_OK
+
+
+def _check_fence(client: Client, args: argparse.Namespace) -> int:
+    if client.check_fence(args.key, args.token):
+        _print(f"{args.key}: fencing token {args.token} holds the guard")
+        return EXIT_OK
+    _print(f"{args.key}: fencing token {args.token} does not hold the guard")
+    return EXIT_FENCE_INVALID
+
+
+def _run(args: argparse.Namespace) -> int:
+    from taskguard import cli_run
+
+    return cli_run.main(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,17 +327,112 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _connection(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    # On the main parser with defaults; repeated on each client command without, so they may come after it too.
+    parser.add_argument(
+        "--addr",
+        default=None if defaults else argparse.SUPPRESS,
+        help="sidecar address, unix:PATH or HOST:PORT (default: $TASKGUARD_ADDR, else the sidecar's default socket)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_duration,
+        metavar="D",
+        default=10.0 if defaults else argparse.SUPPRESS,
+        help="deadline of each call to the sidecar, such as 10s or 500ms (default: 10s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskguard", description="Task Guard sidecar and tools")
+    parser = argparse.ArgumentParser(
+        prog="taskguard",
+        description="Task Guard sidecar and tools",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"taskguard {__version__}")
+    _connection(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
     config.add_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    def client_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=EPILOG)
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
+        _connection(sub, defaults=False)
+        sub.set_defaults(run=run)
+        return sub
+
+    ls = client_command("ls", "list guards as a table (or JSON)", _client_command(_ls))
+    ls.add_argument("--prefix", default="", help="only keys starting with this")
+    ls.add_argument("--state", type=_state, nargs="+", action="extend", metavar="S", help="only guards in these states")
+    ls.add_argument("--stale", action="store_true", help="only stale guards (abandoned, expired, or silent)")
+    ls.add_argument("--json", action="store_true", help="print one JSON list")
+
+    get = client_command("get", "show one guard", _client_command(_get))
+    get.add_argument("key", help="the task key, <session_key>::<task_name>")
+    get.add_argument("--json", action="store_true", help="print one JSON object")
+
+    watch = client_command("watch", "print guard events as they happen (resumes by itself)", _client_command(_watch))
+    watch.add_argument("--prefix", default="", help="only keys starting with this")
+    watch.add_argument(
+        "--from", dest="start_revision", type=int, default=0, metavar="REV", help="first revision (default: now)"
+    )
+    watch.add_argument("--snapshot", action="store_true", help="first print the current guards as SNAPSHOT events")
+    watch.add_argument("--json", action="store_true", help="print one JSON object per line")
+
+    approve = client_command(
+        "approve-retry", "let a failed guard be acquired once more", _client_command(_approve_retry)
+    )
+    approve.add_argument("key")
+    approve.add_argument("--reason", required=True)
+    approve.add_argument("--approver", help="who approves (default: this user)")
+
+    force = client_command(
+        "force-release", "end a stuck run as CANCELLED; its holder loses the lease", _client_command(_force_release)
+    )
+    force.add_argument("key")
+    force.add_argument("--reason", required=True)
+    force.add_argument("--operator", help="who releases it (default: this user)")
+
+    fence = client_command(
+        "check-fence", "exit 0 while TOKEN's run holds the guard of KEY, else 1", _client_command(_check_fence)
+    )
+    fence.add_argument("key")
+    fence.add_argument("token", type=int)
+
+    run = client_command("run", "hold KEY's guard while a command runs: taskguard run KEY -- CMD ARGS...", _run)
+    run.usage = "%(prog)s [options] KEY -- CMD [ARGS...]"
+    run.add_argument("key")
+    run.add_argument("--ttl", type=_duration, metavar="D", help="lease TTL, kept alive by heartbeats (default: none)")
+    run.add_argument("--run-id", metavar="ID", help="the run's id (default: a new UUID)")
+    run.add_argument("--holder", metavar="H", help="shown to runs refused meanwhile (default: host, pid and command)")
+    run.add_argument(
+        "--on-conflict",
+        choices=("fail", "wait", "skip"),
+        default="fail",
+        help="when another run holds the guard: exit 75 (fail), wait for it and exit 0 if it succeeded"
+        " (wait), or exit 0 (skip)",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Everything after "--" is run's command: argparse cannot mix it with run's own options reliably.
+    command: list[str] | None = None
+    if "--" in arguments and "run" in arguments[: arguments.index("--")]:
+        split = arguments.index("--")
+        arguments, command = arguments[:split], arguments[split + 1 :]
+    args = parser.parse_args(arguments)
+    if args.command == "run":
+        if not command:
+            parser.error("run needs a command after --, as in: taskguard run KEY -- CMD ARGS...")
+        args.argv = command
     code: int = args.run(args)
     return code

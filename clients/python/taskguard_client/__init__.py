@@ -1,3 +1,69 @@
-"""Client for the Task Guard sidecar."""
+"""Client for the Task Guard sidecar: may I start ``<session_key>::<task_name>`` now?
 
-__all__: list[str] = []
+    async with AsyncClient() as client:
+        async with client.hold("session-42::nightly-report", ttl=30) as lease:
+            await build_report(fencing_token=lease.fencing_token)
+
+``Client`` has the same methods, blocking. Everything here depends on grpcio
+and protobuf only; OpenTelemetry context is passed on when it is installed.
+"""
+
+from taskguard_client._call import RetryPolicy, default_address
+from taskguard_client._client import AsyncClient, AsyncWatch, Client, Watch
+from taskguard_client._errors import (
+    AlreadyRunning,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    LeaseLost,
+    LeaseNotFoundError,
+    NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RetryRequiresApproval,
+    StatusError,
+    TaskGuardError,
+    UnavailableError,
+)
+from taskguard_client._lease import AsyncHold, Conflict, Hold, Lease, OnConflict
+from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, Outcome, RunStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyRunning",
+    "AsyncClient",
+    "AsyncHold",
+    "AsyncWatch",
+    "Client",
+    "Conflict",
+    "DeadlineExceededError",
+    "EventType",
+    "FailedPreconditionError",
+    "Guard",
+    "GuardEvent",
+    "GuardState",
+    "Hold",
+    "InternalError",
+    "InvalidArgumentError",
+    "Lease",
+    "LeaseLost",
+    "LeaseNotFoundError",
+    "NotFoundError",
+    "OnConflict",
+    "OutOfRangeError",
+    "Outcome",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "RetryRequiresApproval",
+    "RunStatus",
+    "StatusError",
+    "TaskGuardError",
+    "UnavailableError",
+    "Watch",
+    "__version__",
+    "default_address",
+]

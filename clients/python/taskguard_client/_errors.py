@@ -1,0 +1,199 @@
+"""Every error the client raises, and the one place a gRPC status becomes one of them.
+
+Two refusals are outcomes, not failures, and carry the run in the way:
+``AlreadyRunning`` and ``RetryRequiresApproval``. Everything else is a
+``StatusError`` subclass named for its status code, carrying the code and the
+sidecar's message (which names the field and the rule it broke). All share
+``TaskGuardError``. Like Temporal's single ``ALREADY_EXISTS ->
+WorkflowAlreadyStartedError`` translation in ``temporalio/client/_impl.py``,
+no other module looks at a status code to pick an exception.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import grpc
+from grpc import aio
+
+from taskguard_client._models import Guard, Outcome
+
+
+class TaskGuardError(Exception):
+    """The base of every error this client raises."""
+
+
+class AlreadyRunning(TaskGuardError):
+    """Another run holds the guard; its facts are attributes (``guard`` is the whole snapshot)."""
+
+    def __init__(
+        self, task_key: str, run_id: str, started_at: datetime, holder: str, fencing_token: int, guard: Guard
+    ) -> None:
+        by = f" by {holder}" if holder else ""
+        token = f"fencing token {fencing_token}"
+        super().__init__(f"{task_key} is already running: run {run_id}, started {_iso(started_at)}{by} ({token})")
+        self.task_key = task_key
+        self.run_id = run_id
+        self.started_at = started_at
+        self.holder = holder
+        self.fencing_token = fencing_token
+        self.guard = guard
+
+
+class RetryRequiresApproval(TaskGuardError):
+    """The last run of the key ended in a way that needs ``approve_retry`` before anyone runs it again."""
+
+    def __init__(self, task_key: str, run_id: str, released_at: datetime | None, detail: str, guard: Guard) -> None:
+        when = f" at {_iso(released_at)}" if released_at else ""
+        why = f": {detail}" if detail else ""
+        super().__init__(f"{task_key}: run {run_id} ended {guard.state.value}{when}{why}; a retry needs approval")
+        self.task_key = task_key
+        self.run_id = run_id
+        self.released_at = released_at
+        self.detail = detail
+        self.guard = guard
+
+
+class StatusError(TaskGuardError):
+    """A call ended with a gRPC status other than OK; ``str(error)`` is the sidecar's message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message or code.name)
+        self.code = code
+        self.message = message
+
+
+class InvalidArgumentError(StatusError):
+    """The sidecar refused an argument (INVALID_ARGUMENT); the message names the field and the rule."""
+
+
+class NotFoundError(StatusError):
+    """No guard has this key, or no lease has this id (NOT_FOUND)."""
+
+
+class LeaseNotFoundError(NotFoundError):
+    """No lease has this id (NOT_FOUND on lease_id): it never existed, or its guard's history is gone."""
+
+
+class FailedPreconditionError(StatusError):
+    """The guard is not in a state that allows the call (FAILED_PRECONDITION)."""
+
+
+class LeaseLost(FailedPreconditionError):
+    """The lease no longer holds its guard: force-released, expired, abandoned, or already released.
+
+    ``guard`` is the snapshot that shows how, when the sidecar sent one.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, guard: Guard | None = None) -> None:
+        super().__init__(code, message)
+        self.guard = guard
+
+
+class PermissionDeniedError(StatusError):
+    """PERMISSION_DENIED or UNAUTHENTICATED, or the sidecar's socket refused us (EACCES)."""
+
+
+class UnavailableError(StatusError):
+    """The sidecar is not reachable, shutting down, or its store is unavailable (UNAVAILABLE)."""
+
+
+class DeadlineExceededError(StatusError):
+    """No answer within the client's timeout (DEADLINE_EXCEEDED)."""
+
+
+class OutOfRangeError(StatusError):
+    """A watch asked for revisions the sidecar no longer keeps (OUT_OF_RANGE).
+
+    Re-list the guards (``list``) and watch again from the present (or from
+    ``oldest_revision``, accepting the gap).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, oldest_revision: int | None = None) -> None:
+        super().__init__(code, message)
+        self.oldest_revision = oldest_revision
+
+    def __str__(self) -> str:
+        return f"{self.message}; the events in between are gone: re-list the guards and watch from the present"
+
+
+class ResourceExhaustedError(StatusError):
+    """Too many watchers, or a watcher fell behind (RESOURCE_EXHAUSTED)."""
+
+
+class InternalError(StatusError):
+    """The sidecar failed unexpectedly (INTERNAL); its log says why."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[StatusError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRangeError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+# The sidecar's rejections read "<field>: <rule>"; a lease that lost its guard is reported on lease_id.
+_LEASE_LOST = re.compile(r"^lease_id: lease lost")
+_LEASE_NOT_FOUND = re.compile(r"^(resume\.)?lease_id: ")
+_OLDEST = re.compile(r"oldest available is (\d+)")
+# gRPC reports a unix socket we may not open as UNAVAILABLE, with the errno text in the details.
+_SOCKET_DENIED = "Permission denied"
+
+
+def from_status(code: grpc.StatusCode, message: str, guard: Guard | None = None) -> StatusError:
+    """The typed error for a status; ``guard`` is attached to ``LeaseLost``."""
+    if code is grpc.StatusCode.FAILED_PRECONDITION and _LEASE_LOST.match(message):
+        return LeaseLost(code, message, guard)
+    if code is grpc.StatusCode.NOT_FOUND and _LEASE_NOT_FOUND.match(message):
+        return LeaseNotFoundError(code, message)
+    if code is grpc.StatusCode.OUT_OF_RANGE:
+        oldest = _OLDEST.search(message)
+        return OutOfRangeError(code, message, int(oldest.group(1)) if oldest else None)
+    if code is grpc.StatusCode.UNAVAILABLE and _SOCKET_DENIED in message:
+        return PermissionDeniedError(code, message)
+    return _BY_CODE.get(code, StatusError)(code, message)
+
+
+def status_of(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, aio.AioRpcError):
+        return error.code(), error.details() or ""
+    if isinstance(error, grpc.Call):
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.UNKNOWN, str(error)
+
+
+def from_rpc_error(error: grpc.RpcError) -> StatusError:
+    """The typed error for a failed gRPC call (sync or asyncio)."""
+    return from_status(*status_of(error))
+
+
+def lease_lost(message: str, guard: Guard | None) -> LeaseLost:
+    """A Hold stream was told LOST (the sidecar then ends it with FAILED_PRECONDITION)."""
+    return LeaseLost(grpc.StatusCode.FAILED_PRECONDITION, message, guard)
+
+
+def deadline_exceeded(message: str) -> DeadlineExceededError:
+    return DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def protocol_error(message: str) -> StatusError:
+    """The sidecar broke the Hold protocol (an answer missing or out of place)."""
+    return StatusError(grpc.StatusCode.UNKNOWN, message)
+
+
+def conflict(outcome: Outcome, guard: Guard) -> AlreadyRunning | RetryRequiresApproval:
+    """The exception for a refused acquisition."""
+    if outcome is Outcome.ALREADY_RUNNING:
+        return AlreadyRunning(guard.task_key, guard.run_id, guard.started_at, guard.holder, guard.fencing_token, guard)
+    return RetryRequiresApproval(guard.task_key, guard.run_id, guard.released_at, guard.last_detail, guard)
+
+
+def _iso(at: datetime) -> str:
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")

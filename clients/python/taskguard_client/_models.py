@@ -1,0 +1,223 @@
+"""What the client hands back: small frozen dataclasses, converted from protobuf here and nowhere else.
+
+Enums are ``StrEnum``s named like the proto's values without their prefix
+(``GuardState.RUNNING`` is ``GUARD_STATE_RUNNING``), so they print, compare
+with plain strings and serialise to JSON as they are. Times are aware UTC
+``datetime``s; durations are ``timedelta``s.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from taskguard_client.v1 import taskguard_pb2 as pb
+
+
+class GuardState(enum.StrEnum):
+    """The state of a guard (``taskguard.v1.GuardState``)."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    ABANDONED = "ABANDONED"
+    EXPIRED = "EXPIRED"
+    RETRY_APPROVED = "RETRY_APPROVED"
+
+
+class RunStatus(enum.StrEnum):
+    """How a run ended, as its holder reports it (``taskguard.v1.RunStatus``)."""
+
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class Outcome(enum.StrEnum):
+    """The answer to an acquisition (``taskguard.v1.AcquireOutcome``)."""
+
+    ACQUIRED = "ACQUIRED"
+    ALREADY_RUNNING = "ALREADY_RUNNING"
+    RETRY_REQUIRES_APPROVAL = "RETRY_REQUIRES_APPROVAL"
+
+
+class EventType(enum.StrEnum):
+    """What happened to a guard (``taskguard.v1.GuardEventType``)."""
+
+    SNAPSHOT = "SNAPSHOT"
+    ACQUIRED = "ACQUIRED"
+    DUPLICATE_REFUSED = "DUPLICATE_REFUSED"
+    RETRY_REFUSED = "RETRY_REFUSED"
+    RENEWED = "RENEWED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+    ABANDONED = "ABANDONED"
+    RETRY_APPROVED = "RETRY_APPROVED"
+    FORCE_RELEASED = "FORCE_RELEASED"
+    RESUMED = "RESUMED"
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """A guard's snapshot, as the sidecar answered it (``taskguard.v1.Guard``)."""
+
+    task_key: str
+    session_key: str
+    task_name: str
+    state: GuardState
+    #: The current run (RUNNING) or the last one.
+    run_id: str
+    holder: str
+    started_at: datetime
+    #: None when the lease has no TTL.
+    expires_at: datetime | None
+    fencing_token: int
+    attempt: int
+    #: None until a holder released a run (expired and abandoned runs have none).
+    last_status: RunStatus | None
+    last_detail: str
+    released_at: datetime | None
+    duplicate_count: int
+    stream_bound: bool
+    labels: Mapping[str, str] = field(hash=False)
+    revision: int
+    heartbeat_at: datetime | None
+    stale: bool
+    approved_by: str
+    approval_reason: str
+    ttl: timedelta | None
+    released_by: str
+
+    @property
+    def running(self) -> bool:
+        return self.state is GuardState.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class GuardEvent:
+    """One committed change of a guard (``taskguard.v1.GuardEvent``)."""
+
+    #: Strictly rising; SNAPSHOT events carry the revision the snapshot was taken at.
+    revision: int
+    type: EventType
+    #: The guard after the change.
+    guard: Guard
+    trigger_run_id: str
+    trigger_holder: str
+    occurred_at: datetime | None
+    actor: str
+    reason: str
+
+
+# --- protobuf -> dataclasses --------------------------------------------------------
+
+_STATE_PB: dict[GuardState, pb.GuardState] = {
+    GuardState.RUNNING: pb.GUARD_STATE_RUNNING,
+    GuardState.SUCCEEDED: pb.GUARD_STATE_SUCCEEDED,
+    GuardState.FAILED: pb.GUARD_STATE_FAILED,
+    GuardState.CANCELLED: pb.GUARD_STATE_CANCELLED,
+    GuardState.ABANDONED: pb.GUARD_STATE_ABANDONED,
+    GuardState.EXPIRED: pb.GUARD_STATE_EXPIRED,
+    GuardState.RETRY_APPROVED: pb.GUARD_STATE_RETRY_APPROVED,
+}
+_STATUS_PB: dict[RunStatus, pb.RunStatus] = {
+    RunStatus.SUCCEEDED: pb.RUN_STATUS_SUCCEEDED,
+    RunStatus.FAILED: pb.RUN_STATUS_FAILED,
+    RunStatus.CANCELLED: pb.RUN_STATUS_CANCELLED,
+}
+_STATES = {value: state for state, value in _STATE_PB.items()}
+_STATUSES = {value: status for status, value in _STATUS_PB.items()}
+_OUTCOMES: dict[int, Outcome] = {
+    pb.ACQUIRE_OUTCOME_ACQUIRED: Outcome.ACQUIRED,
+    pb.ACQUIRE_OUTCOME_ALREADY_RUNNING: Outcome.ALREADY_RUNNING,
+    pb.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: Outcome.RETRY_REQUIRES_APPROVAL,
+}
+_EVENT_TYPES = {pb.GuardEventType.Value(f"GUARD_EVENT_TYPE_{kind.value}"): kind for kind in EventType}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _time(message: Timestamp) -> datetime:
+    return message.ToDatetime(tzinfo=UTC)
+
+
+def guard_from_pb(message: pb.Guard) -> Guard:
+    return Guard(
+        task_key=message.task_key,
+        session_key=message.session_key,
+        task_name=message.task_name,
+        state=_STATES[message.state],
+        run_id=message.run_id,
+        holder=message.holder,
+        # The sidecar always sets it; the epoch stands in for a message that does not.
+        started_at=_time(message.started_at) if message.HasField("started_at") else _EPOCH,
+        expires_at=_time(message.expires_at) if message.HasField("expires_at") else None,
+        fencing_token=message.fencing_token,
+        attempt=message.attempt,
+        last_status=_STATUSES.get(message.last_status),
+        last_detail=message.last_detail,
+        released_at=_time(message.released_at) if message.HasField("released_at") else None,
+        duplicate_count=message.duplicate_count,
+        stream_bound=message.stream_bound,
+        labels=dict(message.labels),
+        revision=message.revision,
+        heartbeat_at=_time(message.heartbeat_at) if message.HasField("heartbeat_at") else None,
+        stale=message.stale,
+        approved_by=message.approved_by,
+        approval_reason=message.approval_reason,
+        ttl=message.ttl.ToTimedelta() if message.HasField("ttl") else None,
+        released_by=message.released_by,
+    )
+
+
+def event_from_pb(message: pb.GuardEvent) -> GuardEvent:
+    return GuardEvent(
+        revision=message.revision,
+        type=_EVENT_TYPES[message.type],
+        guard=guard_from_pb(message.guard),
+        trigger_run_id=message.trigger_run_id,
+        trigger_holder=message.trigger_holder,
+        occurred_at=_time(message.occurred_at) if message.HasField("occurred_at") else None,
+        actor=message.actor,
+        reason=message.reason,
+    )
+
+
+def outcome_from_pb(value: int) -> Outcome:
+    return _OUTCOMES[value]
+
+
+# --- arguments -> protobuf ----------------------------------------------------------
+
+
+def seconds(value: float | timedelta) -> float:
+    """A duration argument (seconds or ``timedelta``) in seconds."""
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def duration_pb(value: float | timedelta) -> Duration:
+    message = Duration()
+    message.FromNanoseconds(round(seconds(value) * 1e9))
+    return message
+
+
+def run_status(value: RunStatus | str) -> RunStatus:
+    """``RunStatus.FAILED``, ``"FAILED"`` or ``"failed"``."""
+    return value if isinstance(value, RunStatus) else RunStatus(value.upper())
+
+
+def guard_state(value: GuardState | str) -> GuardState:
+    return value if isinstance(value, GuardState) else GuardState(value.upper())
+
+
+def run_status_pb(value: RunStatus | str) -> pb.RunStatus:
+    return _STATUS_PB[run_status(value)]
+
+
+def guard_state_pb(value: GuardState | str) -> pb.GuardState:
+    return _STATE_PB[guard_state(value)]

@@ -1,0 +1,188 @@
+"""``taskguard run KEY -- CMD ARGS...``: hold a task's guard while a command runs, like flock(1) for tasks.
+
+The guard is held over a Hold stream (``AsyncClient.hold``) while CMD runs as
+a child process, so it is ABANDONED at once if this process dies, even by
+SIGKILL: the kernel closes the connection (the child inherits no descriptor
+of it: subprocesses close every descriptor but 0-2), and nothing else keeps
+the guard.
+
+* CMD sees TASKGUARD_TASK_KEY, TASKGUARD_RUN_ID and TASKGUARD_FENCING_TOKEN.
+* Exit 0 releases SUCCEEDED; any other exit releases FAILED ("exit code N" or
+  "killed by signal SIGX"); the exit code is CMD's (128+N for signal N).
+* SIGINT, SIGTERM and SIGHUP are forwarded to CMD, and the run is released
+  CANCELLED once CMD has exited. (Ctrl-C on a terminal where this is the
+  foreground process group reaches CMD from the kernel already: that SIGINT is not sent
+  a second time.)
+* If the guard is taken away while CMD runs (force-released, expired), CMD
+  gets SIGTERM (SIGKILL after 10 s) and the exit code is 79.
+* A conflict prints the run in the way and exits 75 (already running) or 76
+  (a retry needs approval); ``--on-conflict skip`` exits 0 when the task is
+  running; ``--on-conflict wait`` joins the running run and exits 0 if it
+  succeeded, else 80.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Literal
+
+from taskguard import cli
+from taskguard_client import (
+    AsyncClient,
+    AsyncHold,
+    Conflict,
+    GuardState,
+    LeaseLost,
+    Outcome,
+    RunStatus,
+    TaskGuardError,
+    default_address,
+)
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_KILL_AFTER_S = 10.0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        return cli.EXIT_INTERRUPTED
+    except TaskGuardError as error:
+        return cli.report(error, args.addr or default_address(), args.timeout)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    command: list[str] = args.argv
+    if shutil.which(command[0]) is None:
+        # Before acquiring anything: a typo should not cost the task a run.
+        print(f"taskguard: {command[0]}: command not found", file=sys.stderr)
+        return cli.EXIT_COMMAND_NOT_FOUND
+    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({os.path.basename(command[0])})"
+    on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
+    async with AsyncClient(args.addr, timeout=args.timeout) as client:
+        try:
+            async with client.hold(
+                args.key, run_id=args.run_id, ttl=args.ttl, holder=holder, on_conflict=on_conflict
+            ) as held:
+                if isinstance(held, Conflict):
+                    return _conflict(held, args.on_conflict)
+                return await _supervise(held, command)
+        except LeaseLost as lost:
+            print(f"taskguard: {args.key}: {cli.one_line(str(lost))}", file=sys.stderr, flush=True)
+            return cli.EXIT_LEASE_LOST
+
+
+def _conflict(conflict: Conflict, on_conflict: str) -> int:
+    guard = conflict.guard
+    if conflict.joined:
+        how = f"{guard.state.value}: {guard.last_detail}" if guard.last_detail else guard.state.value
+        print(f"taskguard: {guard.task_key}: run {guard.run_id} ended {how}", file=sys.stderr, flush=True)
+        return cli.EXIT_OK if guard.state is GuardState.SUCCEEDED else cli.EXIT_JOINED_RUN_FAILED
+    if conflict.outcome is Outcome.ALREADY_RUNNING and on_conflict == "skip":
+        print(f"taskguard: skipped: {conflict.error()}", file=sys.stderr, flush=True)
+        return cli.EXIT_OK
+    return cli.report(conflict.error(), "", 0)
+
+
+def _environment(held: AsyncHold) -> dict[str, str]:
+    # The child gets this process's environment as it is, plus its run's facts.
+    return {
+        **os.environ,
+        "TASKGUARD_TASK_KEY": held.task_key,
+        "TASKGUARD_RUN_ID": held.run_id,
+        "TASKGUARD_FENCING_TOKEN": str(held.fencing_token),
+    }
+
+
+async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
+    loop = asyncio.get_running_loop()
+    forwarded: list[signal.Signals] = []
+    process: asyncio.subprocess.Process | None = None
+
+    from_terminal = _in_foreground()
+
+    def forward(signum: signal.Signals) -> None:
+        forwarded.append(signum)
+        if signum is signal.SIGINT and from_terminal:
+            return  # the terminal sent it to the whole foreground group, CMD included
+        if process is not None and process.returncode is None:
+            process.send_signal(signum)
+
+    # Before the command starts: a signal that arrives while it starts must reach it too.
+    for signum in FORWARDED_SIGNALS:
+        loop.add_signal_handler(signum, forward, signum)
+    try:
+        try:
+            process = await asyncio.create_subprocess_exec(*command, env=_environment(held))
+        except OSError as error:
+            code = cli.EXIT_COMMAND_NOT_FOUND if isinstance(error, FileNotFoundError) else cli.EXIT_CANNOT_EXECUTE
+            detail = f"cannot start {command[0]}: {error.strerror}"
+            # It never ran: CANCELLED, so that the next attempt needs no approval.
+            await held.release(RunStatus.CANCELLED, detail)
+            print(f"taskguard: {detail}", file=sys.stderr, flush=True)
+            return code
+        for signum in forwarded:
+            if not (signum is signal.SIGINT and from_terminal):
+                process.send_signal(signum)
+        exited = asyncio.ensure_future(process.wait())
+        lost = asyncio.ensure_future(held.wait_lost())
+        try:
+            await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if not exited.done():
+            print(
+                f"taskguard: {held.task_key}: the guard was taken away; sending SIGTERM to {command[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            await _stop(process, exited)
+            return cli.EXIT_LEASE_LOST  # leaving the hold raises LeaseLost, which says why
+        returncode = exited.result()
+        status, detail = _ending(returncode, forwarded)
+        # Still forwarding: a signal now finds the command gone and changes nothing.
+        await held.release(status, detail)
+    finally:
+        for signum in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(signum)
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def _in_foreground() -> bool:
+    """Whether this process is in the foreground process group of its terminal (so Ctrl-C reaches its children too)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError):
+        return False
+
+
+async def _stop(process: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> None:
+    process.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(exited), _KILL_AFTER_S)
+    except TimeoutError:
+        process.kill()
+        await exited
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by signal {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
+
+
+def _ending(returncode: int, forwarded: Sequence[signal.Signals]) -> tuple[RunStatus, str]:
+    if forwarded:
+        names = ", ".join(dict.fromkeys(signum.name for signum in forwarded))
+        return RunStatus.CANCELLED, f"{names} forwarded to the command; {_describe(returncode)}"
+    if returncode == 0:
+        return RunStatus.SUCCEEDED, ""
+    return RunStatus.FAILED, _describe(returncode)
