@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +40,9 @@ _Response = TypeVar("_Response")
 _LEASE_ID_BYTES = 24
 
 _LIST_SCAN_CHUNK = 512
+
+# Encoded events kept for watchers that are a little behind the others.
+_ENCODED_EVENTS_KEPT = 4096
 
 _HOLD_DROPPED = "the holder's Hold stream ended without a release"
 
@@ -158,11 +162,14 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         self._engine = engine
         self._hub = hub
         self._keeper = keeper
-        self._draining = asyncio.Event()
+        self._encoded_events: OrderedDict[int, tuple[core.Event, bytes]] = OrderedDict()
+        # One future every stream waits on, not a task per stream: 10,000 held streams add up.
+        self._draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def drain(self) -> None:
         """End every Hold and WatchGuards stream with UNAVAILABLE (graceful shutdown)."""
-        self._draining.set()
+        if not self._draining.done():
+            self._draining.set_result(None)
 
     def _render(self, record: GuardRecord) -> pb.Guard:
         return wire.guard(record, core.is_stale(record, self._engine.now(), self._engine.policy))
@@ -246,7 +253,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         reader: asyncio.Task[Any] | None = None
-        draining = asyncio.ensure_future(self._draining.wait())
+        draining = self._draining
         try:
             while True:
                 reader = reader or asyncio.ensure_future(context.read())
@@ -265,7 +272,6 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 if await self._hold_step(session, message, context):
                     return
         finally:
-            draining.cancel()
             if reader is not None:
                 reader.cancel()
 
@@ -381,9 +387,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         watcher = self._hub.open(wire.key_prefix(request.key_prefix))
         pump = asyncio.ensure_future(self._pump(watcher, request, context))
         overflowed = asyncio.ensure_future(watcher.overflowed.wait())
-        draining = asyncio.ensure_future(self._draining.wait())
+        waits: set[asyncio.Future[Any]] = {pump, overflowed, self._draining}
         try:
-            await asyncio.wait({pump, overflowed, draining}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if pump.done():
                 pump.result()
             elif overflowed.done():
@@ -391,18 +397,31 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             else:
                 raise Draining()
         finally:
-            for task in (pump, overflowed, draining):
+            for task in (pump, overflowed):
                 task.cancel()
             self._hub.close(watcher)
 
     async def _pump(
         self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]
     ) -> None:
-        now, policy = self._engine.now, self._engine.policy
         async for event in self._hub.stream(watcher, request.start_revision, request.include_snapshot):
-            await context.write(wire.guard_event(event, core.is_stale(event.guard, now(), policy)))
+            await context.write(self._encoded(event))
             if event.type is not core.EventType.SNAPSHOT:
                 watcher.delivered = event.revision
+
+    def _encoded(self, event: core.Event) -> bytes:
+        """The event as wire bytes, built once however many watchers send it."""
+        key = id(event)
+        cached = self._encoded_events.get(key)
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        stale = core.is_stale(event.guard, self._engine.now(), self._engine.policy)
+        encoded = wire.guard_event(event, stale).SerializeToString()
+        # Holding the event keeps its id from being reused while it is cached.
+        self._encoded_events[key] = (event, encoded)
+        if len(self._encoded_events) > _ENCODED_EVENTS_KEPT:
+            self._encoded_events.popitem(last=False)
+        return encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,9 +452,17 @@ def register(service: TaskGuardService, server: aio.Server) -> None:
         handlers[method.name] = make(
             getattr(service, method.name),
             request_deserializer=_tolerant(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            response_serializer=_encode,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _encode(message: Any) -> bytes:
+    """Serialize a response; WatchGuards hands over events already encoded once for every watcher."""
+    if isinstance(message, bytes):
+        return message
+    encoded: bytes = message.SerializeToString()
+    return encoded
 
 
 def _tolerant(message_type: Any) -> Callable[[bytes], Any]:

@@ -43,6 +43,7 @@ from taskguard.core import (
 )
 from taskguard.store import Committed, RevisionCompacted, Store, StoreConflict, StoreUnavailable, Write
 from taskguard.store import sqlite as sqlite_module
+from taskguard.store import sqlite as sqlite_store
 from taskguard.store.memory import MemoryStore
 from taskguard.store.retention import Retention
 from taskguard.store.sqlite import DatabaseCorrupt, SchemaTooNew, SqliteStore
@@ -638,22 +639,32 @@ async def test_sqlite_batches_concurrent_commits_on_distinct_keys_into_fewer_tra
 def record_statements(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch, fail: Callable[[str], bool] | None = None
 ) -> list[str]:
-    """Record each statement the writer connection executes; those ``fail`` picks raise a disk error instead."""
-    connection = store._db
-    assert connection is not None
-    real_execute = connection.execute
+    """Record each statement a batch runs on the writer's thread; those ``fail`` picks raise a disk error instead."""
     seen: list[str] = []
+    real_write_rows = sqlite_store._write_rows
 
-    async def disk_error() -> None:
-        raise sqlite3.OperationalError("disk I/O error")
+    class Recording:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self._connection = connection
 
-    def execute(sql: str, *args: Any, **kwargs: Any) -> Any:
-        seen.append(sql)
-        if fail is not None and fail(sql):
-            return disk_error()
-        return real_execute(sql, *args, **kwargs)
+        def execute(self, sql: str, *args: Any) -> Any:
+            seen.append(sql)
+            if fail is not None and fail(sql):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self._connection.execute(sql, *args)
 
-    monkeypatch.setattr(connection, "execute", execute)
+        def executemany(self, sql: str, rows: Any) -> Any:
+            seen.append(sql)
+            return self._connection.executemany(sql, rows)
+
+        @property
+        def in_transaction(self) -> bool:
+            return self._connection.in_transaction
+
+    def write_rows(connection: sqlite3.Connection, *args: Any) -> Any:
+        return real_write_rows(Recording(connection), *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_store, "_write_rows", write_rows)
     return seen
 
 

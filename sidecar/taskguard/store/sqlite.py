@@ -18,8 +18,10 @@ import asyncio
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -39,6 +41,8 @@ from taskguard.store.index import GuardIndex, stamp
 from taskguard.store.retention import Retention
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -150,7 +154,7 @@ class SqliteStore:
             self._db = await aiosqlite.connect(self._path, isolation_level=None)
             await self._prepare(self._db)
             await self._load(self._db)
-            await self._prune(self._revision)
+            self._oldest_event = await self._in_thread(_prune_rows, self._prune_plan(self._revision), self._revision)
             # as_uri() percent-encodes the path: a raw '#', '?' or '%' in it would end or alter the URI.
             reader_uri = f"{self._path.absolute().as_uri()}?mode=ro"
             self._reader = await aiosqlite.connect(reader_uri, uri=True, isolation_level=None)
@@ -340,22 +344,17 @@ class SqliteStore:
             )
         if not accepted:
             return
+        self._since_prune += len(event_rows)
+        prune = self._prune_plan(revision) if self._prune_due() else None
         try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            await self._db.executemany(_UPSERT_GUARD, guard_rows)
-            await self._db.executemany(_UPSERT_RUN, run_rows)
-            await self._db.executemany(_INSERT_EVENT, event_rows)
-            await self._db.execute(_SET_REVISION, (str(revision),))
-            self._since_prune += len(event_rows)
-            if self._prune_due():
-                await self._prune(revision)
-            await self._db.execute("COMMIT")
-            self.transactions += 1
+            oldest = await self._in_thread(_write_rows, guard_rows, run_rows, event_rows, revision, prune)
         except sqlite3.Error as error:
             log.error("commit of %d transitions failed: %s", len(accepted), error)
-            await self._rollback()
             self._fail([item for item, _ in accepted], StoreUnavailable(f"the database cannot commit: {error}"))
             return
+        self.transactions += 1
+        if oldest is not None:
+            self._oldest_event = oldest
         self._revision = revision
         events: list[Event] = []
         for item, committed in accepted:
@@ -377,28 +376,22 @@ class SqliteStore:
         # By count every so many events, and by age at least once a minute.
         return self._since_prune >= _PRUNE_EVERY or self._clock.monotonic() - self._last_prune >= _PRUNE_INTERVAL_S
 
-    async def _prune(self, revision: int) -> None:
-        assert self._db is not None
+    def _prune_plan(self, revision: int) -> _Prune:
         self._since_prune = 0
         self._last_prune = self._clock.monotonic()
-        await self._db.execute("DELETE FROM events WHERE revision <= ?", (revision - self._retention.max_events,))
         cutoff = self._retention.cutoff(self._clock.now_utc())
-        if cutoff is not None:
-            # Keep the newest event so the log never forgets the current revision.
-            await self._db.execute(
-                "DELETE FROM events WHERE occurred_at < ? AND revision < ?", (cutoff.isoformat(), revision)
-            )
-        async with self._db.execute("SELECT MIN(revision) FROM events") as cursor:
-            row = await cursor.fetchone()
-        self._oldest_event = int(row[0]) if row and row[0] is not None else revision + 1
+        return _Prune(revision - self._retention.max_events, cutoff.isoformat() if cutoff else None)
 
-    async def _rollback(self) -> None:
-        assert self._db is not None
-        try:
-            if self._db.in_transaction:
-                await self._db.execute("ROLLBACK")
-        except sqlite3.Error as error:
-            log.error("rollback failed: %s", error)
+    async def _in_thread(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run ``work(connection, *args)`` on aiosqlite's own thread, in one hop.
+
+        aiosqlite's public calls cost a thread hop each, and a batch needs
+        about six statements; its ``_execute`` runs a whole function there.
+        """
+        db = self._db
+        assert db is not None
+        result: _T = await db._execute(lambda: work(db._conn, *args))  # type: ignore[no-untyped-call]
+        return result
 
     async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
         return self._index.scan(prefix, after, limit)
@@ -431,3 +424,47 @@ def _why_not_writable(path: Path) -> str:
         if target.exists() and not os.access(target, os.W_OK):
             return f" ({target} is not writable: read-only file system or permissions)"
     return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Prune:
+    """Which events retention lets go: up to a revision, and (by age) before a time."""
+
+    through_revision: int
+    before: str | None
+
+
+def _write_rows(
+    connection: sqlite3.Connection,
+    guard_rows: list[tuple[str, int, str]],
+    run_rows: list[tuple[str, str, int, str]],
+    event_rows: list[tuple[int, str, str, str]],
+    revision: int,
+    prune: _Prune | None,
+) -> int | None:
+    """One batch as one transaction, on the connection's thread; the oldest event kept, if it pruned."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(_UPSERT_GUARD, guard_rows)
+        connection.executemany(_UPSERT_RUN, run_rows)
+        connection.executemany(_INSERT_EVENT, event_rows)
+        connection.execute(_SET_REVISION, (str(revision),))
+        oldest = _prune_rows(connection, prune, revision) if prune is not None else None
+        connection.execute("COMMIT")
+        return oldest
+    except BaseException:
+        if connection.in_transaction:
+            try:
+                connection.execute("ROLLBACK")
+            except sqlite3.Error as error:
+                log.error("rollback failed: %s", error)
+        raise
+
+
+def _prune_rows(connection: sqlite3.Connection, prune: _Prune, revision: int) -> int:
+    connection.execute("DELETE FROM events WHERE revision <= ?", (prune.through_revision,))
+    if prune.before is not None:
+        # Keep the newest event so the log never forgets the current revision.
+        connection.execute("DELETE FROM events WHERE occurred_at < ? AND revision < ?", (prune.before, revision))
+    row = connection.execute("SELECT MIN(revision) FROM events").fetchone()
+    return int(row[0]) if row and row[0] is not None else revision + 1
