@@ -385,6 +385,8 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> None:
         watcher = self._hub.open(wire.key_prefix(request.key_prefix))
+        # Headers now, so a client knows its watch is established before the first event.
+        await context.send_initial_metadata(())
         pump = asyncio.ensure_future(self._pump(watcher, request, context))
         overflowed = asyncio.ensure_future(watcher.overflowed.wait())
         waits: set[asyncio.Future[Any]] = {pump, overflowed, self._draining}

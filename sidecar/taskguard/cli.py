@@ -18,7 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from enum import Enum
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from taskguard import __version__, config
 from taskguard_client import (
@@ -235,7 +238,7 @@ def _client_command(command: _Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         address = args.addr or default_address()
         try:
-            with Client(address, timeout=args.timeout) as client:
+            with Client(address, timeout=args.timeout, **client_options(args)) as client:
                 return command(client, args)
         except TaskGuardError as error:
             return report(error, address, args.timeout)
@@ -327,6 +330,35 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from taskguard import doctor
+
+    try:
+        settings = config.load(args)
+    except config.ConfigError as error:
+        print(f"FAIL config: {error}")
+        return 1
+    return doctor.report(settings)
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Token and TLS credentials for the client, from flags or TASKGUARD_TOKEN(_FILE)."""
+    token = getattr(args, "token", None) or os.environ.get("TASKGUARD_TOKEN")
+    token_file = getattr(args, "token_file", None) or os.environ.get("TASKGUARD_TOKEN_FILE")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    options: dict[str, Any] = {"token": token or None}
+    ca = getattr(args, "tls_ca", None)
+    if ca:
+        cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+        options["credentials"] = grpc.ssl_channel_credentials(
+            root_certificates=Path(ca).read_bytes(),
+            private_key=Path(key).read_bytes() if key else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+        )
+    return options
+
+
 # --- parsing ------------------------------------------------------------------------------
 
 
@@ -344,6 +376,16 @@ def _connection(parser: argparse.ArgumentParser, defaults: bool) -> None:
         default=10.0 if defaults else argparse.SUPPRESS,
         help="deadline of each call to the sidecar, such as 10s or 500ms (default: 10s)",
     )
+    unset = None if defaults else argparse.SUPPRESS
+    parser.add_argument(
+        "--token-file",
+        default=unset,
+        metavar="FILE",
+        help="file with the bearer token to present (default: $TASKGUARD_TOKEN_FILE, or $TASKGUARD_TOKEN itself)",
+    )
+    parser.add_argument("--tls-ca", default=unset, metavar="PEM", help="CA that signed the sidecar's certificate (TLS)")
+    parser.add_argument("--tls-cert", default=unset, metavar="PEM", help="client certificate for mTLS")
+    parser.add_argument("--tls-key", default=unset, metavar="PEM", help="client private key for mTLS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the sidecar")
     config.add_arguments(serve)
     serve.set_defaults(run=_serve)
+    check = commands.add_parser("doctor", help="check the configuration, the database and the listener; change nothing")
+    config.add_arguments(check)
+    check.set_defaults(run=_doctor)
 
     def client_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, epilog=EPILOG)

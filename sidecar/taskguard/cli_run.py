@@ -67,7 +67,9 @@ async def _main(args: argparse.Namespace) -> int:
         return cli.EXIT_COMMAND_NOT_FOUND
     holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({os.path.basename(command[0])})"
     on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
-    async with AsyncClient(args.addr, timeout=args.timeout) as client:
+    from taskguard.cli import client_options
+
+    async with AsyncClient(args.addr, timeout=args.timeout, **client_options(args)) as client:
         try:
             async with client.hold(
                 args.key, run_id=args.run_id, ttl=args.ttl, holder=holder, on_conflict=on_conflict

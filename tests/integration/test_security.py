@@ -357,3 +357,41 @@ async def test_a_caller_acting_for_others_can_waive_its_uids_operator_role(in_pr
     await _denied(stub.ApproveRetry(pb.ApproveRetryRequest(task_key=key, approver="page"), metadata=waived))
     approved = await stub.ApproveRetry(pb.ApproveRetryRequest(task_key=key, approver="owner"))
     assert approved.guard.state == pb.GUARD_STATE_RETRY_APPROVED
+
+
+async def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "taskguard", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+async def test_the_cli_presents_a_token_and_client_certificates(
+    in_process_factory: Callable[..., Any], pki: dict[str, Path], key: str, workdir: Path
+) -> None:
+    harness: InProcess = await in_process_factory(
+        listen="127.0.0.1:0",
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_client_ca=pki["ca"],
+        operator_token=OPERATOR_TOKEN,
+    )
+    tls = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"])]
+    run = await _cli("run", key, "--addr", harness.address, *tls, "--", "false")
+    assert run.returncode == 1, run.stderr
+    denied = await _cli("approve-retry", key, "--reason", "r", "--addr", harness.address, *tls)
+    assert denied.returncode == 77 and OPERATOR_TOKEN not in denied.stderr
+    token_file = workdir / "token"
+    token_file.write_text(OPERATOR_TOKEN)
+    approved = await _cli(
+        "approve-retry", key, "--reason", "fixed", "--addr", harness.address, *tls, "--token-file", str(token_file)
+    )
+    assert approved.returncode == 0, approved.stderr
+    listed = await _cli("ls", "--json", "--addr", harness.address, *tls)
+    assert listed.returncode == 0 and '"RETRY_APPROVED"' in listed.stdout
+    plaintext = await _cli("ls", "--addr", harness.address, "--timeout", "2s")
+    assert plaintext.returncode == 69

@@ -148,3 +148,10 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_acquires_still_complete
     assert f"resume with start_revision={received[-1].revision + 1}" in details
     assert len(received) < 1001
     assert harness.sidecar.hub.watcher_count == 0
+
+
+async def test_a_watch_is_acknowledged_before_any_event(in_process: InProcess, key: str) -> None:
+    call = in_process.stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+    await asyncio.wait_for(call.initial_metadata(), TIMEOUT_S)
+    assert in_process.sidecar.hub.watcher_count == 1
+    call.cancel()

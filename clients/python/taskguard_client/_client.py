@@ -173,6 +173,8 @@ class AsyncClient:
             failing fast with UNAVAILABLE and retrying.
         holder: shown to losers of a conflict; default ``<hostname>:<pid>``.
         token: a bearer token sent with every call (``authorization`` metadata), when the sidecar wants one.
+        credentials: channel credentials for a TLS listener (``grpc.ssl_channel_credentials(...)``, with a client
+            certificate for mTLS); none means a plaintext channel (the unix socket, loopback).
         interceptors: grpc.aio client interceptors for the channel.
 
     The channel is made on first use and belongs to the event loop that used
@@ -188,6 +190,7 @@ class AsyncClient:
         wait_for_ready: bool = False,
         holder: str | None = None,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[aio.ClientInterceptor] | None = None,
     ) -> None:
         self.address = address or default_address()
@@ -196,6 +199,7 @@ class AsyncClient:
         self._wait_for_ready = wait_for_ready
         self._holder = default_holder() if holder is None else holder
         self._token = token
+        self._credentials = credentials
         self._interceptors = interceptors
         self._channel: aio.Channel | None = None
         self._stub_instance: Any = None
@@ -203,7 +207,14 @@ class AsyncClient:
     @property
     def _stub(self) -> Any:
         if self._stub_instance is None:
-            self._channel = aio.insecure_channel(self.address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
+            if self._credentials is not None:
+                self._channel = aio.secure_channel(
+                    self.address, self._credentials, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
+            else:
+                self._channel = aio.insecure_channel(
+                    self.address, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+                )
             self._stub_instance = pb_grpc.TaskGuardStub(self._channel)
         return self._stub_instance
 
@@ -502,6 +513,7 @@ class Client:
         wait_for_ready: bool = False,
         holder: str | None = None,
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[Any] | None = None,
     ) -> None:
         self.address = address or default_address()
@@ -510,7 +522,11 @@ class Client:
         self._wait_for_ready = wait_for_ready
         self._holder = default_holder() if holder is None else holder
         self._token = token
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._channel = (
+            grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        )
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub: Any = pb_grpc.TaskGuardStub(channel)
 
