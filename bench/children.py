@@ -3,9 +3,10 @@
 ``hold``: open COUNT Hold streams on keys PREFIX0..PREFIX{COUNT-1}, print one JSON line once every one is
 acquired, then hold them until killed (scenario c drops them all at once with SIGKILL) or until stdin closes.
 
-``watch``: open COUNT WatchGuards streams on every key, reading raw messages continuously without
-decoding them (a watcher that keeps up as cheaply as a client can); print ``{"opened": N}``, then
-``{"ready": N}`` once every watcher has seen an event, then on "stop" (or end of stdin) a JSON summary.
+``watch``: open COUNT WatchGuardBatches streams on every key (what the Python and Node clients' watch
+uses), reading raw messages continuously and counting the events in them without decoding them (a
+watcher that keeps up as cheaply as a client can); print ``{"opened": N}``, then ``{"ready": N}`` once
+every watcher has seen an event, then on "stop" (or end of stdin) a JSON summary.
 """
 
 from __future__ import annotations
@@ -27,22 +28,43 @@ from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
 OPEN_AT_ONCE = 500
 MAX_LIFE_S = 900.0  # a child left behind by a crashed parent still goes away
-WATCH_METHOD = "/taskguard.v1.TaskGuard/WatchGuards"
+CATCH_UP_S = 10.0
+WATCH_METHOD = "/taskguard.v1.TaskGuard/WatchGuardBatches"
+
+
+def count_batch_entries(raw: bytes) -> int:
+    """Events in an encoded GuardEventBatch: walk its field-1 entries by their lengths, decoding nothing."""
+    entries = position = 0
+    while position < len(raw):
+        position += 1  # the tag of field 1, length-delimited: 0x0a
+        length = shift = 0
+        while True:
+            byte = raw[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        position += length
+        entries += 1
+    return entries
 
 
 def say(message: dict[str, Any]) -> None:
     print(json.dumps(message), flush=True)
 
 
-async def stdin_closed_or(text: str) -> None:
-    """Return when stdin sends ``text`` as a line, or closes."""
+async def stdin_closed_or(text: str) -> str:
+    """Return the rest of the line when stdin sends a line starting with ``text``; "" when it closes."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while True:
         line = await reader.readline()
-        if not line or line.strip() == text.encode():
-            return
+        if not line:
+            return ""
+        if line.strip().split(b" ", 1)[0] == text.encode():
+            return line.decode().strip().removeprefix(text).strip()
 
 
 async def hold(target: str, prefix: str, count: int, channels_wanted: int, holder: str) -> int:
@@ -82,6 +104,9 @@ async def watch(target: str, count: int, channels_wanted: int) -> int:
     counts = [0] * count
     ended: collections.Counter[str] = collections.Counter()
     first_seen = [asyncio.Event() for _ in range(count)]
+    target = [0]  # set by "stop N": the events every watcher is to see before the summary
+    caught_up: set[int] = set()
+    all_caught_up = asyncio.Event()
     methods: list[Any] = [
         channel.unary_stream(
             WATCH_METHOD,
@@ -94,9 +119,13 @@ async def watch(target: str, count: int, channels_wanted: int) -> int:
 
     async def read(i: int) -> None:
         try:
-            async for _ in calls[i]:
-                counts[i] += 1
+            async for raw in calls[i]:
+                counts[i] += count_batch_entries(raw)
                 first_seen[i].set()
+                if target[0] and counts[i] >= target[0] and i not in caught_up:
+                    caught_up.add(i)
+                    if len(caught_up) == count:
+                        all_caught_up.set()
         except asyncio.CancelledError:
             ended["stopped"] += 1
             raise
@@ -111,7 +140,14 @@ async def watch(target: str, count: int, channels_wanted: int) -> int:
     try:
         await asyncio.wait_for(asyncio.gather(*(seen.wait() for seen in first_seen)), 60.0)
         say({"ready": count})
-        await asyncio.wait_for(stdin_closed_or("stop"), MAX_LIFE_S)
+        expected = await asyncio.wait_for(stdin_closed_or("stop"), MAX_LIFE_S)
+        # "stop N": first let every watcher receive N events (watch batches linger up to 100 ms).
+        if expected:
+            target[0] = int(expected)
+            caught_up.update(i for i in range(count) if counts[i] >= target[0])
+            if len(caught_up) < count:
+                all_caught_up.clear()
+                await asyncio.wait_for(all_caught_up.wait(), CATCH_UP_S)
     except TimeoutError:
         pass
     ended_early = dict(ended)

@@ -489,7 +489,9 @@ async def scenario_d(args: argparse.Namespace, pids: dict[str, int]) -> None:
                 )
                 watch_cpu = cpu_s(watching.pid) - watch_cpu_before
                 assert watching.stdin is not None
-                watching.stdin.write(b"stop\n")
+                # Every cycle is an ACQUIRED and a RELEASED event each watcher must see before it stops.
+                seen_by_all = 2 * runs[watchers][-1].all_cycles
+                watching.stdin.write(f"stop {seen_by_all}\n".encode())
                 await watching.stdin.drain()
                 summaries[watchers].append({**await child_says(watching, "events"), "cpu_s": watch_cpu})
     for watchers in args.watchers:

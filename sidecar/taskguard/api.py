@@ -43,6 +43,8 @@ _LIST_SCAN_CHUNK = 512
 
 # Encoded events kept for watchers that are a little behind the others.
 _ENCODED_EVENTS_KEPT = 4096
+# Events in one WatchGuardBatches message at most (well under the 4 MiB a client takes by default).
+_BATCH_EVENTS = 256
 
 _HOLD_DROPPED = "the holder's Hold stream ended without a release"
 
@@ -384,10 +386,21 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def WatchGuards(
         self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> None:
+        await self._watch(request, context, batched=False)
+
+    @_answer
+    async def WatchGuardBatches(
+        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
+    ) -> None:
+        await self._watch(request, context, batched=True)
+
+    async def _watch(
+        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], batched: bool
+    ) -> None:
         watcher = self._hub.open(wire.key_prefix(request.key_prefix))
         # Headers now, so a client knows its watch is established before the first event.
         await context.send_initial_metadata(())
-        pump = asyncio.ensure_future(self._pump(watcher, request, context))
+        pump = asyncio.ensure_future(self._pump(watcher, request, context, batched))
         overflowed = asyncio.ensure_future(watcher.overflowed.wait())
         waits: set[asyncio.Future[Any]] = {pump, overflowed, self._draining}
         try:
@@ -404,12 +417,17 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             self._hub.close(watcher)
 
     async def _pump(
-        self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any]
+        self, watcher: Watcher, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], batched: bool
     ) -> None:
-        async for event in self._hub.stream(watcher, request.start_revision, request.include_snapshot):
-            await context.write(self._encoded(event))
-            if event.type is not core.EventType.SNAPSHOT:
-                watcher.delivered = event.revision
+        limit = _BATCH_EVENTS if batched else 1
+        async for batch in self._hub.batches(watcher, request.start_revision, request.include_snapshot, limit):
+            if batched:
+                # A repeated field's entries concatenate: the batch is its events' cached bytes, each framed as field 1.
+                await context.write(b"".join(_as_batch_entry(self._encoded(event)) for event in batch))
+            else:
+                await context.write(self._encoded(batch[0]))
+            if batch[-1].type is not core.EventType.SNAPSHOT:
+                watcher.delivered = batch[-1].revision
 
     def _encoded(self, event: core.Event) -> bytes:
         """The event as wire bytes, built once however many watchers send it."""
@@ -457,6 +475,20 @@ def register(service: TaskGuardService, server: aio.Server) -> None:
             response_serializer=_encode,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _as_batch_entry(encoded_event: bytes) -> bytes:
+    """One entry of GuardEventBatch.events: tag of field 1 (length-delimited), length, bytes."""
+    return b"\x0a" + _varint(len(encoded_event)) + encoded_event
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _encode(message: Any) -> bytes:

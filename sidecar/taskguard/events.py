@@ -19,6 +19,7 @@ from taskguard.core import Event, EventType, GuardRecord
 from taskguard.store import Store
 
 _REPLAY_PAGE = 256
+_BATCH_LINGER_S = 0.1
 
 
 class WatchOverflow(Exception):
@@ -58,7 +59,7 @@ class Watcher:
     def offer(self, events: Sequence[Event]) -> None:
         if self.dropped or self.overflowed.is_set():
             return
-        matching = [event for event in events if event.task_key.startswith(self.prefix)]
+        matching = [event for event in events if event.task_key.startswith(self.prefix)] if self.prefix else events
         if not matching:
             return
         if len(self.buffer) + len(matching) > self.capacity:
@@ -140,8 +141,18 @@ class EventHub:
         self._watchers.discard(watcher)
 
     async def stream(self, watcher: Watcher, start_revision: int, include_snapshot: bool) -> AsyncIterator[Event]:
+        """Events for ``watcher`` one by one; see ``batches``."""
+        async for batch in self.batches(watcher, start_revision, include_snapshot):
+            for event in batch:
+                yield event
+
+    async def batches(
+        self, watcher: Watcher, start_revision: int, include_snapshot: bool, limit: int = _REPLAY_PAGE
+    ) -> AsyncIterator[list[Event]]:
         """Events for ``watcher``: snapshot, then history from ``start_revision``, then live.
 
+        Each batch is whatever is ready, up to ``limit`` events: a page of the
+        snapshot or the log, or everything buffered since the last one.
         Raises RevisionCompacted when ``start_revision`` is older than the log
         keeps, and WatchOverflow when the watcher fell behind its buffer.
         """
@@ -149,11 +160,11 @@ class EventHub:
         watcher.last_revision = head if start_revision == 0 else start_revision - 1
         watcher.delivered = watcher.last_revision
         if include_snapshot:
-            async for event in self._snapshot(watcher.prefix, head):
-                yield event
+            async for page in self._snapshot(watcher.prefix, head, limit):
+                yield page
         while True:
-            async for event in self._replay(watcher, head):
-                yield event
+            async for page in self._replay(watcher, head, limit):
+                yield page
             if not watcher.dropped:
                 break
             # The buffer was dropped while we caught up; it restarts empty
@@ -161,36 +172,54 @@ class EventHub:
             watcher.dropped = False
             head = self._store.revision
         watcher.live = True
+        loop = asyncio.get_running_loop()
+        last_sent = 0.0
         while True:
-            while watcher.buffer:
+            if limit > 1 and len(watcher.buffer) < limit:
+                # Like Nagle: a watcher that sent a batch moments ago waits out the rest of the
+                # linger, so a busy stream gathers many events per message (one message costs a
+                # watcher about as much as its events), while a quiet one is not delayed at all.
+                wait = last_sent + _BATCH_LINGER_S - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            batch: list[Event] = []
+            while watcher.buffer and len(batch) < limit:
                 event = watcher.buffer.popleft()
-                if event.revision <= watcher.last_revision:
-                    continue
-                watcher.last_revision = event.revision
-                yield event
+                if event.revision > watcher.last_revision:
+                    watcher.last_revision = event.revision
+                    batch.append(event)
+            if batch:
+                last_sent = loop.time()
+                yield batch
+                continue
             if watcher.overflowed.is_set():
                 raise WatchOverflow(watcher.last_revision)
             watcher.wakeup.clear()
             await watcher.wakeup.wait()
 
-    async def _snapshot(self, prefix: str, head: int) -> AsyncIterator[Event]:
+    async def _snapshot(self, prefix: str, head: int, limit: int) -> AsyncIterator[list[Event]]:
         after = ""
         while True:
-            page = await self._store.scan(prefix, after, _REPLAY_PAGE)
-            for record in page:
-                yield Event(EventType.SNAPSHOT, record, record.heartbeat_at, revision=head)
-            if len(page) < _REPLAY_PAGE:
+            page = await self._store.scan(prefix, after, limit)
+            if page:
+                yield [Event(EventType.SNAPSHOT, record, record.heartbeat_at, revision=head) for record in page]
+            if len(page) < limit:
                 return
             after = page[-1].task_key
 
-    async def _replay(self, watcher: Watcher, head: int) -> AsyncIterator[Event]:
+    async def _replay(self, watcher: Watcher, head: int, limit: int) -> AsyncIterator[list[Event]]:
         while watcher.last_revision < head:
-            page = await self._store.events_since(watcher.last_revision + 1, _REPLAY_PAGE)
+            page = await self._store.events_since(watcher.last_revision + 1, limit)
             if not page:
                 return
+            batch: list[Event] = []
             for event in page:
                 if event.revision > head:
-                    return
+                    break
                 watcher.last_revision = event.revision
                 if event.task_key.startswith(watcher.prefix):
-                    yield event
+                    batch.append(event)
+            if batch:
+                yield batch
+            if page[-1].revision > head:
+                return

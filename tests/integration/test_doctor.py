@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable
 
 from grpc import aio
-from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import ROOT, SidecarProcess, acquire
 
 

@@ -155,3 +155,19 @@ async def test_a_watch_is_acknowledged_before_any_event(in_process: InProcess, k
     await asyncio.wait_for(call.initial_metadata(), TIMEOUT_S)
     assert in_process.sidecar.hub.watcher_count == 1
     call.cancel()
+
+
+async def test_batched_watch_carries_exactly_the_events_of_the_plain_one(in_process: InProcess, key: str) -> None:
+    stub = in_process.stub
+    start = (await acquire(stub, f"{key}/0")).guard.revision
+    await asyncio.gather(*(acquire(stub, f"{key}/{i}") for i in range(1, 300)))
+    plain = await watch_until(stub, lambda seen: len(seen) == 300, key_prefix=key, start_revision=start)
+    batches: list[pb.GuardEventBatch] = []
+    call = stub.WatchGuardBatches(pb.WatchGuardsRequest(key_prefix=key, start_revision=start, include_snapshot=True))
+    while sum(len(batch.events) for batch in batches) < 600:
+        batches.append(await _next(call))
+    call.cancel()
+    flattened = [event for batch in batches for event in batch.events]
+    assert [e.type for e in flattened[:300]] == [pb.GUARD_EVENT_TYPE_SNAPSHOT] * 300
+    assert flattened[300:] == plain
+    assert len(batches) < 20, "300 ready events should come in a few messages, not one each"

@@ -1042,7 +1042,8 @@ export class Client {
         startRevision: snapshotting ? 0 : from,
         includeSnapshot: snapshotting,
       };
-      const call = this.#stub.watchGuards(request, await this.#metadata());
+      // Batches: a busy sidecar sends many events a message, which is what lets a watcher keep up.
+      const call = this.#stub.watchGuardBatches(request, await this.#metadata());
       const stop = () => call.cancel();
       signal?.addEventListener("abort", stop, { once: true });
       if (signal?.aborted) {
@@ -1051,27 +1052,28 @@ export class Client {
       let failure: TaskGuardError | undefined;
       try {
         for await (const message of call) {
-          const event = message as pb.GuardEvent;
           attempt = 0;
-          if (event.type === "GUARD_EVENT_TYPE_SNAPSHOT") {
-            const guard = event.guard;
-            if (guard === undefined || snapshot.get(guard.taskKey) === guard.revision) {
-              continue; // yielded before the stream broke, and unchanged since
+          for (const event of (message as pb.GuardEventBatch).events) {
+            if (event.type === "GUARD_EVENT_TYPE_SNAPSHOT") {
+              const guard = event.guard;
+              if (guard === undefined || snapshot.get(guard.taskKey) === guard.revision) {
+                continue; // yielded before the stream broke, and unchanged since
+              }
+              snapshot.set(guard.taskKey, guard.revision);
+              from = Math.max(from, event.revision + 1);
+              yield eventFromWire(event);
+              continue;
             }
-            snapshot.set(guard.taskKey, guard.revision);
-            from = Math.max(from, event.revision + 1);
+            if (snapshotting) {
+              snapshotting = false;
+              snapshot.clear();
+            }
+            if (event.revision < from) {
+              continue;
+            }
+            from = event.revision + 1;
             yield eventFromWire(event);
-            continue;
           }
-          if (snapshotting) {
-            snapshotting = false;
-            snapshot.clear();
-          }
-          if (event.revision < from) {
-            continue;
-          }
-          from = event.revision + 1;
-          yield eventFromWire(event);
         }
       } catch (error) {
         failure = fromCallError(error);

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import timedelta
@@ -428,6 +429,7 @@ class AsyncWatch:
         self._client = client
         self._position = position
         self._call: Any = None
+        self._pending: deque[pb.GuardEvent] = deque()
         self._checked = not probe
         self._closed = False
 
@@ -442,6 +444,10 @@ class AsyncWatch:
     async def __anext__(self) -> GuardEvent:
         delays = self._client._retry.delays()
         while not self._closed:
+            while self._pending:
+                event = self._position.take(self._pending.popleft())
+                if event is not None:
+                    return event
             if self._call is None:
                 await self._connect()
             try:
@@ -461,9 +467,7 @@ class AsyncWatch:
                 self._call = None
                 await asyncio.sleep(next(delays))
                 continue
-            event = self._position.take(message)
-            if event is not None:
-                return event
+            self._pending.extend(message.events)
         raise StopAsyncIteration
 
     async def _connect(self) -> None:
@@ -473,7 +477,8 @@ class AsyncWatch:
             await client._unary("ListGuards", probe)
             self._checked = True
         request = self._position.request()
-        self._call = client._stub.WatchGuards(request, metadata=client._metadata(), wait_for_ready=True)
+        # Batches: a busy sidecar sends many events a message, which is what lets a watcher keep up.
+        self._call = client._stub.WatchGuardBatches(request, metadata=client._metadata(), wait_for_ready=True)
 
     async def aclose(self) -> None:
         await self.close()
@@ -700,6 +705,7 @@ class Watch:
         self._client = client
         self._position = position
         self._call: Any = None
+        self._pending: deque[pb.GuardEvent] = deque()
         self._checked = not probe
         self._closed = False
 
@@ -713,6 +719,10 @@ class Watch:
     def __next__(self) -> GuardEvent:
         delays = self._client._retry.delays()
         while not self._closed:
+            while self._pending:
+                event = self._position.take(self._pending.popleft())
+                if event is not None:
+                    return event
             if self._call is None:
                 self._connect()
             try:
@@ -730,9 +740,7 @@ class Watch:
                     raise _errors.from_rpc_error(error) from error
                 time.sleep(next(delays))
                 continue
-            event = self._position.take(message)
-            if event is not None:
-                return event
+            self._pending.extend(message.events)
         raise StopIteration
 
     def _connect(self) -> None:
@@ -741,7 +749,7 @@ class Watch:
             client._unary("ListGuards", pb.ListGuardsRequest(key_prefix=self._position.prefix, page_size=1))
             self._checked = True
         request = self._position.request()
-        self._call = client._stub.WatchGuards(request, metadata=client._metadata(), wait_for_ready=True)
+        self._call = client._stub.WatchGuardBatches(request, metadata=client._metadata(), wait_for_ready=True)
 
     def close(self) -> None:
         """Stop watching; may be called from another thread to end a blocked iteration."""

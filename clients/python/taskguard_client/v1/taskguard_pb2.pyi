@@ -370,3 +370,9 @@ class GuardEvent(_message.Message):
     actor: str
     reason: str
     def __init__(self, revision: _Optional[int] = ..., type: _Optional[_Union[GuardEventType, str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., trigger_run_id: _Optional[str] = ..., trigger_holder: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GuardEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[GuardEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[GuardEvent, _Mapping]]] = ...) -> None: ...

@@ -84,6 +84,11 @@ class TaskGuardStub:
                 request_serializer=taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.SerializeToString,
                 response_deserializer=taskguard_dot_v1_dot_taskguard__pb2.GuardEvent.FromString,
                 _registered_method=True)
+        self.WatchGuardBatches = channel.unary_stream(
+                '/taskguard.v1.TaskGuard/WatchGuardBatches',
+                request_serializer=taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.SerializeToString,
+                response_deserializer=taskguard_dot_v1_dot_taskguard__pb2.GuardEventBatch.FromString,
+                _registered_method=True)
 
 
 class TaskGuardServicer:
@@ -160,6 +165,15 @@ class TaskGuardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchGuardBatches(self, request, context):
+        """The same events, several to a message when they come faster than one
+        message each can be sent (as etcd's WatchResponse carries many events):
+        for watchers that must keep up with a busy sidecar.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskGuardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +226,11 @@ def add_TaskGuardServicer_to_server(servicer, server):
                     servicer.WatchGuards,
                     request_deserializer=taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.FromString,
                     response_serializer=taskguard_dot_v1_dot_taskguard__pb2.GuardEvent.SerializeToString,
+            ),
+            'WatchGuardBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchGuardBatches,
+                    request_deserializer=taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.FromString,
+                    response_serializer=taskguard_dot_v1_dot_taskguard__pb2.GuardEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -484,6 +503,33 @@ class TaskGuard:
             '/taskguard.v1.TaskGuard/WatchGuards',
             taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.SerializeToString,
             taskguard_dot_v1_dot_taskguard__pb2.GuardEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchGuardBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskguard.v1.TaskGuard/WatchGuardBatches',
+            taskguard_dot_v1_dot_taskguard__pb2.WatchGuardsRequest.SerializeToString,
+            taskguard_dot_v1_dot_taskguard__pb2.GuardEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

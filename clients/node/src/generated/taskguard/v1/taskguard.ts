@@ -722,6 +722,11 @@ export interface GuardEvent {
   reason: string;
 }
 
+export interface GuardEventBatch {
+  /** In revision order; together, exactly what WatchGuards would have sent. */
+  events: GuardEvent[];
+}
+
 function createBaseGuard(): Guard {
   return {
     taskKey: "",
@@ -2922,6 +2927,61 @@ export const GuardEvent: MessageFns<GuardEvent> = {
   },
 };
 
+function createBaseGuardEventBatch(): GuardEventBatch {
+  return { events: [] };
+}
+
+export const GuardEventBatch: MessageFns<GuardEventBatch> = {
+  encode(message: GuardEventBatch, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.events) {
+      GuardEvent.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GuardEventBatch {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGuardEventBatch();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.events.push(GuardEvent.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<GuardEventBatch>, I>>(base?: I): GuardEventBatch {
+    return GuardEventBatch.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<GuardEventBatch>, I>>(object: I): GuardEventBatch {
+    const message = createBaseGuardEventBatch();
+    message.events = object.events?.map((e) => GuardEvent.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 export type TaskGuardService = typeof TaskGuardService;
 export const TaskGuardService = {
   /**
@@ -3033,6 +3093,20 @@ export const TaskGuardService = {
     responseSerialize: (value: GuardEvent): Buffer => Buffer.from(GuardEvent.encode(value).finish()),
     responseDeserialize: (value: Buffer): GuardEvent => GuardEvent.decode(value),
   },
+  /**
+   * The same events, several to a message when they come faster than one
+   * message each can be sent (as etcd's WatchResponse carries many events):
+   * for watchers that must keep up with a busy sidecar.
+   */
+  watchGuardBatches: {
+    path: "/taskguard.v1.TaskGuard/WatchGuardBatches" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: WatchGuardsRequest): Buffer => Buffer.from(WatchGuardsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): WatchGuardsRequest => WatchGuardsRequest.decode(value),
+    responseSerialize: (value: GuardEventBatch): Buffer => Buffer.from(GuardEventBatch.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GuardEventBatch => GuardEventBatch.decode(value),
+  },
 } as const;
 
 export interface TaskGuardServer extends UntypedServiceImplementation {
@@ -3063,6 +3137,12 @@ export interface TaskGuardServer extends UntypedServiceImplementation {
   checkFence: handleUnaryCall<CheckFenceRequest, CheckFenceResponse>;
   /** Live guard events, resumable by revision. */
   watchGuards: handleServerStreamingCall<WatchGuardsRequest, GuardEvent>;
+  /**
+   * The same events, several to a message when they come faster than one
+   * message each can be sent (as etcd's WatchResponse carries many events):
+   * for watchers that must keep up with a busy sidecar.
+   */
+  watchGuardBatches: handleServerStreamingCall<WatchGuardsRequest, GuardEventBatch>;
 }
 
 export interface TaskGuardClient extends Client {
@@ -3209,6 +3289,17 @@ export interface TaskGuardClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<GuardEvent>;
+  /**
+   * The same events, several to a message when they come faster than one
+   * message each can be sent (as etcd's WatchResponse carries many events):
+   * for watchers that must keep up with a busy sidecar.
+   */
+  watchGuardBatches(request: WatchGuardsRequest, options?: Partial<CallOptions>): ClientReadableStream<GuardEventBatch>;
+  watchGuardBatches(
+    request: WatchGuardsRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<GuardEventBatch>;
 }
 
 export const TaskGuardClient = makeGenericClientConstructor(TaskGuardService, "taskguard.v1.TaskGuard") as unknown as {
