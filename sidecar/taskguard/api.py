@@ -113,10 +113,9 @@ def _answer(
 
     @functools.wraps(method)
     async def answered(self: TaskGuardService, request: _Request, context: aio.ServicerContext[Any, Any]) -> _Response:
-        metadata = context.invocation_metadata()
-        with self.telemetry.rpc(name, metadata) as span:
+        with self.telemetry.rpc(name, context.invocation_metadata()) as span:
             try:
-                caller = self.authorizer.identify(context.peer(), metadata, _common_names(context))
+                caller = self.authorizer.identify(context.peer(), context.invocation_metadata(), _common_names(context))
                 self.authorizer.check(name, caller)
                 _decoded(request)
                 response = await method(self, request, context, Call(span, caller))
@@ -254,28 +253,52 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         )
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
-        reader: asyncio.Task[Any] | None = None
-        draining = self._draining
+        await self._hold_loop(session, session.ended, context)
+
+    async def _hold_loop(
+        self, session: HoldSession, ended: asyncio.Future[GuardRecord], context: aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Serve heartbeats and the release until the stream, the run or the sidecar ends.
+
+        The handler itself waits in ``context.read()``; the end of the run or a
+        drain interrupts that read by cancelling it. (A reader task per stream
+        would cost kilobytes each, and 10,000 held streams add up.)
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+        parked = False
+
+        def interrupt(_: object) -> None:
+            if parked:
+                handler.cancel()
+
+        ended.add_done_callback(interrupt)
+        self._draining.add_done_callback(interrupt)
         try:
             while True:
-                reader = reader or asyncio.ensure_future(context.read())
-                waits: set[asyncio.Future[Any]] = {reader, session.ended, draining}
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if draining.done():
+                if self._draining.done():
                     raise Draining()
-                if session.ended.done():
+                if ended.done():
                     await self._hold_ended(session, context)
                     return
-                message = reader.result()
-                reader = None
+                parked = True
+                try:
+                    message = await context.read()
+                except asyncio.CancelledError:
+                    # Ours (the run ended, the sidecar drains) unless someone else cancels too.
+                    if handler.uncancel() > 0 or not (ended.done() or self._draining.done()):
+                        raise
+                    continue
+                finally:
+                    parked = False
                 _decoded(message)
                 if not isinstance(message, pb.HoldRequest):
                     return  # the client half-closed without a release; the session abandons
                 if await self._hold_step(session, message, context):
                     return
         finally:
-            if reader is not None:
-                reader.cancel()
+            ended.remove_done_callback(interrupt)
+            self._draining.remove_done_callback(interrupt)
 
     async def _hold_ended(self, session: HoldSession, context: aio.ServicerContext[Any, Any]) -> None:
         assert session.ended is not None

@@ -99,6 +99,7 @@ class RpcSpan:
 
 
 _NO_SPAN = RpcSpan()
+_NO_SPAN_CONTEXT = contextlib.nullcontext(_NO_SPAN)
 
 
 class _RecordingRpcSpan(RpcSpan):
@@ -189,12 +190,16 @@ class Telemetry:
 
     # --- RPC spans --------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def rpc(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Iterator[RpcSpan]:
+    def rpc(
+        self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> contextlib.AbstractContextManager[RpcSpan]:
         """A SERVER span for one RPC, current for its duration, child of the caller's traceparent."""
         if not self.enabled:
-            yield _NO_SPAN
-            return
+            return _NO_SPAN_CONTEXT  # shared and stateless: an idle Hold stream keeps nothing of it
+        return self._recording_rpc(method, metadata)
+
+    @contextlib.contextmanager
+    def _recording_rpc(self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> Iterator[RpcSpan]:
         carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
         parent = propagate.extract(carrier)
         with self._tracer.start_as_current_span(
