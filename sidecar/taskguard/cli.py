@@ -330,6 +330,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from taskguard.dashboard import app
+
+    address = args.addr or default_address()
+    return app.main(args, address, {**client_options(args), "timeout": args.timeout})
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from taskguard import doctor
 
@@ -462,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="fail",
         help="when another run holds the guard: exit 75 (fail), wait for it and exit 0 if it succeeded"
         " (wait), or exit 0 (skip)",
+    )
+
+    dashboard = client_command("dashboard", "serve a live web page of the guards for operators", _dashboard)
+    dashboard.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to serve (default: 127.0.0.1:8080)"
+    )
+    dashboard.add_argument("--allow-remote", action="store_true", help="allow a --listen that is not loopback")
+    dashboard.add_argument(
+        "--stale-after",
+        type=_duration,
+        default=120.0,
+        metavar="D",
+        help="mark RUNNING guards silent this long stale, like the sidecar's stale_after (default: 120s)",
     )
     return parser
 
