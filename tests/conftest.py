@@ -15,6 +15,7 @@ from grpc import aio
 from taskguard import config, server
 from taskguard.clock import Clock, ManualClock
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+from tests.etcd_cluster import EtcdCluster
 from tests.support import InProcess, SidecarProcess
 
 
@@ -31,12 +32,44 @@ def key() -> str:
     return f"t-{uuid.uuid4().hex}::job"
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked ``backends("sqlite", "etcd")`` run every test once per store."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "store_backend" in metafunc.fixturenames:
+        metafunc.parametrize("store_backend", marker.args, indirect=True)
+
+
 @pytest.fixture
-def sidecar_factory(workdir: Path) -> Iterator[Callable[..., SidecarProcess]]:
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """The store real sidecars of this test use: sqlite unless the module runs under ``backends(...)``."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member for the whole session; each test gets a key prefix of its own."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def store_args(store_backend: str, request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """``serve`` flags that put this test's guards in its backend (a fresh etcd prefix each test)."""
+    if store_backend != "etcd":
+        return ()
+    cluster: EtcdCluster = request.getfixturevalue("etcd_server")
+    # A short sidecar lease: the tests that kill sidecars wait it out.
+    return ("--store", cluster.url, "--etcd-prefix", f"/t-{uuid.uuid4().hex}/", "--etcd-lease-ttl", "2s")
+
+
+@pytest.fixture
+def sidecar_factory(workdir: Path, store_args: tuple[str, ...]) -> Iterator[Callable[..., SidecarProcess]]:
     started: list[SidecarProcess] = []
 
     def make(*args: str, start: bool = True) -> SidecarProcess:
-        sidecar = SidecarProcess(workdir, tuple(args))
+        sidecar = SidecarProcess(workdir, (*store_args, *args))
         started.append(sidecar)
         if start:
             sidecar.start()
@@ -59,9 +92,14 @@ async def stub(sidecar: SidecarProcess) -> AsyncIterator[pb_grpc.TaskGuardStub]:
 
 
 @pytest.fixture
-def settings_for(workdir: Path) -> Callable[..., config.Settings]:
+def settings_for(workdir: Path, store_args: tuple[str, ...]) -> Callable[..., config.Settings]:
+    store: dict[str, Any] = {}
+    if store_args:
+        flags = dict(zip(store_args[::2], store_args[1::2], strict=True))
+        store = {"store": flags["--store"], "etcd_prefix": flags["--etcd-prefix"], "etcd_lease_ttl_s": 2.0}
+
     def make(**overrides: Any) -> config.Settings:
-        values: dict[str, Any] = {"listen": f"unix:{workdir / 'in.sock'}", "db": workdir / "in.db"}
+        values: dict[str, Any] = {"listen": f"unix:{workdir / 'in.sock'}", "db": workdir / "in.db", **store}
         values.update(overrides)
         return config.default_settings(**values)
 

@@ -26,7 +26,7 @@ from taskguard.core import GuardRecord, Rejected, RejectionKind
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HolderLimit, HoldSession, LeaseKeeper
-from taskguard.store import RevisionCompacted, StoreUnavailable
+from taskguard.store import GuardLost, RevisionCompacted, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
@@ -75,6 +75,8 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     match error:
         case wire.BadRequest() | Refused():
             return _REJECTION_STATUS[error.rejection.kind], error.rejection.message
+        case GuardLost():
+            return grpc.StatusCode.FAILED_PRECONDITION, f"lease_id: lease lost: {error}"
         case StoreUnavailable():
             return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {error}"
         case RevisionCompacted():

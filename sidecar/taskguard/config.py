@@ -20,6 +20,7 @@ from typing import Any
 
 from taskguard.auth import AuthSettings
 from taskguard.core import Policy
+from taskguard.store.etcd import EtcdSettings
 from taskguard.store.retention import Retention
 from taskguard.telemetry import TelemetrySettings
 
@@ -28,6 +29,15 @@ ENV_PREFIX = "TASKGUARD_"
 
 class ConfigError(Exception):
     pass
+
+
+def _is_etcd_url(value: str) -> bool:
+    scheme, _, hosts = value.partition("://")
+    return (
+        scheme in ("etcd", "etcds")
+        and all(host.rpartition(":")[2].isdigit() for host in hosts.rstrip("/").split(",") if host)
+        and bool(hosts.strip("/,"))
+    )
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -93,6 +103,15 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_streams_per_connection: int = 4096
     max_guards_per_holder: int = 10_000
+    # The etcd store (store = "etcd://host:port,..."): guards shared by the sidecars of many hosts.
+    etcd_prefix: str = "/taskguard/"
+    etcd_lease_ttl_s: float = 10.0
+    etcd_timeout_s: float = 5.0
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
     # Not a setting anyone types: tests hand in in-memory exporters here.
     telemetry_overrides: TelemetrySettings | None = None
 
@@ -126,6 +145,20 @@ class Settings:
         # Tokens stay out of logs and tracebacks.
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _SECRETS}
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    @property
+    def etcd(self) -> EtcdSettings:
+        return EtcdSettings.from_url(
+            self.store,
+            prefix=self.etcd_prefix,
+            lease_ttl_s=max(1, round(self.etcd_lease_ttl_s)),
+            timeout_s=self.etcd_timeout_s,
+            ca=self.etcd_ca,
+            cert=self.etcd_cert,
+            key=self.etcd_key,
+            user=self.etcd_user,
+            password=_read_secret(self.etcd_password_file, "etcd_password_file"),
+        )
 
     @property
     def retention(self) -> Retention:
@@ -230,7 +263,12 @@ def _non_negative(value: float) -> bool:
 _RULES: dict[str, _Rule] = {
     "listen": _Rule(str, lambda v: bool(v), "must be host:port or unix:PATH", "address to listen on"),
     "db": _Rule(_parse_path, lambda v: bool(str(v)), "must be a file path", "SQLite database file"),
-    "store": _Rule(str, lambda v: v in ("sqlite", "memory"), "must be sqlite or memory", "storage backend"),
+    "store": _Rule(
+        str,
+        lambda v: v in ("sqlite", "memory") or _is_etcd_url(v),
+        "must be sqlite, memory or etcd://host:port[,host:port...]",
+        "storage backend: the embedded SQLite file, memory (tests), or an etcd cluster shared by many hosts",
+    ),
     "default_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "TTL of unary leases"),
     "max_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "largest TTL a caller may ask"),
     "stale_after_s": _Rule(
@@ -304,6 +342,18 @@ _RULES: dict[str, _Rule] = {
     "max_guards_per_holder": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "RUNNING guards one holder may have at once"
     ),
+    "etcd_prefix": _Rule(
+        str, lambda v: v.startswith("/") and v.endswith("/"), "must start and end with /", "etcd key prefix"
+    ),
+    "etcd_lease_ttl_s": _Rule(
+        parse_duration_s, lambda v: 1 <= v <= 3600, "must be a duration from 1s to 1h", "this sidecar's etcd lease"
+    ),
+    "etcd_timeout_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "deadline of each etcd call"),
+    "etcd_ca": _Rule(_parse_path, lambda v: True, "must be a file path", "CA of etcd's certificates (TLS)"),
+    "etcd_cert": _Rule(_parse_path, lambda v: True, "must be a file path", "client certificate for etcd (mTLS)"),
+    "etcd_key": _Rule(_parse_path, lambda v: True, "must be a file path", "client key for etcd (mTLS)"),
+    "etcd_user": _Rule(str, lambda v: True, "", "etcd user (etcd auth)"),
+    "etcd_password_file": _Rule(_parse_path, lambda v: True, "must be a file path", "file holding the etcd password"),
     "log_level": _Rule(
         str.lower,
         lambda v: v in ("debug", "info", "warning", "error"),

@@ -200,16 +200,19 @@ class EventHub:
     async def _snapshot(self, prefix: str, head: int, limit: int) -> AsyncIterator[list[Event]]:
         after = ""
         while True:
-            page = await self._store.scan(prefix, after, limit)
-            if page:
-                yield [Event(EventType.SNAPSHOT, record, record.heartbeat_at, revision=head) for record in page]
-            if len(page) < limit:
+            page = await self._store.scan(prefix, after, _REPLAY_PAGE)
+            snapshot = [Event(EventType.SNAPSHOT, record, record.heartbeat_at, revision=head) for record in page]
+            for start in range(0, len(snapshot), limit):
+                yield snapshot[start : start + limit]
+            if len(page) < _REPLAY_PAGE:
                 return
             after = page[-1].task_key
 
     async def _replay(self, watcher: Watcher, head: int, limit: int) -> AsyncIterator[list[Event]]:
+        # Pages are read at their own size, whatever the batch size: a one-event batch must not
+        # cost one read of the log (for etcd, one short-lived watch) per event.
         while watcher.last_revision < head:
-            page = await self._store.events_since(watcher.last_revision + 1, limit)
+            page = await self._store.events_since(watcher.last_revision + 1, _REPLAY_PAGE)
             if not page:
                 return
             batch: list[Event] = []
@@ -219,6 +222,9 @@ class EventHub:
                 watcher.last_revision = event.revision
                 if event.task_key.startswith(watcher.prefix):
                     batch.append(event)
+                if len(batch) == limit:
+                    yield batch
+                    batch = []
             if batch:
                 yield batch
             if page[-1].revision > head:

@@ -24,6 +24,7 @@ import heapq
 import logging
 from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from taskguard import core
@@ -61,10 +62,12 @@ class LeaseKeeper:
         """Arm every deadline found in the store and give orphaned stream holders the resume grace."""
         loop = asyncio.get_running_loop()
         grace = self._engine.policy.resume_grace_s
-        for record in await self._engine.store.running():
+        store = self._engine.store
+        for record in await store.running():
             self.arm(record)
             self._held_by[record.holder] += 1
-            if record.stream_bound and record.task_key not in self._attached:
+        for record in await store.unowned_stream_guards():
+            if record.task_key not in self._attached:
                 self._orphans[record.task_key] = loop.call_later(
                     grace,
                     self._abandon_orphan,
@@ -72,6 +75,8 @@ class LeaseKeeper:
                     record.fencing_token,
                     f"holder did not resume within {grace:g}s after a sidecar restart",
                 )
+        store.set_owner_loss_handler(self._owner_lost)
+        store.set_lease_loss_handler(self._lease_lost)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
 
     async def stop(self) -> None:
@@ -196,6 +201,19 @@ class LeaseKeeper:
         if self._attached.get(record.task_key) == (record.fencing_token, stream):
             del self._attached[record.task_key]
 
+    def _owner_lost(self, key: str, token: int) -> None:
+        """The sidecar holding a stream-bound guard is gone (a shared store says so): abandon its run."""
+        if self._attached.get(key, (None,))[0] == token and not self._stopping:
+            return  # ours, and still attached here: a stale notice about a lease we replaced
+        reason = "the sidecar that held its Hold stream is gone (its store lease expired)"
+        self._spawn(self._engine.execute(Abandon(key, token, reason)))
+
+    def _lease_lost(self) -> None:
+        """This sidecar lost its lease on a shared store: its streams can no longer be said to hold anything."""
+        for _, stream in list(self._attached.values()):
+            if isinstance(stream, HoldSession):
+                stream.lose("this sidecar lost its lease on the shared store; another may take the guard")
+
     def _abandon_orphan(self, key: str, token: int, reason: str) -> None:
         self._orphans.pop(key, None)
         if key not in self._attached:
@@ -274,6 +292,14 @@ class HoldSession:
             if self.ended is not None:
                 self.ended.cancel()
         return result
+
+    def lose(self, why: str) -> None:
+        """End the session as lost without the store's word (the store cannot be reached to say so)."""
+        if self.held is None or self.ended is None or self.ended.done():
+            return
+        self.ended.set_result(
+            replace(self.held, state=core.GuardState.ABANDONED, last_detail=why, released_at=self.held.heartbeat_at)
+        )
 
     def close(self, reason: str) -> None:
         """The stream is over; abandon the run unless it was released or lost already."""

@@ -23,6 +23,7 @@ from taskguard.events import EventHub
 from taskguard.leases import LeaseKeeper
 from taskguard.listener import Listener
 from taskguard.store import Store
+from taskguard.store.etcd import EtcdStore
 from taskguard.store.memory import MemoryStore
 from taskguard.store.sqlite import SqliteStore
 from taskguard.telemetry import Telemetry
@@ -47,6 +48,8 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
 def open_store(settings: Settings, clock: Clock) -> Store:
     if settings.store == "memory":
         return MemoryStore(clock, settings.retention)
+    if settings.store.startswith(("etcd://", "etcds://")):
+        return EtcdStore(settings.etcd, clock)
     return SqliteStore(settings.db, clock, settings.retention)
 
 

@@ -12,6 +12,8 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import SidecarProcess, acquire
 
+pytestmark = pytest.mark.backends("sqlite", "etcd")
+
 STORM = 500
 CHANNELS = 25
 

@@ -13,6 +13,8 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import InProcess, acquire, seconds
 
+pytestmark = pytest.mark.backends("sqlite", "etcd")
+
 KEY_RULE = "task_key: must be 1..512 bytes of printable UTF-8"
 TTL_RULE = "ttl: must be > 0s and <= 86400s"
 STATUS_RULE = "status: must be one of RUN_STATUS_SUCCEEDED, RUN_STATUS_FAILED, RUN_STATUS_CANCELLED"

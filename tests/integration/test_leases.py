@@ -11,6 +11,8 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import InProcess, acquire, seconds, watch_until
 
+pytestmark = pytest.mark.backends("sqlite", "etcd")
+
 
 async def _rpc_error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as error:

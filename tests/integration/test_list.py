@@ -14,6 +14,8 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import InProcess, SidecarProcess, acquire
 
+pytestmark = pytest.mark.backends("sqlite", "etcd")
+
 
 async def _list_all(stub: pb_grpc.TaskGuardStub, **request: object) -> list[pb.Guard]:
     guards: list[pb.Guard] = []

@@ -236,7 +236,7 @@ BAD_ENVIRONMENT = [
     ("abandoned_requires_approval", "maybe", "must be true or false"),
     ("expired_requires_approval", "2", "must be true or false"),
     ("telemetry_console", "sometimes", "must be true or false"),
-    ("store", "etcd", "must be sqlite or memory"),
+    ("store", "etcd", "must be sqlite, memory or etcd://host:port[,host:port...]"),
     ("log_level", "verbose", "must be debug, info, warning or error"),
     ("listen", "", "must be host:port or unix:PATH"),
     ("db", "", "must be a file path"),
@@ -263,7 +263,7 @@ BAD_FLAGS = [
     ("--max-watchers=-3", "max_watchers", "-3", "must be a whole number > 0"),
     ("--event-retention-count=0", "event_retention_count", "0", "must be a whole number > 0"),
     ("--log-level=loud", "log_level", "loud", "must be debug, info, warning or error"),
-    ("--store=etcd", "store", "etcd", "must be sqlite or memory"),
+    ("--store=etcd", "store", "etcd", "must be sqlite, memory or etcd://host:port[,host:port...]"),
 ]
 
 
@@ -314,7 +314,8 @@ def test_an_unknown_toml_key_is_rejected_listing_the_known_ones(tmp_path: Path) 
 
 def test_a_toml_table_is_an_unknown_setting(tmp_path: Path) -> None:
     with pytest.raises(
-        ConfigError, match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, db, "
+        ConfigError,
+        match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, db, default_ttl, etcd_ca, ",
     ):
         load(tmp_path, toml='[server]\nlisten = "unix:/tmp/x.sock"\n')
 
@@ -380,6 +381,14 @@ EVERY_SETTING = [
     ("max_message_bytes", "65536", "65536"),
     ("max_streams_per_connection", "100", "100"),
     ("max_guards_per_holder", "50", "50"),
+    ("etcd_prefix", '"/guards/"', "/guards/"),
+    ("etcd_lease_ttl", '"7s"', "7s"),
+    ("etcd_timeout", '"3s"', "3s"),
+    ("etcd_ca", '"/tmp/tg-config-test/ca.pem"', "/tmp/tg-config-test/ca.pem"),
+    ("etcd_cert", '"/tmp/tg-config-test/cert.pem"', "/tmp/tg-config-test/cert.pem"),
+    ("etcd_key", '"/tmp/tg-config-test/key.pem"', "/tmp/tg-config-test/key.pem"),
+    ("etcd_user", '"taskguard"', "taskguard"),
+    ("etcd_password_file", '"/tmp/tg-config-test/op.token"', "/tmp/tg-config-test/op.token"),
 ]
 
 
@@ -433,6 +442,14 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         max_message_bytes=65536,
         max_streams_per_connection=100,
         max_guards_per_holder=50,
+        etcd_prefix="/guards/",
+        etcd_lease_ttl_s=7.0,
+        etcd_timeout_s=3.0,
+        etcd_ca=files / "ca.pem",
+        etcd_cert=files / "cert.pem",
+        etcd_key=files / "key.pem",
+        etcd_user="taskguard",
+        etcd_password_file=files / "op.token",
     )
     assert from_toml == from_env == from_flags == expected
     assert "op-secret" not in repr(expected) and "holder-secret" not in repr(expected)

@@ -30,6 +30,10 @@ class StoreUnavailable(StoreError):
     """The store cannot commit now (disk full or read-only, backend down)."""
 
 
+class GuardLost(StoreError):
+    """This sidecar can no longer vouch for a guard it held (its lease on a shared store lapsed)."""
+
+
 class RevisionCompacted(StoreError):
     """Events before ``oldest`` are no longer retained."""
 
@@ -92,6 +96,21 @@ class Store(Protocol):
 
     async def running(self) -> list[GuardRecord]:
         """Every RUNNING guard (to re-arm deadlines after a restart)."""
+        ...
+
+    async def unowned_stream_guards(self) -> list[GuardRecord]:
+        """RUNNING stream-bound guards that no live sidecar holds (to wait the resume grace for, then abandon)."""
+        ...
+
+    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
+        """Be told (task key, fencing token) when the sidecar holding a stream-bound guard is gone.
+
+        Only a store shared by several sidecars has anything to tell.
+        """
+        ...
+
+    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
+        """Be told when this sidecar's own hold on a shared store lapsed (its guards may be taken)."""
         ...
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:

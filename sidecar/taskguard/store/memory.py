@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from taskguard.clock import Clock
 from taskguard.core import Durability, Event, GuardRecord
@@ -62,6 +63,16 @@ class MemoryStore:
 
     async def running(self) -> list[GuardRecord]:
         return self._index.running()
+
+    async def unowned_stream_guards(self) -> list[GuardRecord]:
+        # One sidecar per file: after a start, no stream holds anything yet.
+        return [record for record in self._index.running() if record.stream_bound]
+
+    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
+        return None  # nobody else holds streams on this store
+
+    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
+        return None  # nothing to lose: this process is the store's only writer
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         revision = max(revision, 1)

@@ -399,6 +399,16 @@ class SqliteStore:
     async def running(self) -> list[GuardRecord]:
         return self._index.running()
 
+    async def unowned_stream_guards(self) -> list[GuardRecord]:
+        # One sidecar per file: after a start, no stream holds anything yet.
+        return [record for record in self._index.running() if record.stream_bound]
+
+    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
+        return None  # nobody else holds streams on this store
+
+    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
+        return None  # nothing to lose: this process is the store's only writer
+
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         revision = max(revision, 1)
         if revision < self._oldest_event and revision <= self._revision:
