@@ -59,6 +59,7 @@ class EtcdCluster:
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
         for index in range(self.size):
             name = f"m{index}"
             self.members.append(Member(name, _free_port(), _free_port(), self.root / name, self.root / f"{name}.log"))

@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 SHIFT = 16
 LINGER_S = 0.2
+# One attempt of an etcd call: longer than a healthy round trip, shorter than an election plus a retry.
+_ATTEMPT_S = 1.5
 # Refusals in one put at most: well inside etcd's request size limit.
 MAX_REFUSALS_PER_PUT = 2000
 _RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
@@ -164,13 +166,29 @@ class EtcdStore:
         return aio.insecure_channel(target, options=options)
 
     async def _call(self, method: Any, request: Any) -> Any:
-        """A unary call to etcd; StoreUnavailable when etcd cannot answer within the store's timeout."""
-        try:
-            return await method(request, timeout=self._settings.timeout_s, metadata=self._metadata)
-        except aio.AioRpcError as error:
-            if error.code() in _UNAVAILABLE:
-                raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
-            raise
+        """A unary call to etcd, tried again within the store's timeout; StoreUnavailable after that.
+
+        Attempts are short, so a call parked on a member that died or lost its
+        leader moves on to the next member. Trying a transaction again is safe:
+        if an attempt we gave up on did commit, the next one fails its compare,
+        and the engine decides again on what etcd has.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.timeout_s
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                return await method(
+                    request, timeout=max(min(remaining, _ATTEMPT_S), 0.05), metadata=self._metadata, wait_for_ready=True
+                )
+            except aio.AioRpcError as error:
+                if error.code() not in _UNAVAILABLE:
+                    raise
+                if deadline - loop.time() <= _RETRY_S[0]:
+                    raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
+            await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S) - 1)])
+            attempt += 1
 
     def _key(self, kind: str, name: str = "") -> bytes:
         return self._prefix + f"{kind}/{name}".encode()
@@ -298,7 +316,7 @@ class EtcdStore:
         kind, task_key = self._kind(kv.key)
         record = self._index.get(task_key)
         document = codec.loads(kv.value)
-        if record is None or record.fencing_token != int(document["fencing_token"]):
+        if record is None or (kind == "h" and record.fencing_token != int(document["fencing_token"])):
             return []  # about a run that is over (or not seen yet): nothing to fold
         if kind == "h":
             if record.running:
@@ -317,11 +335,26 @@ class EtcdStore:
             return []
         if kind != "r":
             return []
-        raw_events = document["events"]
-        base = int(document["duplicate_count"]) - len(raw_events)
+        events = self._refusal_events(kv, record)
+        counted = max(
+            (e.guard.duplicate_count for e in events if e.guard.fencing_token == record.fencing_token), default=0
+        )
+        if counted > record.duplicate_count:
+            self._index.put(replace(record, duplicate_count=counted))
+        return events
+
+    @staticmethod
+    def _refusal_events(kv: Any, record: GuardRecord) -> list[Event]:
+        """The refusals an r/ put carries, each with the guard as it stood (the run in the way, its count)."""
+        document = codec.loads(kv.value)
         events = []
-        for index, raw in enumerate(raw_events):
-            snapshot = replace(record, duplicate_count=base + index + 1)
+        for index, raw in enumerate(document["events"]):
+            snapshot = replace(
+                record,
+                fencing_token=int(raw["fencing_token"]),
+                run_id=raw.get("run_id", record.run_id),
+                duplicate_count=int(raw["duplicate_count"]),
+            )
             events.append(
                 Event(
                     type=EventType[raw["type"]],
@@ -332,8 +365,6 @@ class EtcdStore:
                     revision=encode_revision(kv.mod_revision, index),
                 )
             )
-        if int(document["duplicate_count"]) > record.duplicate_count:
-            self._index.put(replace(record, duplicate_count=int(document["duplicate_count"])))
         return events
 
     # --- following every host's changes -----------------------------------------------------
@@ -470,23 +501,8 @@ class EtcdStore:
             return self._decode_guard(kv, now)[1]
         if kind != "r":
             return []
-        document = codec.loads(kv.value)
-        raw_events = document["events"]
-        base = int(document["duplicate_count"]) - len(raw_events)
         record = self._index.get(task_key)
-        if record is None:
-            return []
-        return [
-            Event(
-                type=EventType[raw["type"]],
-                guard=replace(record, duplicate_count=base + index + 1),
-                occurred_at=datetime.fromisoformat(raw["occurred_at"]),
-                trigger_run_id=raw["trigger_run_id"],
-                trigger_holder=raw["trigger_holder"],
-                revision=encode_revision(kv.mod_revision, index),
-            )
-            for index, raw in enumerate(raw_events)
-        ]
+        return self._refusal_events(kv, record) if record is not None else []
 
     @property
     def revision(self) -> int:
@@ -595,16 +611,18 @@ class EtcdStore:
         for key, events in refusals.items():
             for start in range(0, len(events), MAX_REFUSALS_PER_PUT):
                 chunk = events[start : start + MAX_REFUSALS_PER_PUT]
-                last = chunk[-1].guard
+                # Each refusal keeps the run and the count it saw: a put may span a run's end.
                 document = {
-                    "fencing_token": last.fencing_token,
-                    "duplicate_count": last.duplicate_count,
+                    "fencing_token": chunk[-1].guard.fencing_token,
                     "events": [
                         {
                             "type": event.type.name,
                             "occurred_at": event.occurred_at.isoformat(),
                             "trigger_run_id": event.trigger_run_id,
                             "trigger_holder": event.trigger_holder,
+                            "fencing_token": event.guard.fencing_token,
+                            "run_id": event.guard.run_id,
+                            "duplicate_count": event.guard.duplicate_count,
                         }
                         for event in chunk
                     ],

@@ -1,0 +1,148 @@
+"""Guards across hosts: several sidecar processes on one three-member etcd cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
+from tests.etcd_cluster import EtcdCluster
+from tests.fault.history import History, crash_cycle
+from tests.support import SidecarProcess, acquire, watch_until
+
+LEASE_TTL_S = 2.0
+STORM = 500
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    etcd = EtcdCluster(tmp_path / "etcd", size=3)
+    etcd.start()
+    yield etcd
+    etcd.stop()
+
+
+@pytest.fixture
+def hosts(cluster: EtcdCluster, tmp_path: Path) -> Iterator[list[SidecarProcess]]:
+    """Three sidecars, each in a folder of its own (as if on its own host), sharing one guard prefix."""
+    prefix = f"/hosts-{uuid.uuid4().hex}/"
+    started = []
+    for index in range(3):
+        workdir = tmp_path / f"host{index}"
+        workdir.mkdir()
+        sidecar = SidecarProcess(
+            workdir,
+            ("--store", cluster.url, "--etcd-prefix", prefix, "--etcd-lease-ttl", f"{LEASE_TTL_S:g}s"),
+        )
+        sidecar.start()
+        started.append(sidecar)
+    yield started
+    for sidecar in started:
+        sidecar.close()
+
+
+async def test_a_storm_spread_over_three_sidecars_has_one_winner_and_watchers_see_other_hosts(
+    hosts: list[SidecarProcess], key: str
+) -> None:
+    channels = [aio.insecure_channel(host.address) for host in hosts]
+    try:
+        stubs = [pb_grpc.TaskGuardStub(channel) for channel in channels]
+        watch = stubs[0].WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+        await asyncio.wait_for(watch.initial_metadata(), 10)  # registered on host 0 before the storm
+        responses = await asyncio.gather(
+            *(acquire(stubs[i % 3], key, run_id=f"run-{i}", holder=f"host{i % 3}") for i in range(STORM))
+        )
+        winners = [r for r in responses if r.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED]
+        assert len(winners) == 1
+        winner = winners[0].guard
+        assert all(r.guard.run_id == winner.run_id for r in responses)
+        first = await asyncio.wait_for(watch.read(), 20)
+        watch.cancel()
+        assert first.type == pb.GUARD_EVENT_TYPE_ACQUIRED and first.guard.run_id == winner.run_id
+        # Host 0's watcher saw it whichever host won; and every host answers reads with it.
+        for stub in stubs:
+            guard = await stub.GetGuard(pb.GetGuardRequest(task_key=key))
+            assert guard.run_id == winner.run_id and guard.fencing_token == winner.fencing_token
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def test_a_killed_sidecars_guards_are_abandoned_and_taken_elsewhere(
+    hosts: list[SidecarProcess], key: str
+) -> None:
+    doomed, survivor = hosts[0], hosts[1]
+    async with aio.insecure_channel(doomed.address) as channel:
+        call = pb_grpc.TaskGuardStub(channel).Hold()
+        await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, holder="doomed")))
+        held = await asyncio.wait_for(call.read(), 10)
+        assert held.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        doomed.kill()
+    async with aio.insecure_channel(survivor.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        assert (await acquire(stub, key)).outcome == pb.ACQUIRE_OUTCOME_ALREADY_RUNNING
+        events = await watch_until(
+            stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_ABANDONED for e in seen),
+            key_prefix=key,
+            start_revision=held.guard.revision + 1,
+            # The lease's TTL, plus etcd's lease checkpoint and the watch: well within three TTLs.
+            timeout_s=3 * LEASE_TTL_S + 2,
+        )
+        assert events[-1].guard.fencing_token == held.guard.fencing_token
+        taken = await acquire(stub, key)
+        assert taken.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        assert taken.guard.fencing_token == held.guard.fencing_token + 1
+
+
+async def test_losing_one_etcd_member_keeps_service_and_losing_two_is_unavailable_never_wrong(
+    cluster: EtcdCluster, hosts: list[SidecarProcess], key: str
+) -> None:
+    async with aio.insecure_channel(hosts[2].address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        first = await acquire(stub, key + "/a")
+        await asyncio.to_thread(cluster.kill, cluster.members[0])
+        assert (await acquire(stub, key + "/b")).outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        await asyncio.to_thread(cluster.kill, cluster.members[1])
+        answers: list[str] = []
+        for i in range(5):
+            try:
+                request = pb.AcquireRequest(task_key=f"{key}/quorumless-{i}", run_id=f"quorumless-{i}")
+                response = await stub.Acquire(request, timeout=15)
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                answers.append("UNAVAILABLE")
+            else:
+                answers.append(pb.AcquireOutcome.Name(response.outcome))
+        assert answers == ["UNAVAILABLE"] * 5, answers
+        for member in cluster.members[:2]:
+            await asyncio.to_thread(cluster.restart, member)
+        await asyncio.to_thread(cluster.wait_ready, cluster.members[:2])
+        back = await stub.Acquire(pb.AcquireRequest(task_key=key + "/after"), timeout=30, wait_for_ready=True)
+        assert back.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        # An answer of UNAVAILABLE is not a "no": etcd may still commit a proposal it timed out on once
+        # its quorum is back. The client's retry with the same run_id settles it either way: it gets
+        # that run's lease, and the key was acquired once (fencing token 1), never twice.
+        for i in range(5):
+            request = pb.AcquireRequest(task_key=f"{key}/quorumless-{i}", run_id=f"quorumless-{i}")
+            retried = await stub.Acquire(request, timeout=30)
+            assert retried.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+            assert (retried.guard.run_id, retried.guard.fencing_token) == (f"quorumless-{i}", 1)
+        assert (await stub.GetGuard(pb.GetGuardRequest(task_key=key + "/a"))).run_id == first.guard.run_id
+
+
+async def test_the_crash_loop_history_checks_out_on_etcd(hosts: list[SidecarProcess]) -> None:
+    keys = [f"t-{uuid.uuid4().hex}::crash-{i}" for i in range(6)]
+    history = History()
+    for cycle in range(10):
+        await crash_cycle(hosts[cycle % 3], keys, history, acks=40 + cycle * 7, clients_per_key=2, seed=cycle)
+    assert {"acquired", "released", "refused"} <= {ack.kind for ack in history.acks}
