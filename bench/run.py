@@ -37,6 +37,7 @@ SCENARIOS = ("a", "b", "c", "d")
 LOAD_TIMEOUT_S = 900.0
 NAMES = {
     "taskguard": "Task Guard",
+    "taskguard-etcd": "TG on etcd",
     "etcd": "etcd mutex",
     "redis-durable": "Redis AOF always",
     "redis-volatile": "Redis no persist",
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     needed = tuple(
         binary
         for binary, wanted in (("etcd", "etcd"), ("redis-server", "redis"))
-        if any(name.startswith(wanted) for name in others)
+        if any(name.startswith(wanted) or name.endswith(wanted) for name in others)
     )
     servers.ensure_binaries(needed)
     workdir = Path(tempfile.mkdtemp(prefix="tg-bench-", dir="/tmp"))  # short: unix socket paths
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             extra: list[str] = []
             pids: dict[str, int] = {}
-            if "etcd" in others:
+            if "etcd" in others or "taskguard-etcd" in others:
                 generate_stubs(workdir / "etcd-stubs")
                 etcd = servers.start_etcd(workdir / "etcd")
                 stack.callback(etcd.stop)
@@ -131,15 +132,25 @@ def main(argv: list[str] | None = None) -> int:
                     pids[name], facts[name] = redis.pid, redis.facts
             for scenario in args.scenarios:
                 sidecar = servers.start_sidecar(workdir / f"sidecar-{scenario}")
+                on_etcd = None
                 try:
                     facts["taskguard"] = sidecar.facts
-                    pid_flags = [f"--pid={name}={pid}" for name, pid in {**pids, "taskguard": sidecar.pid}.items()]
+                    sidecar_pids = {"taskguard": sidecar.pid}
+                    target_flags: list[str] = []
+                    if scenario in ("a", "b") and "taskguard-etcd" in others:
+                        on_etcd = servers.start_sidecar(workdir / f"tg-etcd-{scenario}", etcd=etcd.address)
+                        facts["taskguard-etcd"] = on_etcd.facts
+                        sidecar_pids["taskguard-etcd"] = on_etcd.pid
+                        target_flags = ["--target-etcd", on_etcd.address]
+                    pid_flags = [f"--pid={name}={pid}" for name, pid in {**pids, **sidecar_pids}.items()]
                     systems = ",".join(args.systems) if scenario in ("a", "b") else "taskguard"
                     command = [sys.executable, "-m", "bench.load", "--target", sidecar.address, "--scenarios", scenario]
-                    command += ["--systems", systems, *pid_flags, *extra, *load_flags(scenario, args)]
+                    command += ["--systems", systems, *target_flags, *pid_flags, *extra, *load_flags(scenario, args)]
                     results += run_load(command)
                 finally:
                     sidecar.stop()
+                    if on_etcd is not None:
+                        on_etcd.stop()
     finally:
         if args.keep:
             print(f"bench: kept {workdir}", file=sys.stderr)
@@ -170,6 +181,8 @@ def durability(system: str, facts: dict[str, dict[str, str]]) -> str:
     fact = facts.get(system, {})
     if system == "taskguard":
         return f"sqlite journal_mode={fact.get('journal_mode')} synchronous={fact.get('synchronous')}"
+    if system == "taskguard-etcd":
+        return "the etcd above (raft WAL fsync per commit)"
     if system == "etcd":
         return f"etcd {fact.get('version')}: {fact.get('durability')}"
     if fact.get("appendonly") != "yes":

@@ -107,8 +107,9 @@ class Server:
             self.process.stdout.close()
 
 
-def start_sidecar(workdir: Path) -> Server:
-    """``python -m taskguard serve`` on a unix socket with its default store (SQLite, WAL, synchronous=FULL)."""
+def start_sidecar(workdir: Path, etcd: str = "") -> Server:
+    """``python -m taskguard serve`` on a unix socket with its default store (SQLite, WAL, synchronous=FULL),
+    or on the etcd at ``etcd`` (host:port) when given."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "sidecar.log"
     command = [
@@ -121,6 +122,8 @@ def start_sidecar(workdir: Path) -> Server:
         "--db",
         str(workdir / "tg.db"),
     ]
+    if etcd:
+        command += ["--store", f"etcd://{etcd}", "--etcd-prefix", f"/{workdir.name}/"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
     line = _first_line(process, log_path)
@@ -129,8 +132,9 @@ def start_sidecar(workdir: Path) -> Server:
         raise RuntimeError(f"sidecar said {line!r}; log: {log_path.read_text(errors='replace')}")
     address = line.split("listening on ", 1)[1].split(" ", 1)[0]
     store = line.split("(store: ", 1)[1].split(" ", 1)[0].rstrip(")") if "(store: " in line else "?"
-    server = Server("taskguard", address, process, log_path, {"store": store})
-    server.facts.update(sqlite_durability(workdir / "tg.db"))
+    server = Server("taskguard-etcd" if etcd else "taskguard", address, process, log_path, {"store": store})
+    if not etcd:
+        server.facts.update(sqlite_durability(workdir / "tg.db"))
     return server
 
 

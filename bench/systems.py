@@ -23,7 +23,7 @@ MAX_GRPC_CHANNELS = 64
 RPC_TIMEOUT_S = 30.0
 # Without it, channels to one target share one subchannel, hence one connection (and its stream limit).
 OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
-SYSTEMS = ("taskguard", "etcd", "redis-durable", "redis-volatile")
+SYSTEMS = ("taskguard", "taskguard-etcd", "etcd", "redis-durable", "redis-volatile")
 
 
 class System(Protocol):
@@ -62,7 +62,8 @@ class TaskGuardSystem:
 
     name = "taskguard"
 
-    def __init__(self, target: str, holder: str = "bench") -> None:
+    def __init__(self, target: str, holder: str = "bench", name: str = "taskguard") -> None:
+        self.name = name
         self._target = target
         self._holder = holder
         self._channels: list[aio.Channel] = []
@@ -100,6 +101,10 @@ def make_system(name: str, args: argparse.Namespace) -> System:
     """The system ``name`` with the addresses the runner passed on the command line."""
     if name == "taskguard":
         return TaskGuardSystem(args.target)
+    if name == "taskguard-etcd":
+        if not args.target_etcd:
+            raise SystemExit("load: --target-etcd is needed for Task Guard on its etcd store")
+        return TaskGuardSystem(args.target_etcd, name="taskguard-etcd")
     if name == "etcd":
         from bench.etcd_mutex import EtcdMutex
 
