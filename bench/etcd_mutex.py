@@ -12,52 +12,21 @@ One attempt on ``key`` (the mutex prefix ``key + "/"``), as ``NewSession`` + ``M
 Release, as ``Mutex.Unlock`` + ``Session.Close``: DeleteRange(our key), then LeaseRevoke.
 Acquire latency is steps 1 and 2: an etcd user has no mutex before both returned.
 
-The client is grpc.aio on stubs generated at run time from ``bench/etcd/etcd_v3_subset.proto``.
+The client is grpc.aio on the stubs of etcd's API that the sidecar's etcd store uses
+(``taskguard.store.etcdpb``, from ``proto/etcd/etcdv3.proto``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from grpc import aio
 
 from bench.systems import MAX_GRPC_CHANNELS, RPC_TIMEOUT_S, open_channels
+from taskguard.store.etcdpb import etcdv3_pb2, etcdv3_pb2_grpc
 
-PROTO = Path(__file__).resolve().parent / "etcd" / "etcd_v3_subset.proto"
 LEASE_TTL_S = 60
-
-
-def generate_stubs(out_dir: Path) -> None:
-    """``grpc_tools.protoc`` the subset into ``out_dir`` (a temporary folder: generated stubs stay out of git)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO.parent}",
-            f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            PROTO.name,
-        ],
-        check=True,
-    )
-
-
-def import_stubs(out_dir: Path) -> tuple[ModuleType, ModuleType]:
-    if not (out_dir / f"{PROTO.stem}_pb2.py").exists():
-        generate_stubs(out_dir)
-    if str(out_dir) not in sys.path:
-        sys.path.insert(0, str(out_dir))  # the generated _grpc module imports its _pb2 by bare name
-    return importlib.import_module(f"{PROTO.stem}_pb2"), importlib.import_module(f"{PROTO.stem}_pb2_grpc")
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -73,11 +42,9 @@ def prefix_end(prefix: bytes) -> bytes:
 class EtcdMutex:
     name = "etcd"
 
-    def __init__(self, address: str, stubs_dir: str = "") -> None:
+    def __init__(self, address: str) -> None:
         self._address = address
-        self._own_stubs = not stubs_dir
-        self._stubs_dir = Path(stubs_dir) if stubs_dir else Path(tempfile.mkdtemp(prefix="tg-bench-etcd-"))
-        self.pb, self._pb_grpc = import_stubs(self._stubs_dir)
+        self.pb, self._pb_grpc = etcdv3_pb2, etcdv3_pb2_grpc
         self._channels: list[aio.Channel] = []
         self._kv: list[Any] = []
         self._lease: list[Any] = []
@@ -149,5 +116,3 @@ class EtcdMutex:
         for channel in self._channels:
             await channel.close()
         self._channels, self._kv, self._lease = [], [], []
-        if self._own_stubs:
-            shutil.rmtree(self._stubs_dir, ignore_errors=True)

@@ -554,7 +554,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", required=True, help="the sidecar's address, unix:PATH")
     parser.add_argument("--target-etcd", help="a second sidecar's address, on the etcd store (system taskguard-etcd)")
     parser.add_argument("--etcd", default="", help="etcd's client address, 127.0.0.1:PORT")
-    parser.add_argument("--etcd-stubs", default="", help="folder for the generated etcd stubs (default: a temp dir)")
     parser.add_argument("--redis-durable", default="", help="redis with appendfsync always, 127.0.0.1:PORT")
     parser.add_argument("--redis-volatile", default="", help="redis without persistence, 127.0.0.1:PORT")
     parser.add_argument("--pid", action="append", default=[], help="SYSTEM=PID of a server, for its CPU and RSS")

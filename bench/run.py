@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import servers
-from bench.etcd_mutex import generate_stubs
 from bench.systems import SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             extra: list[str] = []
             pids: dict[str, int] = {}
             if "etcd" in others or "taskguard-etcd" in others:
-                generate_stubs(workdir / "etcd-stubs")
                 etcd = servers.start_etcd(workdir / "etcd")
                 stack.callback(etcd.stop)
-                extra += ["--etcd", etcd.address, "--etcd-stubs", str(workdir / "etcd-stubs")]
+                extra += ["--etcd", etcd.address]
                 pids["etcd"], facts["etcd"] = etcd.pid, etcd.facts
             for name in ("redis-durable", "redis-volatile"):
                 if name in others:

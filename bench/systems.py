@@ -110,7 +110,7 @@ def make_system(name: str, args: argparse.Namespace) -> System:
 
         if not args.etcd:
             raise SystemExit("load: --etcd HOST:PORT is needed for the etcd system")
-        return EtcdMutex(args.etcd, args.etcd_stubs)
+        return EtcdMutex(args.etcd)
     if name in ("redis-durable", "redis-volatile"):
         from bench.redis_lock import RedisLock
 
