@@ -80,6 +80,17 @@ def sidecar_factory(workdir: Path, store_args: tuple[str, ...]) -> Iterator[Call
         sidecar.close()
 
 
+@pytest.fixture(scope="module")
+def module_sidecar() -> Iterator[SidecarProcess]:
+    """One sidecar process shared by a module's tests (each uses keys of its own)."""
+    workdir = Path(tempfile.mkdtemp(prefix="tg-", dir="/tmp"))
+    sidecar = SidecarProcess(workdir)
+    sidecar.start()
+    yield sidecar
+    sidecar.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 @pytest.fixture
 def sidecar(sidecar_factory: Callable[..., SidecarProcess]) -> SidecarProcess:
     return sidecar_factory()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +30,9 @@ TERM_REPORTER = (
 )
 
 
-@pytest.fixture(scope="module")
-def cli_sidecar() -> Iterator[SidecarProcess]:
-    """One sidecar process for this module (each test uses its own keys)."""
-    workdir = Path(tempfile.mkdtemp(prefix="tg-", dir="/tmp"))
-    sidecar = SidecarProcess(workdir)
-    sidecar.start()
-    yield sidecar
-    sidecar.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
 @pytest.fixture
-def address(cli_sidecar: SidecarProcess) -> str:
-    return cli_sidecar.address
+def address(module_sidecar: SidecarProcess) -> str:
+    return module_sidecar.address
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -54,20 +52,9 @@ async def aclient(in_process: InProcess) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-@pytest.fixture(scope="module")
-def process_sidecar() -> Iterator[SidecarProcess]:
-    """One sidecar process for the blocking client's tests (each uses its own keys)."""
-    workdir = Path(tempfile.mkdtemp(prefix="tg-", dir="/tmp"))
-    sidecar = SidecarProcess(workdir)
-    sidecar.start()
-    yield sidecar
-    sidecar.close()
-    shutil.rmtree(workdir, ignore_errors=True)
-
-
 @pytest.fixture
-def client(process_sidecar: SidecarProcess) -> Iterator[Client]:
-    with Client(process_sidecar.address, holder="tests") as blocking:
+def client(module_sidecar: SidecarProcess) -> Iterator[Client]:
+    with Client(module_sidecar.address, holder="tests") as blocking:
         yield blocking
 
 
