@@ -16,6 +16,7 @@ from taskguard import config, server
 from taskguard.clock import Clock, ManualClock
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.etcd_cluster import EtcdCluster
+from tests.pki import make_pki
 from tests.support import InProcess, SidecarProcess
 
 
@@ -78,6 +79,12 @@ def sidecar_factory(workdir: Path, store_args: tuple[str, ...]) -> Iterator[Call
     yield make
     for sidecar in started:
         sidecar.close()
+
+
+@pytest.fixture
+def pki(workdir: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (CN worker-7), as PEM files."""
+    return make_pki(workdir)
 
 
 @pytest.fixture(scope="module")

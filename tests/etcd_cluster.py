@@ -56,6 +56,8 @@ class EtcdCluster:
 
     root: Path
     size: int = 1
+    # PEM files (ca, server_cert, server_key) for client TLS with client certificates; None: plaintext.
+    tls: dict[str, Path] | None = None
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -66,7 +68,8 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        return "etcd://" + ",".join(member.endpoint for member in self.members)
+        scheme = "etcds" if self.tls else "etcd"
+        return f"{scheme}://" + ",".join(member.endpoint for member in self.members)
 
     def start(self) -> None:
         for member in self.members:
@@ -75,12 +78,13 @@ class EtcdCluster:
 
     def start_member(self, member: Member, new: bool = False) -> None:
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        scheme = "https" if self.tls else "http"
         command = [
             etcd_binary(),
             "--name", member.name,
             "--data-dir", str(member.data_dir),
-            "--listen-client-urls", f"http://{member.endpoint}",
-            "--advertise-client-urls", f"http://{member.endpoint}",
+            "--listen-client-urls", f"{scheme}://{member.endpoint}",
+            "--advertise-client-urls", f"{scheme}://{member.endpoint}",
             "--listen-peer-urls", member.peer_url,
             "--initial-advertise-peer-urls", member.peer_url,
             "--initial-cluster", initial,
@@ -90,6 +94,13 @@ class EtcdCluster:
             "--heartbeat-interval", "50",
             "--election-timeout", "500",
         ]  # fmt: skip
+        if self.tls:
+            command += [
+                "--cert-file", str(self.tls["server_cert"]),
+                "--key-file", str(self.tls["server_key"]),
+                "--trusted-ca-file", str(self.tls["ca"]),
+                "--client-cert-auth",
+            ]  # fmt: skip
         with member.log_path.open("ab") as log:
             member.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -97,7 +108,7 @@ class EtcdCluster:
         """Until a write through each given member succeeds (so a leader exists and it is in the cluster)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         for member in members or self.members:
-            with grpc.insecure_channel(member.endpoint) as channel:
+            with self._channel(member) as channel:
                 kv = etcd_grpc.KVStub(channel)
                 while True:
                     try:
@@ -109,6 +120,16 @@ class EtcdCluster:
                             log = member.log_path.read_text()
                             raise TimeoutError(f"etcd {member.name} not ready; log: {log}") from error
 
+    def _channel(self, member: Member) -> grpc.Channel:
+        if not self.tls:
+            return grpc.insecure_channel(member.endpoint)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls["ca"].read_bytes(),
+            private_key=self.tls["client_key"].read_bytes(),
+            certificate_chain=self.tls["client_cert"].read_bytes(),
+        )
+        return grpc.secure_channel(member.endpoint, credentials)
+
     def kill(self, member: Member) -> None:
         assert member.process is not None
         member.process.send_signal(signal.SIGKILL)
@@ -118,7 +139,7 @@ class EtcdCluster:
         self.start_member(member)
 
     def compact(self, revision: int) -> None:
-        with grpc.insecure_channel(self.members[0].endpoint) as channel:
+        with self._channel(self.members[0]) as channel:
             etcd_grpc.KVStub(channel).Compact(etcd.CompactionRequest(revision=revision, physical=True), timeout=10)
 
     def stop(self) -> None:

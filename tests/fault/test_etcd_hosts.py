@@ -146,3 +146,63 @@ async def test_the_crash_loop_history_checks_out_on_etcd(hosts: list[SidecarProc
     for cycle in range(10):
         await crash_cycle(hosts[cycle % 3], keys, history, acks=40 + cycle * 7, clients_per_key=2, seed=cycle)
     assert {"acquired", "released", "refused"} <= {ack.kind for ack in history.acks}
+
+
+async def test_a_join_on_one_host_hears_the_end_of_a_run_held_on_another(hosts: list[SidecarProcess], key: str) -> None:
+    async with aio.insecure_channel(hosts[0].address) as a, aio.insecure_channel(hosts[1].address) as b:
+        winner = pb_grpc.TaskGuardStub(a).Hold()
+        await winner.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, run_id="winner")))
+        assert (await asyncio.wait_for(winner.read(), 10)).outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        joiner = pb_grpc.TaskGuardStub(b).Hold()
+        await joiner.write(
+            pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, run_id="late", on_conflict=pb.ON_CONFLICT_JOIN))
+        )
+        joined = await asyncio.wait_for(joiner.read(), 10)
+        assert joined.outcome == pb.ACQUIRE_OUTCOME_ALREADY_RUNNING and joined.guard.run_id == "winner"
+        await winner.write(pb.HoldRequest(release=pb.HoldRelease(status=pb.RUN_STATUS_SUCCEEDED, detail="done")))
+        assert (await asyncio.wait_for(winner.read(), 10)).event == pb.HOLD_EVENT_RELEASED
+        final = await asyncio.wait_for(joiner.read(), 10)
+        assert final.event == pb.HOLD_EVENT_WINNER_FINISHED
+        assert (final.guard.run_id, final.guard.state) == ("winner", pb.GUARD_STATE_SUCCEEDED)
+
+
+async def test_a_sidecar_cut_off_from_etcd_stops_saying_its_streams_hold_guards(
+    cluster: EtcdCluster, hosts: list[SidecarProcess], key: str
+) -> None:
+    async with aio.insecure_channel(hosts[0].address) as channel:
+        call = pb_grpc.TaskGuardStub(channel).Hold()
+        await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key)))
+        assert (await asyncio.wait_for(call.read(), 10)).outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        for member in cluster.members:
+            await asyncio.to_thread(cluster.kill, member)
+        # The lease keep-alive fails, and the stream is told it lost the guard rather than left believing it.
+        lost = await asyncio.wait_for(call.read(), 3 * LEASE_TTL_S + 10)
+        assert lost.event == pb.HOLD_EVENT_LOST
+        assert await call.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lost its lease on the shared store" in (await call.details() or "")
+
+
+async def test_a_sidecar_talks_to_etcd_over_tls_with_a_client_certificate(
+    tmp_path: Path, pki: dict[str, Path], key: str
+) -> None:
+    etcd = EtcdCluster(tmp_path / "etcd-tls", tls=pki)
+    await asyncio.to_thread(etcd.start)
+    workdir = tmp_path / "tls-host"
+    workdir.mkdir()
+    tls = ("--etcd-ca", str(pki["ca"]), "--etcd-cert", str(pki["client_cert"]), "--etcd-key", str(pki["client_key"]))
+    sidecar = SidecarProcess(workdir, ("--store", etcd.url, *tls))
+    try:
+        await asyncio.to_thread(sidecar.start)
+        async with aio.insecure_channel(sidecar.address) as channel:
+            held = await acquire(pb_grpc.TaskGuardStub(channel), key)
+            assert held.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        # Without the client certificate etcd refuses the connection: the sidecar does not start.
+        plain_dir = tmp_path / "no-cert"
+        plain_dir.mkdir()
+        plain = SidecarProcess(plain_dir, ("--store", etcd.url, "--etcd-ca", str(pki["ca"])))
+        with pytest.raises(RuntimeError, match="sidecar exited with 1"):
+            await asyncio.to_thread(plain.start)
+        assert "cannot start" in plain.log()
+    finally:
+        sidecar.close()
+        etcd.stop()
