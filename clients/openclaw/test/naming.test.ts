@@ -1,0 +1,127 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import { resolveSettings } from "../src/config.ts";
+import { alreadyRunningReason, approvalPrompt } from "../src/messages.ts";
+import { describeCall, identify, normaliseCommand, safeName } from "../src/naming.ts";
+import { shellQuote, wrapCommand } from "../src/shell.ts";
+import { traceparentOf } from "../src/trace.ts";
+import type { Guard } from "../../node/src/index.ts";
+
+const origin = { agentId: "ops", sessionKey: "agent:ops:discord:channel:42" };
+const settings = resolveSettings(
+  {
+    rules: [
+      { tool: "exec", match: "report\\.sh --date (\\S+)", name: "nightly-report-$1", scope: "global" },
+      { match: "weekly digest", name: "weekly-digest", onUnavailable: "block" },
+    ],
+  },
+  "/nowhere",
+  {},
+);
+
+describe("task keys", () => {
+  test("an exec is keyed by the agent and its normalised command by default", () => {
+    const id = identify("exec", { command: "  ls   -l\n" }, origin, "agent", []);
+    assert.equal(id.taskKey, "agent:ops::ls -l");
+    assert.equal(normaliseCommand("a \t b\n"), "a b");
+  });
+
+  test("session and global scopes", () => {
+    assert.equal(identify("exec", { command: "x" }, origin, "session", []).taskKey, `${origin.sessionKey}::x`);
+    assert.equal(identify("exec", { command: "x" }, origin, "global", []).taskKey, "global::x");
+    // No agent id in the context: the session key carries it.
+    assert.equal(identify("exec", { command: "x" }, { agentId: undefined, sessionKey: "agent:a1:s" }, "agent", []).taskKey, "agent:a1::x");
+  });
+
+  test("rules name tasks, with groups, scope and policy", () => {
+    const report = identify("exec", { command: "./report.sh --date today" }, origin, "agent", settings.rules);
+    assert.deepEqual([report.taskKey, report.onUnavailable], ["global::nightly-report-today", undefined]);
+    const digest = identify("sessions_spawn", { task: "write the weekly digest" }, origin, "agent", settings.rules);
+    assert.deepEqual([digest.taskKey, digest.onUnavailable], ["agent:ops::weekly-digest", "block"]);
+  });
+
+  test("a spawn is named by its taskName, else its label, else a hash of its task", () => {
+    assert.equal(describeCall("sessions_spawn", { taskName: "digest", label: "Digest" }).name, "spawn:digest");
+    assert.equal(describeCall("sessions_spawn", { label: "Digest" }).name, "spawn:Digest");
+    const a = describeCall("sessions_spawn", { task: "do a" }).name;
+    assert.match(a, /^spawn:spawn #[0-9a-f]{12}$/);
+    assert.notEqual(a, describeCall("sessions_spawn", { task: "do b" }).name);
+  });
+
+  test("names stay valid in a key: no '::', no control characters, long ones shortened with a hash", () => {
+    assert.equal(safeName("echo a::b"), "echo a: :b");
+    assert.equal(safeName("a\u0007b"), "a b");
+    const long = safeName(`run ${"x".repeat(400)}`);
+    assert.ok(Buffer.byteLength(long) < 100, long);
+    assert.match(long, /… #[0-9a-f]{12}$/);
+    assert.notEqual(long, safeName(`run ${"x".repeat(399)}y`));
+  });
+});
+
+describe("texts", () => {
+  const guard = {
+    taskKey: "agent:ops::nightly-report",
+    runId: "run-1",
+    holder: "openclaw@h:1 agent:ops:discord (exec)",
+    startedAt: new Date("2026-01-01T10:00:00Z"),
+    labels: { "openclaw.session_key": "agent:ops:discord:channel:42" },
+    state: "FAILED",
+    lastDetail: "exit code 3",
+    releasedAt: new Date("2026-01-01T10:05:00Z"),
+  } as unknown as Guard;
+
+  test("ALREADY_RUNNING names the task, the run, since when, where, and where the result goes", () => {
+    const reason = alreadyRunningReason("nightly-report", guard, new Date("2026-01-01T10:02:00Z"));
+    for (const part of ["nightly-report", "already running", "run-1", "2026-01-01T10:00:00.000Z", "2 min ago", "agent:ops:discord:channel:42", "reported there"]) {
+      assert.ok(reason.includes(part), `${part} in ${reason}`);
+    }
+  });
+
+  test("the approval prompt gives the failed run's time and exit code, within the Gateway's limits", () => {
+    const { title, description } = approvalPrompt("nightly-report", guard);
+    assert.ok(title.length <= 80 && description.length <= 512);
+    assert.ok(description.includes("2026-01-01T10:05:00.000Z") && description.includes("exit code 3"), description);
+  });
+});
+
+describe("the exec wrapper", () => {
+  test("quotes for the shell", () => {
+    assert.equal(shellQuote("plain/path-1.0"), "plain/path-1.0");
+    assert.equal(shellQuote("it's a 'test'"), `'it'\\''s a '\\''test'\\'''`);
+  });
+
+  test("runs the command under taskguard run with the plugin's run id", () => {
+    const command = wrapCommand({
+      taskguardBin: "/v/bin/taskguard",
+      address: "unix:/run/tg.sock",
+      taskKey: "agent:ops::ls -l",
+      runId: "r1",
+      command: "ls -l 'x y'",
+    });
+    assert.equal(
+      command,
+      `exec /v/bin/taskguard --addr unix:/run/tg.sock run 'agent:ops::ls -l' --run-id r1 -- /bin/sh -c 'ls -l '\\''x y'\\'''`,
+    );
+  });
+
+  test("an approved retry approves in the same shell before the run", () => {
+    const command = wrapCommand({
+      taskguardBin: "tg",
+      address: "unix:/s",
+      taskKey: "k::n",
+      runId: "r",
+      command: "true",
+      approve: { approver: "discord:u1", reason: "ok" },
+    });
+    assert.match(command, /^tg --addr unix:\/s approve-retry k::n --approver discord:u1 --reason ok >\/dev\/null 2>&1; exec tg /);
+  });
+});
+
+describe("trace context", () => {
+  test("ctx.trace becomes a W3C traceparent", () => {
+    const trace = { traceId: "a".repeat(32), spanId: "b".repeat(16), traceFlags: "01" };
+    assert.equal(traceparentOf(trace), `00-${"a".repeat(32)}-${"b".repeat(16)}-01`);
+    assert.equal(traceparentOf({ traceId: "a".repeat(32) }), undefined);
+    assert.equal(traceparentOf({ traceId: "0".repeat(32), spanId: "b".repeat(16) }), undefined);
+  });
+});
