@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ import grpc
 import pytest
 from grpc import aio
 
+from taskguard.store.etcdpb import etcdv3_pb2 as etcd_pb
+from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.etcd_cluster import EtcdCluster
@@ -205,4 +208,39 @@ async def test_a_sidecar_talks_to_etcd_over_tls_with_a_client_certificate(
         assert "cannot start" in plain.log()
     finally:
         sidecar.close()
+        etcd.stop()
+
+
+def _enable_etcd_auth(etcd: EtcdCluster, password: str) -> None:
+    with grpc.insecure_channel(etcd.members[0].endpoint) as channel:
+        auth = etcd_grpc.AuthStub(channel)
+        auth.UserAdd(etcd_pb.AuthUserAddRequest(name="root", password=password), timeout=10)
+        with contextlib.suppress(grpc.RpcError):  # etcd may have the root role already
+            auth.RoleAdd(etcd_pb.AuthRoleAddRequest(name="root"), timeout=10)
+        auth.UserGrantRole(etcd_pb.AuthUserGrantRoleRequest(user="root", role="root"), timeout=10)
+        auth.AuthEnable(etcd_pb.AuthEnableRequest(), timeout=10)
+
+
+async def test_a_sidecar_authenticates_to_etcd_and_a_wrong_password_stops_it(tmp_path: Path, key: str) -> None:
+    etcd = EtcdCluster(tmp_path / "etcd-auth")
+    await asyncio.to_thread(etcd.start)
+    try:
+        await asyncio.to_thread(_enable_etcd_auth, etcd, "s3cret-etcd")
+        for name, password in (("right", "s3cret-etcd"), ("wrong", "not-it")):
+            (tmp_path / name).mkdir()
+            (tmp_path / f"{name}.password").write_text(password)
+        auth = ("--etcd-user", "root", "--etcd-password-file")
+        good = SidecarProcess(tmp_path / "right", ("--store", etcd.url, *auth, str(tmp_path / "right.password")))
+        bad = SidecarProcess(tmp_path / "wrong", ("--store", etcd.url, *auth, str(tmp_path / "wrong.password")))
+        try:
+            await asyncio.to_thread(good.start)
+            async with aio.insecure_channel(good.address) as channel:
+                assert (await acquire(pb_grpc.TaskGuardStub(channel), key)).outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+            with pytest.raises(RuntimeError, match="sidecar exited with 1"):
+                await asyncio.to_thread(bad.start)
+            assert "authentication failed" in bad.log() and "not-it" not in bad.log()
+        finally:
+            good.close()
+            bad.close()
+    finally:
         etcd.stop()

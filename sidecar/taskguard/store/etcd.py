@@ -183,6 +183,9 @@ class EtcdStore:
                     request, timeout=max(min(remaining, _ATTEMPT_S), 0.05), metadata=self._metadata, wait_for_ready=True
                 )
             except aio.AioRpcError as error:
+                if self._metadata and "invalid auth token" in (error.details() or ""):
+                    await self._authenticate()
+                    continue
                 if error.code() not in _UNAVAILABLE:
                     raise
                 if deadline - loop.time() <= _RETRY_S[0]:
@@ -207,19 +210,29 @@ class EtcdStore:
         self._watch = etcd_grpc.WatchStub(self._channel)
         self._lease = etcd_grpc.LeaseStub(self._channel)
         try:
-            if self._settings.user:
-                reply = await self._call(
-                    etcd_grpc.AuthStub(self._channel).Authenticate,
-                    etcd.AuthenticateRequest(name=self._settings.user, password=self._settings.password),
-                )
-                self._metadata = (("token", reply.token),)
+            await self._authenticate()
             await self._grant_lease()
             await self._load()
+        except aio.AioRpcError as error:
+            await self._channel.close()
+            raise StoreUnavailable(f"etcd refused the sidecar: {error.code().name}: {error.details()}") from None
         except BaseException:
             await self._channel.close()
             raise
         self._tasks.append(asyncio.create_task(self._keep_lease_alive(), name="taskguard-etcd-lease"))
         self._tasks.append(asyncio.create_task(self._follow(), name="taskguard-etcd-watch"))
+
+    async def _authenticate(self) -> None:
+        """With etcd auth on: a token for every call (etcd expires idle ones; a call that finds its token
+        invalid gets a new one and tries again)."""
+        if not self._settings.user:
+            return
+        self._metadata = ()
+        reply = await self._call(
+            etcd_grpc.AuthStub(self._channel).Authenticate,
+            etcd.AuthenticateRequest(name=self._settings.user, password=self._settings.password),
+        )
+        self._metadata = (("token", reply.token),)
 
     async def _grant_lease(self) -> None:
         reply = await self._call(self._lease.LeaseGrant, etcd.LeaseGrantRequest(TTL=self._settings.lease_ttl_s))
