@@ -53,6 +53,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def tcp_host(settings: Settings) -> str:
+    """The host of a TCP ``listen``; ConfigError unless it is host:port and loopback (or allow_remote)."""
+    host, _, port = settings.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"listen: must be host:port or unix:PATH, got {settings.listen!r}")
+    if not settings.allow_remote and not is_loopback(host):
+        raise ConfigError(
+            f"listen: {host} is not a loopback address; a sidecar listens on loopback or a unix socket "
+            "unless allow_remote is set"
+        )
+    return host
+
+
 def _runtime_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_RUNTIME_DIR")
     return Path(base) / "taskguard" if base else Path(f"/tmp/taskguard-{os.getuid()}")
@@ -426,14 +439,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         if path is not None and not path.is_file():
             raise ConfigError(f"{path}: no such file (TLS)")
     if not settings.listen.startswith("unix:"):
-        host, _, port = settings.listen.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"listen: must be host:port or unix:PATH, got {settings.listen!r}")
-        if not settings.allow_remote and not is_loopback(host):
-            raise ConfigError(
-                f"listen: {host} is not a loopback address; a sidecar listens on loopback or a unix socket "
-                "unless allow_remote is set"
-            )
+        tcp_host(settings)
     _ = settings.auth  # reads the token files now, so a missing one fails at start
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(

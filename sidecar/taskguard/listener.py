@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from taskguard.config import ConfigError, Settings, is_loopback
+from taskguard.config import ConfigError, Settings, tcp_host
 from taskguard.peercred import PeerCredFront
 
 
@@ -84,14 +84,7 @@ def _bind_unix(server: aio.Server, settings: Settings) -> Listener:
 
 
 def _bind_tcp(server: aio.Server, settings: Settings) -> Listener:
-    host, _, port = settings.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"listen: must be host:port or unix:PATH, got {settings.listen!r}")
-    if not settings.allow_remote and not is_loopback(host):
-        raise ConfigError(
-            f"listen: {host} is not a loopback address; a sidecar listens on loopback or a unix socket "
-            "unless allow_remote is set"
-        )
+    host = tcp_host(settings)  # again: settings made in code (tests, embedding) skip load()
     if settings.tls_cert is not None and settings.tls_key is not None:
         client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
         credentials = grpc.ssl_server_credentials(

@@ -58,7 +58,6 @@ from grpc import aio
 from taskguard.clock import Clock, instant, to_monotonic
 from taskguard.core import Durability, Event, EventType, GuardRecord, Instant
 from taskguard.store import (
-    CommitListener,
     Committed,
     GuardLost,
     RevisionCompacted,
@@ -69,7 +68,7 @@ from taskguard.store import (
 )
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
 from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc
-from taskguard.store.index import GuardIndex
+from taskguard.store.index import GuardIndex, IndexedStore
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def _at(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-class EtcdStore:
+class EtcdStore(IndexedStore):
     """Not safe to share across event loops."""
 
     def __init__(self, settings: EtcdSettings, clock: Clock) -> None:
@@ -439,23 +438,14 @@ class EtcdStore:
 
     # --- reads --------------------------------------------------------------------------------
 
-    async def get(self, task_key: str) -> GuardRecord | None:
-        return self._index.get(task_key)
-
     async def find_run(self, lease_id: str) -> GuardRecord | None:
-        key = self._index.key_of_current_lease(lease_id)
-        if key is not None:
-            return self._index.get(key)
+        current = self._current_run(lease_id)
+        if current is not None:
+            return current
         reply = await self._call(self._kv.Range, etcd.RangeRequest(key=self._key("l", lease_id)))
         if not reply.kvs:
             return None
         return codec.record_from_doc(codec.loads(reply.kvs[0].value), instant(self._clock))
-
-    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
-        return self._index.scan(prefix, after, limit)
-
-    async def running(self) -> list[GuardRecord]:
-        return self._index.running()
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         """RUNNING stream-bound guards whose owner key is gone (their sidecar died while none watched)."""
@@ -520,9 +510,6 @@ class EtcdStore:
     @property
     def revision(self) -> int:
         return self._revision
-
-    def subscribe(self, listener: CommitListener) -> None:
-        self._index.subscribe(listener)
 
     # --- writes ---------------------------------------------------------------------------------
 

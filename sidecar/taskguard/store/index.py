@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from taskguard.core import Durability, Event, GuardRecord
@@ -88,3 +88,39 @@ def stamp(write: Write, first_revision: int) -> Committed:
     if moves_revision and events:
         record = replace(record, revision=events[-1].revision)
     return Committed(record, tuple(events))
+
+
+class IndexedStore:
+    """The reads a store answers from its in-memory ``GuardIndex`` (all three backends keep one)."""
+
+    _index: GuardIndex
+
+    async def get(self, task_key: str) -> GuardRecord | None:
+        return self._index.get(task_key)
+
+    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
+        return self._index.scan(prefix, after, limit)
+
+    async def running(self) -> list[GuardRecord]:
+        return self._index.running()
+
+    def subscribe(self, listener: CommitListener) -> None:
+        self._index.subscribe(listener)
+
+    def _current_run(self, lease_id: str) -> GuardRecord | None:
+        key = self._index.key_of_current_lease(lease_id)
+        return self._index.get(key) if key is not None else None
+
+
+class SingleWriterStore(IndexedStore):
+    """A store this process alone writes (SQLite, memory): nobody else holds streams on it."""
+
+    async def unowned_stream_guards(self) -> list[GuardRecord]:
+        # After a start, no stream holds anything yet.
+        return [record for record in self._index.running() if record.stream_bound]
+
+    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
+        return None
+
+    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
+        return None

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 from taskguard.clock import Clock
 from taskguard.core import Durability, Event, GuardRecord
-from taskguard.store import CommitListener, Committed, RevisionCompacted, Write
-from taskguard.store.index import GuardIndex, stamp
+from taskguard.store import Committed, RevisionCompacted, Write
+from taskguard.store.index import GuardIndex, SingleWriterStore, stamp
 from taskguard.store.retention import Retention
 
 
-class MemoryStore:
+class MemoryStore(SingleWriterStore):
     def __init__(self, clock: Clock, retention: Retention | None = None) -> None:
         self._clock = clock
         self._retention = retention or Retention()
@@ -27,13 +26,10 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    async def get(self, task_key: str) -> GuardRecord | None:
-        return self._index.get(task_key)
-
     async def find_run(self, lease_id: str) -> GuardRecord | None:
-        key = self._index.key_of_current_lease(lease_id)
-        if key is not None:
-            return self._index.get(key)
+        current = self._current_run(lease_id)
+        if current is not None:
+            return current
         return self._runs.get(lease_id)
 
     async def commit(self, write: Write) -> Committed:
@@ -58,22 +54,6 @@ class MemoryStore:
         while cutoff is not None and len(self._events) > 1 and self._events[0].occurred_at < cutoff:
             self._events.popleft()
 
-    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
-        return self._index.scan(prefix, after, limit)
-
-    async def running(self) -> list[GuardRecord]:
-        return self._index.running()
-
-    async def unowned_stream_guards(self) -> list[GuardRecord]:
-        # One sidecar per file: after a start, no stream holds anything yet.
-        return [record for record in self._index.running() if record.stream_bound]
-
-    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
-        return None  # nobody else holds streams on this store
-
-    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
-        return None  # nothing to lose: this process is the store's only writer
-
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         revision = max(revision, 1)
         oldest = self._events[0].revision if self._events else self._revision + 1
@@ -84,9 +64,6 @@ class MemoryStore:
     @property
     def revision(self) -> int:
         return self._revision
-
-    def subscribe(self, listener: CommitListener) -> None:
-        self._index.subscribe(listener)
 
     async def flush(self) -> None:
         return None

@@ -28,7 +28,6 @@ import aiosqlite
 from taskguard.clock import Clock, instant
 from taskguard.core import Durability, Event, GuardRecord
 from taskguard.store import (
-    CommitListener,
     Committed,
     RevisionCompacted,
     StoreConflict,
@@ -37,7 +36,7 @@ from taskguard.store import (
     Write,
     codec,
 )
-from taskguard.store.index import GuardIndex, stamp
+from taskguard.store.index import GuardIndex, SingleWriterStore, stamp
 from taskguard.store.retention import Retention
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ class _Queued:
     done: asyncio.Future[Committed] | None
 
 
-class SqliteStore:
+class SqliteStore(SingleWriterStore):
     """Not safe to share across event loops; one process per database file."""
 
     def __init__(self, path: Path, clock: Clock, retention: Retention | None = None) -> None:
@@ -231,13 +230,10 @@ class SqliteStore:
                 await connection.close()
         self._reader = self._db = None
 
-    async def get(self, task_key: str) -> GuardRecord | None:
-        return self._index.get(task_key)
-
     async def find_run(self, lease_id: str) -> GuardRecord | None:
-        key = self._index.key_of_current_lease(lease_id)
-        if key is not None:
-            return self._index.get(key)
+        current = self._current_run(lease_id)
+        if current is not None:
+            return current
         assert self._reader is not None
         async with self._reader.execute("SELECT doc FROM runs WHERE lease_id = ?", (lease_id,)) as cursor:
             row = await cursor.fetchone()
@@ -393,22 +389,6 @@ class SqliteStore:
         result: _T = await db._execute(lambda: work(db._conn, *args))  # type: ignore[no-untyped-call]
         return result
 
-    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
-        return self._index.scan(prefix, after, limit)
-
-    async def running(self) -> list[GuardRecord]:
-        return self._index.running()
-
-    async def unowned_stream_guards(self) -> list[GuardRecord]:
-        # One sidecar per file: after a start, no stream holds anything yet.
-        return [record for record in self._index.running() if record.stream_bound]
-
-    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
-        return None  # nobody else holds streams on this store
-
-    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
-        return None  # nothing to lose: this process is the store's only writer
-
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         revision = max(revision, 1)
         if revision < self._oldest_event and revision <= self._revision:
@@ -424,9 +404,6 @@ class SqliteStore:
     @property
     def revision(self) -> int:
         return self._revision
-
-    def subscribe(self, listener: CommitListener) -> None:
-        self._index.subscribe(listener)
 
 
 def _why_not_writable(path: Path) -> str:
