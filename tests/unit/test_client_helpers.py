@@ -23,6 +23,8 @@ from taskguard_client import (
     _lease,
     default_address,
 )
+from taskguard_client._client import _WatchPosition
+from taskguard_client.v1 import taskguard_pb2 as pb
 
 
 def test_the_default_address_follows_the_sidecars_rule() -> None:
@@ -91,3 +93,29 @@ def test_a_long_detail_is_cut_to_what_the_sidecar_accepts() -> None:
     assert _lease.fit_detail("short") == "short"
     cut = _lease.fit_detail("é" * 5000)
     assert len(cut.encode()) <= _lease.MAX_DETAIL_BYTES and cut.endswith("...")
+
+
+def _snapshot(key: str, guard_revision: int, head: int) -> pb.GuardEvent:
+    return pb.GuardEvent(
+        type=pb.GUARD_EVENT_TYPE_SNAPSHOT,
+        revision=head,
+        guard=pb.Guard(task_key=key, revision=guard_revision, state=pb.GUARD_STATE_RUNNING),
+    )
+
+
+def test_a_watch_broken_during_its_snapshot_takes_a_new_one_and_hands_out_only_what_changed() -> None:
+    position = _WatchPosition("s::", 0, include_snapshot=True)
+    assert position.take(_snapshot("s::a", 3, head=10)) is not None
+    assert position.take(_snapshot("s::b", 5, head=10)) is not None
+    # The stream breaks before the snapshot ended: the next request asks for a snapshot again.
+    again = position.request()
+    assert again.include_snapshot and again.start_revision == 0
+    assert position.take(_snapshot("s::a", 3, head=12)) is None  # unchanged: not handed out twice
+    assert position.take(_snapshot("s::b", 11, head=12)) is not None  # changed meanwhile
+    assert position.take(_snapshot("s::c", 12, head=12)) is not None  # new meanwhile
+    live = pb.GuardEvent(
+        type=pb.GUARD_EVENT_TYPE_ACQUIRED, revision=13, guard=pb.Guard(task_key="s::d", state=pb.GUARD_STATE_RUNNING)
+    )
+    assert position.take(live) is not None
+    resumed = position.request()
+    assert not resumed.include_snapshot and resumed.start_revision == 14

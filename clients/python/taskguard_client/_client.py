@@ -127,8 +127,10 @@ class _WatchPosition:
     Watching "from now" (start_revision 0) the snapshot's revision is where
     the live events begin; watching from a revision, the snapshot comes
     before the history and does not move the position. A stream that breaks
-    before anything arrived when watching from now restarts from now: what
-    happened in between is not seen.
+    during its snapshot asks for a new one and hands out only the guards that
+    are new or changed since. A stream that breaks before anything arrived
+    when watching from now restarts from now: what happened in between is not
+    seen.
     """
 
     def __init__(self, prefix: str, start_revision: int, include_snapshot: bool) -> None:
@@ -137,22 +139,31 @@ class _WatchPosition:
         self.include_snapshot = include_snapshot
         self.last_revision = 0
         self.received = False
+        self._snapshot_done = not include_snapshot
+        self._snapshot_seen: dict[str, int] = {}  # task key -> guard revision already handed out
 
     def request(self) -> pb.WatchGuardsRequest:
+        if not self._snapshot_done:
+            # Still in the snapshot: take it again, from where the watch was asked to start.
+            return pb.WatchGuardsRequest(
+                key_prefix=self.prefix, start_revision=self.start_revision, include_snapshot=True
+            )
         start = self.last_revision + 1 if self.last_revision else self.start_revision
-        return pb.WatchGuardsRequest(
-            key_prefix=self.prefix,
-            start_revision=start,
-            include_snapshot=self.include_snapshot and not self.received,
-        )
+        return pb.WatchGuardsRequest(key_prefix=self.prefix, start_revision=start)
 
     def take(self, message: pb.GuardEvent) -> GuardEvent | None:
-        """The event to hand out, or None for a revision handed out already."""
+        """The event to hand out, or None for one handed out already."""
         self.received = True
         if message.type == pb.GUARD_EVENT_TYPE_SNAPSHOT:
+            if self._snapshot_seen.get(message.guard.task_key) == message.guard.revision:
+                return None  # handed out before the stream broke, and unchanged since
+            self._snapshot_seen[message.guard.task_key] = message.guard.revision
             if self.start_revision == 0:
                 self.last_revision = max(self.last_revision, message.revision)
             return event_from_pb(message)
+        if not self._snapshot_done:
+            self._snapshot_done = True
+            self._snapshot_seen.clear()
         if message.revision <= self.last_revision:
             return None
         self.last_revision = message.revision
