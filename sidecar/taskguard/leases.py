@@ -91,10 +91,6 @@ class LeaseKeeper:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     # --- TTL ---------------------------------------------------------------------------
 
     def arm(self, record: GuardRecord) -> None:
