@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
 import venv
 from pathlib import Path
 
@@ -42,6 +44,11 @@ OPENCLAW_VERSION = "2026.9.6"
 OPENCLAW_CACHE = ROOT / ".cache" / "openclaw"
 OPENCLAW_STAMP = OPENCLAW_CACHE / f".installed-{OPENCLAW_VERSION}"
 OPENCLAW_PLUGIN = ROOT / "clients" / "openclaw"
+# Far above what the suites take here (pytest about 5 min, each Node suite under 1), far below CI's 90 min:
+# a hang the tests' own timeouts miss still ends the run in time to report it.
+PYTEST_LIMIT_S = 40 * 60
+NODE_SUITE_LIMIT_S = 10 * 60
+HANG_REPORT = ROOT / ".cache" / "pytest-hang-report.txt"
 
 
 def _run(*command: str | Path, cwd: Path = ROOT, **options: object) -> None:
@@ -179,10 +186,61 @@ def test(arguments: list[str]) -> int:
     ]
     for check in checks:
         _run(*check)
-    python_tests = subprocess.run([str(BIN / "pytest"), *arguments], cwd=ROOT)
+    HANG_REPORT.parent.mkdir(exist_ok=True)
+    HANG_REPORT.unlink(missing_ok=True)
+    python_tests = _run_bounded(
+        [str(BIN / "pytest"), *arguments], PYTEST_LIMIT_S, env={**os.environ, "TASKGUARD_HANG_REPORT": str(HANG_REPORT)}
+    )
+    if HANG_REPORT.exists() and HANG_REPORT.stat().st_size:
+        print(f"dev.py: pytest ended inside a test; {HANG_REPORT.name} says:", file=sys.stderr)
+        print(HANG_REPORT.read_text(errors="replace"), file=sys.stderr, flush=True)
     # Both suites run whatever the first one said; either failing fails the run.
     node_tests = test_node()
-    return python_tests.returncode or node_tests
+    return python_tests or node_tests
+
+
+def _run_bounded(command: list[str], limit_s: float, cwd: Path = ROOT, env: dict[str, str] | None = None) -> int:
+    """Run a test suite for at most ``limit_s``, then end whatever it left running.
+
+    Every process the suite starts inherits a marker in its environment, even those that moved to a session
+    of their own (the OpenClaw gateway's), so none outlives the run holding CI's output pipe open."""
+    marker = f"taskguard-test-run-{uuid.uuid4().hex}"
+    env = {**(env or os.environ), "TASKGUARD_TEST_RUN": marker}
+    print("+", " ".join(command), flush=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
+    try:
+        returncode = process.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        minutes = limit_s / 60
+        print(f"dev.py: {command[0]} still running after {minutes:.0f} min; ending it", file=sys.stderr, flush=True)
+        # SIGINT first: pytest then prints what failed so far and which test it was in.
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        returncode = 124
+    _end_leftovers(marker)
+    return returncode
+
+
+def _end_leftovers(marker: str) -> None:
+    needle = f"TASKGUARD_TEST_RUN={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes()
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue  # gone already, or not ours to read
+        if needle in environment.split(b"\0"):
+            print(f"dev.py: ending {name} (pid {entry.name}), left running by the tests", file=sys.stderr, flush=True)
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_node() -> int:
@@ -204,8 +262,7 @@ def test_node() -> int:
             "--test-timeout=60000",
             pattern,
         ]
-        print("+", " ".join(command), flush=True)
-        returncodes.append(subprocess.run(command, cwd=cwd, env=_node_env(node_bin)).returncode)
+        returncodes.append(_run_bounded(command, NODE_SUITE_LIMIT_S, cwd=cwd, env=_node_env(node_bin)))
     return next((code for code in returncodes if code), 0)
 
 

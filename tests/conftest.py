@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from grpc import aio
@@ -18,6 +20,44 @@ from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.etcd_cluster import EtcdCluster
 from tests.pki import make_pki
 from tests.support import InProcess, SidecarProcess
+
+# pytest-timeout's signal fails a test that overruns, but cannot reach a main thread stuck inside C code
+# (a grpc core call that never returns). Past this much more, faulthandler's own thread writes every
+# thread's stack to the hang report and ends the run, so a hang costs minutes and says where it was,
+# instead of the whole CI budget. `.ci/dev.py test` prints the report.
+HARD_LIMIT_MARGIN_S = 180.0
+_hang_report: IO[str] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _hang_report
+    path = os.environ.get("TASKGUARD_HANG_REPORT")
+    if path:
+        _hang_report = open(path, "w")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _hang_report is not None:
+        _hang_report.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    if _hang_report is None:
+        return (yield)
+    marker = item.get_closest_marker("timeout")
+    soft_limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 120)
+    hard_limit = soft_limit + HARD_LIMIT_MARGIN_S
+    # The header stays only while the test runs: a report left non-empty names the test the run died in.
+    _hang_report.write(f"{item.nodeid} was still running after {hard_limit:.0f} s (or the run died in it):\n")
+    _hang_report.flush()
+    faulthandler.dump_traceback_later(hard_limit, exit=True, file=_hang_report)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        _hang_report.seek(0)
+        _hang_report.truncate()
 
 
 @pytest.fixture

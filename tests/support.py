@@ -180,6 +180,14 @@ async def acquire(
     return response
 
 
+async def open_watch(stub: pb_grpc.TaskGuardStub, **request: Any) -> Any:
+    """A WatchGuards call the sidecar has registered: it sends headers only once the watcher is in place,
+    so a change made after this returns is one the call will see."""
+    call = stub.WatchGuards(pb.WatchGuardsRequest(**request))
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    return call
+
+
 async def watch_until(
     stub: pb_grpc.TaskGuardStub,
     done: Callable[[list[pb.GuardEvent]], bool],

@@ -18,7 +18,7 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.etcd_cluster import EtcdCluster
 from tests.fault.history import History, crash_cycle
-from tests.support import SidecarProcess, acquire, watch_until
+from tests.support import SidecarProcess, acquire, open_watch, watch_until
 
 LEASE_TTL_S = 2.0
 STORM = 500
@@ -59,8 +59,7 @@ async def test_a_storm_spread_over_three_sidecars_has_one_winner_and_watchers_se
     channels = [aio.insecure_channel(host.address) for host in hosts]
     try:
         stubs = [pb_grpc.TaskGuardStub(channel) for channel in channels]
-        watch = stubs[0].WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
-        await asyncio.wait_for(watch.initial_metadata(), 10)  # registered on host 0 before the storm
+        watch = await open_watch(stubs[0], key_prefix=key)  # registered on host 0 before the storm
         responses = await asyncio.gather(
             *(acquire(stubs[i % 3], key, run_id=f"run-{i}", holder=f"host{i % 3}") for i in range(STORM))
         )

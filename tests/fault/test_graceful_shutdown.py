@@ -10,7 +10,7 @@ from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import SidecarProcess, acquire
+from tests.support import SidecarProcess, acquire, open_watch
 
 TIMEOUT_S = 10.0
 
@@ -23,7 +23,7 @@ async def test_sigterm_ends_streams_with_unavailable_and_keeps_held_guards_for_a
         hold = stub.Hold()
         await hold.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key)))
         held = await asyncio.wait_for(hold.read(), TIMEOUT_S)
-        watch = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+        watch = await open_watch(stub, key_prefix=key)
         await acquire(stub, key + "/other")
         seen = await asyncio.wait_for(watch.read(), TIMEOUT_S)
         for _ in range(3):

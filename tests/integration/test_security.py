@@ -17,7 +17,7 @@ from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import ROOT, InProcess, SidecarProcess, acquire
+from tests.support import ROOT, InProcess, SidecarProcess, acquire, open_watch
 
 OPERATOR_TOKEN = "op-7f3a9c1e5b2d4f60a8c9"
 HOLDER_TOKEN = "holder-2b6e8d0f4a1c3e5f"
@@ -238,7 +238,7 @@ async def test_limits_answer_resource_exhausted(in_process_factory: Callable[...
         await stub.Acquire(pb.AcquireRequest(task_key=key, holder="x" * 8000))
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    first = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+    first = await open_watch(stub, key_prefix=key)
     await acquire(stub, f"{key}/watched")
     await first.read()
     second = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))

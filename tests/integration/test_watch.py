@@ -14,7 +14,7 @@ from taskguard.store.etcd import etcd_revision_of
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.etcd_cluster import EtcdCluster
-from tests.support import InProcess, SidecarProcess, acquire, watch_until
+from tests.support import InProcess, SidecarProcess, acquire, open_watch, watch_until
 
 pytestmark = pytest.mark.backends("sqlite", "etcd")
 
@@ -32,8 +32,7 @@ async def _next(call: Any) -> pb.GuardEvent:
 
 async def test_a_watcher_sees_every_kind_of_change_in_order(manual: InProcess, key: str) -> None:
     stub = manual.stub
-    call = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
-    # Nothing is sent before the first change, so prove the watch is registered with a change of our own.
+    call = await open_watch(stub, key_prefix=key)
     first = await acquire(stub, key + "/a", ttl_s=5, run_id="a1", holder="gw-1")
     assert (await _next(call)).type == pb.GUARD_EVENT_TYPE_ACQUIRED
     await acquire(stub, key + "/a", run_id="a2", holder="cron")
@@ -144,7 +143,7 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_acquires_still_complete
     stub = harness.stub
     # Without BDP probing the stream's window stays small, so the transport cannot absorb the backlog.
     stalled_channel = aio.insecure_channel(harness.address, options=[("grpc.http2.bdp_probe", 0)])
-    stalled = pb_grpc.TaskGuardStub(stalled_channel).WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
+    stalled = await open_watch(pb_grpc.TaskGuardStub(stalled_channel), key_prefix=key)
     await acquire(stub, f"{key}/first")
     responses = await asyncio.wait_for(asyncio.gather(*(acquire(stub, f"{key}/{i}") for i in range(1000))), 60)
     assert {r.outcome for r in responses} == {pb.ACQUIRE_OUTCOME_ACQUIRED}
@@ -171,8 +170,7 @@ async def test_a_watcher_that_never_reads_is_cut_off_and_acquires_still_complete
 
 
 async def test_a_watch_is_acknowledged_before_any_event(in_process: InProcess, key: str) -> None:
-    call = in_process.stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key))
-    await asyncio.wait_for(call.initial_metadata(), TIMEOUT_S)
+    call = await open_watch(in_process.stub, key_prefix=key)
     assert in_process.sidecar.hub.watcher_count == 1
     call.cancel()
 
