@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import selectors
 import signal
@@ -153,7 +154,23 @@ class InProcess:
 
     async def close(self) -> None:
         await self.channel.close()
-        await self.sidecar.stop(0)
+        stopping = asyncio.ensure_future(self.sidecar.stop(0))
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_WITHIN_S)
+        if not done:
+            # A stop that hangs is a bug of its own: fail here, saying what is still waiting, not at the timeout.
+            raise AssertionError(f"the sidecar did not stop within {STOP_WITHIN_S} s; tasks:\n{describe_tasks()}")
+        stopping.result()
+
+
+STOP_WITHIN_S = 30.0
+
+
+def describe_tasks() -> str:
+    """Every task of the running loop and where it waits."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        task.print_stack(file=out)
+    return out.getvalue()
 
 
 async def wait_serving(address: str, timeout_s: float = 10.0) -> None:
