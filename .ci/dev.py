@@ -20,6 +20,7 @@ and setup only).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -207,22 +208,25 @@ def _run_bounded(command: list[str], limit_s: float, cwd: Path = ROOT, env: dict
     marker = f"taskguard-test-run-{uuid.uuid4().hex}"
     env = {**(env or os.environ), "TASKGUARD_TEST_RUN": marker}
     print("+", " ".join(command), flush=True)
-    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env)
     try:
-        returncode = process.wait(timeout=limit_s)
+        return process.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
         minutes = limit_s / 60
         print(f"dev.py: {command[0]} still running after {minutes:.0f} min; ending it", file=sys.stderr, flush=True)
         # SIGINT first: pytest then prints what failed so far and which test it was in.
-        os.killpg(process.pid, signal.SIGINT)
-        try:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        returncode = 124
-    _end_leftovers(marker)
-    return returncode
+        return 124
+    except KeyboardInterrupt:
+        # Ctrl-C reached the suite too: give it the time to report before its leftovers go.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+        raise
+    finally:
+        _end_leftovers(marker)
+        process.wait()
 
 
 def _end_leftovers(marker: str) -> None:
