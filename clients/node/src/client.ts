@@ -236,9 +236,10 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.keepalive_time_ms": 10_000,
   "grpc.keepalive_timeout_ms": 5_000,
   "grpc.keepalive_permit_without_calls": 1,
-  // The sidecar is local: reconnect quickly after it restarts rather than after grpc's default 1 s+.
+  // The sidecar is local: reconnect quickly after it restarts rather than after grpc's default 1 s+. While the
+  // channel waits out its backoff, calls fail at once, so the cap stays well inside the retries' backoff.
   "grpc.initial_reconnect_backoff_ms": 100,
-  "grpc.max_reconnect_backoff_ms": 2_000,
+  "grpc.max_reconnect_backoff_ms": 250,
 };
 
 function stripPrefix<T extends string>(value: string, prefix: string, known: readonly T[], fallback: T): T {
