@@ -29,6 +29,7 @@ import subprocess
 import sys
 import uuid
 import venv
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +53,12 @@ NODE_SUITE_LIMIT_S = 10 * 60
 HANG_REPORT = ROOT / ".cache" / "pytest-hang-report.txt"
 
 
-def _run(*command: str | Path, cwd: Path = ROOT, **options: object) -> None:
+def _echo(command: Sequence[str | Path]) -> None:
     print("+", " ".join(str(part) for part in command), flush=True)
+
+
+def _run(*command: str | Path, cwd: Path = ROOT, **options: object) -> None:
+    _echo(command)
     subprocess.run([str(part) for part in command], check=True, cwd=cwd, **options)  # type: ignore[call-overload]
 
 
@@ -207,22 +212,24 @@ def _run_bounded(command: list[str], limit_s: float, cwd: Path = ROOT, env: dict
     of their own (the OpenClaw gateway's), so none outlives the run holding CI's output pipe open."""
     marker = f"taskguard-test-run-{uuid.uuid4().hex}"
     env = {**(env or os.environ), "TASKGUARD_TEST_RUN": marker}
-    print("+", " ".join(command), flush=True)
+    _echo(command)
     process = subprocess.Popen(command, cwd=cwd, env=env)
+
+    def let_it_report() -> None:
+        """After SIGINT, pytest prints what failed so far and which test it was in: give it the time."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+
     try:
         return process.wait(timeout=limit_s)
     except subprocess.TimeoutExpired:
         minutes = limit_s / 60
         print(f"dev.py: {command[0]} still running after {minutes:.0f} min; ending it", file=sys.stderr, flush=True)
-        # SIGINT first: pytest then prints what failed so far and which test it was in.
         process.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
+        let_it_report()
         return 124
-    except KeyboardInterrupt:
-        # Ctrl-C reached the suite too: give it the time to report before its leftovers go.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
+    except KeyboardInterrupt:  # Ctrl-C reached the suite too
+        let_it_report()
         raise
     finally:
         _end_leftovers(marker)
