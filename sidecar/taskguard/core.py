@@ -538,6 +538,30 @@ def lease_problem(record: GuardRecord | None, lease_id: str) -> Rejected | None:
     return Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", f"lease lost: {_ending(record)}")
 
 
+def answer_past_run(
+    run: GuardRecord | None,
+    current: GuardRecord | None,
+    command: Renew | Heartbeat | Release | Resume,
+    now: Instant,
+    policy: Policy,
+) -> Reply:
+    """The answer to a lease command whose run (``run``, its last snapshot) no longer holds the guard.
+
+    The run answers for itself (an idempotent release of it still succeeds),
+    and nothing changes. A snapshot that would still let the command change
+    something is older than the guard it lost (a shared store's copy can lag):
+    the lease is lost all the same, and ``current`` says to whom.
+    """
+    if run is None:
+        return Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
+    decision = decide(run, command, now, policy)
+    if not decision.changes:
+        return decision.reply
+    return lease_problem(current, command.lease_id) or Rejected(
+        RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost"
+    )
+
+
 def _ending(record: GuardRecord) -> str:
     if record.released_by:
         return f"the guard was force-released by {record.released_by}: {record.last_detail}"

@@ -83,18 +83,16 @@ class Engine:
         if run is None:
             return Result(Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease"), None)
         command = build(run.task_key)
-        return await self._mutex.run(command.task_key, lambda: self._decide_on_lease(command, run))
+        return await self._mutex.run(command.task_key, lambda: self._decide_on_lease(command))
 
-    async def _decide_on_lease(self, command: LeaseCommand, run: GuardRecord) -> Result:
+    async def _decide_on_lease(self, command: LeaseCommand) -> Result:
         current = await self.store.get(command.task_key)
         if current is not None and current.lease_id == command.lease_id:
             return await self._decide_and_commit(command)
-        # The lease's run was superseded: answer from that run's last snapshot
-        # (an idempotent release of it still succeeds), and change nothing.
-        decision = core.decide(run, command, instant(self.clock), self.policy)
-        if decision.changes:
-            raise AssertionError(f"a superseded run of {command.task_key!r} would change: {decision}")
-        return Result(decision.reply, run)
+        # The lease's run no longer holds the guard. Its snapshot is read again here, under the key's
+        # mutex: the one read to find the key may predate the run's end, committed while this waited.
+        run = await self.store.find_run(command.lease_id)
+        return Result(core.answer_past_run(run, current, command, instant(self.clock), self.policy), run)
 
     async def _decide_and_commit(self, command: Command) -> Result:
         for _ in range(_MAX_CONFLICT_RETRIES):
