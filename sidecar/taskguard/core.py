@@ -34,8 +34,8 @@ be before the reply may be sent:
 Time is an argument: ``Instant.monotonic`` drives every deadline, and
 ``Instant.wall`` (UTC) is only copied into fields people read.
 
-Stale-lock healing: every command first applies ``heal``, which turns a
-RUNNING guard whose TTL deadline has passed into EXPIRED. The lease sweeper
+Stale-lock healing: every command (but ``AwaitResume``) first applies ``heal``,
+which turns a RUNNING guard whose TTL deadline has passed into EXPIRED. The lease sweeper
 makes that happen promptly; healing makes it exact even when a command arrives
 before the sweeper.
 
@@ -252,6 +252,19 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitResume:
+    """After a restart: a stream-bound run waits for its holder to come back on a new stream.
+
+    Its stored deadline is stale (heartbeats are not durable, and none could
+    arrive while the sidecar was down), so the run keeps no deadline but the
+    resume grace, which the shell times; a resume starts its TTL afresh.
+    """
+
+    task_key: str
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
 class Expire:
     task_key: str
     fencing_token: int
@@ -278,7 +291,7 @@ class ForceRelease:
     reason: str
 
 
-Command = Acquire | Renew | Heartbeat | Release | Resume | Expire | Abandon | ApproveRetry | ForceRelease
+Command = Acquire | Renew | Heartbeat | Release | Resume | AwaitResume | Expire | Abandon | ApproveRetry | ForceRelease
 
 
 # --- events and replies ---------------------------------------------------------
@@ -397,6 +410,8 @@ def decide(record: GuardRecord | None, command: Command, now: Instant, policy: P
             return _release(record, command, now)
         case Resume():
             return _resume(record, command, now)
+        case AwaitResume():
+            return _await_resume(record, command)
         case Expire():
             return _expire(record, command, now)
         case Abandon():
@@ -642,6 +657,20 @@ def _resume(record: GuardRecord | None, cmd: Resume, now: Instant) -> Decision:
         (Event(EventType.RESUMED, resumed, now.wall, trigger_run_id=resumed.run_id, trigger_holder=resumed.holder),),
         AcquireReply(Outcome.ACQUIRED, resumed),
     )
+
+
+def _await_resume(record: GuardRecord | None, cmd: AwaitResume) -> Decision:
+    if record is None or not record.running or not record.stream_bound or record.fencing_token != cmd.fencing_token:
+        return Decision(None, (), GuardReply(record))
+    waiting = replace(record, expires_at=None, expires_deadline=None)
+    # In memory only, like a heartbeat: after another restart the run waits again, from that restart.
+    return Decision(waiting, (), GuardReply(waiting), Durability.VOLATILE)
+
+
+def heals_first(command: Command) -> bool:
+    """Whether a lapsed TTL is healed before ``command`` is decided (every command but AwaitResume,
+    which exists because a deadline stored before a restart says nothing about the holder)."""
+    return not isinstance(command, AwaitResume)
 
 
 def _expire(record: GuardRecord | None, cmd: Expire, now: Instant) -> Decision:

@@ -98,7 +98,7 @@ class Engine:
         for _ in range(_MAX_CONFLICT_RETRIES):
             record = await self.store.get(command.task_key)
             now = instant(self.clock)
-            healed, expiry = core.heal(record, now)
+            healed, expiry = core.heal(record, now) if core.heals_first(command) else (record, ())
             try:
                 if expiry and healed is not None and record is not None:
                     # Healing is a transition of its own, committed first: every

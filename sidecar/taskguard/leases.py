@@ -59,22 +59,25 @@ class LeaseKeeper:
         engine.store.subscribe(self._on_commit)
 
     async def start(self) -> None:
-        """Arm every deadline found in the store and give orphaned stream holders the resume grace."""
+        """Give orphaned stream holders the resume grace, then arm every deadline found in the store."""
         loop = asyncio.get_running_loop()
         grace = self._engine.policy.resume_grace_s
         store = self._engine.store
+        for record in await store.unowned_stream_guards():
+            if record.task_key in self._attached:
+                continue
+            # Counted from now, whatever deadline was stored: no heartbeat could reach a sidecar that was down.
+            await self._engine.execute(core.AwaitResume(record.task_key, record.fencing_token))
+            self._orphans[record.task_key] = loop.call_later(
+                grace,
+                self._abandon_orphan,
+                record.task_key,
+                record.fencing_token,
+                f"holder did not resume within {grace:g}s after a sidecar restart",
+            )
         for record in await store.running():
             self.arm(record)
             self._held_by[record.holder] += 1
-        for record in await store.unowned_stream_guards():
-            if record.task_key not in self._attached:
-                self._orphans[record.task_key] = loop.call_later(
-                    grace,
-                    self._abandon_orphan,
-                    record.task_key,
-                    record.fencing_token,
-                    f"holder did not resume within {grace:g}s after a sidecar restart",
-                )
         store.set_owner_loss_handler(self._owner_lost)
         store.set_lease_loss_handler(self._lease_lost)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")

@@ -31,6 +31,7 @@ from taskguard.core import (
     Acquire,
     AcquireReply,
     ApproveRetry,
+    AwaitResume,
     Command,
     Decision,
     Durability,
@@ -228,6 +229,20 @@ class GuardMachine(RuleBasedStateMachine):
         guard.state, guard.last_status, guard.deadline = RELEASED_STATE[cmd.status], cmd.status, None
         return GUARD
 
+    def model_await_resume(self, cmd: AwaitResume) -> Expected:
+        # A restart finds what the store kept: a stream run the model healed (time passed while the
+        # sidecar was down) is still RUNNING there, and now waits for its holder with no deadline.
+        guard, record = self.model.get(cmd.task_key), self.store.get(cmd.task_key)
+        if (
+            guard is not None
+            and record is not None
+            and record.running
+            and record.stream_bound
+            and record.fencing_token == cmd.fencing_token
+        ):
+            guard.state, guard.deadline, guard.last_status = GuardState.RUNNING, None, RunStatus.UNSPECIFIED
+        return GUARD
+
     def model_expire(self, cmd: Expire) -> Expected:
         return GUARD  # the model heals as time passes; a live deadline is never expired early
 
@@ -273,6 +288,8 @@ class GuardMachine(RuleBasedStateMachine):
                 return self.model_release(cmd)
             case Resume():
                 return self.model_resume(cmd)
+            case AwaitResume():
+                return self.model_await_resume(cmd)
             case Expire():
                 return self.model_expire(cmd)
             case Abandon():
@@ -338,7 +355,7 @@ class GuardMachine(RuleBasedStateMachine):
         if isinstance(cmd, Expire | Abandon) and (before is None or cmd.fencing_token != before.fencing_token):
             assert decision.record is None and decision.events == ()
         if decision.durability is Durability.VOLATILE:
-            assert isinstance(cmd, Heartbeat) and decision.events == ()
+            assert isinstance(cmd, Heartbeat | AwaitResume) and decision.events == ()
         if decision.durability is Durability.LAZY:
             assert before is not None and decision.record is not None
             assert decision.record == replace(before, duplicate_count=before.duplicate_count + 1)
@@ -430,6 +447,11 @@ class GuardMachine(RuleBasedStateMachine):
     def resume(self, data: st.DataObject) -> None:
         key = self.pick_key(data)
         self.execute(Resume(key, self.pick_lease(data, key)))
+
+    @rule(data=st.data())
+    def sidecar_restarts(self, data: st.DataObject) -> None:
+        key = self.pick_key(data)
+        self.execute(AwaitResume(key, self.pick_token(data, key)))
 
     @rule(data=st.data())
     def sweeper_expires(self, data: st.DataObject) -> None:

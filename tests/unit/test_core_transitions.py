@@ -19,6 +19,7 @@ from taskguard.core import (
     Acquire,
     AcquireReply,
     ApproveRetry,
+    AwaitResume,
     Command,
     Decision,
     Durability,
@@ -40,6 +41,7 @@ from taskguard.core import (
     RunStatus,
     decide,
     fence_is_valid,
+    heals_first,
     is_stale,
     split_task_key,
 )
@@ -987,3 +989,42 @@ def test_only_the_acquiring_principal_gets_a_run_back_by_its_run_id() -> None:
     stolen = decide(held, replace(mine, principal="uid:65534", lease_id="lease-thief"), at(1), DEFAULT)
     assert isinstance(stolen.reply, AcquireReply)
     assert stolen.reply.outcome is Outcome.ALREADY_RUNNING and stolen.reply.lease_id == ""
+
+
+# --- after a restart: waiting for a stream holder to resume ------------------------------
+
+
+def test_a_stream_run_waiting_to_resume_drops_its_stale_deadline_in_memory_only() -> None:
+    running = start(ttl_s=TTL, stream_bound=True)
+    # Long after the deadline stored at the acquisition: the sidecar was down, no heartbeat could arrive.
+    decision = decide(running, AwaitResume(KEY, running.fencing_token), at(TTL * 10), DEFAULT)
+    assert decision.record is not None and decision.record.running
+    assert decision.record.expires_deadline is None and decision.record.expires_at is None
+    assert decision.record.ttl_s == TTL
+    assert decision.events == () and decision.durability is Durability.VOLATILE
+    assert not heals_first(AwaitResume(KEY, running.fencing_token))
+
+
+def test_a_resume_after_waiting_counts_the_ttl_from_the_resume() -> None:
+    running = start(ttl_s=TTL, stream_bound=True)
+    waiting = commit(running, AwaitResume(KEY, running.fencing_token), at(TTL * 10))
+    resumed = commit(waiting, Resume(KEY, running.lease_id), at(TTL * 10 + 1))
+    assert resumed.running and resumed.expires_deadline == at(TTL * 11 + 1).monotonic
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        pytest.param(start(ttl_s=TTL), id="a unary run"),
+        pytest.param(guard_in(GuardState.SUCCEEDED), id="a finished run"),
+        pytest.param(None, id="no guard"),
+    ],
+)
+def test_waiting_to_resume_changes_nothing_but_a_running_stream_run(record: GuardRecord | None) -> None:
+    token = record.fencing_token if record is not None else 1
+    assert decide(record, AwaitResume(KEY, token), at(TTL * 10), DEFAULT).record is None
+
+
+def test_waiting_to_resume_for_another_run_changes_nothing() -> None:
+    running = start(ttl_s=TTL, stream_bound=True)
+    assert decide(running, AwaitResume(KEY, running.fencing_token + 1), at(1), DEFAULT).record is None
