@@ -24,7 +24,7 @@ from taskguard import core, wire
 from taskguard.auth import Authorizer, Caller, PermissionDenied
 from taskguard.core import GuardRecord, Rejected, RejectionKind
 from taskguard.engine import Engine, Result
-from taskguard.events import EventHub, TooManyWatchers, Watcher, WatchOverflow
+from taskguard.events import EventHub, RevisionAhead, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HolderLimit, HoldSession, LeaseKeeper
 from taskguard.store import GuardLost, RevisionCompacted, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
@@ -47,6 +47,7 @@ _ENCODED_EVENTS_KEPT = 4096
 _BATCH_EVENTS = 256
 
 _HOLD_DROPPED = "the holder's Hold stream ended without a release"
+_HOLD_REJECTED = "its Hold stream was ended for a message the sidecar rejected"
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TaskGuard"].full_name
 
@@ -79,7 +80,7 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.FAILED_PRECONDITION, f"lease_id: lease lost: {error}"
         case StoreUnavailable():
             return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {error}"
-        case RevisionCompacted():
+        case RevisionCompacted() | RevisionAhead():
             return grpc.StatusCode.OUT_OF_RANGE, f"start_revision: {error}"
         case WatchOverflow() | TooManyWatchers():
             return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
@@ -162,13 +163,20 @@ def _new_lease_id() -> str:
 
 class TaskGuardService(pb_grpc.TaskGuardServicer):
     def __init__(
-        self, engine: Engine, hub: EventHub, keeper: LeaseKeeper, telemetry: Telemetry, authorizer: Authorizer
+        self,
+        engine: Engine,
+        hub: EventHub,
+        keeper: LeaseKeeper,
+        telemetry: Telemetry,
+        authorizer: Authorizer,
+        hold_first_message_timeout_s: float = 10.0,
     ) -> None:
         self.telemetry = telemetry
         self.authorizer = authorizer
         self._engine = engine
         self._hub = hub
         self._keeper = keeper
+        self._first_message_timeout_s = hold_first_message_timeout_s
         self._encoded_events: OrderedDict[int, tuple[core.Event, bytes]] = OrderedDict()
         # One future every stream waits on, not a task per stream: 10,000 held streams add up.
         self._draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -194,7 +202,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             trace_context=self.telemetry.traceparent(),
             principal=call.caller.principal,
         )
-        with self._keeper.admit(command.holder):
+        with self._keeper.admit(command.principal):
             result = await self._engine.execute(command)
         return self._acquire_response(result, call.span, pb.AcquireResponse)
 
@@ -233,11 +241,21 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         session = self._keeper.hold()
         try:
             await self._hold(session, context, call)
+        except wire.BadRequest:
+            # A rejected message says nothing about the run: it stays held, and its holder may resume it
+            # on a new stream within the resume grace (the stream it broke is ended here).
+            session.leave_for_resume(_HOLD_REJECTED)
+            raise
         finally:
             session.close(_HOLD_DROPPED)
 
     async def _hold(self, session: HoldSession, context: aio.ServicerContext[Any, Any], call: Call) -> None:
-        first = await context.read()
+        try:
+            first = await asyncio.wait_for(context.read(), self._first_message_timeout_s)
+        except TimeoutError:
+            # A silent stream would otherwise hold a slot of the connection's streams forever.
+            rule = f"the first Hold message (acquire or resume) must arrive within {self._first_message_timeout_s:g}s"
+            raise wire.BadRequest("request", rule) from None
         _decoded(first)
         which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
         if which == "acquire":
@@ -415,18 +433,19 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def WatchGuards(
         self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> None:
-        await self._watch(request, context, batched=False)
+        await self._watch(request, context, call, batched=False)
 
     @_answer
     async def WatchGuardBatches(
         self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> None:
-        await self._watch(request, context, batched=True)
+        await self._watch(request, context, call, batched=True)
 
     async def _watch(
-        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], batched: bool
+        self, request: pb.WatchGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call, batched: bool
     ) -> None:
-        watcher = self._hub.open(wire.key_prefix(request.key_prefix))
+        # On the owner-only socket every connection reads "unix:": then the caller is all that tells them apart.
+        watcher = self._hub.open(wire.key_prefix(request.key_prefix), f"{call.caller.principal} {context.peer()}")
         # Headers now, so a client knows its watch is established before the first event.
         await context.send_initial_metadata(())
         pump = asyncio.ensure_future(self._pump(watcher, request, context, batched))

@@ -92,6 +92,7 @@ class Settings:
     event_retention_age_s: float = 24 * 3600.0
     watch_buffer: int = 4096
     max_watchers: int = 1024
+    max_watchers_per_connection: int = 256
     shutdown_grace_s: float = 5.0
     log_level: str = "info"
     otlp_endpoint: str = ""
@@ -116,6 +117,7 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_streams_per_connection: int = 4096
     max_guards_per_holder: int = 10_000
+    hold_first_message_timeout_s: float = 10.0
     # The etcd store (store = "etcd://host:port,..."): guards shared by the sidecars of many hosts.
     etcd_prefix: str = "/taskguard/"
     etcd_lease_ttl_s: float = 10.0
@@ -306,6 +308,12 @@ _RULES: dict[str, _Rule] = {
         _parse_int, _positive, "must be a whole number > 0", "events buffered per watcher before it is cut off"
     ),
     "max_watchers": _Rule(_parse_int, _positive, "must be a whole number > 0", "WatchGuards streams at once"),
+    "max_watchers_per_connection": _Rule(
+        _parse_int,
+        _positive,
+        "must be a whole number > 0",
+        "WatchGuards streams one connection may have (one caller, on the owner-only socket)",
+    ),
     "shutdown_grace_s": _Rule(
         parse_duration_s, _non_negative, "must be a duration >= 0", "time in-flight calls get at shutdown"
     ),
@@ -353,7 +361,16 @@ _RULES: dict[str, _Rule] = {
         _parse_int, _positive, "must be a whole number > 0", "concurrent streams one connection may open"
     ),
     "max_guards_per_holder": _Rule(
-        _parse_int, _positive, "must be a whole number > 0", "RUNNING guards one holder may have at once"
+        _parse_int,
+        _positive,
+        "must be a whole number > 0",
+        "RUNNING guards one caller may have at once (counted by who it is, whatever holder it names)",
+    ),
+    "hold_first_message_timeout_s": _Rule(
+        parse_duration_s,
+        _positive,
+        "must be a duration > 0",
+        "a Hold stream whose first message (acquire or resume) has not come by then is ended",
     ),
     "etcd_prefix": _Rule(
         str, lambda v: v.startswith("/") and v.endswith("/"), "must start and end with /", "etcd key prefix"

@@ -12,7 +12,7 @@ order, across reconnects and restarts.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 
 from taskguard.core import Event, EventType, GuardRecord
@@ -34,6 +34,16 @@ class TooManyWatchers(Exception):
     pass
 
 
+class RevisionAhead(Exception):
+    """A watch asked to start past the next revision the store will commit."""
+
+    def __init__(self, requested: int, head: int) -> None:
+        super().__init__(
+            f"revision {requested} is ahead of the store, whose last revision is {head}; "
+            f"start at {head + 1} or earlier (0: from now)"
+        )
+
+
 class Watcher:
     """One WatchGuards stream's buffer.
 
@@ -43,8 +53,9 @@ class Watcher:
     ``overflowed`` tells its stream to end.
     """
 
-    def __init__(self, prefix: str, capacity: int) -> None:
+    def __init__(self, prefix: str, capacity: int, connection: str = "") -> None:
         self.prefix = prefix
+        self.connection = connection
         self.capacity = capacity
         self.buffer: deque[Event] = deque()
         self.wakeup = asyncio.Event()
@@ -74,11 +85,16 @@ class Watcher:
 
 
 class EventHub:
-    def __init__(self, store: Store, buffer_size: int = 4096, max_watchers: int = 1024) -> None:
+    def __init__(
+        self, store: Store, buffer_size: int = 4096, max_watchers: int = 1024, max_watchers_per_connection: int = 256
+    ) -> None:
         self._store = store
         self._buffer_size = buffer_size
         self._max_watchers = max_watchers
+        # Below the global limit, whatever is configured: room is always left for another connection.
+        self._max_per_connection = max(1, min(max_watchers_per_connection, max_watchers - 1))
         self._watchers: set[Watcher] = set()
+        self._per_connection: Counter[str] = Counter()
         self._run_waiters: dict[str, list[tuple[int, asyncio.Future[GuardRecord]]]] = {}
         store.subscribe(self.publish)
 
@@ -129,16 +145,29 @@ class EventHub:
 
     # --- watching --------------------------------------------------------------------
 
-    def open(self, prefix: str) -> Watcher:
-        """Register a watcher; its buffer fills with every event from now on."""
+    def open(self, prefix: str, connection: str = "") -> Watcher:
+        """Register a watcher; its buffer fills with every event from now on.
+
+        ``connection`` names where it comes from: no one connection may take
+        the whole global limit, so an operator's dashboard always finds room.
+        """
         if len(self._watchers) >= self._max_watchers:
             raise TooManyWatchers(f"at most {self._max_watchers} watchers at once")
-        watcher = Watcher(prefix, self._buffer_size)
+        if self._per_connection[connection] >= self._max_per_connection:
+            raise TooManyWatchers(
+                f"at most {self._max_per_connection} watchers per connection (max_watchers_per_connection)"
+            )
+        watcher = Watcher(prefix, self._buffer_size, connection)
         self._watchers.add(watcher)
+        self._per_connection[connection] += 1
         return watcher
 
     def close(self, watcher: Watcher) -> None:
-        self._watchers.discard(watcher)
+        if watcher in self._watchers:
+            self._watchers.discard(watcher)
+            self._per_connection[watcher.connection] -= 1
+            if not self._per_connection[watcher.connection]:
+                del self._per_connection[watcher.connection]
 
     async def stream(self, watcher: Watcher, start_revision: int, include_snapshot: bool) -> AsyncIterator[Event]:
         """Events for ``watcher`` one by one; see ``batches``."""
@@ -154,9 +183,13 @@ class EventHub:
         Each batch is whatever is ready, up to ``limit`` events: a page of the
         snapshot or the log, or everything buffered since the last one.
         Raises RevisionCompacted when ``start_revision`` is older than the log
-        keeps, and WatchOverflow when the watcher fell behind its buffer.
+        keeps, RevisionAhead when it is past the store's next revision, and
+        WatchOverflow when the watcher fell behind its buffer.
         """
         head = self._store.revision
+        if start_revision > head + 1:
+            # Nothing would ever be sent to it: a silent watch that looks healthy.
+            raise RevisionAhead(start_revision, head)
         watcher.last_revision = head if start_revision == 0 else start_revision - 1
         watcher.delivered = watcher.last_revision
         if include_snapshot:

@@ -38,7 +38,7 @@ _RUN_ENDS = frozenset({EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONE
 
 
 class HolderLimit(Exception):
-    """One holder already has as many RUNNING guards as it may."""
+    """One caller already has as many RUNNING guards as it may."""
 
 
 class LeaseKeeper:
@@ -60,24 +60,16 @@ class LeaseKeeper:
 
     async def start(self) -> None:
         """Give orphaned stream holders the resume grace, then arm every deadline found in the store."""
-        loop = asyncio.get_running_loop()
-        grace = self._engine.policy.resume_grace_s
         store = self._engine.store
         for record in await store.unowned_stream_guards():
             if record.task_key in self._attached:
                 continue
             # Counted from now, whatever deadline was stored: no heartbeat could reach a sidecar that was down.
             await self._engine.execute(core.AwaitResume(record.task_key, record.fencing_token))
-            self._orphans[record.task_key] = loop.call_later(
-                grace,
-                self._abandon_orphan,
-                record.task_key,
-                record.fencing_token,
-                f"holder did not resume within {grace:g}s after a sidecar restart",
-            )
+            self._wait_for_resume(record, "after a sidecar restart")
         for record in await store.running():
             self.arm(record)
-            self._held_by[record.holder] += 1
+            self._held_by[record.principal] += 1
         store.set_owner_loss_handler(self._owner_lost)
         store.set_lease_loss_handler(self._lease_lost)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
@@ -111,31 +103,35 @@ class LeaseKeeper:
     def _on_commit(self, events: Sequence[Event]) -> None:
         for event in events:
             self.arm(event.guard)
+            principal = event.guard.principal
             if event.type is EventType.ACQUIRED:
-                self._held_by[event.guard.holder] += 1
+                self._held_by[principal] += 1
             elif event.type in _RUN_ENDS:
-                self._held_by[event.guard.holder] -= 1
-                if self._held_by[event.guard.holder] <= 0:
-                    del self._held_by[event.guard.holder]
+                self._held_by[principal] -= 1
+                if self._held_by[principal] <= 0:
+                    del self._held_by[principal]
 
     @contextlib.contextmanager
-    def admit(self, holder: str) -> Iterator[None]:
-        """Refuse an acquisition that would take ``holder`` past its limit.
+    def admit(self, principal: str) -> Iterator[None]:
+        """Refuse an acquisition that would take the caller ``principal`` past its limit.
 
-        Acquisitions being decided count too, so a burst cannot overshoot.
+        Counted by who the caller is, not by the holder string it sends, which
+        it could change at will. Acquisitions being decided count too, so a
+        burst cannot overshoot.
         """
-        if self._max_per_holder and self._held_by[holder] + self._admitting[holder] >= self._max_per_holder:
+        held = self._held_by[principal]
+        if self._max_per_holder and held + self._admitting[principal] >= self._max_per_holder:
             raise HolderLimit(
-                f"holder: {holder!r} already holds {self._held_by[holder]} RUNNING guards "
-                f"(max_guards_per_holder is {self._max_per_holder})"
+                f"{principal} already holds {held} RUNNING guards (max_guards_per_holder is "
+                f"{self._max_per_holder}, counted per caller whatever holder it names)"
             )
-        self._admitting[holder] += 1
+        self._admitting[principal] += 1
         try:
             yield
         finally:
-            self._admitting[holder] -= 1
-            if not self._admitting[holder]:
-                del self._admitting[holder]
+            self._admitting[principal] -= 1
+            if not self._admitting[principal]:
+                del self._admitting[principal]
 
     async def _sweep(self) -> None:
         clock = self._engine.clock
@@ -196,6 +192,24 @@ class LeaseKeeper:
         if not self._stopping:
             self._spawn(self._engine.execute(Abandon(record.task_key, record.fencing_token, reason)))
 
+    def leave_for_resume(self, record: GuardRecord, stream: object, why: str) -> None:
+        """The stream ends, but not because its holder went away: keep the run for a resume within the grace."""
+        if self._attached.get(record.task_key) != (record.fencing_token, stream):
+            return
+        del self._attached[record.task_key]
+        if not self._stopping:
+            self._wait_for_resume(record, f"after {why}")
+
+    def _wait_for_resume(self, record: GuardRecord, after: str) -> None:
+        grace = self._engine.policy.resume_grace_s
+        self._orphans[record.task_key] = asyncio.get_running_loop().call_later(
+            grace,
+            self._abandon_orphan,
+            record.task_key,
+            record.fencing_token,
+            f"holder did not resume within {grace:g}s {after}",
+        )
+
     def release_attachment(self, record: GuardRecord, stream: object) -> None:
         if self._attached.get(record.task_key) == (record.fencing_token, stream):
             del self._attached[record.task_key]
@@ -251,7 +265,7 @@ class HoldSession:
         self._released = False
 
     async def acquire(self, command: Acquire, join: bool) -> Result:
-        with self._keeper.admit(command.holder):
+        with self._keeper.admit(command.principal):
             result = await self._engine.execute(command)
         await self._follow(result, join)
         return result
@@ -300,8 +314,13 @@ class HoldSession:
             replace(self.held, state=core.GuardState.ABANDONED, last_detail=why, released_at=self.held.heartbeat_at)
         )
 
+    def leave_for_resume(self, why: str) -> None:
+        """End the session without abandoning its run: the holder may resume it on a new stream."""
+        if self.held is not None and not self._released:
+            self._keeper.leave_for_resume(self.held, self, why)
+
     def close(self, reason: str) -> None:
-        """The stream is over; abandon the run unless it was released or lost already."""
+        """The stream is over; abandon the run unless it was released, lost or left for a resume already."""
         if self.ended is not None and not self.ended.done():
             self.ended.cancel()
         if self.held is not None and not self._released:

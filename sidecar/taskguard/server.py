@@ -95,7 +95,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
     async with contextlib.AsyncExitStack() as undo:
         undo.push_async_callback(store.close)
         engine = Engine(store, clock, settings.policy)
-        hub = EventHub(store, buffer_size=settings.watch_buffer, max_watchers=settings.max_watchers)
+        hub = EventHub(
+            store,
+            buffer_size=settings.watch_buffer,
+            max_watchers=settings.max_watchers,
+            max_watchers_per_connection=settings.max_watchers_per_connection,
+        )
         keeper = LeaseKeeper(engine, hub, settings.max_guards_per_holder)
         await keeper.start()
         undo.push_async_callback(keeper.stop)
@@ -107,7 +112,14 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         undo.push_async_callback(server.stop, None)
         bound = listener.bind(server, settings)
         undo.push_async_callback(bound.stop)
-        service = TaskGuardService(engine, hub, keeper, telemetry, Authorizer(settings.auth, bound.front))
+        service = TaskGuardService(
+            engine,
+            hub,
+            keeper,
+            telemetry,
+            Authorizer(settings.auth, bound.front),
+            hold_first_message_timeout_s=settings.hold_first_message_timeout_s,
+        )
         api.register(service, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

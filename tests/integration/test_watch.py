@@ -114,6 +114,23 @@ async def test_a_watcher_resumes_across_a_sidecar_sigkill(sidecar: SidecarProces
     assert [e.guard.task_key for e in rest] == [f"{key}/{i}" for i in range(1, 15)]
 
 
+async def test_a_start_revision_beyond_the_head_is_out_of_range_naming_the_head(
+    in_process: InProcess, key: str
+) -> None:
+    head = (await acquire(in_process.stub, key)).guard.revision
+    # The next revision is a fine place to start: it is where a watcher that saw the head resumes.
+    following = await open_watch(in_process.stub, key_prefix=key, start_revision=head + 1)
+    following.cancel()
+    call = in_process.stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key, start_revision=head + 1000))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _next(call)
+    assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (error.value.details() or "") == (
+        f"start_revision: revision {head + 1000} is ahead of the store, whose last revision is {head}; "
+        f"start at {head + 1} or earlier (0: from now)"
+    )
+
+
 async def test_a_start_revision_older_than_retention_is_out_of_range(
     in_process_factory: Callable[..., Any], key: str, store_backend: str, request: pytest.FixtureRequest
 ) -> None:

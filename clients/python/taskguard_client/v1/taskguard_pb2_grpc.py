@@ -118,6 +118,13 @@ class TaskGuardServicer:
 
     def Hold(self, request_iterator, context):
         """The streaming lease: the guard is held while this stream is open.
+        The first message (acquire or resume) must arrive within the server's
+        hold_first_message_timeout (10 s by default), else the stream ends with
+        INVALID_ARGUMENT. A later message the server rejects (a release with an
+        unknown status, a second acquire, anything but heartbeat or release) ends
+        the stream with INVALID_ARGUMENT but does not abandon the run: it stays
+        RUNNING, and its holder may resume it with its lease_id on a new stream
+        within the resume grace, after which it is ABANDONED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -693,7 +693,8 @@ export interface WatchGuardsRequest {
   keyPrefix: string;
   /**
    * 0: from now. Otherwise the first revision to send; older than the
-   * retained history is OUT_OF_RANGE.
+   * retained history is OUT_OF_RANGE, and so is one beyond the next revision
+   * the sidecar will commit (its head + 1), which no event can ever reach.
    */
   startRevision: number;
   /** First send the current guards matching key_prefix as SNAPSHOT events. */
@@ -3017,7 +3018,16 @@ export const TaskGuardService = {
     responseSerialize: (value: ReleaseResponse): Buffer => Buffer.from(ReleaseResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ReleaseResponse => ReleaseResponse.decode(value),
   },
-  /** The streaming lease: the guard is held while this stream is open. */
+  /**
+   * The streaming lease: the guard is held while this stream is open.
+   * The first message (acquire or resume) must arrive within the server's
+   * hold_first_message_timeout (10 s by default), else the stream ends with
+   * INVALID_ARGUMENT. A later message the server rejects (a release with an
+   * unknown status, a second acquire, anything but heartbeat or release) ends
+   * the stream with INVALID_ARGUMENT but does not abandon the run: it stays
+   * RUNNING, and its holder may resume it with its lease_id on a new stream
+   * within the resume grace, after which it is ABANDONED.
+   */
   hold: {
     path: "/taskguard.v1.TaskGuard/Hold" as const,
     requestStream: true as const,
@@ -3119,7 +3129,16 @@ export interface TaskGuardServer extends UntypedServiceImplementation {
   renew: handleUnaryCall<RenewRequest, RenewResponse>;
   /** End the run that holds a lease with its status. */
   release: handleUnaryCall<ReleaseRequest, ReleaseResponse>;
-  /** The streaming lease: the guard is held while this stream is open. */
+  /**
+   * The streaming lease: the guard is held while this stream is open.
+   * The first message (acquire or resume) must arrive within the server's
+   * hold_first_message_timeout (10 s by default), else the stream ends with
+   * INVALID_ARGUMENT. A later message the server rejects (a release with an
+   * unknown status, a second acquire, anything but heartbeat or release) ends
+   * the stream with INVALID_ARGUMENT but does not abandon the run: it stays
+   * RUNNING, and its holder may resume it with its lease_id on a new stream
+   * within the resume grace, after which it is ABANDONED.
+   */
   hold: handleBidiStreamingCall<HoldRequest, HoldResponse>;
   /**
    * Let a FAILED guard (or an ABANDONED/EXPIRED one, when policy says so) be
@@ -3197,7 +3216,16 @@ export interface TaskGuardClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ReleaseResponse) => void,
   ): ClientUnaryCall;
-  /** The streaming lease: the guard is held while this stream is open. */
+  /**
+   * The streaming lease: the guard is held while this stream is open.
+   * The first message (acquire or resume) must arrive within the server's
+   * hold_first_message_timeout (10 s by default), else the stream ends with
+   * INVALID_ARGUMENT. A later message the server rejects (a release with an
+   * unknown status, a second acquire, anything but heartbeat or release) ends
+   * the stream with INVALID_ARGUMENT but does not abandon the run: it stays
+   * RUNNING, and its holder may resume it with its lease_id on a new stream
+   * within the resume grace, after which it is ABANDONED.
+   */
   hold(): ClientDuplexStream<HoldRequest, HoldResponse>;
   hold(options: Partial<CallOptions>): ClientDuplexStream<HoldRequest, HoldResponse>;
   hold(metadata: Metadata, options?: Partial<CallOptions>): ClientDuplexStream<HoldRequest, HoldResponse>;
