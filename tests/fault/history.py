@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,7 +35,7 @@ class Ack:
     """One answer a client received."""
 
     task_key: str
-    kind: str  # "acquired" | "refused" | "released" | "renewed"
+    kind: str  # "acquired" | "refused" | "released" | "renewed" | "approved"
     run_id: str
     fencing_token: int
     status: int = 0
@@ -44,6 +44,8 @@ class Ack:
 @dataclass
 class History:
     acks: list[Ack] = field(default_factory=list)
+    # Every status a live sidecar answered with, OK included: INTERNAL or UNKNOWN is a bug whatever the load.
+    codes: Counter[grpc.StatusCode] = field(default_factory=Counter)
     target: int = 0
     reached: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -58,26 +60,54 @@ class History:
         return self.reached
 
 
-async def client_loop(stub: pb_grpc.TaskGuardStub, task_key: str, history: History, seed: int) -> None:
-    """Acquire, maybe renew, release, again, until the sidecar goes away."""
+async def client_loop(
+    stub: pb_grpc.TaskGuardStub, task_key: str, history: History, seed: int, approvals: bool = False
+) -> None:
+    """Acquire, maybe renew, release, again, until the sidecar goes away.
+
+    With ``approvals`` runs also fail, and a client refused for want of an
+    approval approves the retry itself (racing the others to it).
+    """
     rng = random.Random(seed)
+    statuses = (pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_CANCELLED) + ((pb.RUN_STATUS_FAILED,) if approvals else ())
     try:
         while True:
             run_id = uuid.uuid4().hex
             response = await acquire(stub, task_key, ttl_s=600, run_id=run_id, holder=f"client-{seed}")
+            history.codes[grpc.StatusCode.OK] += 1
+            if response.outcome == pb.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL:
+                history.record(Ack(task_key, "refused", response.guard.run_id, response.guard.fencing_token))
+                await _approve(stub, task_key, response.guard, history, seed)
+                continue
             if response.outcome != pb.ACQUIRE_OUTCOME_ACQUIRED:
                 history.record(Ack(task_key, "refused", response.guard.run_id, response.guard.fencing_token))
                 continue
             history.record(Ack(task_key, "acquired", run_id, response.guard.fencing_token))
             if rng.random() < 0.3:
                 await stub.Renew(pb.RenewRequest(lease_id=response.lease_id), timeout=10)
+                history.codes[grpc.StatusCode.OK] += 1
                 history.record(Ack(task_key, "renewed", run_id, response.guard.fencing_token))
-            status = rng.choice((pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_CANCELLED))
+            status = rng.choice(statuses)
             await stub.Release(pb.ReleaseRequest(lease_id=response.lease_id, status=status), timeout=10)
+            history.codes[grpc.StatusCode.OK] += 1
             history.record(Ack(task_key, "released", run_id, response.guard.fencing_token, status))
     except grpc.aio.AioRpcError as error:
+        history.codes[error.code()] += 1
         if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             raise
+
+
+async def _approve(stub: pb_grpc.TaskGuardStub, task_key: str, failed: pb.Guard, history: History, seed: int) -> None:
+    request = pb.ApproveRetryRequest(task_key=task_key, approver=f"client-{seed}", reason="crash loop")
+    try:
+        await stub.ApproveRetry(request, timeout=10)
+    except grpc.aio.AioRpcError as error:
+        if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        history.codes[error.code()] += 1  # another client approved it first
+        return
+    history.codes[grpc.StatusCode.OK] += 1
+    history.record(Ack(task_key, "approved", failed.run_id, failed.fencing_token))
 
 
 async def event_log(stub: pb_grpc.TaskGuardStub, sentinel_key: str) -> list[pb.GuardEvent]:
@@ -93,6 +123,7 @@ def check(history: History, events: list[pb.GuardEvent]) -> None:
     acquired: dict[str, dict[str, int]] = defaultdict(dict)
     released: dict[str, dict[str, int]] = defaultdict(dict)
     renewed: dict[str, set[str]] = defaultdict(set)
+    approved: dict[str, set[str]] = defaultdict(set)
     running: dict[str, str | None] = {}
     last_token: dict[str, int] = defaultdict(int)
     for event in events:
@@ -113,6 +144,8 @@ def check(history: History, events: list[pb.GuardEvent]) -> None:
                 running[key] = None
             if event.type == pb.GUARD_EVENT_TYPE_RELEASED:
                 released[key][guard.run_id] = guard.last_status
+            if event.type == pb.GUARD_EVENT_TYPE_RETRY_APPROVED:
+                approved[key].add(guard.run_id)
     for ack in history.acks:
         key = ack.task_key
         if ack.kind in ("acquired", "refused"):
@@ -121,17 +154,26 @@ def check(history: History, events: list[pb.GuardEvent]) -> None:
             assert ack.run_id in renewed[key], f"lost acknowledged renewal: {ack}"
         elif ack.kind == "released":
             assert released[key].get(ack.run_id) == ack.status, f"lost acknowledged release: {ack}"
+        elif ack.kind == "approved":
+            assert ack.run_id in approved[key], f"lost acknowledged approval: {ack}"
 
 
 async def crash_cycle(
-    sidecar: SidecarProcess, keys: list[str], history: History, *, acks: int, clients_per_key: int, seed: int
+    sidecar: SidecarProcess,
+    keys: list[str],
+    history: History,
+    *,
+    acks: int,
+    clients_per_key: int,
+    seed: int,
+    approvals: bool = False,
 ) -> None:
     """Load the sidecar until ``acks`` more answers came back, SIGKILL it, restart it, check the log."""
     reached = history.expect(acks)
     async with aio.insecure_channel(sidecar.address) as channel:
         stub = pb_grpc.TaskGuardStub(channel)
         clients = [
-            asyncio.ensure_future(client_loop(stub, key, history, seed=seed * 1000 + i))
+            asyncio.ensure_future(client_loop(stub, key, history, seed=seed * 1000 + i, approvals=approvals))
             for i, key in enumerate(keys * clients_per_key)
         ]
         await asyncio.wait_for(reached.wait(), 30)
