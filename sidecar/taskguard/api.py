@@ -26,7 +26,7 @@ from taskguard.core import GuardRecord, Rejected, RejectionKind
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, RevisionAhead, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HolderLimit, HoldSession, LeaseKeeper
-from taskguard.store import GuardLost, RevisionCompacted, StoreUnavailable
+from taskguard.store import GuardLost, RevisionCompacted, StoreConflict, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
@@ -80,6 +80,9 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
             return grpc.StatusCode.FAILED_PRECONDITION, f"lease_id: lease lost: {error}"
         case StoreUnavailable():
             return grpc.StatusCode.UNAVAILABLE, f"store unavailable: {error}"
+        case StoreConflict():
+            # Other sidecars of a shared store kept winning the race for this guard: the call may be retried.
+            return grpc.StatusCode.UNAVAILABLE, f"{error}; try again"
         case RevisionCompacted() | RevisionAhead():
             return grpc.StatusCode.OUT_OF_RANGE, f"start_revision: {error}"
         case WatchOverflow() | TooManyWatchers():

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import grpc
 import pytest
 
-from taskguard import core
+from taskguard import api, core
 from taskguard.clock import ManualClock
 from taskguard.core import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
 from taskguard.engine import Engine, LeaseCommand, Result
-from taskguard.store import Committed, Write
+from taskguard.store import Committed, StoreConflict, Write
 from taskguard.store.memory import MemoryStore
 
 
@@ -125,3 +126,20 @@ def test_a_past_runs_stale_snapshot_that_would_still_renew_answers_lease_lost() 
     answer = core.answer_past_run(acquired, taken, core.Renew("s::job", "L1"), now, Policy())
     assert isinstance(answer, Rejected) and answer.kind is RejectionKind.FAILED_PRECONDITION
     assert "run second (fencing token 2) acquired the guard since" in answer.rule
+
+
+class AlwaysLosingStore(MemoryStore):
+    """A shared store on which another sidecar wins every race for the guard."""
+
+    async def commit(self, write: Write) -> Committed:
+        raise StoreConflict.at(write.record.task_key, write.expected_revision + 1, write.expected_revision)
+
+
+async def test_a_guard_that_keeps_changing_under_a_command_answers_unavailable_not_internal() -> None:
+    clock = ManualClock()
+    engine = Engine(AlwaysLosingStore(clock), clock, Policy())
+    with pytest.raises(StoreConflict) as lost:
+        await engine.execute(_acquire("first", "L1"))
+    code, message = api.status_for(lost.value)
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert message == "guard 's::job' kept changing under Acquire; try again"
