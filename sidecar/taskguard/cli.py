@@ -107,6 +107,19 @@ def _state(value: str) -> GuardState:
 # --- presenting ---------------------------------------------------------------------------
 
 
+def shown(text: str) -> str:
+    """``text`` made safe for a terminal: every character it would act on instead of showing is escaped.
+
+    Everything printed that came from the sidecar goes through here. The sidecar refuses control
+    characters in the text callers send, but an older database, an older sidecar or another
+    implementation may still hand back a holder like ``"x\\x1b[2J\\nFAKE ROW"``; shown, it is inert.
+    Escapes are Python's (``\\x1b``, ``\\n``, ``\\u202e``), so nothing is lost from view.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _iso(at: datetime | None) -> str:
     return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if at else "-"
 
@@ -151,16 +164,19 @@ def _state_text(guard: Guard) -> str:
 def _table(guards: Sequence[Guard], now: datetime) -> str:
     headers = ("KEY", "STATE", "RUN ID", "HOLDER", "STARTED", "AGE", "EXPIRES", "TOKEN", "DUPS")
     rows = [
-        (
-            guard.task_key,
-            _state_text(guard),
-            guard.run_id,
-            guard.holder or "-",
-            _iso(guard.started_at),
-            _span(now - guard.started_at),
-            _expires(guard, now),
-            str(guard.fencing_token),
-            str(guard.duplicate_count),
+        tuple(
+            shown(cell)
+            for cell in (
+                guard.task_key,
+                _state_text(guard),
+                guard.run_id,
+                guard.holder or "-",
+                _iso(guard.started_at),
+                _span(now - guard.started_at),
+                _expires(guard, now),
+                str(guard.fencing_token),
+                str(guard.duplicate_count),
+            )
         )
         for guard in guards
     ]
@@ -192,11 +208,16 @@ def _event_line(event: GuardEvent) -> str:
         parts.append(f"reason={event.reason!r}")
     elif not guard.running and guard.last_detail and event.type.value not in ("SNAPSHOT", "DUPLICATE_REFUSED"):
         parts.append(f"detail={guard.last_detail!r}")
-    return " ".join(parts)
+    return shown(" ".join(parts))
 
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def warn(message: str) -> None:
+    """One line on stderr, ``taskguard: ...``: whatever the message quotes from the sidecar is shown inert."""
+    print(f"taskguard: {shown(one_line(message))}", file=sys.stderr, flush=True)
 
 
 def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
@@ -221,12 +242,18 @@ def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
             message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
         case _:
             message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
-    print(f"taskguard: {one_line(message)}", file=sys.stderr, flush=True)
+    warn(message)
     return code
 
 
 def _print(text: str) -> None:
+    # Callers hand in text made of shown() parts (or JSON, whose escapes cover every control character).
     print(text, flush=True)
+
+
+def _say(text: str) -> None:
+    """One line on stdout, shown inert."""
+    _print(shown(text))
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -270,7 +297,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     document = guard_json(guard)
     width = max(len(name) for name in document)
-    _print("\n".join(f"{name.ljust(width)}  {_plain(value)}" for name, value in document.items()))
+    _print("\n".join(f"{name.ljust(width)}  {shown(_plain(value))}" for name, value in document.items()))
     return EXIT_OK
 
 
@@ -291,21 +318,21 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
 
 def _approve_retry(client: Client, args: argparse.Namespace) -> int:
     guard = client.approve_retry(args.key, args.approver or getpass.getuser(), args.reason)
-    _print(f"{guard.task_key}: {guard.state.value} by {guard.approved_by} (run {guard.run_id} may be retried once)")
+    _say(f"{guard.task_key}: {guard.state.value} by {guard.approved_by} (run {guard.run_id} may be retried once)")
     return EXIT_OK
 
 
 def _force_release(client: Client, args: argparse.Namespace) -> int:
     guard = client.force_release(args.key, args.operator or getpass.getuser(), args.reason)
-    _print(f"{guard.task_key}: run {guard.run_id} {guard.state.value} by {guard.released_by}")
+    _say(f"{guard.task_key}: run {guard.run_id} {guard.state.value} by {guard.released_by}")
     return EXIT_OK
 
 
 def _check_fence(client: Client, args: argparse.Namespace) -> int:
     if client.check_fence(args.key, args.token):
-        _print(f"{args.key}: fencing token {args.token} holds the guard")
+        _say(f"{args.key}: fencing token {args.token} holds the guard")
         return EXIT_OK
-    _print(f"{args.key}: fencing token {args.token} does not hold the guard")
+    _say(f"{args.key}: fencing token {args.token} does not hold the guard")
     return EXIT_FENCE_INVALID
 
 
@@ -321,12 +348,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args)
     except config.ConfigError as error:
-        print(f"taskguard: {error}", file=sys.stderr)
+        warn(str(error))
         return 2
     try:
         return asyncio.run(server.run(settings))
     except Exception as error:  # start-up failures: one clear line, no traceback
-        print(f"taskguard: cannot start: {error}", file=sys.stderr)
+        warn(f"cannot start: {error}")
         return 1
 
 

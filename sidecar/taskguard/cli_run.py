@@ -63,9 +63,10 @@ async def _main(args: argparse.Namespace) -> int:
     command: list[str] = args.argv
     if shutil.which(command[0]) is None:
         # Before acquiring anything: a typo should not cost the task a run.
-        print(f"taskguard: {command[0]}: command not found", file=sys.stderr)
+        cli.warn(f"{command[0]}: command not found")
         return cli.EXIT_COMMAND_NOT_FOUND
-    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({os.path.basename(command[0])})"
+    # A file name may hold anything; the sidecar takes no control characters in a holder.
+    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({cli.shown(os.path.basename(command[0]))})"
     on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
     from taskguard.cli import client_options
 
@@ -78,7 +79,7 @@ async def _main(args: argparse.Namespace) -> int:
                     return _conflict(held, args.on_conflict)
                 return await _supervise(held, command)
         except LeaseLost as lost:
-            print(f"taskguard: {args.key}: {cli.one_line(str(lost))}", file=sys.stderr, flush=True)
+            cli.warn(f"{args.key}: {lost}")
             return cli.EXIT_LEASE_LOST
 
 
@@ -86,10 +87,10 @@ def _conflict(conflict: Conflict, on_conflict: str) -> int:
     guard = conflict.guard
     if conflict.joined:
         how = f"{guard.state.value}: {guard.last_detail}" if guard.last_detail else guard.state.value
-        print(f"taskguard: {guard.task_key}: run {guard.run_id} ended {how}", file=sys.stderr, flush=True)
+        cli.warn(f"{guard.task_key}: run {guard.run_id} ended {how}")
         return cli.EXIT_OK if guard.state is GuardState.SUCCEEDED else cli.EXIT_JOINED_RUN_FAILED
     if conflict.outcome is Outcome.ALREADY_RUNNING and on_conflict == "skip":
-        print(f"taskguard: skipped: {conflict.error()}", file=sys.stderr, flush=True)
+        cli.warn(f"skipped: {conflict.error()}")
         return cli.EXIT_OK
     return cli.report(conflict.error(), "", 0)
 
@@ -129,7 +130,7 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
             detail = f"cannot start {command[0]}: {error.strerror}"
             # It never ran: CANCELLED, so that the next attempt needs no approval.
             await held.release(RunStatus.CANCELLED, detail)
-            print(f"taskguard: {detail}", file=sys.stderr, flush=True)
+            cli.warn(detail)
             return code
         for signum in forwarded:
             if not (signum is signal.SIGINT and from_terminal):
@@ -141,11 +142,7 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
         finally:
             lost.cancel()
         if not exited.done():
-            print(
-                f"taskguard: {held.task_key}: the guard was taken away; sending SIGTERM to {command[0]}",
-                file=sys.stderr,
-                flush=True,
-            )
+            cli.warn(f"{held.task_key}: the guard was taken away; sending SIGTERM to {command[0]}")
             await _stop(process, exited)
             return cli.EXIT_LEASE_LOST  # leaving the hold raises LeaseLost, which says why
         returncode = exited.result()

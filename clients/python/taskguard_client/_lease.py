@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import re
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -73,6 +74,9 @@ OnConflict = Literal["raise", "return", "join"]
 
 # The sidecar keeps at most this much of a release's detail.
 MAX_DETAIL_BYTES = 4096
+# The sidecar refuses these in a detail (C0, DEL, C1): a terminal would act on them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LINE_BREAKS = re.compile(r"[\t\n\v\f\r]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,9 @@ def _ending(error: BaseException | None) -> tuple[RunStatus, str]:
 
 
 def fit_detail(detail: str) -> str:
-    """Cut a detail to what the sidecar accepts, on a character boundary."""
+    """Make a detail what the sidecar accepts: no control characters (line breaks become spaces, the
+    rest ``\\xNN``), then cut on a character boundary. An exception's text must not make its release fail."""
+    detail = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", _LINE_BREAKS.sub(" ", detail))
     encoded = detail.encode("utf-8", "surrogatepass")
     if len(encoded) <= MAX_DETAIL_BYTES:
         return detail
