@@ -77,11 +77,13 @@ exit codes:
   75   run: another run holds the guard (ALREADY_RUNNING)
   76   run: the last run failed and a retry needs approve-retry (RETRY_REQUIRES_APPROVAL); also with skip and wait
   77   permission denied, including a sidecar socket this user may not open
-  79   run: the guard was taken away while the command ran (force-released, expired); the command got SIGTERM
+  79   run: the guard was lost while the command ran (force-released, expired, or not resumable after the
+       sidecar went away); the command got SIGTERM, and stderr says when the guard was lost
   80   run --on-conflict wait: the run waited for did not succeed
   126  run: the command cannot be executed
   127  run: the command was not found (nothing was acquired)
-  N    run: the command's exit status; 128+N when a signal N killed it
+  N    run: the command's exit status; 128+N when a signal N killed it (also when the sidecar could
+       not be told that it ended: stderr then says the run's end was not recorded)
   130  interrupted (Ctrl-C); while run's command runs, the signal goes to it and its status counts
 """
 

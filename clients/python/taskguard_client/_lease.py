@@ -197,6 +197,8 @@ class _HoldState:
         self._lost: LeaseLost | None = None
         self._lost_guard: Guard | None = None
         self._released: Guard | None = None
+        # Set once the block called release(): leaving the block then adds nothing, whatever its outcome.
+        self._release_tried = False
         self._closed = False
 
     @property
@@ -322,6 +324,7 @@ class AsyncHold(_HoldState):
         if self._released is not None:
             # Idempotent for the same status; the sidecar says so when it is not.
             return await self._client.release(self.lease_id, status, detail)
+        self._release_tried = True
         if self._lost is not None:
             raise self._lost
         window_s = RESUME_WINDOW_S + self._client._timeout_s
@@ -370,7 +373,9 @@ class AsyncHold(_HoldState):
 
     async def _exit(self, error: BaseException | None) -> None:
         try:
-            if self._released is None and self._lost is None:
+            if self._release_tried:
+                pass  # the block released (or heard why it could not): a second release would contradict it
+            elif self._released is None and self._lost is None:
                 status, detail = _ending(error)
                 try:
                     await self.release(status, detail)
@@ -622,6 +627,7 @@ class Hold(_HoldState):
         status, detail = run_status(status), fit_detail(detail)
         if self._released is not None:
             return self._client.release(self.lease_id, status, detail)
+        self._release_tried = True
         window_s = RESUME_WINDOW_S + self._client._timeout_s
         with self._changed:
             self._changed.wait_for(lambda: self._streaming or self._lost is not None, window_s)
@@ -664,7 +670,9 @@ class Hold(_HoldState):
 
     def _exit(self, error: BaseException | None) -> None:
         try:
-            if self._released is None and self._lost is None:
+            if self._release_tried:
+                pass  # the block released (or heard why it could not): a second release would contradict it
+            elif self._released is None and self._lost is None:
                 status, detail = _ending(error)
                 try:
                     self.release(status, detail)
