@@ -501,8 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dashboard = client_command("dashboard", "serve a live web page of the guards for operators", _dashboard)
+    dashboard.description = (
+        "Serve a live web page of the guards. The page shows nothing until it is given the viewer token, the"
+        " contents of --viewer-token-file (created, mode 0600, with a random token when it does not exist);"
+        " approve-retry and force-release also need the sidecar's operator token, pasted into the page."
+        " Neither token ever goes in a URL or a log."
+    )
     dashboard.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to serve (default: 127.0.0.1:8080)"
+    )
+    dashboard.add_argument(
+        "--viewer-token-file",
+        metavar="FILE",
+        help="the token the page must present to read anything; only this user may open the file"
+        " (default: ~/.local/share/taskguard/dashboard.token)",
     )
     dashboard.add_argument("--allow-remote", action="store_true", help="allow a --listen that is not loopback")
     dashboard.add_argument(

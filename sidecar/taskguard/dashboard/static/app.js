@@ -2,6 +2,9 @@
 //
 // The server sends "hello" (every guard, the feed, the connection) when the stream opens, then "batch"
 // (changed guards and new events, at most ten a second) and "status" (the sidecar watch went up or down).
+// Reading needs the dashboard's viewer token, sent as "Authorization: Bearer ..." on every request: the
+// stream is read with fetch() (EventSource cannot send a header, and the token must not go in a URL).
+// Until the dashboard accepts a token the page shows only the prompt for one.
 // The table is virtualised: only the rows in view (plus a margin) exist in the DOM, and a row's cells are
 // written only when their text changed. The feed keeps at most feed_cap entries. All text goes in through
 // textContent, never as HTML.
@@ -10,6 +13,8 @@
 
   const OVERSCAN = 12;
   const TOKEN_KEY = "taskguard.operatorToken";
+  const VIEWER_KEY = "taskguard.viewerToken";
+  const RECONNECT_MS = 1000;
   const NAME_KEY = "taskguard.operatorName";
   const APPROVABLE = new Set(["FAILED", "ABANDONED", "EXPIRED"]);
   const COLUMNS = 10;
@@ -386,8 +391,14 @@
   function showHistory(key) {
     history = { key, loading: true, newest: 0 };
     historyList.replaceChildren();
-    fetch(`/api/history?task_key=${encodeURIComponent(key)}`, { cache: "no-store" })
-      .then((response) => response.json())
+    fetch(`/api/history?task_key=${encodeURIComponent(key)}`, { cache: "no-store", headers: viewerHeaders() })
+      .then((response) => {
+        if (response.status === 401) {
+          refused();
+          throw new Error("the viewer token was refused");
+        }
+        return response.json();
+      })
       .then((body) => {
         if (history.key !== key) return;
         historyList.replaceChildren();
@@ -552,12 +563,14 @@
         cache: "no-store",
         credentials: "same-origin",
         headers: {
+          ...viewerHeaders(),
           "Content-Type": "application/json",
           "X-TaskGuard-Dashboard": "1",
-          Authorization: `Bearer ${operatorToken()}`,
+          "X-TaskGuard-Operator-Token": operatorToken(),
         },
         body: JSON.stringify({ task_key: key, reason, operator: sessionStorage.getItem(NAME_KEY) || "" }),
       });
+      if (response.status === 401) refused();
       body = await response.json().catch(() => ({ ok: false, code: `HTTP ${response.status}`, error: response.statusText }));
     } catch (error) {
       body = { ok: false, code: "UNREACHABLE", error: `the dashboard did not answer (${error})` };
@@ -664,15 +677,123 @@
     showConnection();
   }
 
+  // --- the viewer token ---------------------------------------------------------------------
+
+  function viewerToken() {
+    return sessionStorage.getItem(VIEWER_KEY) || "";
+  }
+
+  function viewerHeaders() {
+    return { Authorization: `Bearer ${viewerToken()}` };
+  }
+
+  function lock(why) {
+    document.body.dataset.locked = "true";
+    $("locked-error").textContent = why;
+    $("connection").dataset.state = "locked";
+    $("connection").textContent = "locked";
+    $("banner").hidden = true;
+    $("viewer-token").focus();
+  }
+
+  // The dashboard said 401: the token in this tab is not (or no longer) its token.
+  function refused() {
+    sessionStorage.removeItem(VIEWER_KEY);
+    if (stream) stream.abort();
+    stream = null;
+    lock("The dashboard refused this viewer token.");
+  }
+
+  function unlock() {
+    const input = $("viewer-token");
+    const token = input.value.trim();
+    input.value = "";
+    if (!token) return;
+    sessionStorage.setItem(VIEWER_KEY, token);
+    $("locked-error").textContent = "";
+    connect();
+  }
+
+  // --- the stream --------------------------------------------------------------------------
+
+  const HANDLERS = { hello: onHello, batch: onBatch, status: onStatus };
+  let stream = null; // the AbortController of the open stream
+  let reconnect = null;
+
   function connect() {
-    const source = new EventSource("/events");
-    source.addEventListener("hello", onHello);
-    source.addEventListener("batch", onBatch);
-    source.addEventListener("status", onStatus);
-    source.addEventListener("error", () => {
+    if (reconnect !== null) clearTimeout(reconnect);
+    reconnect = null;
+    if (stream) stream.abort();
+    if (!viewerToken()) {
+      lock("");
+      return;
+    }
+    const controller = new AbortController();
+    stream = controller;
+    follow(controller).then(() => {
+      if (controller.signal.aborted || stream !== controller) return;
+      // Like EventSource: the dashboard went away or the stream broke; keep the last state and try again.
       store.dashboardDown = true;
       showConnection();
+      reconnect = setTimeout(connect, RECONNECT_MS);
     });
+  }
+
+  async function follow(controller) {
+    let response;
+    try {
+      response = await fetch("/events", {
+        cache: "no-store",
+        headers: { ...viewerHeaders(), Accept: "text/event-stream" },
+        signal: controller.signal,
+      });
+    } catch (_) {
+      return; // unreachable: the caller retries
+    }
+    if (response.status === 401) {
+      refused();
+      return;
+    }
+    if (!response.ok || !response.body) return;
+    document.body.dataset.locked = "false";
+    try {
+      await readEvents(response.body, controller.signal);
+    } catch (_) {
+      // The stream broke (or was aborted): the caller decides.
+    }
+  }
+
+  // Server-sent events by hand: blocks end with a blank line; "event:" names one, "data:" lines carry it;
+  // comments (": keepalive") and "retry:" are ignored.
+  async function readEvents(body, signal) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    signal.addEventListener("abort", () => reader.cancel().catch(() => {}));
+    let buffer = "";
+    let searchFrom = 0;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end = buffer.indexOf("\n\n", searchFrom);
+      while (end >= 0) {
+        dispatch(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        end = buffer.indexOf("\n\n");
+      }
+      // A hello of 10,000 guards arrives in many chunks: do not scan it from its start each time.
+      searchFrom = Math.max(0, buffer.length - 1);
+    }
+  }
+
+  function dispatch(block) {
+    let type = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) type = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+    }
+    const handler = HANDLERS[type];
+    if (handler && data.length) handler({ data: data.join("\n") });
   }
 
   // --- wiring ------------------------------------------------------------------------------
@@ -701,6 +822,10 @@
       if (item && store.guards.has(item.dataset.taskKey)) select(item.dataset.taskKey);
     });
   }
+  $("unlock").addEventListener("click", unlock);
+  $("viewer-token").addEventListener("keydown", (key) => {
+    if (key.key === "Enter") unlock();
+  });
   $("use-token").addEventListener("click", useToken);
   $("token").addEventListener("keydown", (key) => {
     if (key.key === "Enter") useToken();
