@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from taskguard_client import AsyncClient, Conflict, EventType, GuardState, Lease, RunStatus
@@ -484,6 +485,45 @@ async def test_the_page_rides_out_a_dashboard_restart_and_a_new_token_locks_it_a
     await expect(page.locator("#locked-error")).to_contain_text("refused")
     await unlock(page, third)
     await expect(row(page, key)).to_be_visible()
+
+
+async def test_a_server_squatting_the_port_while_the_dashboard_is_down_gets_no_token_from_an_open_page(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage
+) -> None:
+    dashboard = await dashboards.start(guarded.address)
+    page = await live_page(open_page, dashboard)
+    await page.fill("#token", OPERATOR_TOKEN)
+    await page.click("#use-token")
+    assert await dashboard.stop() == 0
+
+    # Another local user binds the free port: it answers everything, and keeps every request it is sent.
+    seen: list[str] = []
+    asked = asyncio.Event()
+
+    async def anything(request: web.Request) -> web.StreamResponse:
+        seen.append(f"{request.method} {request.path_qs} {dict(request.headers)}")
+        asked.set()
+        if request.path == "/proof":
+            return web.json_response({"proof": "0" * 64})  # it cannot know the token: a guess
+        return web.Response(status=200, text="event: hello\ndata: {}\n\n", content_type="text/event-stream")
+
+    squatter = web.Application()
+    squatter.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(squatter, access_log=None)
+    await runner.setup()
+    host, port = dashboard.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    try:
+        await web.TCPSite(runner, host, int(port)).start()
+        await asyncio.wait_for(asked.wait(), START_TIMEOUT_S)  # the page reconnects by itself
+        await expect(page.locator("#locked")).to_be_visible()
+        await expect(page.locator("#locked-error")).to_contain_text("sent it nothing")
+        # Actions and history need a proven server too: nothing goes out with the operator token either.
+        assert all(not line.startswith("GET /events") for line in seen), seen
+    finally:
+        await runner.cleanup()
+    assert seen, "the page never asked"
+    for line in seen:
+        assert dashboard.viewer_token not in line and OPERATOR_TOKEN not in line, line
 
 
 # Run as another OS user with the system's Python (no access to our venv): every data route of the dashboard

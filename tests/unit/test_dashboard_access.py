@@ -88,3 +88,17 @@ def test_the_viewer_token_admits_its_bearer_header_only_and_never_shows_itself()
     for header in ("", "a-token-of-enough-length", "Bearer a-token-of-enough-lengt", "Basic a-token-of-enough-length"):
         assert not viewer.admits(header), header
     assert "a-token" not in repr(viewer)
+
+
+def test_a_proof_is_the_hmac_of_the_pages_nonce_and_a_malformed_nonce_is_refused() -> None:
+    import hashlib
+    import hmac
+
+    viewer = ViewerToken("a-token-of-enough-length", Path("/x/viewer.token"))
+    nonce = "0123456789abcdef" * 2
+    expected = hmac.new(b"a-token-of-enough-length", f"taskguard-dashboard-proof:{nonce}".encode(), hashlib.sha256)
+    assert viewer.proof(nonce) == expected.hexdigest()
+    assert viewer.proof(nonce) != ViewerToken("another-token-of-length", Path("/y")).proof(nonce)
+    for bad in ("", "0123", nonce.upper(), nonce + "0", "g" * 32):
+        with pytest.raises(ValueError, match="nonce"):
+            viewer.proof(bad)

@@ -10,12 +10,19 @@ force-release) needs the sidecar's operator token on top, which the sidecar judg
 
 The token never appears in a URL or a log: the page sends it in a header, and the server prints the file's
 path, never its contents.
+
+A loopback port belongs to whoever binds it: while the dashboard is down, another user may serve its port, and
+an open page that reconnects would hand that server its token. So before a page sends the token anywhere it
+asks the server to prove that it knows it: ``GET /proof?nonce=N`` (N: 128 random bits the page drew) answers
+HMAC-SHA256(token, ``PROOF_CONTEXT`` + N), which the page checks with WebCrypto.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -24,6 +31,9 @@ from pathlib import Path
 _TOKEN_BYTES = 32
 MIN_TOKEN_CHARS = 16
 DEFAULT_NAME = "dashboard.token"
+# What a proof is an HMAC of, before the page's nonce: nothing else is ever signed with the token.
+PROOF_CONTEXT = "taskguard-dashboard-proof:"
+NONCE = re.compile(r"[0-9a-f]{32}")
 
 
 class TokenFileError(Exception):
@@ -112,3 +122,9 @@ class ViewerToken:
         if authorization[:7].lower() != "bearer ":
             return False
         return hmac.compare_digest(authorization[7:].strip().encode(), self._token)
+
+    def proof(self, nonce: str) -> str:
+        """That this server knows the token, for the page's fresh ``nonce`` (32 lowercase hex digits)."""
+        if not NONCE.fullmatch(nonce):
+            raise ValueError("nonce: must be 32 lowercase hex digits")
+        return hmac.new(self._token, (PROOF_CONTEXT + nonce).encode(), hashlib.sha256).hexdigest()

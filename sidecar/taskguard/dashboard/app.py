@@ -9,6 +9,9 @@ Routes:
   ``status`` (the watch went up or down). A slow page costs bounded memory: its pending guards are coalesced
   by key and its pending events capped at the feed's size (``reset_feed`` says some were dropped).
 * ``GET /api/history?task_key=K``: the events the dashboard saw for K.
+* ``GET /proof?nonce=N``: ``{"proof": ...}``, that this server knows the viewer token (``access.py``); the page
+  asks before it sends the token anywhere, so that a server squatting the port while the dashboard is down
+  gets nothing from an open page.
 * ``POST /api/approve-retry`` and ``POST /api/force-release``: JSON ``{"task_key", "reason", "operator"}``.
   The operator token comes in the ``X-TaskGuard-Operator-Token`` header and goes on to the sidecar with
   ``x-taskguard-token-only: 1``; the sidecar decides. The answer is ``{"ok": true, "guard": ...}`` or
@@ -184,6 +187,7 @@ class Dashboard:
         app.router.add_get("/static/{name}", self.static)
         app.router.add_get("/events", self.events)
         app.router.add_get("/api/history", self.history)
+        app.router.add_get("/proof", self.proof)
         app.router.add_post("/api/approve-retry", self.approve_retry)
         app.router.add_post("/api/force-release", self.force_release)
         return app
@@ -278,6 +282,13 @@ class Dashboard:
         guard = self.state.guard_json(task_key) or "null"
         body = f'{{"task_key":{json.dumps(task_key)},"guard":{guard},"events":{self.state.history_json(task_key)}}}'
         return web.Response(text=body, content_type="application/json")
+
+    async def proof(self, request: web.Request) -> web.Response:
+        try:
+            proof = self.viewer.proof(request.query.get("nonce", ""))
+        except ValueError as error:
+            return _refused(400, "INVALID_ARGUMENT", str(error))
+        return web.json_response({"proof": proof})
 
     # --- actions ----------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@
 // (changed guards and new events, at most ten a second) and "status" (the sidecar watch went up or down).
 // Reading needs the dashboard's viewer token, sent as "Authorization: Bearer ..." on every request: the
 // stream is read with fetch() (EventSource cannot send a header, and the token must not go in a URL).
-// Until the dashboard accepts a token the page shows only the prompt for one.
+// Until the dashboard accepts a token the page shows only the prompt for one. Before it sends the token to
+// the server at all, after every reconnect too, the server must prove that it knows it (GET /proof): a loopback
+// port is anyone's while the dashboard is down, and whoever serves it then must get nothing from this page.
 // The table is virtualised: only the rows in view (plus a margin) exist in the DOM, and a row's cells are
 // written only when their text changed. The feed keeps at most feed_cap entries. All text goes in through
 // textContent, never as HTML.
@@ -391,10 +393,14 @@
   function showHistory(key) {
     history = { key, loading: true, newest: 0 };
     historyList.replaceChildren();
+    if (!proven) {
+      historyList.replaceChildren(note("not connected to the dashboard"));
+      return;
+    }
     fetch(`/api/history?task_key=${encodeURIComponent(key)}`, { cache: "no-store", headers: viewerHeaders() })
       .then((response) => {
         if (response.status === 401) {
-          refused();
+          refused(SENT_AND_REFUSED);
           throw new Error("the viewer token was refused");
         }
         return response.json();
@@ -555,6 +561,10 @@
     if (!pending || !reason) return;
     const { action, key } = pending;
     closeDialog();
+    if (!proven) {
+      result("error", `${action} ${key}: not connected to the dashboard; nothing was sent`);
+      return;
+    }
     result("pending", `${action} ${key}…`);
     let body;
     try {
@@ -570,7 +580,7 @@
         },
         body: JSON.stringify({ task_key: key, reason, operator: sessionStorage.getItem(NAME_KEY) || "" }),
       });
-      if (response.status === 401) refused();
+      if (response.status === 401) refused(SENT_AND_REFUSED);
       body = await response.json().catch(() => ({ ok: false, code: `HTTP ${response.status}`, error: response.statusText }));
     } catch (error) {
       body = { ok: false, code: "UNREACHABLE", error: `the dashboard did not answer (${error})` };
@@ -696,12 +706,45 @@
     $("viewer-token").focus();
   }
 
-  // The dashboard said 401: the token in this tab is not (or no longer) its token.
-  function refused() {
+  const SENT_AND_REFUSED = "The dashboard refused this viewer token.";
+  const NOT_PROVEN =
+    "The viewer token was refused: the server at this address does not know it (a wrong or replaced token, or " +
+    "not the dashboard at all), so the page sent it nothing.";
+
+  // The token in this tab is not (or no longer) the token of the server at this address.
+  function refused(why) {
     sessionStorage.removeItem(VIEWER_KEY);
+    proven = false;
     if (stream) stream.abort();
     stream = null;
-    lock("The dashboard refused this viewer token.");
+    lock(why);
+  }
+
+  function hex(bytes) {
+    return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
+  // Whether the server at this address knows the viewer token: "proven", "refused", or "unreachable".
+  async function prove(signal) {
+    if (!window.crypto || !crypto.subtle) {
+      // No WebCrypto outside a secure context (plain HTTP beyond loopback, --allow-remote): there the token
+      // crosses the network in the clear anyway, as the dashboard warns when it starts.
+      return "proven";
+    }
+    const nonce = hex(crypto.getRandomValues(new Uint8Array(16)));
+    let answer;
+    try {
+      const response = await fetch(`/proof?nonce=${nonce}`, { cache: "no-store", signal });
+      if (!response.ok) return "refused";
+      answer = await response.json();
+    } catch (_) {
+      return signal.aborted ? "refused" : "unreachable";
+    }
+    const encoder = new TextEncoder();
+    const key = await crypto.subtle.importKey(
+      "raw", encoder.encode(viewerToken()), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    const mac = await crypto.subtle.sign("HMAC", key, encoder.encode(`taskguard-dashboard-proof:${nonce}`));
+    return answer && answer.proof === hex(new Uint8Array(mac)) ? "proven" : "refused";
   }
 
   function unlock() {
@@ -719,6 +762,7 @@
   const HANDLERS = { hello: onHello, batch: onBatch, status: onStatus };
   let stream = null; // the AbortController of the open stream
   let reconnect = null;
+  let proven = false; // the server of the open stream proved it knows the token
 
   function connect() {
     if (reconnect !== null) clearTimeout(reconnect);
@@ -740,6 +784,21 @@
   }
 
   async function follow(controller) {
+    const verdict = await prove(controller.signal);
+    if (controller.signal.aborted || verdict === "unreachable") return;
+    if (verdict === "refused") {
+      refused(NOT_PROVEN);
+      return;
+    }
+    proven = true;
+    try {
+      await openStream(controller);
+    } finally {
+      proven = false;
+    }
+  }
+
+  async function openStream(controller) {
     let response;
     try {
       response = await fetch("/events", {
@@ -751,7 +810,7 @@
       return; // unreachable: the caller retries
     }
     if (response.status === 401) {
-      refused();
+      refused(SENT_AND_REFUSED);
       return;
     }
     if (!response.ok || !response.body) return;
