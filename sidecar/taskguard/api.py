@@ -207,17 +207,18 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         )
         with self._keeper.admit(command.principal):
             result = await self._engine.execute(command)
-        return self._acquire_response(result, call.span, pb.AcquireResponse)
+        return self._acquire_response(result, call.span, pb.AcquireResponse, command.run_id)
 
     def _acquire_response(
-        self, result: Result, span: RpcSpan, kind: Callable[..., _Response], **extra: Any
+        self, result: Result, span: RpcSpan, kind: Callable[..., _Response], run_id: str | None, **extra: Any
     ) -> _Response:
+        """``run_id``: the run the caller asked for (None for a resume, whose run is the guard's)."""
         reply = result.reply
         if isinstance(reply, Rejected):
             raise Refused(reply)
         assert isinstance(reply, core.AcquireReply)
         span.guard(reply.guard)
-        span.outcome(reply.outcome, reply.guard)
+        span.outcome(reply.outcome, reply.guard, run_id or reply.guard.run_id)
         return kind(outcome=int(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id, **extra)
 
     @_answer
@@ -270,13 +271,15 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 principal=call.caller.principal,
             )
             result = await session.acquire(command, join)
+            run_id: str | None = command.run_id
         elif which == "resume":
             lease_id = wire.lease_id(first.resume.lease_id, "resume.lease_id")
             result = await session.resume(lease_id)
+            run_id = None
         else:
             raise wire.BadRequest("request", "the first Hold message must be acquire or resume")
         await context.write(
-            self._acquire_response(result, call.span, pb.HoldResponse, event=pb.HOLD_EVENT_ACQUIRE_RESULT)
+            self._acquire_response(result, call.span, pb.HoldResponse, run_id, event=pb.HOLD_EVENT_ACQUIRE_RESULT)
         )
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends

@@ -77,11 +77,13 @@ exit codes:
   75   run: another run holds the guard (ALREADY_RUNNING)
   76   run: the last run failed and a retry needs approve-retry (RETRY_REQUIRES_APPROVAL); also with skip and wait
   77   permission denied, including a sidecar socket this user may not open
-  79   run: the guard was taken away while the command ran (force-released, expired); the command got SIGTERM
+  79   run: the guard was lost while the command ran (force-released, expired, or not resumable after the
+       sidecar went away); the command got SIGTERM, and stderr says when the guard was lost
   80   run --on-conflict wait: the run waited for did not succeed
   126  run: the command cannot be executed
   127  run: the command was not found (nothing was acquired)
-  N    run: the command's exit status; 128+N when a signal N killed it
+  N    run: the command's exit status; 128+N when a signal N killed it (also when the sidecar could
+       not be told that it ended: stderr then says the run's end was not recorded)
   130  interrupted (Ctrl-C); while run's command runs, the signal goes to it and its status counts
 """
 
@@ -105,6 +107,19 @@ def _state(value: str) -> GuardState:
 
 
 # --- presenting ---------------------------------------------------------------------------
+
+
+def shown(text: str) -> str:
+    """``text`` made safe for a terminal: every character it would act on instead of showing is escaped.
+
+    Everything printed that came from the sidecar goes through here. The sidecar refuses control
+    characters in the text callers send, but an older database, an older sidecar or another
+    implementation may still hand back a holder like ``"x\\x1b[2J\\nFAKE ROW"``; shown, it is inert.
+    Escapes are Python's (``\\x1b``, ``\\n``, ``\\u202e``), so nothing is lost from view.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _iso(at: datetime | None) -> str:
@@ -151,16 +166,19 @@ def _state_text(guard: Guard) -> str:
 def _table(guards: Sequence[Guard], now: datetime) -> str:
     headers = ("KEY", "STATE", "RUN ID", "HOLDER", "STARTED", "AGE", "EXPIRES", "TOKEN", "DUPS")
     rows = [
-        (
-            guard.task_key,
-            _state_text(guard),
-            guard.run_id,
-            guard.holder or "-",
-            _iso(guard.started_at),
-            _span(now - guard.started_at),
-            _expires(guard, now),
-            str(guard.fencing_token),
-            str(guard.duplicate_count),
+        tuple(
+            shown(cell)
+            for cell in (
+                guard.task_key,
+                _state_text(guard),
+                guard.run_id,
+                guard.holder or "-",
+                _iso(guard.started_at),
+                _span(now - guard.started_at),
+                _expires(guard, now),
+                str(guard.fencing_token),
+                str(guard.duplicate_count),
+            )
         )
         for guard in guards
     ]
@@ -192,11 +210,16 @@ def _event_line(event: GuardEvent) -> str:
         parts.append(f"reason={event.reason!r}")
     elif not guard.running and guard.last_detail and event.type.value not in ("SNAPSHOT", "DUPLICATE_REFUSED"):
         parts.append(f"detail={guard.last_detail!r}")
-    return " ".join(parts)
+    return shown(" ".join(parts))
 
 
 def one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def warn(message: str) -> None:
+    """One line on stderr, ``taskguard: ...``: whatever the message quotes from the sidecar is shown inert."""
+    print(f"taskguard: {shown(one_line(message))}", file=sys.stderr, flush=True)
 
 
 def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
@@ -221,12 +244,18 @@ def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
             message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
         case _:
             message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
-    print(f"taskguard: {one_line(message)}", file=sys.stderr, flush=True)
+    warn(message)
     return code
 
 
 def _print(text: str) -> None:
+    # Callers hand in text made of shown() parts (or JSON, whose escapes cover every control character).
     print(text, flush=True)
+
+
+def _say(text: str) -> None:
+    """One line on stdout, shown inert."""
+    _print(shown(text))
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -270,7 +299,7 @@ def _get(client: Client, args: argparse.Namespace) -> int:
         return EXIT_OK
     document = guard_json(guard)
     width = max(len(name) for name in document)
-    _print("\n".join(f"{name.ljust(width)}  {_plain(value)}" for name, value in document.items()))
+    _print("\n".join(f"{name.ljust(width)}  {shown(_plain(value))}" for name, value in document.items()))
     return EXIT_OK
 
 
@@ -291,21 +320,21 @@ def _watch(client: Client, args: argparse.Namespace) -> int:
 
 def _approve_retry(client: Client, args: argparse.Namespace) -> int:
     guard = client.approve_retry(args.key, args.approver or getpass.getuser(), args.reason)
-    _print(f"{guard.task_key}: {guard.state.value} by {guard.approved_by} (run {guard.run_id} may be retried once)")
+    _say(f"{guard.task_key}: {guard.state.value} by {guard.approved_by} (run {guard.run_id} may be retried once)")
     return EXIT_OK
 
 
 def _force_release(client: Client, args: argparse.Namespace) -> int:
     guard = client.force_release(args.key, args.operator or getpass.getuser(), args.reason)
-    _print(f"{guard.task_key}: run {guard.run_id} {guard.state.value} by {guard.released_by}")
+    _say(f"{guard.task_key}: run {guard.run_id} {guard.state.value} by {guard.released_by}")
     return EXIT_OK
 
 
 def _check_fence(client: Client, args: argparse.Namespace) -> int:
     if client.check_fence(args.key, args.token):
-        _print(f"{args.key}: fencing token {args.token} holds the guard")
+        _say(f"{args.key}: fencing token {args.token} holds the guard")
         return EXIT_OK
-    _print(f"{args.key}: fencing token {args.token} does not hold the guard")
+    _say(f"{args.key}: fencing token {args.token} does not hold the guard")
     return EXIT_FENCE_INVALID
 
 
@@ -321,12 +350,12 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args)
     except config.ConfigError as error:
-        print(f"taskguard: {error}", file=sys.stderr)
+        warn(str(error))
         return 2
     try:
         return asyncio.run(server.run(settings))
     except Exception as error:  # start-up failures: one clear line, no traceback
-        print(f"taskguard: cannot start: {error}", file=sys.stderr)
+        warn(f"cannot start: {error}")
         return 1
 
 
@@ -472,8 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dashboard = client_command("dashboard", "serve a live web page of the guards for operators", _dashboard)
+    dashboard.description = (
+        "Serve a live web page of the guards. The page shows nothing until it is given the viewer token, the"
+        " contents of --viewer-token-file (created, mode 0600, with a random token when it does not exist);"
+        " approve-retry and force-release also need the sidecar's operator token, pasted into the page."
+        " Neither token ever goes in a URL or a log."
+    )
     dashboard.add_argument(
         "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="where to serve (default: 127.0.0.1:8080)"
+    )
+    dashboard.add_argument(
+        "--viewer-token-file",
+        metavar="FILE",
+        help="the token the page must present to read anything; only this user may open the file"
+        " (default: ~/.local/share/taskguard/dashboard.token)",
     )
     dashboard.add_argument("--allow-remote", action="store_true", help="allow a --listen that is not loopback")
     dashboard.add_argument(

@@ -13,8 +13,14 @@ the guard.
   CANCELLED once CMD has exited. (Ctrl-C on a terminal where this is the
   foreground process group reaches CMD from the kernel already: that SIGINT is not sent
   a second time.)
-* If the guard is taken away while CMD runs (force-released, expired), CMD
-  gets SIGTERM (SIGKILL after 10 s) and the exit code is 79.
+* If the guard is taken away while CMD runs (force-released, expired, or not
+  resumable after the sidecar went away), CMD gets SIGTERM (SIGKILL after
+  10 s) and the exit code is 79; the message names when the guard was lost.
+* If CMD ended by itself but its release cannot be delivered (the sidecar is
+  gone and did not come back within the resume window, or took the guard
+  away meanwhile), the exit code is still CMD's own, and stderr says that the
+  run's end was not recorded: the sidecar will see the stream gone and mark
+  the guard ABANDONED, not SUCCEEDED or FAILED.
 * A conflict prints the run in the way and exits 75 (already running) or 76
   (a retry needs approval); ``--on-conflict skip`` exits 0 when the task is
   running; ``--on-conflict wait`` joins the running run and exits 0 if it
@@ -31,6 +37,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Literal
 
 from taskguard import cli
@@ -38,6 +45,7 @@ from taskguard_client import (
     AsyncClient,
     AsyncHold,
     Conflict,
+    Guard,
     GuardState,
     LeaseLost,
     Outcome,
@@ -48,6 +56,10 @@ from taskguard_client import (
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _KILL_AFTER_S = 10.0
+
+
+class _Stopped(Exception):
+    """The guard was lost while CMD ran and CMD was stopped; already reported on stderr."""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,9 +75,10 @@ async def _main(args: argparse.Namespace) -> int:
     command: list[str] = args.argv
     if shutil.which(command[0]) is None:
         # Before acquiring anything: a typo should not cost the task a run.
-        print(f"taskguard: {command[0]}: command not found", file=sys.stderr)
+        cli.warn(f"{command[0]}: command not found")
         return cli.EXIT_COMMAND_NOT_FOUND
-    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({os.path.basename(command[0])})"
+    # A file name may hold anything; the sidecar takes no control characters in a holder.
+    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({cli.shown(os.path.basename(command[0]))})"
     on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
     from taskguard.cli import client_options
 
@@ -77,8 +90,10 @@ async def _main(args: argparse.Namespace) -> int:
                 if isinstance(held, Conflict):
                     return _conflict(held, args.on_conflict)
                 return await _supervise(held, command)
+        except _Stopped:
+            return cli.EXIT_LEASE_LOST
         except LeaseLost as lost:
-            print(f"taskguard: {args.key}: {cli.one_line(str(lost))}", file=sys.stderr, flush=True)
+            cli.warn(f"{args.key}: {lost}")
             return cli.EXIT_LEASE_LOST
 
 
@@ -86,10 +101,10 @@ def _conflict(conflict: Conflict, on_conflict: str) -> int:
     guard = conflict.guard
     if conflict.joined:
         how = f"{guard.state.value}: {guard.last_detail}" if guard.last_detail else guard.state.value
-        print(f"taskguard: {guard.task_key}: run {guard.run_id} ended {how}", file=sys.stderr, flush=True)
+        cli.warn(f"{guard.task_key}: run {guard.run_id} ended {how}")
         return cli.EXIT_OK if guard.state is GuardState.SUCCEEDED else cli.EXIT_JOINED_RUN_FAILED
     if conflict.outcome is Outcome.ALREADY_RUNNING and on_conflict == "skip":
-        print(f"taskguard: skipped: {conflict.error()}", file=sys.stderr, flush=True)
+        cli.warn(f"skipped: {conflict.error()}")
         return cli.EXIT_OK
     return cli.report(conflict.error(), "", 0)
 
@@ -127,9 +142,9 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
         except OSError as error:
             code = cli.EXIT_COMMAND_NOT_FOUND if isinstance(error, FileNotFoundError) else cli.EXIT_CANNOT_EXECUTE
             detail = f"cannot start {command[0]}: {error.strerror}"
+            cli.warn(detail)
             # It never ran: CANCELLED, so that the next attempt needs no approval.
-            await held.release(RunStatus.CANCELLED, detail)
-            print(f"taskguard: {detail}", file=sys.stderr, flush=True)
+            await _record_end(held, RunStatus.CANCELLED, detail)
             return code
         for signum in forwarded:
             if not (signum is signal.SIGINT and from_terminal):
@@ -141,21 +156,38 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
         finally:
             lost.cancel()
         if not exited.done():
-            print(
-                f"taskguard: {held.task_key}: the guard was taken away; sending SIGTERM to {command[0]}",
-                file=sys.stderr,
-                flush=True,
+            loss = lost.result()
+            cli.warn(
+                f"{held.task_key}: the guard was lost at {cli._iso(_lost_at(loss, held))} ({loss});"
+                f" sending SIGTERM to {command[0]}"
             )
             await _stop(process, exited)
-            return cli.EXIT_LEASE_LOST  # leaving the hold raises LeaseLost, which says why
+            raise _Stopped()
         returncode = exited.result()
         status, detail = _ending(returncode, forwarded)
         # Still forwarding: a signal now finds the command gone and changes nothing.
-        await held.release(status, detail)
+        await _record_end(held, status, detail)
     finally:
         for signum in FORWARDED_SIGNALS:
             loop.remove_signal_handler(signum)
     return returncode if returncode >= 0 else 128 - returncode
+
+
+async def _record_end(held: AsyncHold, status: RunStatus, detail: str) -> None:
+    """Release the run; when that cannot be delivered, say so. CMD's own exit status is the answer either way."""
+    try:
+        await held.release(status, detail)
+    except TaskGuardError as error:
+        how = f"{status.value}: {detail}" if detail else status.value
+        cli.warn(f"{held.task_key}: the run's end ({how}) was not recorded: {error}")
+
+
+def _lost_at(lost: LeaseLost, held: AsyncHold) -> datetime:
+    """When the guard was lost: when the sidecar ended the run, if the loss says; else now, when it was noticed."""
+    guard: Guard | None = lost.guard
+    if guard is not None and guard.fencing_token == held.fencing_token and not guard.running and guard.released_at:
+        return guard.released_at
+    return datetime.now(UTC)
 
 
 def _in_foreground() -> bool:

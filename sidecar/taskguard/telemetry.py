@@ -11,7 +11,8 @@ pays for one attribute lookup per call and nothing else.
 * The winning acquisition's span context is stored with the guard (as a
   traceparent string in ``GuardRecord.trace_context``, so it survives a
   restart). A refused trigger's span carries a Link to it, with
-  ``taskguard.winner_run_id`` and ``taskguard.winner_fencing_token``.
+  ``taskguard.winner_run_id`` and ``taskguard.winner_fencing_token``; its
+  own ``taskguard.run_id`` is the run it asked for, as on every acquisition.
 * A ``taskguard.run`` span covers each run, from its start to its end. It is
   emitted when the run ends (release, expiry, abandonment, force-release),
   with the run's real start time and the winning acquisition as parent, so
@@ -91,8 +92,8 @@ class RpcSpan:
     def guard(self, record: GuardRecord | None) -> None:
         pass
 
-    def outcome(self, outcome: Outcome, record: GuardRecord) -> None:
-        pass
+    def outcome(self, outcome: Outcome, record: GuardRecord, run_id: str) -> None:
+        """An acquisition's answer; ``run_id`` is the run the caller asked for (its own, or the one made for it)."""
 
     def status(self, code_name: str, code_value: int, message: str) -> None:
         pass
@@ -112,9 +113,11 @@ class _RecordingRpcSpan(RpcSpan):
         if record is not None:
             self._span.set_attributes(_guard_attributes(record))
 
-    def outcome(self, outcome: Outcome, record: GuardRecord) -> None:
+    def outcome(self, outcome: Outcome, record: GuardRecord, run_id: str) -> None:
         self._acquire_duration.record(time.perf_counter() - self._started, {"taskguard.outcome": outcome.name})
-        self._span.set_attribute("taskguard.outcome", outcome.name)
+        # The caller's own run, refused or not: what an operator searches a trace viewer for. The guard's
+        # run (the winner, when refused) is taskguard.winner_run_id and the link.
+        self._span.set_attributes({"taskguard.outcome": outcome.name, "taskguard.run_id": run_id})
         if outcome is Outcome.ACQUIRED:
             return
         winner = _span_context(record.trace_context)

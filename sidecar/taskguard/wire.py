@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -29,6 +30,9 @@ MAX_LABELS = 64
 MAX_LABEL_KEY_BYTES = 63
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+
+# C0, DEL and C1: what a terminal acts on instead of showing. Free text may hold anything else.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class BadRequest(Exception):
@@ -67,6 +71,10 @@ def lease_id(value: str, field: str = "lease_id") -> str:
 def _text(value: str, field: str, limit: int = MAX_TEXT_BYTES) -> str:
     if len(value.encode("utf-8", "surrogatepass")) > limit:
         raise BadRequest(field, f"must be at most {limit} bytes")
+    if _CONTROL.search(value):
+        # Printed by `taskguard ls`, run's conflict message and the dashboard: an escape sequence here
+        # would rewrite an operator's terminal.
+        raise BadRequest(field, "must not contain control characters (C0, DEL or C1)")
     return value
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from playwright.async_api import async_playwright, expect
 
 from taskguard_client import AsyncClient, RunStatus
-from tests.integration.test_dashboard import CHROMIUM, CHROMIUM_ARGS, OPERATOR_TOKEN, Dashboards
+from tests.integration.test_dashboard import CHROMIUM, CHROMIUM_ARGS, OPERATOR_TOKEN, Dashboards, unlock
 from tests.support import ROOT, SidecarProcess
 
 OUTPUT = ROOT / "docs" / "dashboard.png"
@@ -63,6 +63,7 @@ async def main(output: Path) -> None:
             browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": 1440, "height": 720})
             await page.goto(dashboard.url)
+            await unlock(page, dashboard)
             await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
             async with AsyncClient(sidecar.address) as client:
                 stormed = await _seed(client)

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,85 @@ async def test_a_lost_guard_stops_the_command_and_exits_79(
     assert code == cli.EXIT_LEASE_LOST == 79, err
     assert "force-released by ops: stuck" in err and "Traceback" not in err
     assert (await client.get(key)).state is GuardState.CANCELLED
+
+
+async def test_a_lost_guard_is_reported_with_the_time_of_its_loss(
+    address: str, client: AsyncClient, key: str, spawned: Spawned
+) -> None:
+    running = await start(spawned, address, "run", key, "--", sys.executable, "-c", TERM_REPORTER)
+    assert (await line(running.stdout)).startswith("ready")
+    acquired = await client.get(key)
+    # Into the next second of the wall clock (what the message shows), so that the acquisition's time cannot pass
+    # for the loss's. Not a synchronisation (nothing else is waited for): time has to pass, that is all.
+    next_second = acquired.started_at.replace(microsecond=0) + timedelta(seconds=1)
+    await asyncio.sleep(max(0.0, (next_second - datetime.now(UTC)).total_seconds()) + 0.01)
+    await client.force_release(key, "ops", "stuck")
+    code, err = await finished(running)
+    assert code == cli.EXIT_LEASE_LOST, err
+    released = await client.get(key)
+    assert released.released_at is not None
+    lost_at = cli._iso(released.released_at)
+    assert lost_at != cli._iso(acquired.started_at)
+    assert f"{key}: the guard was lost at {lost_at} (" in err, err
+    assert "force-released by ops: stuck" in err
+    assert err.count("force-released") == 1, err  # one message, not one at the loss and one at the exit
+
+
+# A command that says it started, then exits 3 when it reads a line.
+EXIT_3_ON_A_LINE = "import sys; print('ready', flush=True); sys.stdin.readline(); sys.exit(3)"
+
+
+@pytest.mark.slow  # run waits out the resume window (15 s) for a sidecar that does not come back
+@pytest.mark.timeout(180)
+async def test_run_exits_with_its_commands_status_when_the_sidecar_is_gone_at_the_end(
+    sidecar_factory: Callable[..., SidecarProcess], key: str
+) -> None:
+    sidecar = sidecar_factory()
+    command = _command(sidecar.address, "--timeout", "3s", "run", key, "--", sys.executable, "-c", EXIT_3_ON_A_LINE)
+    running = await asyncio.create_subprocess_exec(*command, stdin=PIPE, stdout=PIPE, stderr=PIPE, cwd=ROOT)
+    try:
+        assert (await line(running.stdout)) == "ready"
+        await asyncio.to_thread(sidecar.kill)
+        assert running.stdin is not None
+        running.stdin.write(b"exit now\n")
+        await running.stdin.drain()
+        _, err_bytes = await asyncio.wait_for(running.communicate(), 120)
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    err = err_bytes.decode()
+    assert running.returncode == 3, err  # the command's own status, not 79: nothing was taken away from it
+    message = _one_error_line(err)
+    assert f"{key}: the run's end (FAILED: exit code 3) was not recorded" in message, message
+    assert "SIGTERM" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_run_records_its_commands_end_when_the_sidecar_comes_back_within_the_resume_window(
+    sidecar_factory: Callable[..., SidecarProcess], key: str
+) -> None:
+    sidecar = sidecar_factory()
+    command = _command(sidecar.address, "run", key, "--", sys.executable, "-c", EXIT_3_ON_A_LINE)
+    running = await asyncio.create_subprocess_exec(*command, stdin=PIPE, stdout=PIPE, stderr=PIPE, cwd=ROOT)
+    try:
+        assert (await line(running.stdout)) == "ready"
+        await asyncio.to_thread(sidecar.kill)
+        assert running.stdin is not None
+        running.stdin.write(b"exit now\n")
+        await running.stdin.drain()
+        await asyncio.to_thread(sidecar.start)
+        _, err_bytes = await asyncio.wait_for(running.communicate(), 120)
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    assert running.returncode == 3, err_bytes.decode()
+    assert err_bytes == b""
+    async with AsyncClient(sidecar.address) as client:
+        guard = await client.get(key)
+    assert (guard.state, guard.last_detail) == (GuardState.FAILED, "exit code 3")
 
 
 async def test_a_missing_command_exits_127_without_acquiring(address: str, client: AsyncClient, key: str) -> None:

@@ -2,12 +2,14 @@
 
 Chromium is driven by Playwright (``executable_path``: no browser download). Every wait is on the page's
 elements or the sidecar's answers, under a timeout; figures (render and filter times) are printed, and only
-generous bounds are asserted.
+generous bounds are asserted. The page reads nothing without the dashboard's viewer token: the tests type it
+in, as a person would, and try every route without it, also as another OS user (``nobody``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sys
 import time
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from taskguard_client import AsyncClient, Conflict, EventType, GuardState, Lease, RunStatus
@@ -47,11 +50,18 @@ expect.set_options(timeout=TIMEOUT_MS)
 
 @dataclass
 class DashboardProcess:
-    """``python -m taskguard dashboard`` on an ephemeral loopback port."""
+    """``python -m taskguard dashboard`` on an ephemeral loopback port, with a viewer token file of its own."""
 
     process: asyncio.subprocess.Process
     url: str
     log_path: Path
+    viewer_token_path: Path
+    #: As the file held it when this dashboard started.
+    viewer_token: str
+
+    def viewer(self, **headers: str) -> dict[str, str]:
+        """Request headers that present the viewer token (plus ``headers``)."""
+        return {"Authorization": f"Bearer {self.viewer_token}", **headers}
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -67,9 +77,14 @@ class Dashboards:
     workdir: Path
     started: list[DashboardProcess] = field(default_factory=list)
 
-    async def start(self, address: str, *extra: str) -> DashboardProcess:
+    async def start(
+        self, address: str, *extra: str, listen: str = "127.0.0.1:0", token_path: Path | None = None
+    ) -> DashboardProcess:
         log_path = self.workdir / f"dashboard-{len(self.started) + 1}.log"
-        command = [sys.executable, "-m", "taskguard", "dashboard", "--addr", address, "--listen", "127.0.0.1:0"]
+        # Absent at first: the dashboard creates it (mode 0600) with a random token.
+        token_path = token_path or self.workdir / f"viewer-{len(self.started) + 1}.token"
+        command = [sys.executable, "-m", "taskguard", "dashboard", "--addr", address, "--listen", listen]
+        command += ["--viewer-token-file", str(token_path)]
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
                 *command, *extra, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=ROOT
@@ -78,7 +93,10 @@ class Dashboards:
         line = (await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)).decode()
         assert "serving http://" in line, f"{line!r}; log: {log_path.read_text()}"
         words = line.split()
-        dashboard = DashboardProcess(process, words[words.index("serving") + 1], log_path)
+        assert f"the page asks for the viewer token in {token_path}" in line, line
+        token = token_path.read_text().strip()
+        dashboard = DashboardProcess(process, words[words.index("serving") + 1], log_path, token_path, token)
+        assert token_path.stat().st_mode & 0o777 == 0o600
         self.started.append(dashboard)
         return dashboard
 
@@ -105,6 +123,7 @@ async def dashboards(workdir: Path) -> AsyncIterator[Dashboards]:
         assert code == 0, dashboard.log()
         log = dashboard.log()
         assert OPERATOR_TOKEN not in log, "the operator token reached the dashboard's log"
+        assert dashboard.viewer_token not in log, "the viewer token reached the dashboard's log"
         assert "Traceback" not in log, log
 
 
@@ -149,9 +168,19 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
     assert errors == [], errors
 
 
+async def unlock(page: Page, dashboard: DashboardProcess) -> None:
+    """Give the page the viewer token, as a person pastes it."""
+    await expect(page.locator("#locked")).to_be_visible()
+    await page.fill("#viewer-token", dashboard.viewer_token)
+    await page.click("#unlock")
+    await expect(page.locator("#locked")).to_be_hidden()
+
+
 async def live_page(open_page: OpenPage, dashboard: DashboardProcess) -> Page:
     page = await open_page(dashboard.url)
+    await unlock(page, dashboard)
     await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+    assert dashboard.viewer_token not in page.url
     return page
 
 
@@ -278,21 +307,31 @@ async def test_without_the_token_the_buttons_are_disabled_and_a_forged_request_i
         await expect(page.locator("#force")).to_be_disabled()
 
         body = {"task_key": key, "reason": "forged", "operator": "mallory"}
+        viewer = dashboard.viewer(**ACTION_HEADERS)
         async with aiohttp.ClientSession() as http:
             # Our uid is an operator's on the sidecar's socket; the dashboard waives that, so only a token counts.
-            for headers in (ACTION_HEADERS, {**ACTION_HEADERS, "Authorization": "Bearer not-the-token"}):
+            for headers in (viewer, {**viewer, "X-TaskGuard-Operator-Token": "not-the-token"}):
                 async with http.post(dashboard.url + "api/approve-retry", json=body, headers=headers) as response:
                     answer = await response.json()
                 assert response.status == 403, answer
                 assert answer["code"] == "PERMISSION_DENIED" and "operator" in answer["error"], answer
-            async with http.post(dashboard.url + "api/force-release", json={**body, "task_key": running}) as response:
+            # The operator token alone does not let a request in: reading (and acting) needs the viewer token.
+            operator_only = {**ACTION_HEADERS, "X-TaskGuard-Operator-Token": OPERATOR_TOKEN}
+            async with http.post(dashboard.url + "api/approve-retry", json=body, headers=operator_only) as response:
+                assert response.status == 401
+                assert (await response.json())["code"] == "UNAUTHENTICATED"
+            forced = {**body, "task_key": running}
+            async with http.post(
+                dashboard.url + "api/force-release", json=forced, headers=dashboard.viewer()
+            ) as response:
                 assert response.status == 403  # no X-TaskGuard-Dashboard header: refused before the sidecar
                 assert (await response.json())["code"] == "CROSS_SITE"
             cross_site: list[dict[str, Any]] = [
-                {"json": body},
-                {"json": body, "headers": {**ACTION_HEADERS, "Origin": "http://evil.example"}},
-                {"json": body, "headers": {**ACTION_HEADERS, "Sec-Fetch-Site": "cross-site"}},
-                {"data": {"task_key": key, "reason": "form"}, "headers": ACTION_HEADERS},
+                {"json": body, "headers": dashboard.viewer()},
+                {"json": body, "headers": {**viewer, "Origin": "http://evil.example"}},
+                {"json": body, "headers": {**viewer, "Sec-Fetch-Site": "cross-site"}},
+                {"data": {"task_key": key, "reason": "form"}, "headers": viewer},
+                {"json": body},  # cross-site and no token: the answer says cross-site, nothing about the token
             ]
             for request in cross_site:
                 async with http.post(dashboard.url + "api/approve-retry", **request) as response:
@@ -300,7 +339,7 @@ async def test_without_the_token_the_buttons_are_disabled_and_a_forged_request_i
                     assert (await response.json())["code"] == "CROSS_SITE", request
             async with http.get(dashboard.url, headers={"Host": "rebound.example"}) as response:
                 assert response.status == 421  # a DNS-rebound name does not get the page
-            async with http.get(dashboard.url + "api/approve-retry") as response:
+            async with http.get(dashboard.url + "api/approve-retry", headers=dashboard.viewer()) as response:
                 assert response.status == 405
         assert (await client.get(key)).state is GuardState.FAILED
         assert (await client.get(running)).state is GuardState.RUNNING
@@ -372,6 +411,7 @@ async def test_the_page_waits_for_a_sidecar_that_is_not_there_yet(
     sidecar = sidecar_factory("--operator-token-file", str(token_file), start=False)
     dashboard = await dashboards.start(sidecar.address)
     page = await open_page(dashboard.url)
+    await unlock(page, dashboard)
     await expect(page.locator("#banner")).to_have_attribute("data-kind", "sidecar")
     await expect(page.locator("#banner")).to_be_visible()
     await asyncio.to_thread(sidecar.start)
@@ -388,6 +428,241 @@ def test_the_dashboard_refuses_to_listen_beyond_loopback_unless_allowed(workdir:
     refused = subprocess.run([*command, "--listen", "0.0.0.0:0"], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert refused.returncode == 2
     assert "--allow-remote" in refused.stderr and "Traceback" not in refused.stderr
+
+
+# --- the viewer token ------------------------------------------------------------------------------
+
+
+async def test_without_the_viewer_token_the_page_shows_nothing_and_a_wrong_one_is_refused(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    async with AsyncClient(guarded.address) as client:
+        await client.acquire(key, holder="secret-holder", ttl=300)
+    page = await open_page(dashboard.url)
+    await expect(page.locator("#locked")).to_be_visible()
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "locked")
+    assert await page.locator("tr.row").count() == 0
+    assert "secret-holder" not in await page.content()
+
+    await page.fill("#viewer-token", "not-the-viewer-token")
+    await page.press("#viewer-token", "Enter")
+    await expect(page.locator("#locked-error")).to_contain_text("refused")
+    await expect(page.locator("#locked")).to_be_visible()
+    assert await page.locator("tr.row").count() == 0
+    assert await page.evaluate("() => sessionStorage.getItem('taskguard.viewerToken')") is None
+
+    await unlock(page, dashboard)
+    await expect(row(page, key).locator("td").nth(4)).to_have_text("secret-holder")
+    # A reload in the same tab keeps the token (sessionStorage), and it is in no URL the page used.
+    await page.reload()
+    await expect(row(page, key)).to_be_visible()
+    assert dashboard.viewer_token not in page.url
+
+
+async def test_the_page_rides_out_a_dashboard_restart_and_a_new_token_locks_it_again(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage, key: str
+) -> None:
+    first = await dashboards.start(guarded.address)
+    page = await live_page(open_page, first)
+    assert await first.stop() == 0
+    await expect(page.locator("#banner")).to_have_attribute("data-kind", "dashboard")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "dashboard-down")
+
+    # The same port and token file: the page reconnects by itself, with the token it has.
+    listen = first.url.removeprefix("http://").rstrip("/")
+    second = await dashboards.start(guarded.address, listen=listen, token_path=first.viewer_token_path)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+    await expect(page.locator("#banner")).to_be_hidden()
+    async with AsyncClient(guarded.address) as client:
+        await client.acquire(key, ttl=300)
+    await expect(row(page, key)).to_be_visible()
+
+    # Another token (its file replaced): the page's token no longer opens anything, and it asks again.
+    assert await second.stop() == 0
+    first.viewer_token_path.unlink()
+    third = await dashboards.start(guarded.address, listen=listen, token_path=first.viewer_token_path)
+    await expect(page.locator("#locked")).to_be_visible()
+    await expect(page.locator("#locked-error")).to_contain_text("refused")
+    await unlock(page, third)
+    await expect(row(page, key)).to_be_visible()
+
+
+async def test_a_server_squatting_the_port_while_the_dashboard_is_down_gets_no_token_from_an_open_page(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage
+) -> None:
+    dashboard = await dashboards.start(guarded.address)
+    page = await live_page(open_page, dashboard)
+    await page.fill("#token", OPERATOR_TOKEN)
+    await page.click("#use-token")
+    assert await dashboard.stop() == 0
+
+    # Another local user binds the free port: it answers everything, and keeps every request it is sent.
+    seen: list[str] = []
+    asked = asyncio.Event()
+
+    async def anything(request: web.Request) -> web.StreamResponse:
+        seen.append(f"{request.method} {request.path_qs} {dict(request.headers)}")
+        asked.set()
+        if request.path == "/proof":
+            return web.json_response({"proof": "0" * 64})  # it cannot know the token: a guess
+        return web.Response(status=200, text="event: hello\ndata: {}\n\n", content_type="text/event-stream")
+
+    squatter = web.Application()
+    squatter.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(squatter, access_log=None)
+    await runner.setup()
+    host, port = dashboard.url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    try:
+        await web.TCPSite(runner, host, int(port)).start()
+        await asyncio.wait_for(asked.wait(), START_TIMEOUT_S)  # the page reconnects by itself
+        await expect(page.locator("#locked")).to_be_visible()
+        await expect(page.locator("#locked-error")).to_contain_text("sent it nothing")
+        # Actions and history need a proven server too: nothing goes out with the operator token either.
+        assert all(not line.startswith("GET /events") for line in seen), seen
+    finally:
+        await runner.cleanup()
+    assert seen, "the page never asked"
+    for line in seen:
+        assert dashboard.viewer_token not in line and OPERATOR_TOKEN not in line, line
+
+
+# Run as another OS user with the system's Python (no access to our venv): every data route of the dashboard
+# without the viewer token, then with the token (read from stdin, as if the user had been given it).
+_OTHER_USER_PROBE = r"""
+import http.client, json, sys, urllib.parse
+
+port, key = int(sys.argv[1]), sys.argv[2]
+found = {}
+
+def ask(method, path, headers=(), body=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    connection.request(method, path, body=body, headers=dict(headers))
+    response = connection.getresponse()
+    if response.getheader("Content-Type", "").startswith("text/event-stream"):
+        text = b""
+        while b"event: hello" not in text or not text.endswith(b"\n\n"):
+            text += response.read1(65536)
+        connection.close()
+        return response.status, text.decode()
+    text = response.read().decode()
+    connection.close()
+    return response.status, text
+
+action = {"X-TaskGuard-Dashboard": "1", "Content-Type": "application/json"}
+body = json.dumps({"task_key": key, "reason": "from another user", "operator": "nobody"})
+history = "/api/history?task_key=" + urllib.parse.quote(key)
+for name, token in (("none", None), ("wrong", "Bearer not-the-viewer-token")):
+    auth = {"Authorization": token} if token else {}
+    found[name] = {
+        "events": ask("GET", "/events", auth),
+        "history": ask("GET", history, auth),
+        "approve": ask("POST", "/api/approve-retry", {**auth, **action}, body),
+    }
+try:
+    open(sys.argv[3]).read()
+    found["token_file"] = "readable"
+except OSError as error:
+    found["token_file"] = type(error).__name__
+viewer_token, operator_token = sys.stdin.read().split()
+auth = {"Authorization": "Bearer " + viewer_token}
+operator = {"X-TaskGuard-Operator-Token": operator_token}
+found["with"] = {
+    "events": ask("GET", "/events", auth),
+    "history": ask("GET", history, auth),
+    "approve": ask("POST", "/api/approve-retry", {**auth, **action, **operator}, body),
+}
+print(json.dumps(found))
+"""
+
+
+def _as_nobody(*command: str) -> list[str]:
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
+
+
+async def test_another_os_user_reads_nothing_without_the_viewer_token_and_everything_with_it(
+    guarded: SidecarProcess, dashboard: DashboardProcess, key: str
+) -> None:
+    async with AsyncClient(guarded.address) as client:
+        await failed_guard(client, key)
+        await expect_guard_seen(dashboard, key)
+    port = dashboard.url.rstrip("/").rsplit(":", 1)[1]
+    probe = await asyncio.create_subprocess_exec(
+        *_as_nobody("/usr/bin/python3", "-c", _OTHER_USER_PROBE, port, key, str(dashboard.viewer_token_path)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd="/",
+    )
+    tokens = f"{dashboard.viewer_token} {OPERATOR_TOKEN}\n".encode()
+    out, err = await asyncio.wait_for(probe.communicate(tokens), START_TIMEOUT_S * 3)
+    assert probe.returncode == 0, err.decode()
+    found = json.loads(out)
+
+    for attempt in ("none", "wrong"):
+        for route, (status, text) in found[attempt].items():
+            assert status == 401, (attempt, route, status, text)
+            assert key not in text and "worker-1" not in text, (attempt, route, text)
+            assert json.loads(text)["code"] == "UNAUTHENTICATED"
+    assert found["token_file"] == "PermissionError"
+
+    status, text = found["with"]["events"]
+    assert status == 200 and key in text and "worker-1" in text
+    status, text = found["with"]["history"]
+    assert status == 200 and json.loads(text)["guard"]["holder"] == "worker-1"
+    status, text = found["with"]["approve"]
+    assert status == 200 and json.loads(text)["guard"]["state"] == "RETRY_APPROVED", text
+    async with AsyncClient(guarded.address) as client:
+        guard = await client.get(key)
+    assert (guard.state, guard.approved_by) == (GuardState.RETRY_APPROVED, "nobody")
+
+
+async def expect_guard_seen(dashboard: DashboardProcess, key: str) -> None:
+    """Wait until the dashboard has ``key`` (it follows the sidecar's watch): read its event stream until it
+    names the key, in the hello or in a batch after it."""
+
+    async def seen() -> None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(dashboard.url + "events", headers=dashboard.viewer()) as response,
+        ):
+            assert response.status == 200
+            text = ""
+            async for chunk in response.content.iter_any():
+                text += chunk.decode()
+                if key in text:
+                    return
+
+    await asyncio.wait_for(seen(), START_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("problem", ["readable-by-others", "another-users", "a-symlink", "too-short"])
+def test_the_dashboard_refuses_a_viewer_token_file_others_could_read_or_swap(workdir: Path, problem: str) -> None:
+    import os
+    import subprocess
+
+    path = workdir / "viewer.token"
+    secret = "s3cret-viewer-token-" + problem
+    if problem == "a-symlink":
+        target = workdir / "elsewhere.token"
+        target.write_text(secret)
+        target.chmod(0o600)
+        path.symlink_to(target)
+    else:
+        path.write_text("short" if problem == "too-short" else secret)
+        path.chmod(0o644 if problem == "readable-by-others" else 0o600)
+        if problem == "another-users":
+            os.chown(path, 65534, 65534)  # nobody's
+    command = [sys.executable, "-m", "taskguard", "dashboard", "--addr", f"unix:{workdir}/none.sock"]
+    refused = subprocess.run(
+        [*command, "--listen", "127.0.0.1:0", "--viewer-token-file", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert refused.returncode == 2, refused
+    assert f"viewer token file {path}" in refused.stderr and "Traceback" not in refused.stderr
+    assert secret not in refused.stderr + refused.stdout
 
 
 # --- 10,000 guards -------------------------------------------------------------------------------
@@ -434,6 +709,7 @@ async def test_ten_thousand_guards_load_and_filter_without_freezing(
         dashboard = await dashboards.start(guarded.address)
         opened = time.monotonic()
         page = await open_page(dashboard.url)
+        await unlock(page, dashboard)
         shown = page.locator("#shown")
         await expect(shown).to_have_attribute("data-total", str(GUARDS), timeout=60_000)
         cold_s = time.monotonic() - opened

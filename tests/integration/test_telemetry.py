@@ -118,6 +118,67 @@ async def test_a_duplicate_storm_gives_one_winner_span_and_links_every_duplicate
     assert _counter(metrics, "taskguard.duplicates_refused") == DUPLICATES
 
 
+async def _hold_first_answer(stub: pb_grpc.TaskGuardStub, request: pb.AcquireRequest) -> pb.HoldResponse:
+    """Open a Hold stream with ``request``, read its answer; the sidecar ends a refused, non-joining stream."""
+    call = stub.Hold()
+    await call.write(pb.HoldRequest(acquire=request))
+    answer = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(answer, pb.HoldResponse)
+    await call.done_writing()
+    assert await asyncio.wait_for(call.code(), 10) is grpc.StatusCode.OK
+    return answer
+
+
+async def test_every_acquisition_span_carries_the_run_id_its_caller_asked_for_and_the_winner_apart(
+    traced: InProcess, spans: InMemorySpanExporter, key: str
+) -> None:
+    stub = traced.stub
+    winner = await acquire(stub, key, run_id="winner")
+    refused = await acquire(stub, key, run_id="asked-for")
+    anonymous = await acquire(stub, key)  # no run_id: the sidecar made one for it
+    held_refused = await _hold_first_answer(stub, pb.AcquireRequest(task_key=key, run_id="asked-on-a-stream"))
+    assert {refused.outcome, anonymous.outcome, held_refused.outcome} == {pb.ACQUIRE_OUTCOME_ALREADY_RUNNING}
+    await stub.Release(pb.ReleaseRequest(lease_id=winner.lease_id, status=pb.RUN_STATUS_FAILED, detail="exit 1"))
+    needs_approval = await acquire(stub, key, run_id="after-the-failure")
+    assert needs_approval.outcome == pb.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL
+
+    # The run id made for the caller that sent none is in the event log: a refusal names the run it refused.
+    refused_runs = await _trigger_run_ids(stub, key)
+    assert len(refused_runs) == 3 and refused_runs[0] == "asked-for", refused_runs
+    anonymous_run_id = refused_runs[1]
+    assert anonymous_run_id not in ("", "winner")
+
+    acquire_spans = _named(spans, "taskguard.acquire") + _named(spans, "taskguard.hold")
+    by_run_id = {span.attributes["taskguard.run_id"]: span for span in acquire_spans}
+    assert set(by_run_id) == {"winner", "asked-for", anonymous_run_id, "asked-on-a-stream", "after-the-failure"}
+    assert by_run_id["winner"].attributes["taskguard.outcome"] == "ACQUIRED"
+    assert "taskguard.winner_run_id" not in by_run_id["winner"].attributes
+    winner_span_id = by_run_id["winner"].context.span_id
+    for run_id in ("asked-for", anonymous_run_id, "asked-on-a-stream", "after-the-failure"):
+        span = by_run_id[run_id]
+        assert span.attributes["taskguard.winner_run_id"] == "winner", run_id
+        assert [link.context.span_id for link in span.links] == [winner_span_id], run_id
+    assert by_run_id["asked-on-a-stream"].name == "taskguard.hold"
+    assert by_run_id["after-the-failure"].attributes["taskguard.outcome"] == "RETRY_REQUIRES_APPROVAL"
+
+
+async def _trigger_run_ids(stub: pb_grpc.TaskGuardStub, key: str) -> list[str]:
+    """The runs refused as duplicates of ``key``, from the event log, oldest first."""
+    head = (await stub.GetGuard(pb.GetGuardRequest(task_key=key))).revision
+    refused: list[str] = []
+    call = stub.WatchGuards(pb.WatchGuardsRequest(key_prefix=key, start_revision=1))
+    try:
+        async with asyncio.timeout(10):
+            async for event in call:
+                if event.type == pb.GUARD_EVENT_TYPE_DUPLICATE_REFUSED:
+                    refused.append(event.trigger_run_id)
+                if event.revision >= head:
+                    break
+    finally:
+        call.cancel()
+    return refused
+
+
 async def test_a_run_span_covers_the_run_and_reflects_its_status(
     traced: InProcess, spans: InMemorySpanExporter, metrics: InMemoryMetricReader, key: str
 ) -> None:

@@ -95,6 +95,10 @@ def test_a_long_detail_is_cut_to_what_the_sidecar_accepts() -> None:
     assert len(cut.encode()) <= _lease.MAX_DETAIL_BYTES and cut.endswith("...")
 
 
+def test_a_detail_loses_its_control_characters_which_the_sidecar_refuses() -> None:
+    assert _lease.fit_detail("Traceback:\r\n  boom\x1b[2J\x9b\x7f é") == "Traceback:   boom\\x1b[2J\\x9b\\x7f é"
+
+
 def _snapshot(key: str, guard_revision: int, head: int) -> pb.GuardEvent:
     return pb.GuardEvent(
         type=pb.GUARD_EVENT_TYPE_SNAPSHOT,

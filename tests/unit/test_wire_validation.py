@@ -249,6 +249,31 @@ def test_force_release_limits_operator_to_256_and_reason_to_4096_bytes() -> None
     assert bad_request(reason) == "reason: must be at most 4096 bytes"
 
 
+CONTROL_RULE = "must not contain control characters (C0, DEL or C1)"
+FREE_TEXT: dict[str, Callable[[str], object]] = {
+    "holder": lambda text: acquire(pb.AcquireRequest(task_key="s::t", holder=text)),
+    "labels[team]": lambda text: acquire(pb.AcquireRequest(task_key="s::t", labels={"team": text})),
+    "detail": wire.release_detail,
+    "approver": lambda text: wire.approve_retry(pb.ApproveRetryRequest(task_key="s::t", approver=text)),
+    "reason": lambda text: wire.force_release(pb.ForceReleaseRequest(task_key="s::t", reason=text)),
+    "operator": lambda text: wire.force_release(pb.ForceReleaseRequest(task_key="s::t", operator=text)),
+}
+
+
+@pytest.mark.parametrize("field", FREE_TEXT)
+@pytest.mark.parametrize("text", ["x\x1b[2J\nFAKE ROW", "\x00", "\x1f", "\x7f", "\x80", "\x9b", "tab\there"], ids=repr)
+def test_free_text_with_a_control_character_is_rejected_naming_its_field(field: str, text: str) -> None:
+    with pytest.raises(wire.BadRequest) as refused:
+        FREE_TEXT[field](text)
+
+    assert bad_request(refused) == f"{field}: {CONTROL_RULE}"
+
+
+@pytest.mark.parametrize("field", FREE_TEXT)
+def test_free_text_of_any_script_without_control_characters_is_accepted(field: str) -> None:
+    FREE_TEXT[field]("nightly (host-1) é 日本語 😀 \\x1b \u00a0\u00ff")
+
+
 # --- durations ---------------------------------------------------------------------------------
 
 

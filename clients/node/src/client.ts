@@ -340,8 +340,15 @@ function runStatusToWire(status: RunStatus): pb.RunStatus {
   return `RUN_STATUS_${status}`;
 }
 
-/** The sidecar takes at most 4096 bytes of detail; a long error message must not make the release fail. */
-function clipDetail(detail: string): string {
+/**
+ * The sidecar takes at most 4096 bytes of detail and no control characters (C0, DEL, C1: a terminal would act
+ * on them); a long or multi-line error message must not make the release fail. Line breaks become spaces, other
+ * control characters `\xNN`.
+ */
+function clipDetail(raw: string): string {
+  const detail = raw
+    .replace(/[\t\n\v\f\r]+/g, " ")
+    .replace(/[\x00-\x1f\x7f-\x9f]/g, (char) => `\\x${char.charCodeAt(0).toString(16).padStart(2, "0")}`);
   const bytes = Buffer.from(detail, "utf8");
   if (bytes.length <= MAX_DETAIL_BYTES) {
     return detail;

@@ -80,6 +80,20 @@ describe("hold", () => {
     await assert.rejects(client.hold(key, {}, () => "again"), RetryRequiresApproval);
   });
 
+  test("a multi-line error message or one with escape sequences still releases FAILED, on one inert line", async () => {
+    const key = freshKey();
+    const boom = new Error("exit status 2\n  at step\u001b[2J\u009b");
+    await assert.rejects(
+      client.hold(key, {}, () => {
+        throw boom;
+      }),
+      (error) => error === boom,
+    );
+    const guard = await client.get(key);
+    assert.equal(guard.state, "FAILED");
+    assert.equal(guard.lastDetail, "exit status 2   at step\\x1b[2J\\x9b");
+  });
+
   test("a second holder gets AlreadyRunning with the winner's run, start, holder and fencing token", async () => {
     const key = freshKey();
     const winner = await client.openHold(key, { runId: "winner-run", holder: "gateway-a" });

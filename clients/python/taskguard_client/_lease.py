@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import re
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -73,6 +74,9 @@ OnConflict = Literal["raise", "return", "join"]
 
 # The sidecar keeps at most this much of a release's detail.
 MAX_DETAIL_BYTES = 4096
+# The sidecar refuses these in a detail (C0, DEL, C1): a terminal would act on them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_LINE_BREAKS = re.compile(r"[\t\n\v\f\r]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,9 @@ def _ending(error: BaseException | None) -> tuple[RunStatus, str]:
 
 
 def fit_detail(detail: str) -> str:
-    """Cut a detail to what the sidecar accepts, on a character boundary."""
+    """Make a detail what the sidecar accepts: no control characters (line breaks become spaces, the
+    rest ``\\xNN``), then cut on a character boundary. An exception's text must not make its release fail."""
+    detail = _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", _LINE_BREAKS.sub(" ", detail))
     encoded = detail.encode("utf-8", "surrogatepass")
     if len(encoded) <= MAX_DETAIL_BYTES:
         return detail
@@ -191,6 +197,8 @@ class _HoldState:
         self._lost: LeaseLost | None = None
         self._lost_guard: Guard | None = None
         self._released: Guard | None = None
+        # Set once the block called release(): leaving the block then adds nothing, whatever its outcome.
+        self._release_tried = False
         self._closed = False
 
     @property
@@ -316,6 +324,7 @@ class AsyncHold(_HoldState):
         if self._released is not None:
             # Idempotent for the same status; the sidecar says so when it is not.
             return await self._client.release(self.lease_id, status, detail)
+        self._release_tried = True
         if self._lost is not None:
             raise self._lost
         window_s = RESUME_WINDOW_S + self._client._timeout_s
@@ -364,7 +373,9 @@ class AsyncHold(_HoldState):
 
     async def _exit(self, error: BaseException | None) -> None:
         try:
-            if self._released is None and self._lost is None:
+            if self._release_tried:
+                pass  # the block released (or heard why it could not): a second release would contradict it
+            elif self._released is None and self._lost is None:
                 status, detail = _ending(error)
                 try:
                     await self.release(status, detail)
@@ -616,6 +627,7 @@ class Hold(_HoldState):
         status, detail = run_status(status), fit_detail(detail)
         if self._released is not None:
             return self._client.release(self.lease_id, status, detail)
+        self._release_tried = True
         window_s = RESUME_WINDOW_S + self._client._timeout_s
         with self._changed:
             self._changed.wait_for(lambda: self._streaming or self._lost is not None, window_s)
@@ -658,7 +670,9 @@ class Hold(_HoldState):
 
     def _exit(self, error: BaseException | None) -> None:
         try:
-            if self._released is None and self._lost is None:
+            if self._release_tried:
+                pass  # the block released (or heard why it could not): a second release would contradict it
+            elif self._released is None and self._lost is None:
                 status, detail = _ending(error)
                 try:
                     self.release(status, detail)

@@ -5,6 +5,8 @@ A separate process and a client of the sidecar like any other watcher:
 * ``follow.py`` follows WatchGuards (snapshot first, then live events, resumed by revision after a
   disconnect) and knows whether that watch is up;
 * ``state.py`` keeps what it saw: every guard, a capped feed of events, each key's recent history;
+* ``access.py`` keeps the viewer token, without which nothing but the page itself is served (the dashboard
+  reads the sidecar with its own user's access; any local user can reach its port);
 * ``app.py`` serves the page (``static/``: plain HTML, CSS and JavaScript, no build step, nothing fetched
   from elsewhere), pushes changes to it as server-sent events, and forwards the operator actions
   (approve-retry, force-release) with the operator token the page presents.

@@ -2,22 +2,30 @@
 
 Routes:
 
-* ``GET /`` and ``GET /static/{app.js,app.css}``: the page, from the package (no build step, no CDN).
+* ``GET /`` and ``GET /static/{app.js,app.css}``: the page, from the package (no build step, no CDN). It holds
+  no data: it asks for the viewer token, then reads everything below with it.
 * ``GET /events``: server-sent events. ``hello`` (every guard, the feed, the connection) on connect, then
   ``batch`` (the guards that changed and the new events, at most one message per ``BATCH_INTERVAL_S``) and
   ``status`` (the watch went up or down). A slow page costs bounded memory: its pending guards are coalesced
   by key and its pending events capped at the feed's size (``reset_feed`` says some were dropped).
 * ``GET /api/history?task_key=K``: the events the dashboard saw for K.
+* ``GET /proof?nonce=N``: ``{"proof": ...}``, that this server knows the viewer token (``access.py``); the page
+  asks before it sends the token anywhere, so that a server squatting the port while the dashboard is down
+  gets nothing from an open page.
 * ``POST /api/approve-retry`` and ``POST /api/force-release``: JSON ``{"task_key", "reason", "operator"}``.
-  The operator token comes in the ``Authorization: Bearer`` header and goes on to the sidecar with
+  The operator token comes in the ``X-TaskGuard-Operator-Token`` header and goes on to the sidecar with
   ``x-taskguard-token-only: 1``; the sidecar decides. The answer is ``{"ok": true, "guard": ...}`` or
   ``{"ok": false, "code": "PERMISSION_DENIED", "error": ...}``.
+
+Reading: ``/events`` and every ``/api/`` route need ``Authorization: Bearer <viewer token>`` (``access.py``),
+else 401 and nothing else: the dashboard reads the sidecar with its own user's access, and any local user can
+reach its port, so without this it would widen who may see the guards. Actions need both tokens.
 
 Defences: actions need the ``X-TaskGuard-Dashboard: 1`` header and a JSON body, which a cross-site form cannot
 send and a cross-site script cannot send without a CORS preflight that is never granted; an ``Origin`` or
 ``Sec-Fetch-Site`` that names another site is refused too. On loopback, requests whose ``Host`` is not a
 loopback name are refused, so a DNS-rebound name cannot read the page. The access log has no headers, so the
-token is never logged, and no URL carries it.
+tokens are never logged, and no URL carries them.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
 
+from taskguard.dashboard import access
+from taskguard.dashboard.access import ViewerToken
 from taskguard.dashboard.follow import Follower, operator_client
 from taskguard.dashboard.state import Change, Connection, DashboardState, guard_document
 from taskguard_client import Guard, GuardState, StatusError, TaskGuardError
@@ -45,7 +56,10 @@ from taskguard_client import Guard, GuardState, StatusError, TaskGuardError
 BATCH_INTERVAL_S = 0.1
 KEEPALIVE_S = 15.0
 ACTION_HEADER = "X-TaskGuard-Dashboard"
-# No headers in it: the page's operator token travels in one and must never reach a log.
+OPERATOR_TOKEN_HEADER = "X-TaskGuard-Operator-Token"
+# Routes that carry data: each needs the viewer token.
+_PROTECTED_PREFIXES = ("/events", "/api/")
+# No headers in it: the page's tokens travel in them and must never reach a log.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 MAX_BODY_BYTES = 16 * 1024
 MAX_REASON_CHARS = 1000
@@ -147,9 +161,16 @@ class Dashboard:
     """The aiohttp application's handlers, around one ``DashboardState`` fed by one ``Follower``."""
 
     def __init__(
-        self, address: str, client_options: dict[str, Any], *, stale_after_s: float, allow_remote: bool
+        self,
+        address: str,
+        client_options: dict[str, Any],
+        *,
+        viewer: ViewerToken,
+        stale_after_s: float,
+        allow_remote: bool,
     ) -> None:
         self.address = address
+        self.viewer = viewer
         self.client_options = client_options
         self.stale_after_s = stale_after_s
         self.allow_remote = allow_remote
@@ -160,12 +181,13 @@ class Dashboard:
         self._static = {name: folder.joinpath(name).read_bytes() for name in ("index.html", "app.js", "app.css")}
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard_host], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._guard_host, self._require_viewer], client_max_size=MAX_BODY_BYTES)
         app.on_response_prepare.append(_common_headers)
         app.router.add_get("/", self.index)
         app.router.add_get("/static/{name}", self.static)
         app.router.add_get("/events", self.events)
         app.router.add_get("/api/history", self.history)
+        app.router.add_get("/proof", self.proof)
         app.router.add_post("/api/approve-retry", self.approve_retry)
         app.router.add_post("/api/force-release", self.force_release)
         return app
@@ -179,6 +201,23 @@ class Dashboard:
         if not self.allow_remote and not _loopback(_hostname(request.host)):
             # A page on another site that rebinds its name to 127.0.0.1 arrives with its own name as Host.
             return web.Response(status=421, text="this dashboard answers to loopback names only\n")
+        return await handler(request)
+
+    @web.middleware
+    async def _require_viewer(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if not request.path.startswith(_PROTECTED_PREFIXES):
+            return await handler(request)
+        # Cross-site first: a forged action learns that it is cross-site, nothing about the token.
+        if request.method == "POST" and (refusal := self._cross_site(request)) is not None:
+            return _refused(403, "CROSS_SITE", refusal)
+        if not self.viewer.admits(request.headers.get("Authorization", "")):
+            response = _refused(
+                401, "UNAUTHENTICATED", "this dashboard needs its viewer token (Authorization: Bearer ...)"
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="taskguard-dashboard"'
+            return response
         return await handler(request)
 
     @staticmethod
@@ -244,6 +283,13 @@ class Dashboard:
         body = f'{{"task_key":{json.dumps(task_key)},"guard":{guard},"events":{self.state.history_json(task_key)}}}'
         return web.Response(text=body, content_type="application/json")
 
+    async def proof(self, request: web.Request) -> web.Response:
+        try:
+            proof = self.viewer.proof(request.query.get("nonce", ""))
+        except ValueError as error:
+            return _refused(400, "INVALID_ARGUMENT", str(error))
+        return web.json_response({"proof": proof})
+
     # --- actions ----------------------------------------------------------------------------
 
     async def approve_retry(self, request: web.Request) -> web.Response:
@@ -253,9 +299,6 @@ class Dashboard:
         return await self._act(request, "force-release")
 
     async def _act(self, request: web.Request, action: str) -> web.Response:
-        refusal = self._cross_site(request)
-        if refusal is not None:
-            return _refused(403, "CROSS_SITE", refusal)
         try:
             body = await request.json()
         except ValueError:
@@ -263,13 +306,16 @@ class Dashboard:
         if not isinstance(body, dict):
             return _refused(400, "INVALID_ARGUMENT", "the body must be a JSON object")
         task_key, reason, operator = body.get("task_key"), body.get("reason"), body.get("operator") or "dashboard"
-        if not isinstance(task_key, str) or not task_key:
-            return _refused(400, "INVALID_ARGUMENT", "task_key: required")
+        if not isinstance(task_key, str) or not task_key or not task_key.isprintable():
+            return _refused(400, "INVALID_ARGUMENT", "task_key: required, printable")
         if not isinstance(reason, str) or not reason.strip():
             return _refused(400, "INVALID_ARGUMENT", "reason: required")
         if len(reason) > MAX_REASON_CHARS or not isinstance(operator, str) or len(operator) > 200:
             return _refused(400, "INVALID_ARGUMENT", "reason or operator: too long")
-        token = _bearer(request.headers.get("Authorization", ""))
+        if not (reason.isprintable() and operator.isprintable()):
+            # The sidecar refuses them too; checked here as well because they reach this process's log.
+            return _refused(400, "INVALID_ARGUMENT", "reason or operator: must not contain control characters")
+        token = request.headers.get(OPERATOR_TOKEN_HEADER, "").strip()
         async with operator_client(self.address, self.client_options, token) as client:
             try:
                 if action == "approve-retry":
@@ -297,10 +343,6 @@ def _document(guard: Guard) -> dict[str, Any]:
 
 def _refused(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"ok": False, "code": code, "error": " ".join(message.split())}, status=status)
-
-
-def _bearer(header: str) -> str:
-    return header[7:].strip() if header[:7].lower() == "bearer " else ""
 
 
 def _hostname(host: str) -> str:
@@ -347,9 +389,11 @@ def _logging() -> logging.Handler:
     return handler
 
 
-async def serve(args: argparse.Namespace, address: str, client_options: dict[str, Any]) -> int:
+async def serve(args: argparse.Namespace, address: str, client_options: dict[str, Any], viewer: ViewerToken) -> int:
     host, port = parse_listen(args.listen, args.allow_remote)
-    dashboard = Dashboard(address, client_options, stale_after_s=args.stale_after, allow_remote=args.allow_remote)
+    dashboard = Dashboard(
+        address, client_options, viewer=viewer, stale_after_s=args.stale_after, allow_remote=args.allow_remote
+    )
     handler = _logging()
     runner = web.AppRunner(
         dashboard.application(),
@@ -371,12 +415,16 @@ async def serve(args: argparse.Namespace, address: str, client_options: dict[str
         bound = _bound(runner)
         if args.allow_remote and not _loopback(host):
             print(
-                "taskguard dashboard: warning: serving beyond loopback; anyone who reaches it sees every guard,"
-                " and operator tokens cross the network in plain HTTP",
+                "taskguard dashboard: warning: serving beyond loopback; the viewer and operator tokens cross the"
+                " network in plain HTTP, where anyone on the path can read them and then every guard",
                 file=sys.stderr,
                 flush=True,
             )
-        print(f"taskguard dashboard: serving http://{bound}/ for the sidecar at {address}", flush=True)
+        print(
+            f"taskguard dashboard: serving http://{bound}/ for the sidecar at {address};"
+            f" the page asks for the viewer token in {viewer.path}",
+            flush=True,
+        )
         await stop.wait()
         if following.done() and not following.cancelled() and following.exception() is not None:
             error = following.exception()
@@ -401,14 +449,20 @@ def _bound(runner: web.AppRunner) -> str:
 
 
 def main(args: argparse.Namespace, address: str, client_options: dict[str, Any]) -> int:
-    """Run until SIGINT or SIGTERM; 2 for a bad --listen, 1 when it cannot listen."""
+    """Run until SIGINT or SIGTERM; 2 for a bad --listen or viewer token file, 1 when it cannot listen."""
     try:
         parse_listen(args.listen, args.allow_remote)
     except ValueError as error:
         print(f"taskguard: dashboard: {error}", file=sys.stderr)
         return 2
+    path = Path(args.viewer_token_file) if args.viewer_token_file else access.default_path()
     try:
-        return asyncio.run(serve(args, address, client_options))
+        viewer = ViewerToken(access.load_or_create(path), path)
+    except access.TokenFileError as error:
+        print(f"taskguard: dashboard: {error}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args, address, client_options, viewer))
     except OSError as error:
         print(f"taskguard: dashboard: cannot listen on {args.listen}: {error}", file=sys.stderr)
         return 1

@@ -2,6 +2,11 @@
 //
 // The server sends "hello" (every guard, the feed, the connection) when the stream opens, then "batch"
 // (changed guards and new events, at most ten a second) and "status" (the sidecar watch went up or down).
+// Reading needs the dashboard's viewer token, sent as "Authorization: Bearer ..." on every request: the
+// stream is read with fetch() (EventSource cannot send a header, and the token must not go in a URL).
+// Until the dashboard accepts a token the page shows only the prompt for one. Before it sends the token to
+// the server at all, after every reconnect too, the server must prove that it knows it (GET /proof): a loopback
+// port is anyone's while the dashboard is down, and whoever serves it then must get nothing from this page.
 // The table is virtualised: only the rows in view (plus a margin) exist in the DOM, and a row's cells are
 // written only when their text changed. The feed keeps at most feed_cap entries. All text goes in through
 // textContent, never as HTML.
@@ -10,6 +15,8 @@
 
   const OVERSCAN = 12;
   const TOKEN_KEY = "taskguard.operatorToken";
+  const VIEWER_KEY = "taskguard.viewerToken";
+  const RECONNECT_MS = 1000;
   const NAME_KEY = "taskguard.operatorName";
   const APPROVABLE = new Set(["FAILED", "ABANDONED", "EXPIRED"]);
   const COLUMNS = 10;
@@ -386,8 +393,18 @@
   function showHistory(key) {
     history = { key, loading: true, newest: 0 };
     historyList.replaceChildren();
-    fetch(`/api/history?task_key=${encodeURIComponent(key)}`, { cache: "no-store" })
-      .then((response) => response.json())
+    if (!proven) {
+      historyList.replaceChildren(note("not connected to the dashboard"));
+      return;
+    }
+    fetch(`/api/history?task_key=${encodeURIComponent(key)}`, { cache: "no-store", headers: viewerHeaders() })
+      .then((response) => {
+        if (response.status === 401) {
+          refused(SENT_AND_REFUSED);
+          throw new Error("the viewer token was refused");
+        }
+        return response.json();
+      })
       .then((body) => {
         if (history.key !== key) return;
         historyList.replaceChildren();
@@ -544,6 +561,10 @@
     if (!pending || !reason) return;
     const { action, key } = pending;
     closeDialog();
+    if (!proven) {
+      result("error", `${action} ${key}: not connected to the dashboard; nothing was sent`);
+      return;
+    }
     result("pending", `${action} ${key}…`);
     let body;
     try {
@@ -552,12 +573,14 @@
         cache: "no-store",
         credentials: "same-origin",
         headers: {
+          ...viewerHeaders(),
           "Content-Type": "application/json",
           "X-TaskGuard-Dashboard": "1",
-          Authorization: `Bearer ${operatorToken()}`,
+          "X-TaskGuard-Operator-Token": operatorToken(),
         },
         body: JSON.stringify({ task_key: key, reason, operator: sessionStorage.getItem(NAME_KEY) || "" }),
       });
+      if (response.status === 401) refused(SENT_AND_REFUSED);
       body = await response.json().catch(() => ({ ok: false, code: `HTTP ${response.status}`, error: response.statusText }));
     } catch (error) {
       body = { ok: false, code: "UNREACHABLE", error: `the dashboard did not answer (${error})` };
@@ -664,15 +687,172 @@
     showConnection();
   }
 
+  // --- the viewer token ---------------------------------------------------------------------
+
+  function viewerToken() {
+    return sessionStorage.getItem(VIEWER_KEY) || "";
+  }
+
+  function viewerHeaders() {
+    return { Authorization: `Bearer ${viewerToken()}` };
+  }
+
+  function lock(why) {
+    document.body.dataset.locked = "true";
+    $("locked-error").textContent = why;
+    $("connection").dataset.state = "locked";
+    $("connection").textContent = "locked";
+    $("banner").hidden = true;
+    $("viewer-token").focus();
+  }
+
+  const SENT_AND_REFUSED = "The dashboard refused this viewer token.";
+  const NOT_PROVEN =
+    "The viewer token was refused: the server at this address does not know it (a wrong or replaced token, or " +
+    "not the dashboard at all), so the page sent it nothing.";
+
+  // The token in this tab is not (or no longer) the token of the server at this address.
+  function refused(why) {
+    sessionStorage.removeItem(VIEWER_KEY);
+    proven = false;
+    if (stream) stream.abort();
+    stream = null;
+    lock(why);
+  }
+
+  function hex(bytes) {
+    return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  }
+
+  // Whether the server at this address knows the viewer token: "proven", "refused", or "unreachable".
+  async function prove(signal) {
+    if (!window.crypto || !crypto.subtle) {
+      // No WebCrypto outside a secure context (plain HTTP beyond loopback, --allow-remote): there the token
+      // crosses the network in the clear anyway, as the dashboard warns when it starts.
+      return "proven";
+    }
+    const nonce = hex(crypto.getRandomValues(new Uint8Array(16)));
+    let answer;
+    try {
+      const response = await fetch(`/proof?nonce=${nonce}`, { cache: "no-store", signal });
+      if (!response.ok) return "refused";
+      answer = await response.json();
+    } catch (_) {
+      return signal.aborted ? "refused" : "unreachable";
+    }
+    const encoder = new TextEncoder();
+    const key = await crypto.subtle.importKey(
+      "raw", encoder.encode(viewerToken()), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+    const mac = await crypto.subtle.sign("HMAC", key, encoder.encode(`taskguard-dashboard-proof:${nonce}`));
+    return answer && answer.proof === hex(new Uint8Array(mac)) ? "proven" : "refused";
+  }
+
+  function unlock() {
+    const input = $("viewer-token");
+    const token = input.value.trim();
+    input.value = "";
+    if (!token) return;
+    sessionStorage.setItem(VIEWER_KEY, token);
+    $("locked-error").textContent = "";
+    connect();
+  }
+
+  // --- the stream --------------------------------------------------------------------------
+
+  const HANDLERS = { hello: onHello, batch: onBatch, status: onStatus };
+  let stream = null; // the AbortController of the open stream
+  let reconnect = null;
+  let proven = false; // the server of the open stream proved it knows the token
+
   function connect() {
-    const source = new EventSource("/events");
-    source.addEventListener("hello", onHello);
-    source.addEventListener("batch", onBatch);
-    source.addEventListener("status", onStatus);
-    source.addEventListener("error", () => {
+    if (reconnect !== null) clearTimeout(reconnect);
+    reconnect = null;
+    if (stream) stream.abort();
+    if (!viewerToken()) {
+      lock("");
+      return;
+    }
+    const controller = new AbortController();
+    stream = controller;
+    follow(controller).then(() => {
+      if (controller.signal.aborted || stream !== controller) return;
+      // Like EventSource: the dashboard went away or the stream broke; keep the last state and try again.
       store.dashboardDown = true;
       showConnection();
+      reconnect = setTimeout(connect, RECONNECT_MS);
     });
+  }
+
+  async function follow(controller) {
+    const verdict = await prove(controller.signal);
+    if (controller.signal.aborted || verdict === "unreachable") return;
+    if (verdict === "refused") {
+      refused(NOT_PROVEN);
+      return;
+    }
+    proven = true;
+    try {
+      await openStream(controller);
+    } finally {
+      proven = false;
+    }
+  }
+
+  async function openStream(controller) {
+    let response;
+    try {
+      response = await fetch("/events", {
+        cache: "no-store",
+        headers: { ...viewerHeaders(), Accept: "text/event-stream" },
+        signal: controller.signal,
+      });
+    } catch (_) {
+      return; // unreachable: the caller retries
+    }
+    if (response.status === 401) {
+      refused(SENT_AND_REFUSED);
+      return;
+    }
+    if (!response.ok || !response.body) return;
+    document.body.dataset.locked = "false";
+    try {
+      await readEvents(response.body, controller.signal);
+    } catch (_) {
+      // The stream broke (or was aborted): the caller decides.
+    }
+  }
+
+  // Server-sent events by hand: blocks end with a blank line; "event:" names one, "data:" lines carry it;
+  // comments (": keepalive") and "retry:" are ignored.
+  async function readEvents(body, signal) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    signal.addEventListener("abort", () => reader.cancel().catch(() => {}));
+    let buffer = "";
+    let searchFrom = 0;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end = buffer.indexOf("\n\n", searchFrom);
+      while (end >= 0) {
+        dispatch(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        end = buffer.indexOf("\n\n");
+      }
+      // A hello of 10,000 guards arrives in many chunks: do not scan it from its start each time.
+      searchFrom = Math.max(0, buffer.length - 1);
+    }
+  }
+
+  function dispatch(block) {
+    let type = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) type = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+    }
+    const handler = HANDLERS[type];
+    if (handler && data.length) handler({ data: data.join("\n") });
   }
 
   // --- wiring ------------------------------------------------------------------------------
@@ -701,6 +881,10 @@
       if (item && store.guards.has(item.dataset.taskKey)) select(item.dataset.taskKey);
     });
   }
+  $("unlock").addEventListener("click", unlock);
+  $("viewer-token").addEventListener("keydown", (key) => {
+    if (key.key === "Enter") unlock();
+  });
   $("use-token").addEventListener("click", useToken);
   $("token").addEventListener("keydown", (key) => {
     if (key.key === "Enter") useToken();
