@@ -33,8 +33,9 @@ Revisions: etcd's revision is global and rises across hosts, and one put of
 Fencing tokens stay the per-key counter kept in the record, written in the
 state change's transaction.
 
-Every sidecar keeps a copy of all guards, loaded at start and kept current
-by one etcd watch on the prefix; reads come from it. The copy can lag other
+Every sidecar keeps a copy of all guards, loaded at start in pages that all
+read one revision and kept current by one etcd watch on the prefix from the
+revision after; reads come from it. The copy can lag other
 hosts by the watch's latency, which a transaction's compare catches: a lost
 compare refreshes the key, and the engine decides again.
 """
@@ -47,12 +48,10 @@ import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from taskguard.clock import Clock, instant, to_monotonic
@@ -66,48 +65,20 @@ from taskguard.store import (
     Write,
     codec,
 )
+from taskguard.store.etcd_client import RETRY_S, EtcdClient, EtcdSettings, range_end
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
-from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc
 from taskguard.store.index import GuardIndex, IndexedStore
+
+__all__ = ["EtcdSettings", "EtcdStore", "encode_revision", "etcd_revision_of"]
 
 log = logging.getLogger(__name__)
 
 SHIFT = 16
 LINGER_S = 0.2
-# One attempt of an etcd call: longer than a healthy round trip, shorter than an election plus a retry.
-_ATTEMPT_S = 1.5
 # Refusals in one put at most: well inside etcd's request size limit.
 MAX_REFUSALS_PER_PUT = 2000
-_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
-_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
 
 OwnerLossHandler = Callable[[str, int], None]
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdSettings:
-    endpoints: tuple[str, ...]
-    prefix: str = "/taskguard/"
-    # This sidecar's etcd lease: how long its stream-bound guards outlive it.
-    lease_ttl_s: int = 10
-    timeout_s: float = 5.0
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    user: str = ""
-    password: str = ""
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> EtcdSettings:
-        """``etcd://host1:2379,host2:2379`` (``etcds://`` says TLS; give ``ca``)."""
-        scheme, _, hosts = url.partition("://")
-        if scheme not in ("etcd", "etcds") or not hosts:
-            raise ValueError("must be etcd://host:port[,host:port...]")
-        endpoints = tuple(host.strip() for host in hosts.rstrip("/").split(",") if host.strip())
-        return cls(endpoints=endpoints, **options)
-
-    def __repr__(self) -> str:
-        return f"EtcdSettings(endpoints={self.endpoints}, prefix={self.prefix!r}, user={self.user!r})"
 
 
 def encode_revision(etcd_revision: int, index: int = 0) -> int:
@@ -137,8 +108,7 @@ class EtcdStore(IndexedStore):
         self._flushing: asyncio.Task[None] | None = None
         self._owner_loss: OwnerLossHandler | None = None
         self._lease_loss: Callable[[], None] | None = None
-        self._channel: aio.Channel | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
+        self._etcd = EtcdClient(settings)
         self._lease_id = 0
         self._lease_alive = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -150,48 +120,6 @@ class EtcdStore(IndexedStore):
 
     # --- connection -------------------------------------------------------------------------
 
-    def _connect(self) -> aio.Channel:
-        settings = self._settings
-        # Several endpoints: pick_first over all of them, so losing one member fails over to the next.
-        target = settings.endpoints[0] if len(settings.endpoints) == 1 else "ipv4:" + ",".join(settings.endpoints)
-        options = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 3000)]
-        if settings.ca is not None:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=settings.ca.read_bytes(),
-                private_key=settings.key.read_bytes() if settings.key else None,
-                certificate_chain=settings.cert.read_bytes() if settings.cert else None,
-            )
-            return aio.secure_channel(target, credentials, options=options)
-        return aio.insecure_channel(target, options=options)
-
-    async def _call(self, method: Any, request: Any) -> Any:
-        """A unary call to etcd, tried again within the store's timeout; StoreUnavailable after that.
-
-        Attempts are short, so a call parked on a member that died or lost its
-        leader moves on to the next member. Trying a transaction again is safe:
-        if an attempt we gave up on did commit, the next one fails its compare,
-        and the engine decides again on what etcd has.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.timeout_s
-        attempt = 0
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                return await method(
-                    request, timeout=max(min(remaining, _ATTEMPT_S), 0.05), metadata=self._metadata, wait_for_ready=True
-                )
-            except aio.AioRpcError as error:
-                if self._metadata and "invalid auth token" in (error.details() or ""):
-                    await self._authenticate()
-                    continue
-                if error.code() not in _UNAVAILABLE:
-                    raise
-                if deadline - loop.time() <= _RETRY_S[0]:
-                    raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
-            await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S) - 1)])
-            attempt += 1
-
     def _key(self, kind: str, name: str = "") -> bytes:
         return self._prefix + f"{kind}/{name}".encode()
 
@@ -199,66 +127,51 @@ class EtcdStore(IndexedStore):
         kind, _, name = key[len(self._prefix) :].decode().partition("/")
         return kind, name
 
-    @staticmethod
-    def _range_end(prefix: bytes) -> bytes:
-        return prefix[:-1] + bytes([prefix[-1] + 1])
-
     async def open(self) -> None:
-        self._channel = self._connect()
-        self._kv = etcd_grpc.KVStub(self._channel)
-        self._watch = etcd_grpc.WatchStub(self._channel)
-        self._lease = etcd_grpc.LeaseStub(self._channel)
+        await self._etcd.open()
         try:
-            await self._authenticate()
             await self._grant_lease()
             await self._load()
         except aio.AioRpcError as error:
-            await self._channel.close()
+            await self._etcd.close()
             raise StoreUnavailable(f"etcd refused the sidecar: {error.code().name}: {error.details()}") from None
         except BaseException:
-            await self._channel.close()
+            await self._etcd.close()
             raise
         self._tasks.append(asyncio.create_task(self._keep_lease_alive(), name="taskguard-etcd-lease"))
         self._tasks.append(asyncio.create_task(self._follow(), name="taskguard-etcd-watch"))
 
-    async def _authenticate(self) -> None:
-        """With etcd auth on: a token for every call (etcd expires idle ones; a call that finds its token
-        invalid gets a new one and tries again)."""
-        if not self._settings.user:
-            return
-        self._metadata = ()
-        reply = await self._call(
-            etcd_grpc.AuthStub(self._channel).Authenticate,
-            etcd.AuthenticateRequest(name=self._settings.user, password=self._settings.password),
-        )
-        self._metadata = (("token", reply.token),)
-
     async def _grant_lease(self) -> None:
-        reply = await self._call(self._lease.LeaseGrant, etcd.LeaseGrantRequest(TTL=self._settings.lease_ttl_s))
+        reply = await self._etcd.call(
+            self._etcd.lease.LeaseGrant, etcd.LeaseGrantRequest(TTL=self._settings.lease_ttl_s)
+        )
         if reply.error:
             raise StoreUnavailable(f"etcd refused a lease: {reply.error}")
         self._lease_id = reply.ID
         self._lease_alive.set()
 
     async def _load(self) -> None:
-        """Everything under the prefix as it stands; the watch follows from the revision read."""
-        reply = await self._call(
-            self._kv.Range, etcd.RangeRequest(key=self._prefix, range_end=self._range_end(self._prefix))
-        )
+        """Guards, then the refusals and heartbeats about them, as they all stood at one revision.
+
+        Read in pages (a prefix grows past any one message), all at the
+        revision of the first page; the watch follows from the revision after.
+        Run snapshots (``l/``) are read only when asked for, never here.
+        """
         now = instant(self._clock)
-        guards: list[Any] = []
-        sides: list[Any] = []
-        for kv in reply.kvs:
-            (guards if self._kind(kv.key)[0] == "g" else sides).append(kv)
-        for kv in guards:
-            record, _ = self._decode_guard(kv, now)
-            self._index.put(record)
-            self._mods[record.task_key] = kv.mod_revision
-            self._revision = max(self._revision, record.revision)
-        for kv in sides:
-            for event in self._apply_side(kv, now):
-                self._revision = max(self._revision, event.revision)
-        self._etcd_revision = reply.header.revision
+        revision = 0
+        for kind in ("g", "h", "r"):
+            async for at, kvs in self._etcd.pages(self._key(kind), revision):
+                revision = at
+                for kv in kvs:
+                    if kind == "g":
+                        record, _ = self._decode_guard(kv, now)
+                        self._index.put(record)
+                        self._mods[record.task_key] = kv.mod_revision
+                        self._revision = max(self._revision, record.revision)
+                    else:
+                        for event in self._apply_side(kv, now):
+                            self._revision = max(self._revision, event.revision)
+        self._etcd_revision = revision
 
     async def close(self) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -268,8 +181,7 @@ class EtcdStore(IndexedStore):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # The lease is left to expire rather than revoked: stream holders get its TTL to resume elsewhere.
-        if self._channel is not None:
-            await self._channel.close()
+        await self._etcd.close()
 
     # --- this sidecar's lease -----------------------------------------------------------------
 
@@ -277,7 +189,7 @@ class EtcdStore(IndexedStore):
         interval = max(self._settings.lease_ttl_s / 3, 0.5)
         while True:
             try:
-                call = self._lease.LeaseKeepAlive(metadata=self._metadata)
+                call = self._etcd.lease.LeaseKeepAlive(metadata=self._etcd.metadata)
                 while True:
                     await call.write(etcd.LeaseKeepAliveRequest(ID=self._lease_id))
                     reply = await asyncio.wait_for(call.read(), self._settings.timeout_s)
@@ -296,7 +208,7 @@ class EtcdStore(IndexedStore):
                 # The old lease may have expired: guards bound to it are gone or about to be, and
                 # everyone learns it from the watch. Streams bound from now on use a new one.
                 with contextlib.suppress(Exception):
-                    await asyncio.sleep(_RETRY_S[-1])
+                    await asyncio.sleep(RETRY_S[-1])
                     await self._grant_lease()
 
     @property
@@ -386,10 +298,10 @@ class EtcdStore(IndexedStore):
         while not self._closing:
             start = self._etcd_revision + 1
             create = etcd.WatchCreateRequest(
-                key=self._prefix, range_end=self._range_end(self._prefix), start_revision=start, prev_kv=True
+                key=self._prefix, range_end=range_end(self._prefix), start_revision=start, prev_kv=True, fragment=True
             )
             try:
-                call = self._watch.Watch(metadata=self._metadata)
+                call = self._etcd.watch.Watch(metadata=self._etcd.metadata)
                 await call.write(etcd.WatchRequest(create_request=create))
                 async for response in call:
                     attempt = 0
@@ -405,7 +317,7 @@ class EtcdStore(IndexedStore):
             except Exception as error:
                 log.warning("etcd watch broke (%s); resuming from revision %d", error, self._etcd_revision + 1)
             attempt += 1
-            await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S)) - 1])
+            await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S)) - 1])
 
     def _apply(self, changes: Sequence[Any]) -> None:
         now = instant(self._clock)
@@ -442,18 +354,16 @@ class EtcdStore(IndexedStore):
         current = self._current_run(lease_id)
         if current is not None:
             return current
-        reply = await self._call(self._kv.Range, etcd.RangeRequest(key=self._key("l", lease_id)))
+        reply = await self._etcd.call(self._etcd.kv.Range, etcd.RangeRequest(key=self._key("l", lease_id)))
         if not reply.kvs:
             return None
         return codec.record_from_doc(codec.loads(reply.kvs[0].value), instant(self._clock))
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         """RUNNING stream-bound guards whose owner key is gone (their sidecar died while none watched)."""
-        prefix = self._key("o")
-        reply = await self._call(
-            self._kv.Range, etcd.RangeRequest(key=prefix, range_end=self._range_end(prefix), keys_only=True)
-        )
-        owned = {self._kind(kv.key)[1] for kv in reply.kvs}
+        owned: set[str] = set()
+        async for _, kvs in self._etcd.pages(self._key("o"), keys_only=True):
+            owned.update(self._kind(kv.key)[1] for kv in kvs)
         return [record for record in self._index.running() if record.stream_bound and record.task_key not in owned]
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
@@ -467,11 +377,14 @@ class EtcdStore(IndexedStore):
             return []
         # etcd reads a start revision of 0 as "from now"; revision 1 is its first.
         create = etcd.WatchCreateRequest(
-            key=self._prefix, range_end=self._range_end(self._prefix), start_revision=max(1, etcd_revision_of(revision))
+            key=self._prefix,
+            range_end=range_end(self._prefix),
+            start_revision=max(1, etcd_revision_of(revision)),
+            fragment=True,
         )
         found: list[Event] = []
         now = instant(self._clock)
-        call = self._watch.Watch(metadata=self._metadata)
+        call = self._etcd.watch.Watch(metadata=self._etcd.metadata)
         try:
             await call.write(etcd.WatchRequest(create_request=create))
             while len(found) < limit:
@@ -570,7 +483,7 @@ class EtcdStore(IndexedStore):
             compare=[compare], success=success, failure=[etcd.RequestOp(request_range=etcd.RangeRequest(key=guard_key))]
         )
         try:
-            reply = await self._call(self._kv.Txn, request)
+            reply = await self._etcd.call(self._etcd.kv.Txn, request)
         except aio.AioRpcError as error:
             if "lease not found" in (error.details() or ""):
                 self._lease_alive.clear()
@@ -645,7 +558,7 @@ class EtcdStore(IndexedStore):
                 log.info("a refusal or heartbeat put failed: %s", result)
 
     async def _put(self, key: bytes, document: dict[str, Any]) -> None:
-        await self._call(self._kv.Put, etcd.PutRequest(key=key, value=codec.dumps(document).encode()))
+        await self._etcd.call(self._etcd.kv.Put, etcd.PutRequest(key=key, value=codec.dumps(document).encode()))
         self.transactions += 1
 
     async def flush(self) -> None:
