@@ -77,6 +77,7 @@ class LeaseKeeper:
                 )
         store.set_owner_loss_handler(self._owner_lost)
         store.set_lease_loss_handler(self._lease_lost)
+        store.set_deadline_handler(self.arm)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
 
     async def stop(self) -> None:

@@ -54,6 +54,11 @@ class EtcdSettings:
         return f"EtcdSettings(endpoints={self.endpoints}, prefix={self.prefix!r}, user={self.user!r})"
 
 
+def keepalive_interval_s(lease_ttl_s: float) -> float:
+    """How often a sidecar renews its etcd lease: three tries per TTL."""
+    return max(lease_ttl_s / 3, 0.2)
+
+
 def range_end(prefix: bytes) -> bytes:
     """The end of the range holding every key that starts with ``prefix``."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
