@@ -97,6 +97,16 @@ OwnerLossHandler = Callable[[str, int], None]
 DeadlineHandler = Callable[[GuardRecord], None]
 
 
+def _stamped(write: Write, revision: int, slot: int) -> tuple[GuardRecord, tuple[Event, ...]]:
+    """The write's record and events with the revisions of where its transaction put them."""
+    record = replace(write.record, revision=encode_revision(revision, slot + max(len(write.events) - 1, 0)))
+    events = tuple(
+        replace(event, revision=encode_revision(revision, slot + index), guard=record)
+        for index, event in enumerate(write.events)
+    )
+    return record, events
+
+
 def _has_deadline(record: GuardRecord) -> bool:
     return record.running and record.ttl_s is not None and record.expires_at is not None
 
@@ -121,7 +131,7 @@ class EtcdStore(IndexedStore):
         self._runs: dict[str, tuple[str, ...]] = {}  # task key -> past runs with l/ snapshots, newest first
         self._hosts: set[str] = set()  # sidecars whose s/ key exists
         self._owners: dict[str, int] = {}  # task key -> fencing token of its o/ key
-        self._pending: dict[str, GuardRecord] = {}  # task key -> record being committed from here
+        self._pending: dict[str, tuple[Write, Transition]] = {}  # task key -> its write on its way from here
         self._own_events: dict[tuple[str, int], tuple[Event, ...]] = {}
         self._refusals: defaultdict[str, list[Event]] = defaultdict(list)
         self._heartbeats: set[str] = set()
@@ -247,7 +257,8 @@ class EtcdStore(IndexedStore):
 
         def localize(record: GuardRecord) -> GuardRecord:
             if host == self.host_id:
-                mine = self._pending.get(record.task_key) or self._index.get(record.task_key)
+                pending = self._pending.get(record.task_key)
+                mine = pending[0].record if pending is not None else self._index.get(record.task_key)
                 if mine is not None and mine.fencing_token == record.fencing_token:
                     deadline = mine.expires_deadline if record.running else None
                     return replace(record, last_seen=mine.last_seen, expires_deadline=deadline)
@@ -268,6 +279,14 @@ class EtcdStore(IndexedStore):
         own = self._own_events.pop((key, kv.mod_revision), None)
         if own is not None:
             return list(own)
+        pending = self._pending.get(key)
+        if pending is not None and pending[1].ops and pending[1].ops[0].request_put.value == kv.value:
+            # Our own write, back before its transaction's answer: no need to decode what we wrote.
+            write, transition = pending
+            record, events = _stamped(write, kv.mod_revision, transition.slot)
+            if kv.mod_revision > self._mods.get(key, 0):
+                self._keep(record, kv.mod_revision, self.host_id, transition.runs, now)
+            return list(events)
         doc = self._decode_guard(kv, now)
         if kv.mod_revision > self._mods.get(key, 0):
             record = doc.record
@@ -521,8 +540,8 @@ class EtcdStore(IndexedStore):
             self._schedule_flush()
             return Committed(write.record, ())
         previous = self._index.get(key)
-        transition, runs = self._transition(write, previous)
-        self._pending[key] = write.record
+        transition = self._transition(write, previous)
+        self._pending[key] = (write, transition)
         try:
             outcome = await self._batcher.submit(transition)
         finally:
@@ -530,22 +549,17 @@ class EtcdStore(IndexedStore):
         if isinstance(outcome, Moved):
             self._refresh(outcome.kvs)
             raise StoreConflict(f"guard {key!r} changed in etcd since revision {transition.expected_mod}")
-        revision, slot = outcome.revision, outcome.slot
-        record = replace(write.record, revision=encode_revision(revision, slot + max(len(write.events) - 1, 0)))
-        events = tuple(
-            replace(event, revision=encode_revision(revision, slot + index), guard=record)
-            for index, event in enumerate(write.events)
-        )
-        if revision >= self._mods.get(key, 0):
-            # Equal when the watch brought it back first: this record has the deadline on our clock.
-            self._keep(record, revision, self.host_id, runs, instant(self._clock))
+        revision = outcome.revision
+        record, events = _stamped(write, revision, outcome.slot)
+        if revision > self._mods.get(key, 0):
+            self._keep(record, revision, self.host_id, transition.runs, instant(self._clock))
             if revision > self._etcd_revision:
                 self._own_events[(key, revision)] = events
                 if len(self._own_events) > _OWN_EVENTS_KEPT:
                     self._own_events.pop(next(iter(self._own_events)))
         return Committed(record, events)
 
-    def _transition(self, write: Write, previous: GuardRecord | None) -> tuple[Transition, tuple[str, ...]]:
+    def _transition(self, write: Write, previous: GuardRecord | None) -> Transition:
         """The writes of one state change: the guard, the replaced run's snapshot, the owner key."""
         record = write.record
         key = record.task_key
@@ -587,8 +601,9 @@ class EtcdStore(IndexedStore):
             compare_key=guard_key,
             expected_mod=etcd_revision_of(write.expected_revision),
             uses_lease=uses_lease,
+            runs=runs,
         )
-        return transition, runs
+        return transition
 
     def _refresh(self, kvs: Sequence[Any]) -> None:
         """Take keys as etcd has them now (after a lost compare, or a confirming read)."""

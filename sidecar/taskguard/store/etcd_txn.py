@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 # etcd's default --max-txn-ops: the most compares, and the most operations of either branch, in one transaction.
 MAX_TXN_OPS = 128
-MAX_IN_FLIGHT = 2
+MAX_IN_FLIGHT = 1
 # A transaction's request stays well under etcd's default request limit (1.5 MiB).
 MAX_TXN_BYTES = 1 << 20
 
@@ -71,14 +71,17 @@ class Transition:
     expected_mod: int = 0
     uses_lease: bool = False
     slots: int = 0
-    slot: int = 0
+    # Lease ids of past runs the guard document lists (the store's, carried along).
+    runs: tuple[str, ...] = ()
+    slot: int = -1
     ops: list[Any] = field(default_factory=list)
-    size: int = 0
     future: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
-    def __post_init__(self) -> None:
-        self.ops = self.build(0)
-        self.size = int(sum(op.ByteSize() for op in self.ops)) + len(self.compare_key or b"") + 16
+    def place(self, slot: int) -> int:
+        """Build the writes for ``slot`` (once per slot); their size in bytes."""
+        if slot != self.slot:
+            self.slot, self.ops = slot, self.build(slot)
+        return int(sum(op.ByteSize() for op in self.ops)) + len(self.compare_key or b"") + 16
 
 
 class TxnBatcher:
@@ -114,25 +117,24 @@ class TxnBatcher:
             transition = self._queue.popleft()
             fits = (
                 compares + (transition.compare_key is not None) <= MAX_TXN_OPS
-                and ops + len(transition.ops) <= MAX_TXN_OPS
-                and (not batch or size + transition.size <= MAX_TXN_BYTES)
                 and not keys & transition.keys
+                and not transition.future.done()
             )
+            if fits:
+                grown = size + transition.place(slots)
+                fits = ops + len(transition.ops) <= MAX_TXN_OPS and (not batch or grown <= MAX_TXN_BYTES)
             if not fits:
-                kept.append(transition)
+                if not transition.future.done():
+                    kept.append(transition)
                 if len(kept) > MAX_TXN_OPS:
                     break
                 continue
-            if slots:
-                transition.slot, transition.ops = slots, transition.build(slots)
-            elif transition.slot:
-                transition.slot, transition.ops = 0, transition.build(0)
             slots += transition.slots
             batch.append(transition)
             keys |= transition.keys
             compares += transition.compare_key is not None
             ops += len(transition.ops)
-            size += transition.size
+            size = grown
         kept.extend(self._queue)
         self._queue = kept
         return batch
