@@ -133,6 +133,7 @@ class EtcdStore(IndexedStore):
         self._owners: dict[str, int] = {}  # task key -> fencing token of its o/ key
         self._pending: dict[str, tuple[Write, Transition]] = {}  # task key -> its write on its way from here
         self._own_events: dict[tuple[str, int], tuple[Event, ...]] = {}
+        self._echoed: dict[str, tuple[int, GuardRecord, tuple[Event, ...]]] = {}  # own writes the watch brought first
         self._refusals: defaultdict[str, list[Event]] = defaultdict(list)
         self._heartbeats: set[str] = set()
         self._flusher: asyncio.TimerHandle | None = None
@@ -284,6 +285,7 @@ class EtcdStore(IndexedStore):
             # Our own write, back before its transaction's answer: no need to decode what we wrote.
             write, transition = pending
             record, events = _stamped(write, kv.mod_revision, transition.slot)
+            self._echoed[key] = (kv.mod_revision, record, events)
             if kv.mod_revision > self._mods.get(key, 0):
                 self._keep(record, kv.mod_revision, self.host_id, transition.runs, now)
             return list(events)
@@ -550,7 +552,11 @@ class EtcdStore(IndexedStore):
             self._refresh(outcome.kvs)
             raise StoreConflict(f"guard {key!r} changed in etcd since revision {transition.expected_mod}")
         revision = outcome.revision
-        record, events = _stamped(write, revision, outcome.slot)
+        echoed = self._echoed.pop(key, None)
+        if echoed is not None and echoed[0] == revision:
+            _, record, events = echoed
+        else:
+            record, events = _stamped(write, revision, outcome.slot)
         if revision > self._mods.get(key, 0):
             self._keep(record, revision, self.host_id, transition.runs, instant(self._clock))
             if revision > self._etcd_revision:
