@@ -145,6 +145,7 @@ class EtcdStore(IndexedStore):
         self._revision = 0  # the last event revision seen (the head a history read runs to)
         self._etcd_revision = 0  # the last etcd revision applied to the copy
         self._watching = False
+        self._watch_created = asyncio.Event()
         self._closing = False
         self._side_puts = 0
 
@@ -175,6 +176,12 @@ class EtcdStore(IndexedStore):
             raise
         self._tasks.append(asyncio.create_task(self._lease.keep_alive(), name="taskguard-etcd-lease"))
         self._tasks.append(asyncio.create_task(self._follow(), name="taskguard-etcd-watch"))
+        # Serving starts once the copy follows etcd, or reads would answer UNAVAILABLE at first.
+        try:
+            await asyncio.wait_for(self._watch_created.wait(), self._settings.timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise StoreUnavailable("etcd did not start the watch on the prefix in time") from None
 
     async def close(self) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -384,6 +391,7 @@ class EtcdStore(IndexedStore):
                         raise StoreUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
                     if response.created:
                         self._watching = True
+                        self._watch_created.set()
                     self._apply(response.events)
             except asyncio.CancelledError:
                 raise
