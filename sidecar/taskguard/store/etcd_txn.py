@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 # etcd's default --max-txn-ops: the most compares, and the most operations of either branch, in one transaction.
 MAX_TXN_OPS = 128
-MAX_IN_FLIGHT = 1
+MAX_IN_FLIGHT = 3
+# A further transaction goes out beside the one in flight only when this many wait: a short queue waits and
+# shares the next transaction, a long one does not wait a whole round trip behind a full one.
+QUEUE_FOR_ANOTHER = 24
 # A transaction's request stays well under etcd's default request limit (1.5 MiB).
 MAX_TXN_BYTES = 1 << 20
 
@@ -100,7 +103,9 @@ class TxnBatcher:
         return await transition.future
 
     def _dispatch(self) -> None:
-        while self._queue and self._in_flight < MAX_IN_FLIGHT:
+        while self._queue and (
+            self._in_flight == 0 or (self._in_flight < MAX_IN_FLIGHT and len(self._queue) >= QUEUE_FOR_ANOTHER)
+        ):
             batch = self._take()
             self._in_flight += 1
             task = asyncio.create_task(self._send(batch))
