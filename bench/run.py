@@ -130,16 +130,21 @@ def main(argv: list[str] | None = None) -> int:
                     pids[name], facts[name] = redis.pid, redis.facts
             for scenario in args.scenarios:
                 sidecar = servers.start_sidecar(workdir / f"sidecar-{scenario}")
-                on_etcd = None
+                on_etcd: list[servers.Server] = []
                 try:
                     facts["taskguard"] = sidecar.facts
                     sidecar_pids = {"taskguard": sidecar.pid}
                     target_flags: list[str] = []
                     if scenario in ("a", "b") and "taskguard-etcd" in others:
-                        on_etcd = servers.start_sidecar(workdir / f"tg-etcd-{scenario}", etcd=etcd.address)
-                        facts["taskguard-etcd"] = on_etcd.facts
-                        sidecar_pids["taskguard-etcd"] = on_etcd.pid
-                        target_flags = ["--target-etcd", on_etcd.address]
+                        # The storm is spread over two sidecars on one prefix, as over two hosts.
+                        prefix = f"/tg-etcd-{scenario}/"
+                        for index in range(2 if scenario == "b" else 1):
+                            on_etcd.append(
+                                servers.start_sidecar(workdir / f"tg-etcd-{scenario}{index}", etcd.address, prefix)
+                            )
+                        facts["taskguard-etcd"] = {**on_etcd[0].facts, "sidecars": str(len(on_etcd))}
+                        sidecar_pids["taskguard-etcd"] = on_etcd[0].pid
+                        target_flags = ["--target-etcd", ",".join(server.address for server in on_etcd)]
                     pid_flags = [f"--pid={name}={pid}" for name, pid in {**pids, **sidecar_pids}.items()]
                     systems = ",".join(args.systems) if scenario in ("a", "b") else "taskguard"
                     command = [sys.executable, "-m", "bench.load", "--target", sidecar.address, "--scenarios", scenario]
@@ -147,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                     results += run_load(command)
                 finally:
                     sidecar.stop()
-                    if on_etcd is not None:
-                        on_etcd.stop()
+                    for server in on_etcd:
+                        server.stop()
     finally:
         if args.keep:
             print(f"bench: kept {workdir}", file=sys.stderr)
@@ -340,6 +345,36 @@ class Report:
         if not checks:
             return []
         lines = ["", "issue 6 targets (this run):"]
+        lines += [f"  {'met   ' if met else 'MISSED'} {what}: {figure}" for what, met, figure in checks]
+        return lines + self._etcd_targets()
+
+    def _etcd_targets(self) -> list[str]:
+        """Issue 14's targets for Task Guard on its etcd store, against the etcd mutex of the same run."""
+        checks: list[tuple[str, bool, str]] = []
+        ours, theirs = (
+            self.of("a", system="taskguard-etcd", concurrency=64),
+            self.of("a", system="etcd", concurrency=64),
+        )
+        if ours and theirs:
+            ratio = ours[0]["cycles_per_s"] / theirs[0]["cycles_per_s"]
+            checks.append(("(a) 64 clients: TG on etcd cycles/s >= 0.8x etcd mutex", ratio >= 0.8, f"{ratio:.2f}x"))
+            p99, mutex_p99 = ours[0]["acquire_p99_ms"], theirs[0]["acquire_p99_ms"]
+            checks.append(
+                (
+                    "(a) 64 clients: TG on etcd p99 acquire <= 2x etcd mutex's",
+                    p99 <= 2 * mutex_p99,
+                    f"{p99:.1f} vs {mutex_p99:.1f} ms ({p99 / mutex_p99:.2f}x)",
+                )
+            )
+        for row in self.of("b", system="taskguard-etcd"):
+            one = all(count == 1 for count in row["winners"])
+            sidecars = self.facts.get("taskguard-etcd", {}).get("sidecars", "1")
+            checks.append(
+                (f"(b) TG on etcd over {sidecars} sidecars: exactly one winner", one, f"winners {row['winners']}")
+            )
+        if not checks:
+            return []
+        lines = ["", "issue 14 targets (this run):"]
         lines += [f"  {'met   ' if met else 'MISSED'} {what}: {figure}" for what, met, figure in checks]
         return lines
 

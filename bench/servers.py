@@ -107,9 +107,9 @@ class Server:
             self.process.stdout.close()
 
 
-def start_sidecar(workdir: Path, etcd: str = "") -> Server:
+def start_sidecar(workdir: Path, etcd: str = "", prefix: str = "") -> Server:
     """``python -m taskguard serve`` on a unix socket with its default store (SQLite, WAL, synchronous=FULL),
-    or on the etcd at ``etcd`` (host:port) when given."""
+    or on the etcd at ``etcd`` (host:port) when given, under ``prefix`` (default: one of its own)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "sidecar.log"
     command = [
@@ -123,7 +123,7 @@ def start_sidecar(workdir: Path, etcd: str = "") -> Server:
         str(workdir / "tg.db"),
     ]
     if etcd:
-        command += ["--store", f"etcd://{etcd}", "--etcd-prefix", f"/{workdir.name}/"]
+        command += ["--store", f"etcd://{etcd}", "--etcd-prefix", prefix or f"/{workdir.name}/"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
     line = _first_line(process, log_path)

@@ -58,22 +58,31 @@ async def open_channels(target: str, count: int) -> list[aio.Channel]:
 
 
 class TaskGuardSystem:
-    """Unary Acquire (server default TTL) and Release(SUCCEEDED) against a real sidecar."""
+    """Unary Acquire (server default TTL) and Release(SUCCEEDED) against a real sidecar.
+
+    Several targets (sidecars sharing one etcd prefix, as on several hosts): connections alternate between
+    them, so a release goes to the sidecar that acquired.
+    """
 
     name = "taskguard"
 
     def __init__(self, target: str, holder: str = "bench", name: str = "taskguard") -> None:
         self.name = name
-        self._target = target
+        self._targets = [part for part in target.split(",") if part]
         self._holder = holder
         self._channels: list[aio.Channel] = []
         self._stubs: list[pb_grpc.TaskGuardStub] = []
 
     def connections_for(self, concurrency: int) -> int:
-        return min(concurrency, MAX_GRPC_CHANNELS)
+        return max(min(concurrency, MAX_GRPC_CHANNELS), len(self._targets))
 
     async def connect(self, connections: int) -> None:
-        self._channels = await open_channels(self._target, connections)
+        count = len(self._targets)
+        per_target = [
+            await open_channels(target, len(range(index, connections, count)))
+            for index, target in enumerate(self._targets)
+        ]
+        self._channels = [per_target[i % count][i // count] for i in range(connections)]
         self._stubs = [pb_grpc.TaskGuardStub(channel) for channel in self._channels]
 
     async def acquire(self, key: str, connection: int) -> str | None:

@@ -102,7 +102,16 @@ def store_args(store_backend: str, request: pytest.FixtureRequest) -> tuple[str,
         return ()
     cluster: EtcdCluster = request.getfixturevalue("etcd_server")
     # A short sidecar lease: the tests that kill sidecars wait it out.
-    return ("--store", cluster.url, "--etcd-prefix", f"/t-{uuid.uuid4().hex}/", "--etcd-lease-ttl", "2s")
+    return (
+        "--store",
+        cluster.url,
+        "--etcd-prefix",
+        f"/t-{uuid.uuid4().hex}/",
+        "--etcd-lease-ttl",
+        "2s",
+        "--etcd-timeout",
+        "1s",
+    )
 
 
 @pytest.fixture
@@ -154,7 +163,12 @@ def settings_for(workdir: Path, store_args: tuple[str, ...]) -> Callable[..., co
     store: dict[str, Any] = {}
     if store_args:
         flags = dict(zip(store_args[::2], store_args[1::2], strict=True))
-        store = {"store": flags["--store"], "etcd_prefix": flags["--etcd-prefix"], "etcd_lease_ttl_s": 2.0}
+        store = {
+            "store": flags["--store"],
+            "etcd_prefix": flags["--etcd-prefix"],
+            "etcd_lease_ttl_s": 2.0,
+            "etcd_timeout_s": 1.0,
+        }
 
     def make(**overrides: Any) -> config.Settings:
         values: dict[str, Any] = {"listen": f"unix:{workdir / 'in.sock'}", "db": workdir / "in.db", **store}

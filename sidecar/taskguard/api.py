@@ -387,7 +387,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def GetGuard(
         self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.Guard:
-        record = await self._engine.get(wire.task_key(request.task_key))
+        key = wire.task_key(request.task_key)
+        self._engine.store.ensure_current()
+        record = await self._engine.get(key)
         call.span.guard(record)
         if record is None:
             raise Refused(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
@@ -401,6 +403,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         states = wire.guard_states(request.states)
         size = wire.page_size(request.page_size)
         after = wire.decode_page_token(request.page_token)
+        self._engine.store.ensure_current()
         now, policy = self._engine.now(), self._engine.policy
         found: list[GuardRecord] = []
         exhausted = False
@@ -427,7 +430,8 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def CheckFence(
         self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.CheckFenceResponse:
-        record = await self._engine.get(wire.task_key(request.task_key))
+        # From the store itself, not the copy reads come from: a copy can still show a run that lost its guard.
+        record = await self._engine.store.confirm(wire.task_key(request.task_key))
         call.span.guard(record)
         valid = core.fence_is_valid(record, request.fencing_token, self._engine.now())
         response = pb.CheckFenceResponse(valid=valid)

@@ -21,6 +21,7 @@ from typing import Any
 from taskguard.auth import AuthSettings
 from taskguard.core import Policy
 from taskguard.store.etcd import EtcdSettings
+from taskguard.store.etcd_client import keepalive_interval_s
 from taskguard.store.retention import Retention
 from taskguard.telemetry import TelemetrySettings
 
@@ -458,11 +459,30 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     if not settings.listen.startswith("unix:"):
         tcp_host(settings)
     _ = settings.auth  # reads the token files now, so a missing one fails at start
+    if _is_etcd_url(settings.store):
+        _check_etcd_timing(settings)
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(
             f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"
         )
     return settings
+
+
+def _check_etcd_timing(settings: Settings) -> None:
+    """A sidecar cut off from etcd must give up its guards before etcd expires its lease and others take them.
+
+    It notices at most ``etcd_timeout`` after a keep-alive goes unanswered, and
+    keep-alives go out once per interval, so the two together must stay below
+    the lease's TTL.
+    """
+    ttl_s = settings.etcd.lease_ttl_s
+    interval_s = keepalive_interval_s(ttl_s)
+    if settings.etcd_timeout_s + interval_s >= ttl_s:
+        raise ConfigError(
+            f"etcd_timeout ({settings.etcd_timeout_s:g}s) plus the keep-alive interval ({interval_s:.3g}s, "
+            f"a third of etcd_lease_ttl) must stay below etcd_lease_ttl ({ttl_s:g}s), or a sidecar cut off from "
+            "etcd would still vouch for guards that etcd hands to others: lower etcd_timeout or raise etcd_lease_ttl"
+        )
 
 
 def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:

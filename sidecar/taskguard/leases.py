@@ -72,6 +72,7 @@ class LeaseKeeper:
             self._held_by[record.principal] += 1
         store.set_owner_loss_handler(self._owner_lost)
         store.set_lease_loss_handler(self._lease_lost)
+        store.set_deadline_handler(self.arm)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
 
     async def stop(self) -> None:

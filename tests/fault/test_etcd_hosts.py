@@ -20,7 +20,10 @@ from tests.etcd_cluster import EtcdCluster
 from tests.fault.history import History, crash_cycle
 from tests.support import SidecarProcess, acquire, open_watch, watch_until
 
-LEASE_TTL_S = 2.0
+LEASE_TTL_S = 4.0
+# Long enough for a call to fail over to another member, and below the lease's TTL less the keep-alive
+# interval, as the sidecar insists.
+TIMEOUT = ("--etcd-timeout", "2.5s")
 STORM = 500
 
 pytestmark = pytest.mark.slow
@@ -44,7 +47,7 @@ def hosts(cluster: EtcdCluster, tmp_path: Path) -> Iterator[list[SidecarProcess]
         workdir.mkdir()
         sidecar = SidecarProcess(
             workdir,
-            ("--store", cluster.url, "--etcd-prefix", prefix, "--etcd-lease-ttl", f"{LEASE_TTL_S:g}s"),
+            ("--store", cluster.url, "--etcd-prefix", prefix, "--etcd-lease-ttl", f"{LEASE_TTL_S:g}s", *TIMEOUT),
         )
         sidecar.start()
         started.append(sidecar)
@@ -139,7 +142,22 @@ async def test_losing_one_etcd_member_keeps_service_and_losing_two_is_unavailabl
             retried = await stub.Acquire(request, timeout=30)
             assert retried.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
             assert (retried.guard.run_id, retried.guard.fencing_token) == (f"quorumless-{i}", 1)
-        assert (await stub.GetGuard(pb.GetGuardRequest(task_key=key + "/a"))).run_id == first.guard.run_id
+        # Reads wait for a new lease of the sidecar's own: until then it cannot say its copy is current.
+        guard = await _read_once_current(stub, pb.GetGuardRequest(task_key=key + "/a"))
+        assert guard.run_id == first.guard.run_id
+
+
+async def _read_once_current(stub: pb_grpc.TaskGuardStub, request: pb.GetGuardRequest) -> pb.Guard:
+    """GetGuard, through the UNAVAILABLE a sidecar answers while it has no etcd lease (bounded)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        try:
+            guard: pb.Guard = await stub.GetGuard(request, timeout=10)
+            return guard
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def test_the_crash_loop_history_checks_out_on_etcd(hosts: list[SidecarProcess]) -> None:

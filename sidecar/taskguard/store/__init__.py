@@ -113,6 +113,24 @@ class Store(Protocol):
         """Be told when this sidecar's own hold on a shared store lapsed (its guards may be taken)."""
         ...
 
+    def set_deadline_handler(self, handler: Callable[[GuardRecord], None]) -> None:
+        """Be told of a guard whose TTL deadline the store set without a commit (arm it).
+
+        A shared store does so when the sidecar that kept the deadline is gone.
+        """
+        ...
+
+    async def confirm(self, task_key: str) -> GuardRecord | None:
+        """The guard as the store itself has it now, not as a copy of it may lag behind (CheckFence).
+
+        Raises StoreUnavailable when that cannot be known within the store's timeout.
+        """
+        ...
+
+    def ensure_current(self) -> None:
+        """Raise StoreUnavailable when this sidecar's reads may be staler than the store's usual lag."""
+        ...
+
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         """Committed events from ``revision`` on; RevisionCompacted if it is no longer kept."""
         ...

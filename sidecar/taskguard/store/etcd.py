@@ -1,62 +1,70 @@
 """The etcd store: one guard space shared by the sidecars of many hosts.
 
-Layout under the prefix (default ``/taskguard/``):
+Layout under the prefix (default ``/taskguard/``; documents in ``etcd_docs.py``):
 
-* ``g/<task_key>``: the guard, as ``{"record": ..., "events": [...]}``: the
-  record after a state change and the event it made. Every state change is
-  one transaction that compares the key's mod revision with the revision the
-  decision was made on, so two sidecars racing on a key get exactly one
-  winner. The same transaction writes:
-* ``l/<lease_id>``: the last snapshot of the run a lease was minted for
-  (``find_run``, so an old lease's release is still answered), and
+* ``g/<task_key>``: the guard after its last state change, the events that
+  change made, the sidecar that made it (``host``) and the lease ids of the
+  runs before it whose snapshots are kept. Every state change compares the
+  key's mod revision with the revision the decision was made on, so two
+  sidecars racing on a key get exactly one winner. Changes of different keys
+  that wait at the same time share one transaction (``etcd_txn.py``). The
+  same transaction writes:
+* ``l/<lease_id>``: the last snapshot of a run that a later run of its key
+  replaced (``find_run``, so an old lease's release is still answered). The
+  current run needs none (the copy has it); the ``RUNS_KEPT`` newest past
+  runs of a key are kept and older ones deleted, so the keys stay bounded by
+  the guards, whatever the number of runs.
 * ``o/<task_key>``: the owner of a stream-bound run, attached to the etcd
-  lease of the sidecar whose Hold stream holds it and kept alive by that
-  sidecar; deleted when the run ends. When a whole sidecar dies or is cut
-  off, etcd expires its lease and deletes these keys; every sidecar sees the
-  deletes and the lease keeper turns them into ``Abandon`` commands (the
-  first wins, the rest find the run already ended).
+  lease of the sidecar whose Hold stream holds it; deleted when the run ends.
+  When a whole sidecar dies or is cut off, etcd expires its lease and deletes
+  these keys; every sidecar sees the deletes and the lease keeper turns them
+  into ``Abandon`` commands (the first wins, the rest find the run ended).
+* ``s/<host_id>``: each sidecar's presence, on its own etcd lease
+  (``etcd_lease.py``).
+
+TTL deadlines never depend on hosts' clocks agreeing. The sidecar that made a
+state change (or took a heartbeat) keeps that guard's deadline on its own
+monotonic clock and expires it; the others leave it alone while its ``s/``
+key lives. Once etcd expires that sidecar's lease (etcd counts the TTL), the
+others take over: each arms ``ttl`` from the moment it last learnt of a grant,
+renewal or heartbeat, which is never earlier than the granting sidecar would
+have. Wall-clock fields (``expires_at``, ``heartbeat_at``) are only shown.
 
 Refused triggers and heartbeats are not state changes, and not a write each:
 they change this sidecar's copy at once and are written, one put per guard,
 within ``LINGER_S``:
 
-* ``r/<task_key>``: ``{"fencing_token", "duplicate_count", "events": [...]}``,
-  the refusals since the last put. Watchers everywhere get them as
-  DUPLICATE_REFUSED / RETRY_REFUSED events; the guard's revision (its last
-  state change) does not move, as with SQLite.
-* ``h/<task_key>``: ``{"fencing_token", "heartbeat_at", "expires_at"}``, so a
-  Hold's heartbeats move the deadline every sidecar sees.
+* ``r/<task_key>``: the refusals since the last put. Watchers everywhere get
+  them as DUPLICATE_REFUSED / RETRY_REFUSED events; the guard's revision (its
+  last state change) does not move, as with SQLite.
+* ``h/<task_key>``: a Hold's last heartbeat, so the deadline moves everywhere.
 
-Revisions: etcd's revision is global and rises across hosts, and one put of
-``r/`` can carry many events, so the revision a watcher sees is
-``etcd_revision << 16 | index``; ``Guard.revision`` lives in the same space.
-Fencing tokens stay the per-key counter kept in the record, written in the
-state change's transaction.
-
-Every sidecar keeps a copy of all guards, loaded at start and kept current
-by one etcd watch on the prefix; reads come from it. The copy can lag other
-hosts by the watch's latency, which a transaction's compare catches: a lost
-compare refreshes the key, and the engine decides again.
+Every sidecar keeps a copy of all guards, loaded at start in pages that all
+read one revision and kept current by one etcd watch on the prefix from the
+revision after; reads come from it. The copy can lag other hosts by the
+watch's latency, which a transaction's compare catches: a lost compare
+refreshes the key, and the engine decides again. ``confirm`` reads etcd itself
+(CheckFence), and a sidecar that lost its lease or its watch says its copy may
+be stale (``ensure_current``) rather than answer from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from taskguard.clock import Clock, instant, to_monotonic
-from taskguard.core import Durability, Event, EventType, GuardRecord, Instant
+from taskguard.clock import Clock, instant
+from taskguard.core import Durability, Event, GuardRecord, Instant
 from taskguard.store import (
     Committed,
     GuardLost,
@@ -64,62 +72,43 @@ from taskguard.store import (
     StoreConflict,
     StoreUnavailable,
     Write,
-    codec,
 )
+from taskguard.store import etcd_docs as docs
+from taskguard.store.etcd_client import RETRY_S, EtcdClient, EtcdSettings, range_end
+from taskguard.store.etcd_docs import encode_revision, etcd_revision_of
+from taskguard.store.etcd_lease import SidecarLease
+from taskguard.store.etcd_txn import Moved, Transition, TxnBatcher
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
-from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc
 from taskguard.store.index import GuardIndex, IndexedStore
+
+__all__ = ["EtcdSettings", "EtcdStore", "encode_revision", "etcd_revision_of"]
 
 log = logging.getLogger(__name__)
 
-SHIFT = 16
 LINGER_S = 0.2
-# One attempt of an etcd call: longer than a healthy round trip, shorter than an election plus a retry.
-_ATTEMPT_S = 1.5
 # Refusals in one put at most: well inside etcd's request size limit.
 MAX_REFUSALS_PER_PUT = 2000
-_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)
-_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN)
+# Past runs of one key whose snapshots stay readable by lease id.
+RUNS_KEPT = 8
+# Own commits remembered until the watch brings them back (a bound, should the watch never do so).
+_OWN_EVENTS_KEPT = 8192
 
 OwnerLossHandler = Callable[[str, int], None]
+DeadlineHandler = Callable[[GuardRecord], None]
 
 
-@dataclass(frozen=True, slots=True)
-class EtcdSettings:
-    endpoints: tuple[str, ...]
-    prefix: str = "/taskguard/"
-    # This sidecar's etcd lease: how long its stream-bound guards outlive it.
-    lease_ttl_s: int = 10
-    timeout_s: float = 5.0
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    user: str = ""
-    password: str = ""
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> EtcdSettings:
-        """``etcd://host1:2379,host2:2379`` (``etcds://`` says TLS; give ``ca``)."""
-        scheme, _, hosts = url.partition("://")
-        if scheme not in ("etcd", "etcds") or not hosts:
-            raise ValueError("must be etcd://host:port[,host:port...]")
-        endpoints = tuple(host.strip() for host in hosts.rstrip("/").split(",") if host.strip())
-        return cls(endpoints=endpoints, **options)
-
-    def __repr__(self) -> str:
-        return f"EtcdSettings(endpoints={self.endpoints}, prefix={self.prefix!r}, user={self.user!r})"
+def _stamped(write: Write, revision: int, slot: int) -> tuple[GuardRecord, tuple[Event, ...]]:
+    """The write's record and events with the revisions of where its transaction put them."""
+    record = replace(write.record, revision=encode_revision(revision, slot + max(len(write.events) - 1, 0)))
+    events = tuple(
+        replace(event, revision=encode_revision(revision, slot + index), guard=record)
+        for index, event in enumerate(write.events)
+    )
+    return record, events
 
 
-def encode_revision(etcd_revision: int, index: int = 0) -> int:
-    return (etcd_revision << SHIFT) | index
-
-
-def etcd_revision_of(revision: int) -> int:
-    return revision >> SHIFT
-
-
-def _at(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+def _has_deadline(record: GuardRecord) -> bool:
+    return record.running and record.ttl_s is not None and record.expires_at is not None
 
 
 class EtcdStore(IndexedStore):
@@ -129,68 +118,41 @@ class EtcdStore(IndexedStore):
         self._settings = settings
         self._clock = clock
         self._prefix = settings.prefix.encode()
+        self.host_id = secrets.token_hex(6)
+        self._etcd = EtcdClient(settings)
+        self._lease = SidecarLease(
+            self._etcd, settings, (self._key("s", self.host_id), docs.encode_presence(self.host_id)), self._lease_lost
+        )
+        self._batcher = TxnBatcher(self._etcd)
         self._index = GuardIndex()
         self._mods: dict[str, int] = {}  # task key -> etcd mod revision of the g/ copy we hold
+        self._granters: dict[str, str] = {}  # task key -> the sidecar keeping its current deadline
+        self._seen: dict[str, float] = {}  # task key -> monotonic time this copy last learnt its deadline moved
+        self._runs: dict[str, tuple[str, ...]] = {}  # task key -> past runs with l/ snapshots, newest first
+        self._hosts: set[str] = set()  # sidecars whose s/ key exists
+        self._owners: dict[str, int] = {}  # task key -> fencing token of its o/ key
+        self._pending: dict[str, tuple[Write, Transition]] = {}  # task key -> its write on its way from here
+        self._own_events: dict[tuple[str, int], tuple[Event, ...]] = {}
+        self._echoed: dict[str, tuple[int, GuardRecord, tuple[Event, ...]]] = {}  # own writes the watch brought first
         self._refusals: defaultdict[str, list[Event]] = defaultdict(list)
         self._heartbeats: set[str] = set()
         self._flusher: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._owner_loss: OwnerLossHandler | None = None
         self._lease_loss: Callable[[], None] | None = None
-        self._channel: aio.Channel | None = None
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        self._lease_id = 0
-        self._lease_alive = asyncio.Event()
+        self._deadline_set: DeadlineHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._revision = 0  # the last event revision seen (the head a history read runs to)
         self._etcd_revision = 0  # the last etcd revision applied to the copy
+        self._watching = False
+        self._watch_created = asyncio.Event()
         self._closing = False
-        self.host_id = secrets.token_hex(6)
-        self.transactions = 0
+        self._side_puts = 0
 
-    # --- connection -------------------------------------------------------------------------
-
-    def _connect(self) -> aio.Channel:
-        settings = self._settings
-        # Several endpoints: pick_first over all of them, so losing one member fails over to the next.
-        target = settings.endpoints[0] if len(settings.endpoints) == 1 else "ipv4:" + ",".join(settings.endpoints)
-        options = [("grpc.keepalive_time_ms", 5000), ("grpc.keepalive_timeout_ms", 3000)]
-        if settings.ca is not None:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=settings.ca.read_bytes(),
-                private_key=settings.key.read_bytes() if settings.key else None,
-                certificate_chain=settings.cert.read_bytes() if settings.cert else None,
-            )
-            return aio.secure_channel(target, credentials, options=options)
-        return aio.insecure_channel(target, options=options)
-
-    async def _call(self, method: Any, request: Any) -> Any:
-        """A unary call to etcd, tried again within the store's timeout; StoreUnavailable after that.
-
-        Attempts are short, so a call parked on a member that died or lost its
-        leader moves on to the next member. Trying a transaction again is safe:
-        if an attempt we gave up on did commit, the next one fails its compare,
-        and the engine decides again on what etcd has.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.timeout_s
-        attempt = 0
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                return await method(
-                    request, timeout=max(min(remaining, _ATTEMPT_S), 0.05), metadata=self._metadata, wait_for_ready=True
-                )
-            except aio.AioRpcError as error:
-                if self._metadata and "invalid auth token" in (error.details() or ""):
-                    await self._authenticate()
-                    continue
-                if error.code() not in _UNAVAILABLE:
-                    raise
-                if deadline - loop.time() <= _RETRY_S[0]:
-                    raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
-            await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S) - 1)])
-            attempt += 1
+    @property
+    def transactions(self) -> int:
+        """Writes sent to etcd so far (one transaction may carry many transitions)."""
+        return self._batcher.transactions + self._side_puts
 
     def _key(self, kind: str, name: str = "") -> bytes:
         return self._prefix + f"{kind}/{name}".encode()
@@ -199,109 +161,93 @@ class EtcdStore(IndexedStore):
         kind, _, name = key[len(self._prefix) :].decode().partition("/")
         return kind, name
 
-    @staticmethod
-    def _range_end(prefix: bytes) -> bytes:
-        return prefix[:-1] + bytes([prefix[-1] + 1])
+    # --- lifecycle ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._channel = self._connect()
-        self._kv = etcd_grpc.KVStub(self._channel)
-        self._watch = etcd_grpc.WatchStub(self._channel)
-        self._lease = etcd_grpc.LeaseStub(self._channel)
+        await self._etcd.open()
         try:
-            await self._authenticate()
-            await self._grant_lease()
+            await self._lease.grant()
             await self._load()
         except aio.AioRpcError as error:
-            await self._channel.close()
+            await self._etcd.close()
             raise StoreUnavailable(f"etcd refused the sidecar: {error.code().name}: {error.details()}") from None
         except BaseException:
-            await self._channel.close()
+            await self._etcd.close()
             raise
-        self._tasks.append(asyncio.create_task(self._keep_lease_alive(), name="taskguard-etcd-lease"))
+        self._tasks.append(asyncio.create_task(self._lease.keep_alive(), name="taskguard-etcd-lease"))
         self._tasks.append(asyncio.create_task(self._follow(), name="taskguard-etcd-watch"))
-
-    async def _authenticate(self) -> None:
-        """With etcd auth on: a token for every call (etcd expires idle ones; a call that finds its token
-        invalid gets a new one and tries again)."""
-        if not self._settings.user:
-            return
-        self._metadata = ()
-        reply = await self._call(
-            etcd_grpc.AuthStub(self._channel).Authenticate,
-            etcd.AuthenticateRequest(name=self._settings.user, password=self._settings.password),
-        )
-        self._metadata = (("token", reply.token),)
-
-    async def _grant_lease(self) -> None:
-        reply = await self._call(self._lease.LeaseGrant, etcd.LeaseGrantRequest(TTL=self._settings.lease_ttl_s))
-        if reply.error:
-            raise StoreUnavailable(f"etcd refused a lease: {reply.error}")
-        self._lease_id = reply.ID
-        self._lease_alive.set()
-
-    async def _load(self) -> None:
-        """Everything under the prefix as it stands; the watch follows from the revision read."""
-        reply = await self._call(
-            self._kv.Range, etcd.RangeRequest(key=self._prefix, range_end=self._range_end(self._prefix))
-        )
-        now = instant(self._clock)
-        guards: list[Any] = []
-        sides: list[Any] = []
-        for kv in reply.kvs:
-            (guards if self._kind(kv.key)[0] == "g" else sides).append(kv)
-        for kv in guards:
-            record, _ = self._decode_guard(kv, now)
-            self._index.put(record)
-            self._mods[record.task_key] = kv.mod_revision
-            self._revision = max(self._revision, record.revision)
-        for kv in sides:
-            for event in self._apply_side(kv, now):
-                self._revision = max(self._revision, event.revision)
-        self._etcd_revision = reply.header.revision
+        # Serving starts once the copy follows etcd, or reads would answer UNAVAILABLE at first.
+        try:
+            await asyncio.wait_for(self._watch_created.wait(), self._settings.timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise StoreUnavailable("etcd did not start the watch on the prefix in time") from None
 
     async def close(self) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.flush()
         self._closing = True
+        await self._batcher.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # The lease is left to expire rather than revoked: stream holders get its TTL to resume elsewhere.
-        if self._channel is not None:
-            await self._channel.close()
+        await self._etcd.close()
+
+    async def _load(self) -> None:
+        """Sidecars, owners, guards, then the refusals and heartbeats about them, all as of one revision.
+
+        Read in pages (a prefix grows past any one message), all at the
+        revision of the first page; the watch follows from the revision after.
+        Run snapshots (``l/``) are read only when asked for, never here.
+        """
+        for attempt in range(3):
+            try:
+                await self._load_at_one_revision()
+                return
+            except aio.AioRpcError as error:
+                # Compacted past the revision between two pages: read it all again at a newer one.
+                if error.code() is not grpc.StatusCode.OUT_OF_RANGE or attempt == 2:
+                    raise
+
+    async def _load_at_one_revision(self) -> None:
+        now = instant(self._clock)
+        revision = 0
+        read: dict[str, list[Any]] = {}
+        for kind in ("s", "o", "g", "h", "r"):
+            read[kind] = []
+            async for at, kvs in self._etcd.pages(self._key(kind), revision):
+                revision = at
+                read[kind].extend(kvs)
+        hosts = {self._kind(kv.key)[1] for kv in read["s"]} | {self.host_id}
+        owners = {self._kind(kv.key)[1]: docs.owner_token(kv.value) for kv in read["o"]}
+        reloading = self._etcd_revision > 0
+        gone_hosts = self._hosts - hosts
+        gone_owners = [(key, token) for key, token in self._owners.items() if owners.get(key) != token]
+        self._hosts, self._owners = hosts, owners
+        self._own_events.clear()
+        for kv in read["g"]:
+            made = self._apply_guard(kv, now)
+            self._revision = max(self._revision, encode_revision(kv.mod_revision), *(e.revision for e in made))
+        for kind in ("h", "r"):
+            for kv in read[kind]:
+                for event in self._apply_side(kv, now):
+                    self._revision = max(self._revision, event.revision)
+        self._etcd_revision = revision
+        if reloading:
+            for host in gone_hosts:
+                self._host_gone(host, now)
+            self._owners_gone(gone_owners)
 
     # --- this sidecar's lease -----------------------------------------------------------------
 
-    async def _keep_lease_alive(self) -> None:
-        interval = max(self._settings.lease_ttl_s / 3, 0.5)
-        while True:
-            try:
-                call = self._lease.LeaseKeepAlive(metadata=self._metadata)
-                while True:
-                    await call.write(etcd.LeaseKeepAliveRequest(ID=self._lease_id))
-                    reply = await asyncio.wait_for(call.read(), self._settings.timeout_s)
-                    if reply is aio.EOF or reply.TTL <= 0:
-                        raise StoreUnavailable("this sidecar's etcd lease expired")
-                    self._lease_alive.set()
-                    await asyncio.sleep(interval)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("etcd lease keep-alive failed: %s", error)
-                if self._lease_alive.is_set():
-                    self._lease_alive.clear()
-                    if self._lease_loss is not None:
-                        self._lease_loss()
-                # The old lease may have expired: guards bound to it are gone or about to be, and
-                # everyone learns it from the watch. Streams bound from now on use a new one.
-                with contextlib.suppress(Exception):
-                    await asyncio.sleep(_RETRY_S[-1])
-                    await self._grant_lease()
+    def _lease_lost(self) -> None:
+        if self._lease_loss is not None:
+            self._lease_loss()
 
     @property
     def lease_alive(self) -> bool:
-        return self._lease_alive.is_set()
+        return self._lease.alive
 
     def set_owner_loss_handler(self, handler: OwnerLossHandler) -> None:
         self._owner_loss = handler
@@ -309,45 +255,93 @@ class EtcdStore(IndexedStore):
     def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
         self._lease_loss = handler
 
-    # --- decoding ---------------------------------------------------------------------------
+    def set_deadline_handler(self, handler: DeadlineHandler) -> None:
+        self._deadline_set = handler
 
-    def _decode_guard(self, kv: Any, now: Instant) -> tuple[GuardRecord, list[Event]]:
-        document = codec.loads(kv.value)
-        raw_events = document.get("events", [])
-        last = encode_revision(kv.mod_revision, max(len(raw_events) - 1, 0))
-        record = replace(codec.record_from_doc(document["record"], now), revision=last)
-        events = []
-        for index, raw in enumerate(raw_events):
-            event = codec.event_from_doc(raw, now)
-            guard = record if index == len(raw_events) - 1 else event.guard
-            events.append(replace(event, revision=encode_revision(kv.mod_revision, index), guard=guard))
-        return record, events
+    # --- the copy -----------------------------------------------------------------------------
+
+    def _localize(self, now: Instant, host: str) -> docs.Localize:
+        """What a record read from etcd means on this process's clock (see the module docstring)."""
+
+        def localize(record: GuardRecord) -> GuardRecord:
+            if host == self.host_id:
+                pending = self._pending.get(record.task_key)
+                mine = pending[0].record if pending is not None else self._index.get(record.task_key)
+                if mine is not None and mine.fencing_token == record.fencing_token:
+                    deadline = mine.expires_deadline if record.running else None
+                    return replace(record, last_seen=mine.last_seen, expires_deadline=deadline)
+            deadline = None
+            if _has_deadline(record) and host not in self._hosts:
+                assert record.ttl_s is not None
+                deadline = now.monotonic + record.ttl_s
+            return replace(record, last_seen=now.monotonic, expires_deadline=deadline)
+
+        return localize
+
+    def _decode_guard(self, kv: Any, now: Instant) -> docs.GuardDoc:
+        return docs.decode_guard(kv.value, kv.mod_revision, now, functools.partial(self._localize, now))
+
+    def _apply_guard(self, kv: Any, now: Instant) -> list[Event]:
+        """Take a g/ put into the copy (unless the copy has it already); the events it made."""
+        key = self._kind(kv.key)[1]
+        own = self._own_events.pop((key, kv.mod_revision), None)
+        if own is not None:
+            return list(own)
+        pending = self._pending.get(key)
+        if pending is not None and pending[1].ops and pending[1].ops[0].request_put.value == kv.value:
+            # Our own write, back before its transaction's answer: no need to decode what we wrote.
+            write, transition = pending
+            record, events = _stamped(write, kv.mod_revision, transition.slot)
+            self._echoed[key] = (kv.mod_revision, record, events)
+            if kv.mod_revision > self._mods.get(key, 0):
+                self._keep(record, kv.mod_revision, self.host_id, transition.runs, now)
+            return list(events)
+        doc = self._decode_guard(kv, now)
+        if kv.mod_revision > self._mods.get(key, 0):
+            record = doc.record
+            current = self._index.get(key)
+            if current is not None and current.fencing_token == record.fencing_token:
+                # Keep refusals counted here that are still on their way.
+                record = replace(record, duplicate_count=max(record.duplicate_count, current.duplicate_count))
+            self._keep(record, kv.mod_revision, doc.host, doc.runs, now)
+        return doc.events
+
+    def _keep(self, record: GuardRecord, mod_revision: int, host: str, runs: tuple[str, ...], now: Instant) -> None:
+        key = record.task_key
+        self._index.put(record)
+        self._mods[key] = mod_revision
+        self._granters[key] = host
+        self._seen[key] = now.monotonic
+        self._runs[key] = runs
 
     def _apply_side(self, kv: Any, now: Instant) -> list[Event]:
         """Fold an r/ (refusals) or h/ (heartbeat) put into the copy; the refusal events it carries."""
         kind, task_key = self._kind(kv.key)
         record = self._index.get(task_key)
-        document = codec.loads(kv.value)
-        if record is None or (kind == "h" and record.fencing_token != int(document["fencing_token"])):
-            return []  # about a run that is over (or not seen yet): nothing to fold
+        if record is None:
+            return []  # about a guard not seen yet: nothing to fold
         if kind == "h":
-            if record.running:
-                expires_at = _at(document["expires_at"])
-                heartbeat_at = _at(document["heartbeat_at"]) or record.heartbeat_at
-                if heartbeat_at > record.heartbeat_at:
-                    self._index.put(
-                        replace(
-                            record,
-                            heartbeat_at=heartbeat_at,
-                            last_seen=to_monotonic(heartbeat_at, now),
-                            expires_at=expires_at,
-                            expires_deadline=to_monotonic(expires_at, now) if expires_at else None,
-                        )
+            beat = docs.decode_heartbeat(kv.value)
+            if record.running and beat.fencing_token == record.fencing_token and beat.host != self.host_id:
+                deadline = None
+                if _has_deadline(record) and beat.host not in self._hosts:
+                    assert record.ttl_s is not None
+                    deadline = now.monotonic + record.ttl_s
+                self._index.put(
+                    replace(
+                        record,
+                        heartbeat_at=beat.heartbeat_at or record.heartbeat_at,
+                        last_seen=now.monotonic,
+                        expires_at=beat.expires_at,
+                        expires_deadline=deadline,
                     )
+                )
+                self._granters[task_key] = beat.host
+                self._seen[task_key] = now.monotonic
             return []
         if kind != "r":
             return []
-        events = self._refusal_events(kv, record)
+        events = docs.decode_refusals(kv.value, kv.mod_revision, record)
         counted = max(
             (e.guard.duplicate_count for e in events if e.guard.fencing_token == record.fencing_token), default=0
         )
@@ -355,29 +349,24 @@ class EtcdStore(IndexedStore):
             self._index.put(replace(record, duplicate_count=counted))
         return events
 
-    @staticmethod
-    def _refusal_events(kv: Any, record: GuardRecord) -> list[Event]:
-        """The refusals an r/ put carries, each with the guard as it stood (the run in the way, its count)."""
-        document = codec.loads(kv.value)
-        events = []
-        for index, raw in enumerate(document["events"]):
-            snapshot = replace(
-                record,
-                fencing_token=int(raw["fencing_token"]),
-                run_id=raw.get("run_id", record.run_id),
-                duplicate_count=int(raw["duplicate_count"]),
-            )
-            events.append(
-                Event(
-                    type=EventType[raw["type"]],
-                    guard=snapshot,
-                    occurred_at=datetime.fromisoformat(raw["occurred_at"]),
-                    trigger_run_id=raw["trigger_run_id"],
-                    trigger_holder=raw["trigger_holder"],
-                    revision=encode_revision(kv.mod_revision, index),
-                )
-            )
-        return events
+    def _host_gone(self, host: str, now: Instant) -> None:
+        """etcd expired a sidecar's lease: the TTL deadlines it kept are ours to keep now."""
+        for record in self._index.running():
+            key = record.task_key
+            if self._granters.get(key) != host or not _has_deadline(record) or record.expires_deadline is not None:
+                continue
+            assert record.ttl_s is not None
+            armed = replace(record, expires_deadline=self._seen.get(key, now.monotonic) + record.ttl_s)
+            self._index.put(armed)
+            if self._deadline_set is not None:
+                self._deadline_set(armed)
+
+    def _owners_gone(self, owners: Any) -> None:
+        for key, token in owners:
+            record = self._index.get(key)
+            # A release deletes the owner key in the transaction that ends the run: nothing to abandon then.
+            if record is not None and record.running and record.fencing_token == token and self._owner_loss:
+                self._owner_loss(key, token)
 
     # --- following every host's changes -----------------------------------------------------
 
@@ -386,74 +375,100 @@ class EtcdStore(IndexedStore):
         while not self._closing:
             start = self._etcd_revision + 1
             create = etcd.WatchCreateRequest(
-                key=self._prefix, range_end=self._range_end(self._prefix), start_revision=start, prev_kv=True
+                key=self._prefix, range_end=range_end(self._prefix), start_revision=start, fragment=True
             )
             try:
-                call = self._watch.Watch(metadata=self._metadata)
+                call = self._etcd.watch.Watch(metadata=self._etcd.metadata)
                 await call.write(etcd.WatchRequest(create_request=create))
                 async for response in call:
                     attempt = 0
                     if response.compact_revision:
                         log.error("etcd compacted past this sidecar's copy (revision %d); reloading", start)
+                        self._watching = False
                         await self._load()
                         break
                     if response.canceled:
                         raise StoreUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
+                    if response.created:
+                        self._watching = True
+                        self._watch_created.set()
                     self._apply(response.events)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("etcd watch broke (%s); resuming from revision %d", error, self._etcd_revision + 1)
+            self._watching = False
             attempt += 1
-            await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S)) - 1])
+            await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S)) - 1])
 
     def _apply(self, changes: Sequence[Any]) -> None:
         now = instant(self._clock)
         published: list[Event] = []
+        gone_hosts: list[str] = []
+        gone_owners: list[tuple[str, int]] = []
         for change in changes:
             kv = change.kv
             self._etcd_revision = max(self._etcd_revision, kv.mod_revision)
-            kind, task_key = self._kind(kv.key)
+            kind, name = self._kind(kv.key)
             if change.type == etcd.Event.DELETE:
-                if kind == "o" and change.prev_kv.value and self._owner_loss is not None:
-                    owner = codec.loads(change.prev_kv.value)
-                    self._owner_loss(task_key, int(owner["fencing_token"]))
+                if kind == "o" and name in self._owners:
+                    gone_owners.append((name, self._owners.pop(name)))
+                elif kind == "s":
+                    self._hosts.discard(name)
+                    gone_hosts.append(name)
                 continue
             if kind == "g":
-                record, events = self._decode_guard(kv, now)
-                if kv.mod_revision > self._mods.get(task_key, 0):
-                    current = self._index.get(task_key)
-                    if current is not None and current.fencing_token == record.fencing_token:
-                        # Keep refusals counted here that are still on their way.
-                        record = replace(record, duplicate_count=max(record.duplicate_count, current.duplicate_count))
-                    self._index.put(record)
-                    self._mods[task_key] = kv.mod_revision
-                published.extend(events)
+                published.extend(self._apply_guard(kv, now))
             elif kind in ("r", "h"):
                 published.extend(self._apply_side(kv, now))
+            elif kind == "o":
+                self._owners[name] = docs.owner_token(kv.value)
+            elif kind == "s":
+                self._hosts.add(name)
         fresh = [event for event in published if event.revision > self._revision]
         if fresh:
             self._revision = fresh[-1].revision
             self._index.publish(fresh)
+        for host in gone_hosts:
+            if host != self.host_id:
+                self._host_gone(host, now)
+        self._owners_gone(gone_owners)
 
     # --- reads --------------------------------------------------------------------------------
+
+    def ensure_current(self) -> None:
+        """StoreUnavailable when this copy may be stale past the watch's usual lag."""
+        if not self._lease.alive:
+            raise StoreUnavailable("this sidecar lost its etcd lease; its copy of the guards may be stale")
+        if not self._watching:
+            raise StoreUnavailable("this sidecar's etcd watch is down; its copy of the guards may be stale")
+
+    async def confirm(self, task_key: str) -> GuardRecord | None:
+        """The guard as etcd has it now: a linearizable read, within ``etcd_timeout`` or StoreUnavailable."""
+        reply = await self._etcd.call(self._etcd.kv.Range, etcd.RangeRequest(key=self._key("g", task_key)))
+        if not reply.kvs:
+            return None
+        kv = reply.kvs[0]
+        self._refresh(reply.kvs)
+        current = self._index.get(task_key)
+        if current is not None and self._mods.get(task_key) == kv.mod_revision:
+            return current
+        return self._decode_guard(kv, instant(self._clock)).record
 
     async def find_run(self, lease_id: str) -> GuardRecord | None:
         current = self._current_run(lease_id)
         if current is not None:
             return current
-        reply = await self._call(self._kv.Range, etcd.RangeRequest(key=self._key("l", lease_id)))
+        reply = await self._etcd.call(self._etcd.kv.Range, etcd.RangeRequest(key=self._key("l", lease_id)))
         if not reply.kvs:
             return None
-        return codec.record_from_doc(codec.loads(reply.kvs[0].value), instant(self._clock))
+        return docs.decode_run(reply.kvs[0].value, instant(self._clock))
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         """RUNNING stream-bound guards whose owner key is gone (their sidecar died while none watched)."""
-        prefix = self._key("o")
-        reply = await self._call(
-            self._kv.Range, etcd.RangeRequest(key=prefix, range_end=self._range_end(prefix), keys_only=True)
-        )
-        owned = {self._kind(kv.key)[1] for kv in reply.kvs}
+        owned: set[str] = set()
+        async for _, kvs in self._etcd.pages(self._key("o"), keys_only=True):
+            owned.update(self._kind(kv.key)[1] for kv in kvs)
         return [record for record in self._index.running() if record.stream_bound and record.task_key not in owned]
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
@@ -467,11 +482,14 @@ class EtcdStore(IndexedStore):
             return []
         # etcd reads a start revision of 0 as "from now"; revision 1 is its first.
         create = etcd.WatchCreateRequest(
-            key=self._prefix, range_end=self._range_end(self._prefix), start_revision=max(1, etcd_revision_of(revision))
+            key=self._prefix,
+            range_end=range_end(self._prefix),
+            start_revision=max(1, etcd_revision_of(revision)),
+            fragment=True,
         )
         found: list[Event] = []
         now = instant(self._clock)
-        call = self._watch.Watch(metadata=self._metadata)
+        call = self._etcd.watch.Watch(metadata=self._etcd.metadata)
         try:
             await call.write(etcd.WatchRequest(create_request=create))
             while len(found) < limit:
@@ -501,11 +519,11 @@ class EtcdStore(IndexedStore):
         """The events a past put made, as they were (the copy is not touched)."""
         kind, task_key = self._kind(kv.key)
         if kind == "g":
-            return self._decode_guard(kv, now)[1]
+            return self._decode_guard(kv, now).events
         if kind != "r":
             return []
         record = self._index.get(task_key)
-        return self._refusal_events(kv, record) if record is not None else []
+        return docs.decode_refusals(kv.value, kv.mod_revision, record) if record is not None else []
 
     @property
     def revision(self) -> int:
@@ -527,70 +545,88 @@ class EtcdStore(IndexedStore):
             if write.record.stream_bound and not self.lease_alive:
                 raise GuardLost("this sidecar lost its etcd lease; its stream-bound guards may be taken elsewhere")
             self._index.put(write.record)
+            self._granters[key] = self.host_id
             self._heartbeats.add(key)
             self._schedule_flush()
             return Committed(write.record, ())
-        reply = await self._transact(write.record, write.events, etcd_revision_of(write.expected_revision))
-        revision = reply.header.revision
-        record = replace(write.record, revision=encode_revision(revision, max(len(write.events) - 1, 0)))
-        events = tuple(
-            replace(event, revision=encode_revision(revision, index), guard=record)
-            for index, event in enumerate(write.events)
-        )
+        previous = self._index.get(key)
+        transition = self._transition(write, previous)
+        self._pending[key] = (write, transition)
+        try:
+            outcome = await self._batcher.submit(transition)
+        finally:
+            self._pending.pop(key, None)
+        if isinstance(outcome, Moved):
+            self._refresh(outcome.kvs)
+            raise StoreConflict(f"guard {key!r} changed in etcd since revision {transition.expected_mod}")
+        revision = outcome.revision
+        echoed = self._echoed.pop(key, None)
+        if echoed is not None and echoed[0] == revision:
+            _, record, events = echoed
+        else:
+            record, events = _stamped(write, revision, outcome.slot)
         if revision > self._mods.get(key, 0):
-            self._index.put(record)
-            self._mods[key] = revision
+            self._keep(record, revision, self.host_id, transition.runs, instant(self._clock))
+            if revision > self._etcd_revision:
+                self._own_events[(key, revision)] = events
+                if len(self._own_events) > _OWN_EVENTS_KEPT:
+                    self._own_events.pop(next(iter(self._own_events)))
         return Committed(record, events)
 
-    async def _transact(self, record: GuardRecord, events: Sequence[Event], expected_mod: int) -> Any:
+    def _transition(self, write: Write, previous: GuardRecord | None) -> Transition:
+        """The writes of one state change: the guard, the replaced run's snapshot, the owner key."""
+        record = write.record
         key = record.task_key
         guard_key = self._key("g", key)
-        document = {"record": codec.record_to_doc(record), "events": [codec.event_to_doc(event) for event in events]}
-        run = codec.dumps(codec.record_to_doc(record)).encode()
-        success = [
-            etcd.RequestOp(request_put=etcd.PutRequest(key=guard_key, value=codec.dumps(document).encode())),
-            etcd.RequestOp(request_put=etcd.PutRequest(key=self._key("l", record.lease_id), value=run)),
-        ]
+        runs = self._runs.get(key, ())
+        ops: list[Any] = []
+        keys = {guard_key}
+        if previous is not None and previous.lease_id and previous.lease_id != record.lease_id:
+            runs = (previous.lease_id, *runs)
+            run_key = self._key("l", previous.lease_id)
+            ops.append(etcd.RequestOp(request_put=etcd.PutRequest(key=run_key, value=docs.encode_run(previous))))
+            keys.add(run_key)
+            for dropped in runs[RUNS_KEPT:]:
+                dropped_key = self._key("l", dropped)
+                ops.append(etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=dropped_key)))
+                keys.add(dropped_key)
+            runs = runs[:RUNS_KEPT]
         owner_key = self._key("o", key)
+        keys.add(owner_key)
+        uses_lease = False
         if record.running and record.stream_bound:
             if not self.lease_alive:
                 raise StoreUnavailable("this sidecar's etcd lease is not alive: no stream can hold a guard here")
-            owner = {"fencing_token": record.fencing_token, "host": self.host_id}
-            success.append(
-                etcd.RequestOp(
-                    request_put=etcd.PutRequest(key=owner_key, value=codec.dumps(owner).encode(), lease=self._lease_id)
-                )
-            )
-        else:
-            success.append(etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=owner_key)))
-        compare = etcd.Compare(
-            result=etcd.Compare.EQUAL, target=etcd.Compare.MOD, key=guard_key, mod_revision=expected_mod
-        )
-        request = etcd.TxnRequest(
-            compare=[compare], success=success, failure=[etcd.RequestOp(request_range=etcd.RangeRequest(key=guard_key))]
-        )
-        try:
-            reply = await self._call(self._kv.Txn, request)
-        except aio.AioRpcError as error:
-            if "lease not found" in (error.details() or ""):
-                self._lease_alive.clear()
-                raise StoreUnavailable("this sidecar's etcd lease expired") from None
-            raise
-        self.transactions += 1
-        if not reply.succeeded:
-            self._refresh(reply)
-            raise StoreConflict(f"guard {key!r} changed in etcd since revision {expected_mod}")
-        return reply
+            owner = docs.encode_owner(record.fencing_token, self.host_id)
+            ops.append(etcd.RequestOp(request_put=etcd.PutRequest(key=owner_key, value=owner, lease=self._lease.id)))
+            uses_lease = True
+        elif key in self._owners or (previous is not None and previous.stream_bound):
+            ops.append(etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=owner_key)))
+        kept_runs = runs
 
-    def _refresh(self, reply: Any) -> None:
-        """After a lost compare: take the key as etcd has it now, so the engine decides on that."""
+        def build(slot: int) -> list[Any]:
+            value = docs.encode_guard(record, write.events, self.host_id, kept_runs, slot)
+            return [etcd.RequestOp(request_put=etcd.PutRequest(key=guard_key, value=value)), *ops]
+
+        transition = Transition(
+            build=build,
+            keys=frozenset(keys),
+            slots=max(len(write.events), 1),
+            compare_key=guard_key,
+            expected_mod=etcd_revision_of(write.expected_revision),
+            uses_lease=uses_lease,
+            runs=runs,
+        )
+        return transition
+
+    def _refresh(self, kvs: Sequence[Any]) -> None:
+        """Take keys as etcd has them now (after a lost compare, or a confirming read)."""
         now = instant(self._clock)
-        for response in reply.responses:
-            for kv in response.response_range.kvs:
-                record, _ = self._decode_guard(kv, now)
-                if kv.mod_revision > self._mods.get(record.task_key, 0):
-                    self._index.put(record)
-                    self._mods[record.task_key] = kv.mod_revision
+        for kv in kvs:
+            key = self._kind(kv.key)[1]
+            if kv.mod_revision > self._mods.get(key, 0):
+                doc = self._decode_guard(kv, now)
+                self._keep(doc.record, kv.mod_revision, doc.host, doc.runs, now)
 
     def _schedule_flush(self) -> None:
         if self._flusher is None:
@@ -610,43 +646,23 @@ class EtcdStore(IndexedStore):
         puts: list[Any] = []
         for key, events in refusals.items():
             for start in range(0, len(events), MAX_REFUSALS_PER_PUT):
-                chunk = events[start : start + MAX_REFUSALS_PER_PUT]
-                # Each refusal keeps the run and the count it saw: a put may span a run's end.
-                document = {
-                    "fencing_token": chunk[-1].guard.fencing_token,
-                    "events": [
-                        {
-                            "type": event.type.name,
-                            "occurred_at": event.occurred_at.isoformat(),
-                            "trigger_run_id": event.trigger_run_id,
-                            "trigger_holder": event.trigger_holder,
-                            "fencing_token": event.guard.fencing_token,
-                            "run_id": event.guard.run_id,
-                            "duplicate_count": event.guard.duplicate_count,
-                        }
-                        for event in chunk
-                    ],
-                }
-                puts.append(self._put(self._key("r", key), document))
+                puts.append(
+                    self._put(self._key("r", key), docs.encode_refusals(events[start : start + MAX_REFUSALS_PER_PUT]))
+                )
         for key in heartbeats:
             record = self._index.get(key)
             if record is None or not record.running:
                 continue
-            document = {
-                "fencing_token": record.fencing_token,
-                "heartbeat_at": record.heartbeat_at.isoformat(),
-                "expires_at": record.expires_at.isoformat() if record.expires_at else None,
-            }
-            puts.append(self._put(self._key("h", key), document))
+            puts.append(self._put(self._key("h", key), docs.encode_heartbeat(record, self.host_id)))
         results = await asyncio.gather(*puts, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 # Refusals are not promised to last, and the next heartbeat writes again.
                 log.info("a refusal or heartbeat put failed: %s", result)
 
-    async def _put(self, key: bytes, document: dict[str, Any]) -> None:
-        await self._call(self._kv.Put, etcd.PutRequest(key=key, value=codec.dumps(document).encode()))
-        self.transactions += 1
+    async def _put(self, key: bytes, value: bytes) -> None:
+        await self._etcd.call(self._etcd.kv.Put, etcd.PutRequest(key=key, value=value))
+        self._side_puts += 1
 
     async def flush(self) -> None:
         if self._flusher is not None:

@@ -124,3 +124,13 @@ class SingleWriterStore(IndexedStore):
 
     def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
         return None
+
+    def set_deadline_handler(self, handler: Callable[[GuardRecord], None]) -> None:
+        return None
+
+    async def confirm(self, task_key: str) -> GuardRecord | None:
+        # The index is the store's own state: nothing can be newer.
+        return self._index.get(task_key)
+
+    def ensure_current(self) -> None:
+        return None

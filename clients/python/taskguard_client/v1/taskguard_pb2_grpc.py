@@ -147,7 +147,13 @@ class TaskGuardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetGuard(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetGuard and ListGuards answer from the sidecar's copy of the guards. With
+        the SQLite store that copy is the store. With the etcd store it follows
+        etcd by one watch and may lag it by the watch's latency (a decision never
+        does: every state change compares against etcd); a sidecar that has lost
+        its etcd lease or its watch (cut off from etcd) answers UNAVAILABLE
+        instead of a copy it cannot vouch for, until it has both again.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -160,6 +166,9 @@ class TaskGuardServicer:
 
     def CheckFence(self, request, context):
         """Lets downstream scripts refuse work from a holder that lost its guard.
+        Linearizable: answered from the store itself, never from a copy (on etcd,
+        a quorum read of the guard). When the store cannot be reached within its
+        timeout (etcd_timeout), UNAVAILABLE: never a stale valid.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3065,6 +3065,14 @@ export const TaskGuardService = {
       Buffer.from(ForceReleaseResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ForceReleaseResponse => ForceReleaseResponse.decode(value),
   },
+  /**
+   * GetGuard and ListGuards answer from the sidecar's copy of the guards. With
+   * the SQLite store that copy is the store. With the etcd store it follows
+   * etcd by one watch and may lag it by the watch's latency (a decision never
+   * does: every state change compares against etcd); a sidecar that has lost
+   * its etcd lease or its watch (cut off from etcd) answers UNAVAILABLE
+   * instead of a copy it cannot vouch for, until it has both again.
+   */
   getGuard: {
     path: "/taskguard.v1.TaskGuard/GetGuard" as const,
     requestStream: false as const,
@@ -3083,7 +3091,12 @@ export const TaskGuardService = {
     responseSerialize: (value: ListGuardsResponse): Buffer => Buffer.from(ListGuardsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ListGuardsResponse => ListGuardsResponse.decode(value),
   },
-  /** Lets downstream scripts refuse work from a holder that lost its guard. */
+  /**
+   * Lets downstream scripts refuse work from a holder that lost its guard.
+   * Linearizable: answered from the store itself, never from a copy (on etcd,
+   * a quorum read of the guard). When the store cannot be reached within its
+   * timeout (etcd_timeout), UNAVAILABLE: never a stale valid.
+   */
   checkFence: {
     path: "/taskguard.v1.TaskGuard/CheckFence" as const,
     requestStream: false as const,
@@ -3150,9 +3163,22 @@ export interface TaskGuardServer extends UntypedServiceImplementation {
    * lease stops working.
    */
   forceRelease: handleUnaryCall<ForceReleaseRequest, ForceReleaseResponse>;
+  /**
+   * GetGuard and ListGuards answer from the sidecar's copy of the guards. With
+   * the SQLite store that copy is the store. With the etcd store it follows
+   * etcd by one watch and may lag it by the watch's latency (a decision never
+   * does: every state change compares against etcd); a sidecar that has lost
+   * its etcd lease or its watch (cut off from etcd) answers UNAVAILABLE
+   * instead of a copy it cannot vouch for, until it has both again.
+   */
   getGuard: handleUnaryCall<GetGuardRequest, Guard>;
   listGuards: handleUnaryCall<ListGuardsRequest, ListGuardsResponse>;
-  /** Lets downstream scripts refuse work from a holder that lost its guard. */
+  /**
+   * Lets downstream scripts refuse work from a holder that lost its guard.
+   * Linearizable: answered from the store itself, never from a copy (on etcd,
+   * a quorum read of the guard). When the store cannot be reached within its
+   * timeout (etcd_timeout), UNAVAILABLE: never a stale valid.
+   */
   checkFence: handleUnaryCall<CheckFenceRequest, CheckFenceResponse>;
   /** Live guard events, resumable by revision. */
   watchGuards: handleServerStreamingCall<WatchGuardsRequest, GuardEvent>;
@@ -3267,6 +3293,14 @@ export interface TaskGuardClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ForceReleaseResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * GetGuard and ListGuards answer from the sidecar's copy of the guards. With
+   * the SQLite store that copy is the store. With the etcd store it follows
+   * etcd by one watch and may lag it by the watch's latency (a decision never
+   * does: every state change compares against etcd); a sidecar that has lost
+   * its etcd lease or its watch (cut off from etcd) answers UNAVAILABLE
+   * instead of a copy it cannot vouch for, until it has both again.
+   */
   getGuard(request: GetGuardRequest, callback: (error: ServiceError | null, response: Guard) => void): ClientUnaryCall;
   getGuard(
     request: GetGuardRequest,
@@ -3294,7 +3328,12 @@ export interface TaskGuardClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: ListGuardsResponse) => void,
   ): ClientUnaryCall;
-  /** Lets downstream scripts refuse work from a holder that lost its guard. */
+  /**
+   * Lets downstream scripts refuse work from a holder that lost its guard.
+   * Linearizable: answered from the store itself, never from a copy (on etcd,
+   * a quorum read of the guard). When the store cannot be reached within its
+   * timeout (etcd_timeout), UNAVAILABLE: never a stale valid.
+   */
   checkFence(
     request: CheckFenceRequest,
     callback: (error: ServiceError | null, response: CheckFenceResponse) => void,
