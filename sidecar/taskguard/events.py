@@ -188,8 +188,11 @@ class EventHub:
         """
         head = self._store.revision
         if start_revision > head + 1:
-            # Nothing would ever be sent to it: a silent watch that looks healthy.
-            raise RevisionAhead(start_revision, head)
+            # Past this copy: on a shared store another sidecar may have seen it already, so ask the store.
+            latest = await self._store.latest_revision()
+            if start_revision > latest + 1:
+                # Nothing would ever be sent to it: a silent watch that looks healthy.
+                raise RevisionAhead(start_revision, latest)
         watcher.last_revision = head if start_revision == 0 else start_revision - 1
         watcher.delivered = watcher.last_revision
         if include_snapshot:

@@ -131,6 +131,14 @@ class Store(Protocol):
         """Raise StoreUnavailable when this sidecar's reads may be staler than the store's usual lag."""
         ...
 
+    async def latest_revision(self) -> int:
+        """The highest revision any event committed so far can have, anywhere (not only in this copy).
+
+        A shared store asks its backend (StoreUnavailable when it cannot); a
+        watch may start at most one past it.
+        """
+        ...
+
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         """Committed events from ``revision`` on; RevisionCompacted if it is no longer kept."""
         ...

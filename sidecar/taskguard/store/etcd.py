@@ -443,6 +443,11 @@ class EtcdStore(IndexedStore):
         if not self._watching:
             raise StoreUnavailable("this sidecar's etcd watch is down; its copy of the guards may be stale")
 
+    async def latest_revision(self) -> int:
+        """Past every event etcd has committed: a quorum read's header revision, with every slot of it."""
+        reply = await self._etcd.call(self._etcd.kv.Range, etcd.RangeRequest(key=self._key("s"), keys_only=True))
+        return max(self._revision, encode_revision(reply.header.revision + 1) - 1)
+
     async def confirm(self, task_key: str) -> GuardRecord | None:
         """The guard as etcd has it now: a linearizable read, within ``etcd_timeout`` or StoreUnavailable."""
         reply = await self._etcd.call(self._etcd.kv.Range, etcd.RangeRequest(key=self._key("g", task_key)))

@@ -115,6 +115,8 @@ class IndexedStore:
 class SingleWriterStore(IndexedStore):
     """A store this process alone writes (SQLite, memory): nobody else holds streams on it."""
 
+    _revision: int
+
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         # After a start, no stream holds anything yet.
         return [record for record in self._index.running() if record.stream_bound]
@@ -134,3 +136,7 @@ class SingleWriterStore(IndexedStore):
 
     def ensure_current(self) -> None:
         return None
+
+    async def latest_revision(self) -> int:
+        # This process alone writes: its own head is the store's.
+        return self._revision
