@@ -18,6 +18,8 @@ CLIENTS_PER_KEY = 2
 
 
 @pytest.mark.slow
+# About a minute on a quiet machine; give a loaded one room.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("approvals", [False, True], ids=["approvals-off", "failed-abandoned-expired-need-approval"])
 async def test_fifty_crashes_at_random_moments_lose_nothing_acknowledged(
     sidecar_factory: Callable[..., SidecarProcess], approvals: bool
