@@ -4,6 +4,10 @@ Chromium is driven by Playwright (``executable_path``: no browser download). Eve
 elements or the sidecar's answers, under a timeout; figures (render and filter times) are printed, and only
 generous bounds are asserted. The page reads nothing without the dashboard's viewer token: the tests type it
 in, as a person would, and try every route without it, also as another OS user (``nobody``).
+
+The page as operators use it (issue 20) is tried at a laptop's 1280x720 and a desktop's 1920x1080
+(``BOTH_SIZES``). Where time must pass in the page (ages, staleness, a result line that clears), the page's
+clock is Playwright's and jumps forward (``page.clock.fast_forward``): nothing waits for the wall clock.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
 from aiohttp import web
+from grpc import aio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from taskguard_client import AsyncClient, Conflict, EventType, GuardState, Lease, RunStatus
+from taskguard_client import AsyncClient, Conflict, EventType, GuardEvent, GuardState, Lease, RunStatus
+from taskguard_client.v1 import taskguard_pb2 as pb
+from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import ROOT, SidecarProcess
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,6 +50,11 @@ OPERATOR_TOKEN = "op-dash-5c1e9a7f3b2d4e60"
 START_TIMEOUT_S = 20.0
 TIMEOUT_MS = 10_000
 ACTION_HEADERS = {"X-TaskGuard-Dashboard": "1"}
+# A laptop and a desktop screen.
+SIZES = [(1280, 720), (1920, 1080)]
+BOTH_SIZES = pytest.mark.parametrize(
+    "viewport", [pytest.param(size, id=f"{size[0]}x{size[1]}") for size in SIZES], indirect=True
+)
 
 expect.set_options(timeout=TIMEOUT_MS)
 
@@ -125,6 +139,8 @@ async def dashboards(workdir: Path) -> AsyncIterator[Dashboards]:
         assert OPERATOR_TOKEN not in log, "the operator token reached the dashboard's log"
         assert dashboard.viewer_token not in log, "the viewer token reached the dashboard's log"
         assert "Traceback" not in log, log
+        # Its own stop, or a watch it closed itself, is no outage of the sidecar's.
+        assert "Locally cancelled" not in log and "broke: CANCELLED" not in log, log
 
 
 @pytest.fixture
@@ -132,15 +148,16 @@ async def dashboard(guarded: SidecarProcess, dashboards: Dashboards) -> Dashboar
     return await dashboards.start(guarded.address)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: python3 .ci/dev.py setup installs Debian's chromium")
     return CHROMIUM
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def browser(chromium: Path) -> AsyncIterator[Browser]:
+    """One chromium for the module (launching one costs seconds on a loaded machine); a context per page."""
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
         try:
@@ -149,22 +166,41 @@ async def browser(chromium: Path) -> AsyncIterator[Browser]:
             await launched.close()
 
 
-OpenPage = Callable[[str], Awaitable[Page]]
+@pytest.fixture
+def viewport(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """The page's size: a laptop's unless the test runs at ``BOTH_SIZES``."""
+    size: tuple[int, int] = getattr(request, "param", SIZES[0])
+    return size
+
+
+class OpenPage(Protocol):
+    def __call__(self, url: str, *, timezone_id: str | None = None, clock: bool = False) -> Awaitable[Page]: ...
 
 
 @pytest.fixture
-async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
-    """Open the dashboard in a fresh browser context; fail the test on any script error in the page."""
-    errors: list[str] = []
+async def open_page(browser: Browser, viewport: tuple[int, int]) -> AsyncIterator[OpenPage]:
+    """Open the dashboard in a fresh browser context; fail the test on any script error in the page.
 
-    async def open_(url: str) -> Page:
-        context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    ``timezone_id``: the browser's zone; ``clock``: the page's clock is Playwright's (it runs on, and tests
+    jump it forward).
+    """
+    errors: list[str] = []
+    contexts = []
+
+    async def open_(url: str, *, timezone_id: str | None = None, clock: bool = False) -> Page:
+        width, height = viewport
+        context = await browser.new_context(viewport={"width": width, "height": height}, timezone_id=timezone_id)
+        contexts.append(context)
         page = await context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
+        if clock:
+            await page.clock.install()
         await page.goto(url)
         return page
 
     yield open_
+    for context in contexts:
+        await context.close()
     assert errors == [], errors
 
 
@@ -176,8 +212,8 @@ async def unlock(page: Page, dashboard: DashboardProcess) -> None:
     await expect(page.locator("#locked")).to_be_hidden()
 
 
-async def live_page(open_page: OpenPage, dashboard: DashboardProcess) -> Page:
-    page = await open_page(dashboard.url)
+async def live_page(open_page: OpenPage, dashboard: DashboardProcess, **options: Any) -> Page:
+    page = await open_page(dashboard.url, **options)
     await unlock(page, dashboard)
     await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
     assert dashboard.viewer_token not in page.url
@@ -189,7 +225,45 @@ def row(page: Page, task_key: str) -> Any:
 
 
 def feed(page: Page, task_key: str, event_type: EventType) -> Any:
-    return page.locator(f'#feed li[data-task-key="{task_key}"][data-type="{event_type.value}"]')
+    """The feed's entries for these events (inside a group of refusals too)."""
+    return page.locator(f'#feed li.event[data-task-key="{task_key}"][data-type="{event_type.value}"]')
+
+
+async def revisions(page: Page, selector: str) -> list[int]:
+    """The revisions of the events a list shows, oldest first (the page shows them newest first)."""
+    shown: list[int] = await page.eval_on_selector_all(
+        f"{selector} li.event", "items => items.map(item => Number(item.dataset.revision))"
+    )
+    return shown[::-1]
+
+
+async def logged(client: AsyncClient, prefix: str, through: int, task_key: str | None = None) -> list[int]:
+    """The revisions of the sidecar's event log under ``prefix`` (of ``task_key`` only, if given), to ``through``."""
+    found: list[int] = []
+
+    async def read() -> None:
+        async with client.watch(prefix, start_revision=1) as events:
+            async for event in events:
+                if task_key is None or event.guard.task_key == task_key:
+                    found.append(event.revision)
+                if event.revision >= through:
+                    return
+
+    await asyncio.wait_for(read(), START_TIMEOUT_S)
+    return found
+
+
+async def next_event(client: AsyncClient, task_key: str, event_type: EventType, after: int) -> GuardEvent:
+    """The first ``event_type`` event of ``task_key`` after revision ``after``, as the sidecar's watch tells it."""
+
+    async def find() -> GuardEvent:
+        async with client.watch(task_key, start_revision=after + 1) as events:
+            async for event in events:
+                if event.type is event_type and event.guard.task_key == task_key:
+                    return event
+        raise AssertionError("the watch ended")
+
+    return await asyncio.wait_for(find(), START_TIMEOUT_S)
 
 
 async def failed_guard(client: AsyncClient, task_key: str) -> Lease:
@@ -210,18 +284,18 @@ async def test_a_guard_acquired_over_grpc_appears_within_a_second_and_its_releas
         acquired_at = time.monotonic()
         await expect(row(page, key)).to_be_visible(timeout=1000)
         print(f"\ndashboard: acquired guard on the page {1000 * (time.monotonic() - acquired_at):.0f} ms later")
-        cells = row(page, key).locator("td")
-        await expect(cells.nth(0)).to_have_text(key.split("::")[0])
-        await expect(cells.nth(1)).to_have_text("job")
-        await expect(cells.nth(2)).to_have_text("RUNNING")
-        await expect(cells.nth(3)).to_have_text(lease.run_id)
-        await expect(cells.nth(4)).to_have_text("worker-7")
-        await expect(cells.nth(8)).to_have_text(str(lease.fencing_token))
+        guard_row = row(page, key)
+        await expect(guard_row.locator("td.c-key")).to_have_text(key)
+        await expect(guard_row.locator("td.c-state")).to_have_text("RUNNING")
+        await expect(guard_row.locator("td.c-run")).to_have_attribute("title", lease.run_id)
+        await expect(guard_row.locator("td.c-run")).to_have_text(f"{lease.run_id[:8]}…")
+        await expect(guard_row.locator("td.c-holder")).to_have_text("worker-7")
+        await expect(guard_row.locator("td.c-token")).to_have_text(str(lease.fencing_token))
         await expect(feed(page, key, EventType.ACQUIRED)).to_have_count(1)
 
         await client.release(lease.lease_id, RunStatus.SUCCEEDED)
         await expect(row(page, key)).to_have_attribute("data-state", "SUCCEEDED")
-        await expect(cells.nth(2)).to_have_text("SUCCEEDED")
+        await expect(guard_row.locator("td.c-state")).to_have_text("SUCCEEDED")
         await expect(feed(page, key, EventType.RELEASED)).to_have_count(1)
 
 
@@ -236,7 +310,7 @@ async def test_a_storm_of_100_duplicates_counts_100_and_the_feed_names_the_winne
             *(client.acquire(key, run_id=f"dup-run-{i}", holder=f"dup-{i}", on_conflict="return") for i in range(100))
         )
     assert all(isinstance(answer, Conflict) for answer in refused)
-    await expect(row(page, key).locator("td").nth(9)).to_have_text("100")
+    await expect(row(page, key).locator("td.c-dups")).to_have_attribute("data-run", "100")
     refusals = feed(page, key, EventType.DUPLICATE_REFUSED)
     await expect(refusals).to_have_count(100)
     await expect(refusals.filter(has_text="refused run dup-run-42 (dup-42); winner run ")).to_have_count(1)
@@ -314,7 +388,7 @@ async def test_without_the_token_the_buttons_are_disabled_and_a_forged_request_i
                 async with http.post(dashboard.url + "api/approve-retry", json=body, headers=headers) as response:
                     answer = await response.json()
                 assert response.status == 403, answer
-                assert answer["code"] == "PERMISSION_DENIED" and "operator" in answer["error"], answer
+                assert answer == {"ok": False, "code": "PERMISSION_DENIED", "error": "operator token not accepted"}
             # The operator token alone does not let a request in: reading (and acting) needs the viewer token.
             operator_only = {**ACTION_HEADERS, "X-TaskGuard-Operator-Token": OPERATOR_TOKEN}
             async with http.post(dashboard.url + "api/approve-retry", json=body, headers=operator_only) as response:
@@ -386,19 +460,12 @@ async def test_the_page_shows_a_sidecar_outage_and_catches_up_without_gaps_or_re
     async with AsyncClient(guarded.address) as client:
         last = await client.acquire(f"{key}/3", ttl=600)
         await expect(feed(page, f"{key}/3", EventType.ACQUIRED)).to_have_count(1)
-        logged = []
-        async with client.watch(start_revision=first.guard.revision) as events:
-            async for event in events:
-                logged.append(event.revision)
-                if event.revision >= last.guard.revision:
-                    break
+        in_log = await logged(client, key, last.guard.revision)
     await expect(row(page, f"{key}/0")).to_have_attribute("data-state", "FAILED")
-    await expect(row(page, f"{key}/1").locator("td").nth(9)).to_have_text("3")
-    shown = await page.eval_on_selector_all("#feed li", "items => items.map(item => Number(item.dataset.revision))")
-    shown.reverse()  # newest first on the page
-    shown = [revision for revision in shown if revision <= last.guard.revision]
-    assert len(logged) == 8  # acquire, acquire, release, 3 refusals, acquire, acquire
-    assert shown == logged, f"page {shown} != sidecar's log {logged}"
+    await expect(row(page, f"{key}/1").locator("td.c-dups")).to_have_attribute("data-run", "3")
+    shown = [revision for revision in await revisions(page, "#feed") if revision <= last.guard.revision]
+    assert len(in_log) == 8  # acquire, acquire, release, 3 refusals, acquire, acquire
+    assert shown == in_log, f"page {shown} != sidecar's log {in_log}"
 
 
 async def test_the_page_waits_for_a_sidecar_that_is_not_there_yet(
@@ -452,7 +519,7 @@ async def test_without_the_viewer_token_the_page_shows_nothing_and_a_wrong_one_i
     assert await page.evaluate("() => sessionStorage.getItem('taskguard.viewerToken')") is None
 
     await unlock(page, dashboard)
-    await expect(row(page, key).locator("td").nth(4)).to_have_text("secret-holder")
+    await expect(row(page, key).locator("td.c-holder")).to_have_text("secret-holder")
     # A reload in the same tab keeps the token (sessionStorage), and it is in no URL the page used.
     await page.reload()
     await expect(row(page, key)).to_be_visible()
@@ -748,7 +815,7 @@ async def test_ten_thousand_guards_load_and_filter_without_freezing(
         await page.fill("#filter-prefix", target)
         begun = time.monotonic()
         await asyncio.gather(*(client.acquire(target, holder=f"dup-{i}", on_conflict="return") for i in range(500)))
-        await expect(row(page, target).locator("td").nth(9)).to_have_text("500")
+        await expect(row(page, target).locator("td.c-dups")).to_have_attribute("data-run", "500")
         storm_s = time.monotonic() - begun
         final = await _metrics(page)
 
@@ -765,3 +832,674 @@ async def test_ten_thousand_guards_load_and_filter_without_freezing(
     )
     assert loaded["firstRenderMs"] < 10_000
     assert all(render_ms < 2_000 for _, _, render_ms in timings)
+
+
+# --- the page as operators use it: laptop screens, keyboards, one time zone, outages, storms ----------------------
+
+
+# ABANDONED and EXPIRED guards wait for approval too: that makes the widest state cell there is.
+SEEDED_SIDECAR_ARGS = ("--abandoned-requires-approval", "--expired-requires-approval")
+
+
+@dataclass
+class Seeded:
+    """Guards in every state worth seeing (``seed``)."""
+
+    keys: list[str]
+    stormed: str  # RUNNING; ``storm`` refuses acquisitions of it
+    failed: str  # FAILED, a retry refused: awaiting approval
+    abandoned: str  # ABANDONED, a retry refused: awaiting approval and stale, the widest state cell
+    expired: str  # EXPIRED: stale
+
+
+async def abandon(address: str, task_key: str, holder: str) -> int:
+    """A Hold stream that acquires ``task_key`` and drops: the sidecar ends its run ABANDONED. Its revision."""
+    async with aio.insecure_channel(address) as channel:
+        call = pb_grpc.TaskGuardStub(channel).Hold()
+        await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=task_key, holder=holder)))
+        first = await asyncio.wait_for(call.read(), START_TIMEOUT_S)
+        call.cancel()
+    revision: int = first.guard.revision
+    return revision
+
+
+async def seed(client: AsyncClient, address: str) -> Seeded:
+    """What an operator's screen looks like on a normal day, with a bit of trouble (needs ``SEEDED_SIDECAR_ARGS``)."""
+    keys = []
+
+    async def run(task_key: str, holder: str, ttl: float = 900) -> Lease:
+        keys.append(task_key)
+        return await client.acquire(task_key, holder=holder, ttl=ttl)
+
+    report = await run("billing-7f2a::nightly-report", "worker-a:4121")
+    await run("billing-7f2a::email-digest", "worker-b:977")
+    await run("billing-7f2a::invoice-pdf", "worker-b:978")
+    await run("search-19c4::reindex-shard-3", "indexer-2:31")
+    await run("search-19c4::reindex-shard-4", "indexer-3:17")
+    done = await run("search-19c4::warm-cache", "cron:88")
+    await client.release(done.lease_id, RunStatus.SUCCEEDED)
+    failed = await run("ml-team-03::train-ranker", "gpu-1:7712")
+    await client.release(failed.lease_id, RunStatus.FAILED, "exit code 137 (out of memory)")
+    await client.acquire(failed.task_key, holder="scheduler:42", on_conflict="return")
+    await run("ml-team-03::eval-suite", "gpu-2:310")
+    expired = await run("ops-0a1b::rotate-logs", "cron:91", ttl=1)
+    held = await run("ops-0a1b::backup-db", "backup-1:220")
+    await client.release(held.lease_id, RunStatus.CANCELLED, "operator stopped it")
+    await client.acquire(held.task_key, holder="backup-1:221", ttl=900)
+    for task in ("sync-crm", "export-csv"):
+        lease = await run(f"sales-44d0::{task}", "worker-f:12")
+        await client.release(lease.lease_id, RunStatus.SUCCEEDED)
+    abandoned = "search-19c4::reindex-shard-5"
+    keys.append(abandoned)
+    held_at = await abandon(address, abandoned, "indexer-4:23")
+    await next_event(client, abandoned, EventType.ABANDONED, held_at)
+    await client.acquire(abandoned, holder="indexer-4:24", on_conflict="return")
+    await next_event(client, expired.task_key, EventType.EXPIRED, expired.guard.revision)
+    return Seeded(sorted(set(keys)), report.task_key, failed.task_key, abandoned, expired.task_key)
+
+
+async def storm(client: AsyncClient, task_key: str, count: int) -> None:
+    """``count`` acquisitions of a running key, all at once, from other hosts: each one refused."""
+    answers = await asyncio.gather(
+        *(
+            client.acquire(task_key, holder=f"worker-{'cde'[i % 3]}:{5000 + i}", on_conflict="return")
+            for i in range(count)
+        )
+    )
+    assert all(isinstance(answer, Conflict) for answer in answers)
+
+
+# For every row in the table: the essential cells (key, state with its badges, holder, age, expires, dups) and
+# every visible heading, whether their content is wider than the room they have, and whether a badge pokes out.
+_CUT_OFF = """() => {
+  const cut = [];
+  const check = (element, what) => {
+    if (element.scrollWidth > element.clientWidth + 0.5) {
+      cut.push(`${what} "${element.textContent}": ${element.scrollWidth} px in ${element.clientWidth}`);
+    }
+  };
+  for (const heading of document.querySelectorAll("#guards thead th")) {
+    if (heading.offsetWidth > 0) check(heading, "heading");
+  }
+  for (const row of document.querySelectorAll("tr.row")) {
+    for (const name of ["c-key", "c-state", "c-holder", "c-age", "c-expires", "c-dups"]) {
+      check(row.querySelector("td." + name), `${name} of ${row.dataset.taskKey}`);
+    }
+    const cell = row.querySelector("td.c-state").getBoundingClientRect();
+    for (const badge of row.querySelectorAll("td.c-state .tag")) {
+      const box = badge.getBoundingClientRect();
+      if (box.right > cell.right - 1 || box.left < cell.left || box.bottom > cell.bottom) {
+        cut.push(`badge "${badge.textContent}" of ${row.dataset.taskKey} outside its cell`);
+      }
+    }
+  }
+  return cut;
+}"""
+
+
+async def box(page: Page, selector: str) -> dict[str, float]:
+    found = await page.locator(selector).bounding_box()
+    assert found is not None, f"{selector} is not shown"
+    return dict(found)
+
+
+@BOTH_SIZES
+async def test_on_a_laptop_and_a_desktop_screen_key_state_badges_holder_age_and_dups_show_uncut(
+    sidecar_factory: Callable[..., SidecarProcess],
+    token_file: Path,
+    dashboards: Dashboards,
+    open_page: OpenPage,
+    viewport: tuple[int, int],
+) -> None:
+    sidecar = sidecar_factory("--operator-token-file", str(token_file), *SEEDED_SIDECAR_ARGS)
+    dashboard = await dashboards.start(sidecar.address)
+    async with AsyncClient(sidecar.address) as client:
+        seeded = await seed(client, sidecar.address)
+        await storm(client, seeded.stormed, 12)
+        stormed = await client.get(seeded.stormed)
+    page = await live_page(open_page, dashboard)
+    await expect(page.locator("tr.row")).to_have_count(len(seeded.keys))
+    state = row(page, seeded.abandoned).locator("td.c-state")
+    await expect(state).to_have_text("ABANDONED, awaiting approval, stale")
+    await expect(state.locator(".tag")).to_have_count(2)
+    await expect(row(page, seeded.stormed).locator("td.c-dups")).to_have_attribute("data-run", "12")
+
+    cut = await page.evaluate(_CUT_OFF)
+    assert cut == [], f"cut off at {viewport}: {cut}"
+    wide = viewport[0] >= 1600
+    # What does not fit a laptop: run id, started and token join on a wide screen, and are always on hover.
+    assert await page.locator("th.opt").first.is_visible() == wide
+    key_title = await row(page, seeded.stormed).locator("td.c-key").get_attribute("title") or ""
+    assert stormed.run_id in key_title and "started" in key_title
+    assert f"fencing token {stormed.fencing_token}" in key_title
+    await row(page, seeded.stormed).click()
+    await expect(page.locator("#detail-fields")).to_contain_text(stormed.run_id)
+    await expect(page.locator("#detail-fields")).to_contain_text(f"fencing token {stormed.fencing_token}")
+
+    # The side pane sits beside the table, and gives way to it when hidden.
+    guards, side = await box(page, "section.guards"), await box(page, "#side")
+    assert side["x"] >= guards["x"] + guards["width"] - 1 and side["width"] <= viewport[0] * 0.3, (guards, side)
+    toggle = page.locator("#side-toggle")
+    await toggle.click()
+    await expect(toggle).to_have_attribute("aria-expanded", "false")
+    await expect(page.locator("#side")).to_be_hidden()
+    await expect(page.locator("th.opt").first).to_be_visible()
+    assert (await box(page, "section.guards"))["width"] >= viewport[0] - 2
+    assert await page.evaluate(_CUT_OFF) == []
+    await toggle.click()
+    await expect(page.locator("#side")).to_be_visible()
+
+    # A narrow window: the side pane moves below the table.
+    await page.set_viewport_size({"width": 900, "height": viewport[1]})
+    guards, side = await box(page, "section.guards"), await box(page, "#side")
+    assert side["y"] >= guards["y"] + guards["height"] - 1 and side["width"] >= 850, (guards, side)
+
+
+async def rendered(page: Page) -> None:
+    """Make the page render its table (as a scroll does), and wait until it has."""
+    await page.evaluate(
+        """() => new Promise(done => {
+          document.getElementById("grid").dispatchEvent(new Event("scroll"));
+          requestAnimationFrame(() => requestAnimationFrame(done));
+        })"""
+    )
+
+
+def _utc(at: datetime) -> str:
+    """A time as the page's hover gives it: UTC, to the millisecond."""
+    return f"{at:%Y-%m-%d %H:%M:%S}.{at.microsecond // 1000:03d} UTC"
+
+
+@BOTH_SIZES
+async def test_every_time_on_the_page_is_local_with_its_zone_shown_and_utc_on_hover(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    zone, offset = ZoneInfo("Asia/Kolkata"), "UTC+5:30"  # half an hour off, and no daylight saving
+    page = await live_page(open_page, dashboard, timezone_id="Asia/Kolkata")
+    await expect(page.locator("#zone")).to_have_attribute("data-zone", offset)
+    await expect(page.locator("#zone")).to_contain_text(re.compile(r"\(Asia/(Kolkata|Calcutta)\)"))  # ICU's old name
+    async with AsyncClient(guarded.address) as client:
+        lease = await client.acquire(key, holder="worker-1", ttl=300)
+    assert lease.guard.started_at is not None
+    started = lease.guard.started_at
+    local = started.astimezone(zone)
+
+    started_cell = row(page, key).locator("td.c-started")
+    await expect(started_cell).to_have_text(f"{local:%H:%M:%S}")
+    await expect(started_cell).to_have_attribute("title", _utc(started))
+    await expect(page.locator("#started-head")).to_have_text(f"started ({offset})")
+    when = feed(page, key, EventType.ACQUIRED).locator(".when")
+    await expect(when).to_have_text(f"{local:%H:%M:%S}")
+    await expect(when).to_have_attribute("title", _utc(started))
+    await expect(page.locator("#feed-title")).to_contain_text(offset)
+
+    await row(page, key).click()
+    detail = page.locator('#detail-fields dd[data-time="started"]')
+    await expect(detail).to_have_text(f"{local:%Y-%m-%d %H:%M:%S} {offset}")
+    await expect(detail).to_have_attribute("title", _utc(started))
+    expires = page.locator('#detail-fields dd[data-time="expires"]')
+    assert lease.guard.expires_at is not None
+    await expect(expires).to_have_text(f"{lease.guard.expires_at.astimezone(zone):%Y-%m-%d %H:%M:%S} {offset}")
+    shown = await page.locator("body").inner_text()
+    assert not re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d", shown), "an ISO time (UTC) is shown as such"
+
+    # The outage's times too.
+    await asyncio.to_thread(guarded.kill)
+    await expect(page.locator("#banner")).to_contain_text(offset)
+    await expect(page.locator("#last-known")).to_contain_text(offset)
+    await asyncio.to_thread(guarded.start)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+
+
+async def use_operator_token(page: Page, token: str = OPERATOR_TOKEN, name: str = "alice") -> None:
+    await page.fill("#token", token)
+    await page.fill("#operator", name)
+    await page.click("#use-token")
+
+
+async def focused(page: Page) -> str:
+    found: str = await page.evaluate("() => document.activeElement && document.activeElement.id")
+    return found
+
+
+@BOTH_SIZES
+async def test_the_keyboard_chooses_a_guard_opens_it_and_reaches_its_labelled_actions(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    first, second, third = f"{key}/a", f"{key}/b", f"{key}/c"
+    async with AsyncClient(guarded.address) as client:
+        await client.acquire(first, ttl=600)
+        await failed_guard(client, second)
+        await client.acquire(third, ttl=600)
+    page = await live_page(open_page, dashboard)
+    await use_operator_token(page)
+    await expect(page.locator("#token-state")).to_have_attribute("data-state", "accepted")
+    await page.fill("#filter-prefix", key)
+    await expect(page.locator("tr.row")).to_have_count(3)
+
+    # Tab reaches the table.
+    for _ in range(30):
+        if await focused(page) == "guards":
+            break
+        await page.keyboard.press("Tab")
+    assert await focused(page) == "guards"
+    grid = page.locator("#guards")
+    await expect(grid).to_have_attribute("role", "grid")
+
+    async def chosen(task_key: str) -> None:
+        chosen_row = row(page, task_key)
+        await expect(chosen_row).to_have_attribute("aria-selected", "true")
+        await expect(page.locator("#detail-key")).to_have_text(task_key)
+        row_id = await chosen_row.get_attribute("id")
+        await expect(grid).to_have_attribute("aria-activedescendant", row_id or "?")
+        await expect(page.locator('tr.row[aria-selected="true"]')).to_have_count(1)
+
+    for press, task_key in (
+        ("ArrowDown", first),
+        ("ArrowDown", second),
+        ("ArrowDown", third),
+        ("ArrowDown", third),
+        ("ArrowUp", second),
+        ("Home", first),
+        ("End", third),
+        ("PageUp", first),
+        ("ArrowDown", second),
+    ):
+        await page.keyboard.press(press)
+        await chosen(task_key)
+
+    # What a screen reader reads: the state cell as words, the table's cells by their content.
+    await expect(page.get_by_role("gridcell", name="FAILED, awaiting approval", exact=True)).to_have_count(1)
+    await expect(row(page, second).locator("td.c-dups")).to_have_accessible_name(re.compile(r"^0 refused in this run"))
+
+    # Enter opens it: the pane has the focus, its actions are the next stops, named for the key.
+    await page.keyboard.press("Enter")
+    assert await focused(page) == "detail-title"
+    await expect(page.locator("#history li.event")).to_have_count(2)
+    await page.keyboard.press("Tab")
+    assert await focused(page) == "approve"
+    approve = page.locator("#approve")
+    await expect(approve).to_have_accessible_name(f"Approve retry of {second}")
+    await expect(approve).to_be_enabled()
+    await expect(approve).to_have_accessible_description("Let this key be acquired once more.")
+    await page.keyboard.press("Tab")
+    assert await focused(page) == "force"
+    force = page.locator("#force")
+    await expect(force).to_have_accessible_name(f"Force release of {second}")
+    await expect(force).to_be_disabled()
+    await expect(force).to_have_accessible_description(re.compile("Only a RUNNING guard can be force-released"))
+    await page.keyboard.press("Enter")  # disabled: nothing opens
+    await expect(page.locator("#reason-dialog")).not_to_have_attribute("open", "")
+
+    await page.keyboard.press("Shift+Tab")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#reason-dialog")).to_have_attribute("open", "")
+    assert await focused(page) == "reason"
+    await page.keyboard.type("disk replaced")
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#action-result")).to_contain_text(f"approve-retry {second}: RETRY_APPROVED by alice")
+    await expect(row(page, second)).to_have_attribute("data-state", "RETRY_APPROVED")
+
+    # Escape goes back to the table, where the arrows carry on from the guard chosen.
+    await page.keyboard.press("Escape")
+    assert await focused(page) == "guards"
+    await page.keyboard.press("ArrowDown")
+    await chosen(third)
+
+
+@BOTH_SIZES
+async def test_while_the_sidecar_is_down_actions_are_off_the_table_is_last_known_and_its_clocks_stop(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    running, failed = f"{key}/running", f"{key}/failed"
+    async with AsyncClient(guarded.address) as client:
+        lease = await client.acquire(running, ttl=600)
+        await failed_guard(client, failed)
+    page = await live_page(open_page, dashboard, clock=True)
+    await use_operator_token(page)
+    await row(page, failed).click()
+    approve, force = page.locator("#approve"), page.locator("#force")
+    await expect(approve).to_be_enabled()
+    age, expires = row(page, running).locator("td.c-age"), row(page, running).locator("td.c-expires")
+
+    # Live, the clocks run: a minute later the age says so.
+    await page.clock.fast_forward(61_000)
+    await expect(age).to_have_text(re.compile(r"^1m\d+s$"))
+    await expect(page.locator("#last-known")).to_be_hidden()
+
+    await asyncio.to_thread(guarded.kill)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "down")
+    await expect(approve).to_be_disabled()
+    await expect(page.locator("#action-why")).to_have_text(
+        "Actions are off: the sidecar is unreachable.", use_inner_text=True
+    )
+    await expect(approve).to_have_accessible_description("Actions are off: the sidecar is unreachable.")
+    await row(page, running).click()
+    await expect(force).to_be_disabled()
+    last_known = page.locator("#last-known")
+    await expect(last_known).to_be_visible()
+    await expect(last_known).to_contain_text("Last known state, as of")
+    await expect(page.locator("#grid")).to_have_attribute("data-live", "false")
+    as_of = datetime.fromisoformat((await last_known.get_attribute("data-as-of") or "").replace("Z", "+00:00"))
+    assert lease.guard.started_at is not None
+    seconds_then = int((as_of - lease.guard.started_at).total_seconds())
+    await expect(age).to_have_text(f"{seconds_then}s" if seconds_then < 60 else re.compile(r"^\d+m\d+s$"))
+    frozen_age, frozen_expires = await age.text_content(), await expires.text_content()
+
+    # Three minutes on (past the 120 s stale_after): nothing moves, nothing turns stale.
+    await page.clock.fast_forward(180_000)
+    await rendered(page)
+    assert (await age.text_content(), await expires.text_content()) == (frozen_age, frozen_expires)
+    await expect(row(page, running)).not_to_have_class(re.compile(r"\bstale\b"))
+
+    await asyncio.to_thread(guarded.start)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+    await expect(last_known).to_be_hidden()
+    await expect(force).to_be_enabled()
+    await expect(age).not_to_have_text(frozen_age or "")
+
+
+@BOTH_SIZES
+async def test_after_a_dashboard_restart_the_page_has_its_feed_and_open_history_again_from_the_sidecars_log(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage, key: str
+) -> None:
+    first = await dashboards.start(guarded.address)
+    page = await live_page(open_page, first)
+    chosen, other = f"{key}/chosen", f"{key}/other"
+    async with AsyncClient(guarded.address) as client:
+        lease = await client.acquire(chosen, holder="worker-1", ttl=600)
+        await client.acquire(other, ttl=600)
+        await storm(client, chosen, 3)
+        await client.release(lease.lease_id, RunStatus.FAILED, "exit code 2")
+        await expect(feed(page, chosen, EventType.RELEASED)).to_have_count(1)
+        await use_operator_token(page)
+        await row(page, chosen).click()
+        await expect(page.locator("#history li.event")).to_have_count(5)
+        feed_before, history_before = await revisions(page, "#feed"), await revisions(page, "#history")
+        assert feed_before == await logged(client, key, feed_before[-1])
+
+        assert await first.stop() == 0
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "dashboard-down")
+        await expect(page.locator("#last-known")).to_contain_text("the dashboard is unreachable")
+        await expect(page.locator("#approve")).to_be_disabled()
+
+        listen = first.url.removeprefix("http://").rstrip("/")
+        second = await dashboards.start(guarded.address, listen=listen, token_path=first.viewer_token_path)
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+        await expect(page.locator("#feed li.event")).to_have_count(len(feed_before))
+        assert await revisions(page, "#feed") == feed_before
+        await expect(page.locator("#history li.event")).to_have_count(len(history_before))
+        assert await revisions(page, "#history") == history_before
+        await expect(page.locator("#history li.group")).to_have_count(1)  # the storm, grouped again
+        await expect(page.locator("#approve")).to_be_enabled()
+
+        retry = await client.approve_retry(chosen, "bob", "flaky disk")
+        await expect(page.locator("#history li.event")).to_have_count(len(history_before) + 1)
+        assert await revisions(page, "#history") == [*history_before, retry.revision]
+    assert second.viewer_token == first.viewer_token
+
+
+async def test_a_dashboard_started_after_the_log_was_pruned_shows_what_the_log_still_keeps(
+    sidecar_factory: Callable[..., SidecarProcess], token_file: Path, dashboards: Dashboards, key: str
+) -> None:
+    sidecar = sidecar_factory("--operator-token-file", str(token_file), "--event-retention-count", "4")
+    async with AsyncClient(sidecar.address) as client:
+        for i in range(5):
+            lease = await client.acquire(f"{key}/{i}", ttl=600)
+            await client.release(lease.lease_id, RunStatus.SUCCEEDED)
+        head = (await client.get(f"{key}/4")).revision
+    # The log is pruned when the sidecar opens its database (and every 1000 events, or every minute).
+    assert await asyncio.to_thread(sidecar.terminate) == 0
+    await asyncio.to_thread(sidecar.start)
+    dashboard = await dashboards.start(sidecar.address)
+    hello = await read_hello(dashboard, lambda hello: hello["feed"] and hello["feed"][-1]["revision"] == head)
+    shown = [event["revision"] for event in hello["feed"]]
+    assert shown == list(range(head - 3, head + 1)), shown  # all the log keeps: its last 4
+    assert len(hello["guards"]) == 5
+    assert "watch down" not in dashboard.log() and "OUT_OF_RANGE" not in dashboard.log()
+
+
+async def read_hello(dashboard: DashboardProcess, ready: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """The first hello a new page gets that is ``ready``."""
+
+    async def read() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(dashboard.url + "events", headers=dashboard.viewer()) as response:
+                    assert response.status == 200
+                    text = ""
+                    async for chunk in response.content.iter_any():
+                        text += chunk.decode()
+                        if "\n\n" in text.split("event: hello\n", 1)[-1]:
+                            break
+                data = text.split("event: hello\ndata: ", 1)[1].split("\n\n", 1)[0]
+                hello: dict[str, Any] = json.loads(data)
+                if ready(hello):
+                    return hello
+
+    return await asyncio.wait_for(read(), START_TIMEOUT_S)
+
+
+@BOTH_SIZES
+async def test_a_sigtermed_sidecar_is_logged_once_as_stopped_and_the_open_history_carries_on_across_its_restart(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    page = await live_page(open_page, dashboard)
+    banner, pill = page.locator("#banner"), page.locator("#connection")
+    async with AsyncClient(guarded.address) as client:
+        lease = await client.acquire(key, holder="worker-1", ttl=600)
+        await storm(client, key, 2)
+    await row(page, key).click()
+    await expect(page.locator("#history li.event")).to_have_count(3)
+
+    for stop in (1, 2):
+        assert await asyncio.to_thread(guarded.terminate) == 0
+        await expect(banner).to_have_attribute("data-reason", "stopped")
+        await expect(banner).to_contain_text("Sidecar stopped; waiting for it")
+        await expect(pill).to_have_text("sidecar stopped")
+        await asyncio.to_thread(guarded.start)
+        await expect(pill).to_have_attribute("data-state", "up")
+        await expect(banner).to_be_hidden()
+        async with AsyncClient(guarded.address) as client:
+            if stop == 1:
+                await storm(client, key, 1)
+            else:
+                await client.renew(lease.lease_id)
+    async with AsyncClient(guarded.address) as client:
+        released = await client.release(lease.lease_id, RunStatus.SUCCEEDED)
+        await expect(page.locator("#history li.event[data-type='RELEASED']")).to_have_count(1)
+        in_log = await logged(client, key, released.revision, task_key=key)
+    assert await revisions(page, "#history") == in_log
+    assert len(in_log) == 6  # acquired, 2 refusals, a refusal, renewed, released
+
+    lines = [line for line in dashboard.log().splitlines() if "aiohttp.access" not in line]
+    assert sum("sidecar stopped; waiting for it" in line for line in lines) == 2, lines
+    assert sum("sidecar back" in line for line in lines) == 2, lines
+    assert not any("watch down" in line or "UNAVAILABLE" in line for line in lines), lines
+
+
+@BOTH_SIZES
+async def test_a_wrong_operator_token_is_refused_when_entered_and_the_result_line_clears(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    first, second = f"{key}/1", f"{key}/2"
+    async with AsyncClient(guarded.address) as client:
+        await failed_guard(client, first)
+        await failed_guard(client, second)
+    page = await live_page(open_page, dashboard, clock=True)
+    token_state, approve = page.locator("#token-state"), page.locator("#approve")
+    await row(page, first).click()
+
+    await use_operator_token(page, "not-the-operator-token")
+    await expect(token_state).to_have_attribute("data-state", "refused")
+    await expect(token_state).to_have_text("token not accepted: actions disabled")
+    await expect(approve).to_be_disabled()
+    assert await page.evaluate("() => sessionStorage.getItem('taskguard.operatorToken')") is None
+
+    await use_operator_token(page)
+    await expect(token_state).to_have_attribute("data-state", "accepted")
+    await expect(approve).to_be_enabled()
+    result = page.locator("#action-result")
+
+    async def approve_retry() -> None:
+        await approve.click()
+        await page.fill("#reason", "checked the logs")
+        await page.click("#reason-ok")
+        await expect(result).to_have_attribute("data-outcome", "ok")
+
+    await approve_retry()
+    await row(page, second).click()  # another guard: the line was about the first
+    await expect(result).to_have_text("")
+    await approve_retry()
+    await page.clock.fast_forward(11_000)
+    await expect(result).to_have_text("")
+    await expect(page.locator("#result-dismiss")).to_be_hidden()
+
+    # The check changes nothing and answers only the dashboard's own page.
+    async with AsyncClient(guarded.address) as client:
+        assert (await client.get(first)).state is GuardState.RETRY_APPROVED
+    async with aiohttp.ClientSession() as http:
+        url = dashboard.url + "api/check-operator-token"
+        operator = {"X-TaskGuard-Operator-Token": OPERATOR_TOKEN}
+        async with http.post(url, json={}, headers=dashboard.viewer(**ACTION_HEADERS, **operator)) as response:
+            assert (response.status, await response.json()) == (200, {"ok": True})
+        async with http.post(url, json={}, headers=dashboard.viewer(**operator)) as response:
+            assert (response.status, (await response.json())["code"]) == (403, "CROSS_SITE")
+        async with http.post(url, json={}, headers={**ACTION_HEADERS, **operator}) as response:
+            assert response.status == 401
+
+
+@BOTH_SIZES
+async def test_a_storm_of_refusals_is_one_expandable_line_and_dups_show_the_runs_count_and_the_keys_total(
+    guarded: SidecarProcess, dashboard: DashboardProcess, open_page: OpenPage, key: str
+) -> None:
+    stormed, before, after = f"{key}/stormed", f"{key}/before", f"{key}/after"
+    page = await live_page(open_page, dashboard)
+    async with AsyncClient(guarded.address) as client:
+        winner = await client.acquire(stormed, holder="winner-host", ttl=600)
+        await client.acquire(before, ttl=600)
+        await storm(client, stormed, 50)
+        await client.acquire(after, ttl=600)
+        await expect(feed(page, after, EventType.ACQUIRED)).to_have_count(1)
+
+        group = page.locator(f'#feed li.group[data-task-key="{stormed}"][data-type="DUPLICATE_REFUSED"]')
+        await expect(group).to_have_count(1)
+        await expect(group).to_have_attribute("data-count", "50")
+        await expect(page.locator("#feed > li")).to_have_count(4)  # after, the storm, before, the winner
+        expand = group.locator("button.expand")
+        await expect(expand).to_have_text("\u00d750")
+        await expect(expand).to_have_attribute("aria-expanded", "false")
+        await expect(group).to_contain_text(f"50 acquisitions refused; winner run {winner.run_id[:8]}… (winner-host)")
+        for other in (before, after):
+            await expect(feed(page, other, EventType.ACQUIRED)).to_be_in_viewport()
+        members = group.locator("li.event")
+        await expect(members).to_have_count(50)
+        await expect(members.first).to_be_hidden()
+        await expand.click()
+        await expect(expand).to_have_attribute("aria-expanded", "true")
+        await expect(members.nth(49)).to_be_visible()
+        await expand.click()
+        await expect(members.first).to_be_hidden()
+
+        dups = row(page, stormed).locator("td.c-dups")
+        await expect(dups).to_have_text("50 / 50")
+        heading = page.locator("#guards th.c-dups")
+        await expect(heading).to_have_text("dups run / key")
+        await expect(heading).to_have_attribute("title", re.compile("in this run / in every run"))
+        # A new run counts from 0; the key's total keeps what the log shows of the runs before.
+        await client.release(winner.lease_id, RunStatus.SUCCEEDED)
+        await client.acquire(stormed, ttl=600)
+        await expect(dups).to_have_text("0 / 50")
+        await storm(client, stormed, 2)
+        await expect(dups).to_have_text("2 / 52")
+        await expect(dups).to_have_attribute("title", re.compile(r"^2 refused in this run, 52 for this key"))
+
+
+@BOTH_SIZES
+async def test_stale_guards_stand_out_and_the_state_filter_shows_each_kind(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage, key: str
+) -> None:
+    dashboard = await dashboards.start(guarded.address, "--stale-after", "30s")
+    keys = {name: f"{key}/{name}" for name in ("silent", "held", "expired", "failed", "approved", "done", "cancelled")}
+    async with AsyncClient(guarded.address) as client:
+        await client.acquire(keys["silent"], ttl=3600)
+        expired = await client.acquire(keys["expired"], ttl=1)
+        await failed_guard(client, keys["failed"])
+        await failed_guard(client, keys["approved"])
+        await client.approve_retry(keys["approved"], "alice", "fixed")
+        done = await client.acquire(keys["done"])
+        await client.release(done.lease_id, RunStatus.SUCCEEDED)
+        await client.acquire(keys["cancelled"], ttl=600)
+        await client.force_release(keys["cancelled"], "alice", "host lost")
+        await next_event(client, keys["expired"], EventType.EXPIRED, expired.guard.revision)
+        async with client.hold(keys["held"], holder="streamer"):
+            page = await live_page(open_page, dashboard, clock=True)
+            await page.fill("#filter-prefix", key)
+            await expect(page.locator("tr.row")).to_have_count(len(keys))
+
+            async def shown() -> set[str]:
+                found: list[str] = await page.eval_on_selector_all("tr.row", "rows => rows.map(r => r.dataset.taskKey)")
+                return {name for name, task_key in keys.items() if task_key in found}
+
+            async def expect_stale(names: set[str]) -> None:
+                await expect(page.locator("tr.row.stale")).to_have_count(len(names))
+                for name in names:
+                    await expect(row(page, keys[name]).locator("td.c-state .tag-stale")).to_have_text("stale")
+
+            # The sidecar's own flag: an expired lease.
+            await expect_stale({"expired"})
+            # Time's: a unary lease silent for longer than --stale-after; a Hold stream's heartbeats are not
+            # events, so only the sidecar's flag counts for it.
+            await page.clock.fast_forward(31_000)
+            await expect_stale({"expired", "silent"})
+            await expect(page.locator("#counts .c-stale")).to_have_attribute("data-count", "2")
+            await expect(row(page, keys["held"])).not_to_have_class(re.compile(r"\bstale\b"))
+            await expect(row(page, keys["failed"])).to_have_class(re.compile(r"\bawaiting\b"))
+
+            expected = {
+                "attention": {"expired", "silent", "failed"},
+                "awaiting": {"failed"},
+                "stale": {"expired", "silent"},
+                "RUNNING": {"silent", "held"},
+                "SUCCEEDED": {"done"},
+                "FAILED": {"failed"},
+                "CANCELLED": {"cancelled"},
+                "EXPIRED": {"expired"},
+                "RETRY_APPROVED": {"approved"},
+                "ABANDONED": set(),
+                "": set(keys),
+            }
+            for option, names in expected.items():
+                await page.select_option("#filter-state", option)
+                await expect(page.locator("#shown")).to_have_attribute("data-shown", str(len(names)))
+                assert await shown() == names, option
+            await expect(page.locator("#empty")).to_be_hidden()
+            await page.select_option("#filter-state", "ABANDONED")
+            await expect(page.locator("#empty")).to_be_visible()
+
+
+async def test_a_dashboard_restarted_while_the_sidecar_is_down_leaves_the_page_its_last_known_guards(
+    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage, key: str
+) -> None:
+    first = await dashboards.start(guarded.address)
+    page = await live_page(open_page, first)
+    async with AsyncClient(guarded.address) as client:
+        await client.acquire(key, holder="worker-1", ttl=600)
+    await expect(row(page, key)).to_be_visible()
+    await asyncio.to_thread(guarded.kill)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "down")
+    as_of = await page.locator("#last-known").get_attribute("data-as-of")
+    assert await first.stop() == 0
+
+    listen = first.url.removeprefix("http://").rstrip("/")
+    await dashboards.start(guarded.address, listen=listen, token_path=first.viewer_token_path)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "down")  # the new one's word
+    await expect(row(page, key).locator("td.c-holder")).to_have_text("worker-1")
+    await expect(page.locator("#last-known")).to_have_attribute("data-as-of", as_of or "?")
+    await expect(feed(page, key, EventType.ACQUIRED)).to_have_count(1)
+
+    await asyncio.to_thread(guarded.start)
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "up")
+    await expect(page.locator("#last-known")).to_be_hidden()
+    await expect(row(page, key).locator("td.c-holder")).to_have_text("worker-1")
+    await expect(feed(page, key, EventType.ACQUIRED)).to_have_count(1)

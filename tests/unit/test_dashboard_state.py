@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -40,9 +40,10 @@ GUARD = Guard(
 )
 
 
-def event(revision: int, kind: EventType, **changes: object) -> GuardEvent:
+def event(at: int, kind: EventType, **changes: object) -> GuardEvent:
+    """The event at revision ``at``; ``changes`` to the guard it carries (its own ``revision`` among them)."""
     guard = replace(GUARD, **changes)  # type: ignore[arg-type]
-    return GuardEvent(revision, kind, guard, "", "", NOW, "", "")
+    return GuardEvent(at, kind, guard, "", "", NOW, "", "")
 
 
 def test_snapshots_update_guards_but_are_not_in_the_feed_or_history() -> None:
@@ -87,6 +88,120 @@ def test_connection_changes_are_reported_once() -> None:
     assert state.set_connection("up", "watching again", NOW) is None
     down = state.set_connection("down", "the watch broke", NOW)
     assert down is not None and json.loads(down.json())["state"] == "down"
+
+
+def test_a_connection_that_went_down_says_why_and_when_it_was_last_live() -> None:
+    state = DashboardState(NOW)
+    never = state.set_connection("down", "not reachable", NOW, "unreachable")
+    assert never is not None and never.last_live_at is None  # nothing known yet, so nothing "last known"
+    state.set_connection("up", "watching", NOW + timedelta(seconds=5))
+    stopped_at = NOW + timedelta(seconds=60)
+    stopped = state.set_connection("down", "sidecar stopped; waiting for it", stopped_at, "stopped")
+    assert stopped is not None
+    assert json.loads(stopped.json()) == {
+        "state": "down",
+        "message": "sidecar stopped; waiting for it",
+        "since": "2026-11-26T12:01:00.000Z",
+        "reason": "stopped",
+        "last_live_at": "2026-11-26T12:01:00.000Z",
+    }
+    later = state.set_connection("down", "still not reachable", stopped_at + timedelta(seconds=30), "unreachable")
+    assert later is not None and (later.since, later.last_live_at) == (stopped_at, stopped_at)
+    back = state.set_connection("up", "watching", stopped_at + timedelta(seconds=40))
+    assert back is not None and back.reason == "" and back.last_live_at == stopped_at
+
+
+def feed_of(state: DashboardState) -> list[int]:
+    return [item["revision"] for item in json.loads(state.hello_json(120.0))["feed"]]
+
+
+def guards_of(state: DashboardState) -> dict[str, dict[str, object]]:
+    return {guard["task_key"]: guard for guard in json.loads(state.hello_json(120.0))["guards"]}
+
+
+def test_the_log_before_the_snapshot_fills_the_feed_and_histories_and_leaves_the_guards_as_the_snapshot_has_them() -> (
+    None
+):
+    state = DashboardState(NOW)
+    # Now: run 2 of the key is RUNNING; the log tells how run 1 went.
+    state.apply(event(6, EventType.SNAPSHOT, run_id="r2", fencing_token=2, revision=5))
+    assert feed_of(state) == []
+    replay = [
+        event(1, EventType.ACQUIRED),
+        event(2, EventType.DUPLICATE_REFUSED, duplicate_count=1),
+        event(3, EventType.RELEASED, state=GuardState.FAILED, duplicate_count=1, revision=3),
+        event(4, EventType.RETRY_APPROVED, state=GuardState.RETRY_APPROVED, duplicate_count=1, revision=4),
+        event(5, EventType.ACQUIRED, run_id="r2", fencing_token=2, revision=5),
+    ]
+    for old in replay:
+        change = state.apply(old)
+        assert change is not None and change.event_json is not None
+        # Older than the snapshot: the guard stays as it is now, never FAILED again for a moment.
+        assert json.loads(change.guard_json)["state"] == "RUNNING"
+        assert json.loads(change.guard_json)["run_id"] == "r2"
+    assert feed_of(state) == [1, 2, 3, 4, 5]
+    assert [item["revision"] for item in json.loads(state.history_json("s1::job"))] == [1, 2, 3, 4, 5]
+    live = state.apply(event(7, EventType.RELEASED, state=GuardState.SUCCEEDED, run_id="r2", fencing_token=2))
+    assert live is not None and json.loads(live.guard_json)["state"] == "SUCCEEDED"
+
+
+def test_events_applied_before_are_skipped_when_the_watch_starts_again_further_back() -> None:
+    state = DashboardState(NOW)
+    for revision in (1, 2, 3):
+        state.apply(event(revision, EventType.DUPLICATE_REFUSED, duplicate_count=revision))
+    # The log moved on while the sidecar was away: the watch starts again at its oldest event, with a snapshot.
+    state.apply(event(5, EventType.SNAPSHOT, duplicate_count=4))
+    assert state.apply(event(2, EventType.DUPLICATE_REFUSED, duplicate_count=2)) is None
+    assert state.apply(event(3, EventType.DUPLICATE_REFUSED, duplicate_count=3)) is None
+    assert state.apply(event(4, EventType.DUPLICATE_REFUSED, duplicate_count=4)) is not None
+    assert feed_of(state) == [1, 2, 3, 4]
+    assert guards_of(state)["s1::job"]["duplicate_total"] == 4
+
+
+def test_a_new_database_is_followed_from_its_start_again() -> None:
+    state = DashboardState(NOW)
+    state.apply(event(40, EventType.ACQUIRED))
+    state.forget_log_position()
+    assert state.apply(event(1, EventType.ACQUIRED, run_id="fresh")) is not None
+    assert guards_of(state)["s1::job"]["run_id"] == "fresh"
+
+
+def test_the_dups_total_keeps_the_runs_before_while_the_run_count_starts_again() -> None:
+    state = DashboardState(NOW)
+    for revision in range(1, 4):
+        state.apply(event(revision, EventType.DUPLICATE_REFUSED, duplicate_count=revision))
+    state.apply(event(4, EventType.RELEASED, state=GuardState.SUCCEEDED, duplicate_count=3))
+    second = {"run_id": "r2", "fencing_token": 2}
+    state.apply(event(5, EventType.ACQUIRED, duplicate_count=0, **second))
+    assert (guards_of(state)["s1::job"]["duplicate_count"], guards_of(state)["s1::job"]["duplicate_total"]) == (0, 3)
+    state.apply(event(6, EventType.DUPLICATE_REFUSED, duplicate_count=1, **second))
+    assert (guards_of(state)["s1::job"]["duplicate_count"], guards_of(state)["s1::job"]["duplicate_total"]) == (1, 4)
+
+
+def test_the_dups_total_is_right_during_the_replay_too() -> None:
+    state = DashboardState(NOW)
+    second = {"run_id": "r2", "fencing_token": 2}
+    state.apply(event(9, EventType.SNAPSHOT, duplicate_count=2, **second))
+    assert guards_of(state)["s1::job"]["duplicate_total"] == 2  # only the snapshot: this run's
+    state.apply(event(1, EventType.ACQUIRED))
+    state.apply(event(2, EventType.DUPLICATE_REFUSED, duplicate_count=1))
+    state.apply(event(3, EventType.DUPLICATE_REFUSED, duplicate_count=2))
+    # Half-way: run 1's two, and run 2's two from the snapshot, though the log has not reached run 2 yet.
+    assert guards_of(state)["s1::job"]["duplicate_total"] == 4
+    state.apply(event(4, EventType.ACQUIRED, duplicate_count=0, **second))
+    state.apply(event(5, EventType.DUPLICATE_REFUSED, duplicate_count=1, **second))
+    state.apply(event(6, EventType.DUPLICATE_REFUSED, duplicate_count=2, **second))
+    assert guards_of(state)["s1::job"]["duplicate_total"] == 4
+
+
+def test_a_refused_retry_in_the_log_marks_an_abandoned_guard_of_the_snapshot_awaiting_approval() -> None:
+    state = DashboardState(NOW)
+    abandoned = {"state": GuardState.ABANDONED, "revision": 2}
+    state.apply(event(3, EventType.SNAPSHOT, duplicate_count=1, **abandoned))
+    assert guards_of(state)["s1::job"]["awaiting_approval"] is False  # a snapshot cannot tell
+    state.apply(event(2, EventType.ABANDONED, **abandoned))
+    change = state.apply(event(3, EventType.RETRY_REFUSED, duplicate_count=1, **abandoned))
+    assert change is not None and json.loads(change.guard_json)["awaiting_approval"] is True
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:0", "[::1]:9000", "127.0.0.2:80"])

@@ -8,14 +8,19 @@ Routes:
   ``batch`` (the guards that changed and the new events, at most one message per ``BATCH_INTERVAL_S``) and
   ``status`` (the watch went up or down). A slow page costs bounded memory: its pending guards are coalesced
   by key and its pending events capped at the feed's size (``reset_feed`` says some were dropped).
-* ``GET /api/history?task_key=K``: the events the dashboard saw for K.
+* ``GET /api/history?task_key=K``: the last events of K the dashboard knows (from the sidecar's log, see ``state.py``).
 * ``GET /proof?nonce=N``: ``{"proof": ...}``, that this server knows the viewer token (``access.py``); the page
   asks before it sends the token anywhere, so that a server squatting the port while the dashboard is down
   gets nothing from an open page.
 * ``POST /api/approve-retry`` and ``POST /api/force-release``: JSON ``{"task_key", "reason", "operator"}``.
   The operator token comes in the ``X-TaskGuard-Operator-Token`` header and goes on to the sidecar with
   ``x-taskguard-token-only: 1``; the sidecar decides. The answer is ``{"ok": true, "guard": ...}`` or
-  ``{"ok": false, "code": "PERMISSION_DENIED", "error": ...}``.
+  ``{"ok": false, "code": "PERMISSION_DENIED", "error": "operator token not accepted"}``: errors say what they
+  mean to a person at the page (the sidecar's own words, about operator uids and metadata, go to the log).
+* ``POST /api/check-operator-token``: JSON ``{}``, the token in the same header: whether the sidecar takes it
+  as an operator's (``follow.operator_token_accepted``, a call that changes nothing), asked when the token is
+  entered rather than when an action is refused. ``{"ok": true}``, or ``{"ok": false, "code":
+  "PERMISSION_DENIED", "error": "token not accepted"}``, or why it could not be checked.
 
 Reading: ``/events`` and every ``/api/`` route need ``Authorization: Bearer <viewer token>`` (``access.py``),
 else 401 and nothing else: the dashboard reads the sidecar with its own user's access, and any local user can
@@ -49,7 +54,7 @@ from aiohttp import web
 
 from taskguard.dashboard import access
 from taskguard.dashboard.access import ViewerToken
-from taskguard.dashboard.follow import Follower, operator_client
+from taskguard.dashboard.follow import Follower, operator_client, operator_token_accepted
 from taskguard.dashboard.state import Change, Connection, DashboardState, guard_document
 from taskguard_client import Guard, GuardState, StatusError, TaskGuardError
 
@@ -63,6 +68,7 @@ _PROTECTED_PREFIXES = ("/events", "/api/")
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 MAX_BODY_BYTES = 16 * 1024
 MAX_REASON_CHARS = 1000
+TOKEN_NOT_ACCEPTED = "token not accepted"
 
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -146,7 +152,6 @@ class Hub:
             subscriber.add(change)
 
     def publish_connection(self, connection: Connection) -> None:
-        log.info("sidecar watch %s: %s", connection.state, connection.message)
         for subscriber in self._subscribers:
             subscriber.status = connection.json()
             subscriber.wake.set()
@@ -190,6 +195,7 @@ class Dashboard:
         app.router.add_get("/proof", self.proof)
         app.router.add_post("/api/approve-retry", self.approve_retry)
         app.router.add_post("/api/force-release", self.force_release)
+        app.router.add_post("/api/check-operator-token", self.check_operator_token)
         return app
 
     # --- defences ---------------------------------------------------------------------------
@@ -323,12 +329,27 @@ class Dashboard:
                 else:
                     guard = await client.force_release(task_key, operator, reason.strip())
             except StatusError as error:
-                log.info("%s %s refused: %s", action, task_key, error.code.name)
-                return _refused(_HTTP_STATUS.get(error.code, 502), error.code.name, str(error))
+                log.info("%s %s refused: %s: %s", action, task_key, error.code.name, _one_line(str(error)))
+                return _refused(_HTTP_STATUS.get(error.code, 502), error.code.name, _explain(error))
             except TaskGuardError as error:
                 return _refused(502, "ERROR", str(error))
         log.info("%s %s by %s: %s", action, task_key, operator, guard.state.value)
         return web.json_response({"ok": True, "action": action, "guard": _document(guard)})
+
+    async def check_operator_token(self, request: web.Request) -> web.Response:
+        token = request.headers.get(OPERATOR_TOKEN_HEADER, "").strip()
+        if not token:
+            return _refused(400, "INVALID_ARGUMENT", f"no operator token ({OPERATOR_TOKEN_HEADER})")
+        try:
+            accepted = await operator_token_accepted(self.address, self.client_options, token)
+        except StatusError as error:
+            return _refused(_HTTP_STATUS.get(error.code, 502), error.code.name, _explain(error))
+        except TaskGuardError as error:
+            return _refused(502, "ERROR", str(error))
+        if not accepted:
+            log.info("an operator token was checked and not accepted")
+            return _refused(403, "PERMISSION_DENIED", TOKEN_NOT_ACCEPTED)
+        return web.json_response({"ok": True})
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -339,6 +360,21 @@ async def _common_headers(request: web.Request, response: web.StreamResponse) ->
 
 def _document(guard: Guard) -> dict[str, Any]:
     return guard_document(guard, guard.state is GuardState.FAILED)
+
+
+def _explain(error: StatusError) -> str:
+    """A refusal as the person at the page can act on it."""
+    if error.code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return f"operator {TOKEN_NOT_ACCEPTED}"
+    if error.code is grpc.StatusCode.UNAVAILABLE:
+        return "the sidecar is unreachable; nothing was done"
+    if error.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "the sidecar did not answer in time; look at the guard before you try again"
+    return str(error)  # the sidecar's "field: rule" (a guard in the wrong state, no such key)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _refused(status: int, code: str, message: str) -> web.Response:

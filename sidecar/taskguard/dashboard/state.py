@@ -1,18 +1,36 @@
 """What the dashboard knows: the guards, a capped feed of events, each key's recent history, the watch's health.
 
 Theory of operation: ``follow.py`` hands every event of the WatchGuards
-stream, in revision order, to ``DashboardState.apply``; it replaces the guard
-(every event carries the guard after the change), appends the event to the
-feed and to the key's history, and returns a ``Change`` that ``app.py`` fans
-out to the open pages. Guards are never deleted by the sidecar, so neither
-are they here. SNAPSHOT events (the state when the watch started) update the
-guards only: they are not things that happened.
+stream, in revision order, to ``DashboardState.apply``, and ``app.py`` fans the
+``Change`` it returns out to the open pages. The watch starts at the oldest
+revision the sidecar's event log keeps, with a snapshot first:
+
+* SNAPSHOT events (the state when the watch started) set the guards. They are
+  not things that happened, so they are in neither the feed nor a history.
+* The log's events up to the snapshot's revision (the *replay*) fill the feed
+  and the histories with what happened before this dashboard started, so a
+  restarted dashboard shows what the last one did. They are older than the
+  snapshot, so they leave the guards as the snapshot set them; only what they
+  tell that a guard does not (a refused retry, refusals of earlier runs) is
+  taken from them.
+* Later events are live: each carries the guard after the change, which
+  replaces the one held.
+
+An event at or below the last one applied is skipped: a watch restarted from
+further back than it needed (the log's oldest event, after the log moved on)
+repeats nothing. Guards are never deleted by the sidecar, so neither are they
+here.
+
+Derived per key, from the events in revision order: whether the guard awaits
+an operator's approval (FAILED always; ABANDONED or EXPIRED once a retry was
+refused for want of one), and how many acquisitions were refused over every
+run the log shows (``duplicate_total``; the guard's own ``duplicate_count``
+starts again at 0 with each run).
 
 Everything is kept as ready-made JSON text, because it is written to every
 page many times and never read here again. Bounded by design: the feed holds
 ``feed_cap`` events, a key's history ``history_cap``, and histories are kept
-for the ``history_keys_cap`` keys that changed last (one guard's history is
-what the dashboard saw since it started, not the sidecar's event log).
+for the ``history_keys_cap`` keys that changed last.
 
 Nothing here does I/O or knows aiohttp or gRPC; times come in as arguments.
 """
@@ -32,6 +50,9 @@ HISTORY_CAP = 50
 HISTORY_KEYS_CAP = 10_000
 
 ConnectionState = Literal["connecting", "up", "down"]
+# Why the watch is down: the sidecar said it is stopping, it cannot be reached, it refused the watch, or its
+# log no longer reaches back to where the watch stood (every guard is read again).
+DownReason = Literal["", "stopped", "unreachable", "refused", "resync"]
 
 # States in which a refused acquisition (RETRY_REFUSED) means the key waits for an operator: FAILED always does;
 # ABANDONED and EXPIRED do when the sidecar's policy says so, which the dashboard learns from the refusal itself.
@@ -49,8 +70,11 @@ def _json(document: dict[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"))
 
 
-def guard_document(guard: Guard, awaiting_approval: bool) -> dict[str, Any]:
-    """A guard as the page reads it: the proto's field names, times as ISO 8601 UTC."""
+def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int | None = None) -> dict[str, Any]:
+    """A guard as the page reads it: the proto's field names, times as ISO 8601 UTC.
+
+    ``duplicate_total``: refusals over every run of the key the dashboard knows of (default: this run's).
+    """
     return {
         "task_key": guard.task_key,
         "session_key": guard.session_key,
@@ -65,6 +89,7 @@ def guard_document(guard: Guard, awaiting_approval: bool) -> dict[str, Any]:
         "fencing_token": guard.fencing_token,
         "attempt": guard.attempt,
         "duplicate_count": guard.duplicate_count,
+        "duplicate_total": guard.duplicate_count if duplicate_total is None else duplicate_total,
         "stale": guard.stale,
         "stream_bound": guard.stream_bound,
         "last_status": guard.last_status.value if guard.last_status else None,
@@ -113,14 +138,38 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Connection:
-    """Whether the dashboard's watch of the sidecar is established, and since when."""
+    """Whether the dashboard's watch of the sidecar is established, since when, and when it last was.
+
+    ``reason`` says why it is down (``DownReason``); ``last_live_at`` is when the watch was last up, which is
+    as of when the guards are known while it is down (None: never up yet).
+    """
 
     state: ConnectionState
     message: str
     since: datetime
+    reason: DownReason = ""
+    last_live_at: datetime | None = None
 
     def json(self) -> str:
-        return _json({"state": self.state, "message": self.message, "since": _iso(self.since)})
+        return _json(
+            {
+                "state": self.state,
+                "message": self.message,
+                "since": _iso(self.since),
+                "reason": self.reason,
+                "last_live_at": _iso(self.last_live_at),
+            }
+        )
+
+
+@dataclass(slots=True)
+class _Refusals:
+    """One key's refusals as the log tells them: the run last seen (by fencing token), its count, and the
+    counts of the runs before it."""
+
+    fencing_token: int
+    count: int
+    earlier_runs: int = 0
 
 
 class DashboardState:
@@ -137,31 +186,43 @@ class DashboardState:
         self.feed_cap = feed_cap
         self.history_cap = history_cap
         self._history_keys_cap = history_keys_cap
-        self._guards: dict[str, str] = {}
+        self._guards: dict[str, Guard] = {}
+        self._guard_json: dict[str, str] = {}
         self._feed: deque[str] = deque(maxlen=feed_cap)
         self._history: OrderedDict[str, deque[str]] = OrderedDict()
         # Keys whose last acquisition was refused for want of an approval (see _APPROVABLE).
         self._refused_retry: set[str] = set()
+        self._refusals: dict[str, _Refusals] = {}
         self.revision = 0
+        # The newest snapshot's revision: events up to it are older than the guards held.
+        self.snapshot_revision = 0
+        # The last event applied (not a SNAPSHOT): events up to it are in the feed already.
+        self.logged_revision = 0
         self.connection = Connection("connecting", "connecting to the sidecar", now)
 
     def __len__(self) -> int:
         return len(self._guards)
 
-    def apply(self, event: GuardEvent) -> Change:
-        """Take one event of the watch, in revision order."""
+    def apply(self, event: GuardEvent) -> Change | None:
+        """Take one event of the watch, in revision order; None when it was applied before."""
         guard = event.guard
         key = guard.task_key
+        if event.type is EventType.SNAPSHOT:
+            self.snapshot_revision = max(self.snapshot_revision, event.revision)
+            self.revision = max(self.revision, event.revision)
+            self._guards[key] = guard
+            return Change(key, self._render(key), None, event.revision)
+        if event.revision <= self.logged_revision:
+            return None
+        self.logged_revision = event.revision
+        self.revision = max(self.revision, event.revision)
         if event.type is EventType.RETRY_REFUSED:
             self._refused_retry.add(key)
         elif guard.state not in _APPROVABLE:
             self._refused_retry.discard(key)
-        awaiting = guard.state is GuardState.FAILED or (guard.state in _APPROVABLE and key in self._refused_retry)
-        guard_json = _json(guard_document(guard, awaiting))
-        self._guards[key] = guard_json
-        self.revision = max(self.revision, event.revision)
-        if event.type is EventType.SNAPSHOT:
-            return Change(key, guard_json, None, event.revision)
+        self._count(guard)
+        if event.revision > self.snapshot_revision or key not in self._guards:
+            self._guards[key] = guard
         event_json = _json(event_document(event))
         self._feed.append(event_json)
         history = self._history.get(key)
@@ -172,14 +233,49 @@ class DashboardState:
         else:
             self._history.move_to_end(key)
         history.append(event_json)
-        return Change(key, guard_json, event_json, event.revision)
+        return Change(key, self._render(key), event_json, event.revision)
 
-    def set_connection(self, state: ConnectionState, message: str, now: datetime) -> Connection | None:
-        """Record the watch's health; the new ``Connection``, or None when the state did not change."""
-        if state == self.connection.state and (state == "up" or message == self.connection.message):
+    def forget_log_position(self) -> None:
+        """The sidecar's log starts again (a new database): its revisions are not the ones applied so far."""
+        self.snapshot_revision = self.logged_revision = 0
+        self._refusals.clear()
+
+    def _count(self, guard: Guard) -> None:
+        tally = self._refusals.get(guard.task_key)
+        if tally is None:
+            self._refusals[guard.task_key] = _Refusals(guard.fencing_token, guard.duplicate_count)
+            return
+        if tally.fencing_token != guard.fencing_token:
+            # A new run (each acquisition raises the fencing token): its count starts again at 0.
+            tally.earlier_runs += tally.count
+            tally.fencing_token = guard.fencing_token
+        tally.count = guard.duplicate_count
+
+    def _duplicate_total(self, guard: Guard) -> int:
+        tally = self._refusals.get(guard.task_key)
+        if tally is None:
+            return guard.duplicate_count
+        # During the replay the guard held can be a later run than the log has reached yet.
+        unfinished = tally.count if tally.fencing_token != guard.fencing_token else 0
+        return tally.earlier_runs + unfinished + guard.duplicate_count
+
+    def _render(self, key: str) -> str:
+        guard = self._guards[key]
+        awaiting = guard.state is GuardState.FAILED or (guard.state in _APPROVABLE and key in self._refused_retry)
+        text = _json(guard_document(guard, awaiting, self._duplicate_total(guard)))
+        self._guard_json[key] = text
+        return text
+
+    def set_connection(
+        self, state: ConnectionState, message: str, now: datetime, reason: DownReason = ""
+    ) -> Connection | None:
+        """Record the watch's health; the new ``Connection``, or None when nothing the page shows changed."""
+        current = self.connection
+        if state == current.state and (state == "up" or (message, reason) == (current.message, current.reason)):
             return None
-        since = self.connection.since if state == self.connection.state else now
-        self.connection = Connection(state, message, since)
+        since = current.since if state == current.state else now
+        last_live_at = now if current.state == "up" and state != "up" else current.last_live_at
+        self.connection = Connection(state, message, since, reason if state == "down" else "", last_live_at)
         return self.connection
 
     def hello_json(self, stale_after_s: float) -> str:
@@ -188,13 +284,13 @@ class DashboardState:
             f'{{"revision":{self.revision},"stale_after_s":{json.dumps(stale_after_s)},'
             f'"feed_cap":{self.feed_cap},"history_cap":{self.history_cap},'
             f'"connection":{self.connection.json()},'
-            f'"guards":[{",".join(self._guards.values())}],'
+            f'"guards":[{",".join(self._guard_json.values())}],'
             f'"feed":[{",".join(self._feed)}]}}'
         )
 
     def guard_json(self, task_key: str) -> str | None:
-        return self._guards.get(task_key)
+        return self._guard_json.get(task_key)
 
     def history_json(self, task_key: str) -> str:
-        """The events seen for ``task_key`` since the dashboard started (the last ``history_cap``), oldest first."""
+        """The last ``history_cap`` events of ``task_key`` the dashboard knows (from the log), oldest first."""
         return f"[{','.join(self._history.get(task_key, ()))}]"
