@@ -193,6 +193,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             new_lease_id=_new_lease_id(),
             trace_context=self.telemetry.traceparent(),
             principal=call.caller.principal,
+            shared_principal=call.caller.shared,
         )
         with self._keeper.admit(command.holder):
             result = await self._engine.execute(command)
@@ -247,6 +248,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 new_lease_id=_new_lease_id(),
                 trace_context=self.telemetry.traceparent(),
                 principal=call.caller.principal,
+                shared_principal=call.caller.shared,
             )
             result = await session.acquire(command, join)
         elif which == "resume":
