@@ -91,8 +91,13 @@ async def test_two_sidecars_in_one_process_cannot_share_a_database(
 ) -> None:
     first = await server.start(settings_for())
     try:
-        with pytest.raises(Exception, match=f"in use by another taskguard serve \\(pid {os.getpid()}"):
-            await server.start(settings_for(listen=f"unix:{workdir / 'second.sock'}"))
+        try:
+            second = await server.start(settings_for(listen=f"unix:{workdir / 'second.sock'}"))
+        except Exception as error:
+            assert f"in use by another taskguard serve (pid {os.getpid()}" in str(error)
+        else:
+            await second.stop(0)
+            raise AssertionError("a second sidecar started on the same database")
         # The refused start left the first one's files alone and closed what it opened.
         assert await asyncio.to_thread(Path(first.address.removeprefix("unix:")).is_socket)
     finally:

@@ -36,8 +36,11 @@ try:
         print("LEASE", lease.lease_id)
 except AlreadyRunning as running:
     print("AlreadyRunning", running.run_id)
-forged = stub.Acquire(pb.AcquireRequest(task_key=key, run_id=run_id, retry_secret="g" * 43), timeout=10)
-print(pb.AcquireOutcome.Name(forged.outcome), repr(forged.lease_id))
+try:
+    forged = stub.Acquire(pb.AcquireRequest(task_key=key, run_id=run_id, retry_secret="g" * 43), timeout=10)
+    print(pb.AcquireOutcome.Name(forged.outcome), repr(forged.lease_id))
+except ValueError as error:  # stubs without the field
+    print(error)
 """
 
 
