@@ -109,6 +109,7 @@ def _bind_unix(server: aio.Server, settings: Settings) -> Listener:
             return Listener(f"unix:{path}", None, path, settings.socket_mode, settings.socket_group, _lock=lock)
         private = path.parent / f".{path.name}.d"
         private.mkdir(mode=0o700, exist_ok=True)
+        _check_own_private_dir(private)
         inner = private / "grpc.sock"
         if inner.is_socket():
             inner.unlink()
@@ -153,6 +154,15 @@ def private_dir_problem(folder: Path) -> str:
     if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
         return f"the socket folder's parent {folder.parent} lets other users rename what is in it (not sticky)"
     return ""
+
+
+def _check_own_private_dir(folder: Path) -> None:
+    """The relay's folder beside a shared socket holds the server's real socket: this user's alone, or refused."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise ConfigError(
+            f"listen: {folder} (the relay's private folder) is not a 0700 folder of this user's; remove it"
+        )
 
 
 def _remove_stale(path: Path) -> None:

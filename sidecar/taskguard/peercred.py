@@ -83,8 +83,10 @@ class PeerCredFront:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def uid_for(self, peer: str) -> int | None:
-        """The uid behind a gRPC ``context.peer()`` string, if this front relayed it."""
-        return self._uids.get(peer.removeprefix("unix:"))
+        """The uid behind a gRPC ``context.peer()`` string, if this front relayed it and the kernel said."""
+        uid = self._uids.get(peer.removeprefix("unix:"))
+        # -1: SO_PEERCRED failed. Callers without a uid must not share one ("uid:-1") and each other's runs.
+        return uid if uid is not None and uid >= 0 else None
 
     async def start(self) -> None:
         self._peer_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

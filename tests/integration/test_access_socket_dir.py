@@ -7,13 +7,14 @@ import random
 import shutil
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from taskguard import listener
 from taskguard.config import ConfigError
+from taskguard.peercred import PeerCredFront
 from taskguard_client import Client, PermissionDeniedError
 from tests.other_user import NOBODY, needs_root, run_as, serve_or_exit, sidecar_env
 from tests.support import SidecarProcess
@@ -179,3 +180,23 @@ def test_the_python_client_claims_a_missing_default_folder(
     folder.symlink_to(runtime_parent)
     with pytest.raises(PermissionDeniedError, match="is not a folder"):
         Client(timeout=1)
+
+
+def test_a_relay_folder_another_user_made_beside_a_shared_socket_is_refused(
+    sidecar_factory: Callable[..., SidecarProcess], workdir: Path
+) -> None:
+    workdir.chmod(0o1777)  # a folder others may create in, like /tmp
+    planted = workdir / ".tg.sock.d"
+    _as_nobody("/bin/mkdir", "-m", "0700", str(planted))
+    sidecar = sidecar_factory("--socket-mode", "0666", start=False)
+    with pytest.raises(RuntimeError, match="sidecar exited with 1"):
+        sidecar.start()
+    assert f"listen: {planted} (the relay's private folder) is not a 0700 folder of this user's" in sidecar.log()
+    assert os.lstat(planted).st_uid == NOBODY.pw_uid
+
+
+def test_a_relayed_caller_whose_credentials_the_kernel_did_not_give_has_no_uid(workdir: Path) -> None:
+    front = PeerCredFront(workdir / "public.sock", workdir / "inner.sock", workdir / "peers")
+    front._uids = {"/x/1.peer": -1, "/x/2.peer": 1000}
+    assert front.uid_for("unix:/x/1.peer") is None
+    assert front.uid_for("unix:/x/2.peer") == 1000
