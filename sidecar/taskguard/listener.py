@@ -127,8 +127,8 @@ def claim_private_dir(folder: Path) -> None:
 
     ``mkdir`` never follows a symlink (one at ``folder`` is EEXIST), and the
     checks look at the entry itself (``lstat``), so a planted symlink is refused,
-    never used. The parent must not let others rename the folder away: it is
-    this user's, or root's and sticky (``/tmp``), or writable by nobody else.
+    never used. The parent must not let others rename the folder away: it
+    belongs to this user or root, and is sticky (``/tmp``) or writable by nobody else.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
@@ -151,6 +151,9 @@ def private_dir_problem(folder: Path) -> str:
     if st.st_mode & 0o022:
         return f"the socket folder {folder} has mode {stat.S_IMODE(st.st_mode):04o}: other users may write in it"
     parent = os.stat(folder.parent)
+    if parent.st_uid not in (me, 0):
+        # Its owner may rename what is in it, sticky or not.
+        return f"the socket folder's parent {folder.parent} belongs to uid {parent.st_uid}, who may rename it"
     if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
         return f"the socket folder's parent {folder.parent} lets other users rename what is in it (not sticky)"
     return ""

@@ -86,6 +86,15 @@ def test_the_sidecar_refuses_a_symlink_in_place_of_its_runtime_folder(workdir: P
     assert os.stat(elsewhere).st_uid == NOBODY.pw_uid and _mode(elsewhere) == 0o700
 
 
+def test_the_sidecar_refuses_a_runtime_folder_whose_parent_another_user_owns(
+    workdir: Path, runtime_parent: Path
+) -> None:
+    os.chown(runtime_parent, NOBODY.pw_uid, NOBODY.pw_gid)  # its owner may rename entries, sticky or not
+    code, stderr = _serve_default(workdir, runtime_parent)
+    assert code == 1, stderr
+    assert f"the socket folder's parent {runtime_parent} belongs to uid {NOBODY.pw_uid}, who may rename it" in stderr
+
+
 def test_a_missing_runtime_folder_is_made_private_and_served(
     workdir: Path, runtime_parent: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
