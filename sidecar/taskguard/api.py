@@ -204,6 +204,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             new_lease_id=_new_lease_id(),
             trace_context=self.telemetry.traceparent(),
             principal=call.caller.principal,
+            shared_principal=call.caller.shared,
         )
         with self._keeper.admit(command.principal):
             result = await self._engine.execute(command)
@@ -269,6 +270,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 new_lease_id=_new_lease_id(),
                 trace_context=self.telemetry.traceparent(),
                 principal=call.caller.principal,
+                shared_principal=call.caller.shared,
             )
             result = await session.acquire(command, join)
             run_id: str | None = command.run_id

@@ -9,9 +9,17 @@ operator uid list. When a holder token is configured, every call needs it (or
 the operator token). A caller that acts for others (the dashboard) sends
 ``x-taskguard-token-only: 1`` so that its own uid grants it nothing.
 
-The caller's *principal* ("uid:1000", "cert:<common name>", "token:holder",
-"anonymous") is recorded with each acquisition; only the same principal gets
-a run's lease back by asking again with its run_id.
+The caller's *principal* is recorded with each acquisition; only the caller
+that made a run gets its lease back by asking again with its run_id:
+
+* ``uid:1000``: on the unix socket (SO_PEERCRED, see peercred.py) and over
+  loopback TCP (the kernel's socket table, ``TcpPeers``). Over TCP the uid
+  names the caller but grants no role: operators there present the token.
+* ``cert:<common name>``: over mTLS from another host.
+* ``token:operator``, ``token:holder``, ``anonymous``: shared by everyone who
+  has the token (or none), so such a principal is ``shared`` and a retry must
+  also present the run's ``retry_secret`` (see wire.py); without it no caller
+  of a shared principal ever gets a lease back.
 
 Secrets never leave this module: they are not logged, not put on spans and
 not echoed in errors.
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,11 +46,27 @@ class PeerDirectory(Protocol):
     def uid_for(self, peer: str) -> int | None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Caller:
-    principal: str
     operator: bool
     holder: bool
+    # Who it is, worked out when first asked: only acquisitions need it, and over TCP it costs a kernel lookup.
+    _identify: Callable[[], tuple[str, bool]]
+    _identity: tuple[str, bool] | None = None
+
+    @property
+    def principal(self) -> str:
+        return self._identified()[0]
+
+    @property
+    def shared(self) -> bool:
+        """The principal names many callers (a token, or nobody in particular)."""
+        return self._identified()[1]
+
+    def _identified(self) -> tuple[str, bool]:
+        if self._identity is None:
+            self._identity = self._identify()
+        return self._identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +81,12 @@ class AuthSettings:
 
 
 class Authorizer:
-    def __init__(self, settings: AuthSettings, peers: PeerDirectory | None = None) -> None:
+    def __init__(
+        self, settings: AuthSettings, peers: PeerDirectory | None = None, tcp_peers: PeerDirectory | None = None
+    ) -> None:
         self._settings = settings
         self._peers = peers
+        self._tcp_peers = tcp_peers
         # On a socket only its owner can open (0600), every unix caller is the owner or root.
         self._owner_uid = os.geteuid()
 
@@ -73,17 +100,18 @@ class Authorizer:
         uid = self._uid(peer)
         if uid is not None and uid in settings.operator_uids and not _token_only(metadata):
             operator = True
-        if uid is not None:
-            principal = f"uid:{uid}"
-        elif common_names:
-            principal = f"cert:{common_names[0]}"
-        elif operator:
-            principal = "token:operator"
-        elif holder:
-            principal = "token:holder"
-        else:
-            principal = "anonymous"
-        return Caller(principal=principal, operator=operator, holder=operator or holder or not settings.holder_token)
+
+        def identify() -> tuple[str, bool]:
+            known = uid if uid is not None or self._tcp_peers is None else self._tcp_peers.uid_for(peer)
+            if known is not None:
+                return f"uid:{known}", False
+            if common_names:
+                return f"cert:{common_names[0]}", False
+            if operator:
+                return "token:operator", True
+            return ("token:holder" if holder else "anonymous"), True
+
+        return Caller(operator=operator, holder=operator or holder or not settings.holder_token, _identify=identify)
 
     def _uid(self, peer: str) -> int | None:
         if not peer.startswith("unix:"):

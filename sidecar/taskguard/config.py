@@ -8,6 +8,7 @@ the rule it broke.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import math
 import os
@@ -67,7 +68,9 @@ def tcp_host(settings: Settings) -> str:
     return host
 
 
-def _runtime_dir(environ: Mapping[str, str]) -> Path:
+def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The default socket's folder; a well-known name, so the listener makes sure it is private."""
+    environ = os.environ if environ is None else environ
     base = environ.get("XDG_RUNTIME_DIR")
     return Path(base) / "taskguard" if base else Path(f"/tmp/taskguard-{os.getuid()}")
 
@@ -184,7 +187,7 @@ class Settings:
 def default_settings(*, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {
-        "listen": f"unix:{_runtime_dir(environ) / 'taskguard.sock'}",
+        "listen": f"unix:{runtime_dir(environ) / 'taskguard.sock'}",
         "db": _data_dir(environ) / "taskguard.db",
     }
     values.update(overrides)
@@ -483,6 +486,40 @@ def _check_etcd_timing(settings: Settings) -> None:
             f"a third of etcd_lease_ttl) must stay below etcd_lease_ttl ({ttl_s:g}s), or a sidecar cut off from "
             "etcd would still vouch for guards that etcd hands to others: lower etcd_timeout or raise etcd_lease_ttl"
         )
+
+
+# Secrets and where a person should put them instead of a flag.
+SECRET_FILES = {"operator_token": "operator_token_file", "holder_token": "holder_token_file"}
+
+
+def secret_flag_warning(name: str) -> str:
+    """For a secret found on the command line, which every local user can read."""
+    file_setting = SECRET_FILES[name]
+    return (
+        f"{name} is given on the command line ({_flag(name)}), which every local user can read in "
+        f"/proc/<pid>/cmdline; put it in a file of mode 0600 named by {file_setting} ({_flag(file_setting)}), "
+        f"or in the environment variable {_env_name(name)}"
+    )
+
+
+def risk_warnings(settings: Settings) -> list[str]:
+    """Settings that expose secrets: token files others may read, and plaintext beyond loopback."""
+    found = []
+    for name, file_setting in SECRET_FILES.items():
+        path = getattr(settings, file_setting)
+        if path is not None and not getattr(settings, name):
+            with contextlib.suppress(OSError):
+                mode = path.stat().st_mode & 0o777
+                if mode & 0o077:
+                    found.append(f"{file_setting} {path} has mode {mode:04o}: other users may read it; chmod 600 it")
+    if not settings.listen.startswith("unix:") and settings.tls_cert is None:
+        if not is_loopback(settings.listen.rpartition(":")[0]):
+            found.append(
+                f"listen {settings.listen} serves other hosts WITHOUT TLS: tokens, lease_ids and every guard "
+                "cross the network in plaintext, where anyone on the path can read and replay them, and callers "
+                "cannot be told apart by uid; set tls_cert and tls_key (and tls_client_ca for mTLS)"
+            )
+    return found
 
 
 def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:

@@ -47,6 +47,7 @@ happened first and is then committed along with the rejection.
 from __future__ import annotations
 
 import enum
+import hmac
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -190,6 +191,8 @@ class GuardRecord:
     trace_context: str = ""
     # Who acquired it, as the shell authenticated them ("uid:1000", "cert:CN", ...).
     principal: str = ""
+    # What a retry must match besides the principal (see Acquire.retry_key).
+    retry_key: str | None = ""
     revision: int = 0
 
     @property
@@ -222,6 +225,11 @@ class Acquire:
     # The authenticated caller. Only the same principal gets a run's lease back
     # by its run_id: run ids are shown to everyone, leases are capabilities.
     principal: str = ""
+    # For a principal many callers share (a token, or anonymous), the shell's
+    # digest of the caller's retry secret, which a retry must match too; None
+    # when such a caller sent none (it gets no run back); "" when the
+    # principal is the caller's own.
+    retry_key: str | None = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +453,7 @@ def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Pol
         )
 
     if current.running:
-        if current.run_id == cmd.run_id and current.principal == cmd.principal:
+        if current.run_id == cmd.run_id and _same_caller(current, cmd):
             return _acquire_again(current, cmd, ttl_s, now)
         return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, healed, now)
 
@@ -464,6 +472,13 @@ def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Pol
         current if healed else None,
         healed,
     )
+
+
+def _same_caller(current: GuardRecord, cmd: Acquire) -> bool:
+    """Did the caller that made ``current`` send ``cmd``? Digests compare in constant time."""
+    if current.principal != cmd.principal or current.retry_key is None or cmd.retry_key is None:
+        return False
+    return hmac.compare_digest(current.retry_key, cmd.retry_key)
 
 
 def _new_run(previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, now: Instant) -> GuardRecord:
@@ -489,6 +504,7 @@ def _new_run(previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, no
         approval_reason=previous.approval_reason if approved and previous else "",
         trace_context=cmd.trace_context,
         principal=cmd.principal,
+        retry_key=cmd.retry_key,
         revision=previous.revision if previous else 0,
     )
 

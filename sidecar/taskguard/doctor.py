@@ -6,9 +6,11 @@ migrated), and the listener is only looked at or connected to.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sqlite3
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from taskguard.config import Settings
-from taskguard.store.sqlite import SCHEMA_VERSION
+from taskguard.config import Settings, runtime_dir
+from taskguard.listener import private_dir_problem
+from taskguard.store.sqlite import DATABASE_SUFFIXES, SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +35,7 @@ class Finding:
 
 
 def examine(settings: Settings) -> list[Finding]:
-    return [*_configuration(settings), *_database(settings), *_listener(settings)]
+    return [*_configuration(settings), *_database(settings), *_listener(settings), *_file_modes(settings)]
 
 
 def _configuration(settings: Settings) -> Iterator[Finding]:
@@ -97,9 +100,39 @@ def _database(settings: Settings) -> Iterator[Finding]:
         db.close()
 
 
+def _file_modes(settings: Settings) -> Iterator[Finding]:
+    """Who else may read the database (it holds lease_ids, which are capabilities) or swap it."""
+    if settings.store != "sqlite" or not settings.db.exists():
+        return
+    real = Path(os.path.realpath(settings.db))
+    wide = []
+    for suffix in DATABASE_SUFFIXES:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(f"{real}{suffix}")
+            if stat.S_IMODE(st.st_mode) & 0o077:
+                wide.append(f"{real}{suffix} is mode {stat.S_IMODE(st.st_mode):04o}")
+    folder = os.stat(real.parent)
+    if folder.st_mode & 0o022 and not folder.st_mode & stat.S_ISVTX:
+        wide.append(f"its folder {real.parent} is mode {stat.S_IMODE(folder.st_mode):04o} (others may replace files)")
+    if wide:
+        yield Finding(
+            False,
+            "file modes",
+            "; ".join(wide) + ": other users can read lease_ids, or swap the files (the sidecar narrows the "
+            "files to 0600 at start; chmod 700 the folder)",
+        )
+    else:
+        yield Finding(True, "file modes", f"{real} and its -wal/-shm are readable by their owner only")
+
+
 def _listener(settings: Settings) -> Iterator[Finding]:
     if settings.listen.startswith("unix:"):
         path = Path(settings.listen.removeprefix("unix:").removeprefix("//"))
+        if path.absolute().parent == runtime_dir().absolute() and path.parent.exists():
+            problem = private_dir_problem(path.parent)
+            if problem:
+                yield Finding(False, "listener", f"{problem}: the sidecar refuses to start there, clients to connect")
+                return
         if path.is_socket():
             yield _probe(f"unix:{path}", f"socket {path} (mode {oct(path.stat().st_mode & 0o777)})")
         elif path.exists():

@@ -8,12 +8,13 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskguard import api, listener
+from taskguard import api, config, listener
 from taskguard.api import TaskGuardService
 from taskguard.auth import Authorizer
 from taskguard.clock import Clock, SystemClock
@@ -90,6 +91,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
     would keep the process alive), then raises.
     """
     clock = clock or SystemClock()
+    for warning in (*_secrets_on_command_line(settings), *config.risk_warnings(settings)):
+        log.warning("%s", warning)
     store = open_store(settings, clock)
     await store.open()
     async with contextlib.AsyncExitStack() as undo:
@@ -112,12 +115,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         undo.push_async_callback(server.stop, None)
         bound = listener.bind(server, settings)
         undo.push_async_callback(bound.stop)
+        authorizer = Authorizer(settings.auth, bound.front, bound.tcp_peers)
         service = TaskGuardService(
             engine,
             hub,
             keeper,
             telemetry,
-            Authorizer(settings.auth, bound.front),
+            authorizer,
             hold_first_message_timeout_s=settings.hold_first_message_timeout_s,
         )
         api.register(service, server)
@@ -137,6 +141,19 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()
     return Sidecar(bound.address, server, store, engine, hub, keeper, service, health_servicer, bound, probes)
+
+
+def _secrets_on_command_line(settings: Settings) -> list[str]:
+    """Warnings for tokens that anyone can read in this process's /proc/<pid>/cmdline."""
+    try:
+        command_line = Path("/proc/self/cmdline").read_bytes()
+    except OSError:
+        return []
+    auth = settings.auth
+    tokens = {"operator_token": auth.operator_token, "holder_token": auth.holder_token}
+    return [
+        config.secret_flag_warning(name) for name, token in tokens.items() if token and token.encode() in command_line
+    ]
 
 
 async def _health_only_server(settings: Settings, servicer: health.aio.HealthServicer) -> tuple[aio.Server, str] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -116,8 +117,13 @@ def acquire(
     new_lease_id: str,
     trace_context: str = "",
     principal: str = "",
+    shared_principal: bool = False,
 ) -> tuple[core.Acquire, bool]:
-    """The Acquire command, and whether the caller asked to JOIN the winner."""
+    """The Acquire command, and whether the caller asked to JOIN the winner.
+
+    ``shared_principal``: the principal names many callers, so the run is tied
+    to its retry_secret too (see ``retry_key``).
+    """
     key = task_key(request.task_key)
     run_id = _printable(request.run_id, "run_id", 1, MAX_ID_BYTES) if request.run_id else str(uuid.uuid4())
     on_conflict = _enum(request.on_conflict, "on_conflict", _ON_CONFLICT_NAMES)
@@ -135,8 +141,27 @@ def acquire(
         labels=_labels(request.labels),
         trace_context=trace_context,
         principal=principal,
+        retry_key=retry_key(request.retry_secret, shared_principal),
     )
     return command, join
+
+
+MIN_RETRY_SECRET_BYTES = 16
+
+
+def retry_key(secret: str, shared_principal: bool) -> str | None:
+    """What a retry must match besides the principal (see core.Acquire.retry_key).
+
+    "" when the principal is one caller's own; the SHA-256 of the secret when it
+    is shared; None (matches nothing) when it is shared and there is no secret.
+    """
+    if secret and (
+        not MIN_RETRY_SECRET_BYTES <= len(secret) <= MAX_ID_BYTES or not secret.isascii() or not secret.isprintable()
+    ):
+        raise BadRequest("retry_secret", f"must be {MIN_RETRY_SECRET_BYTES}..{MAX_ID_BYTES} bytes of printable ASCII")
+    if not shared_principal:
+        return ""
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest() if secret else None
 
 
 def renew_ttl_s(request: pb.RenewRequest) -> float | None:

@@ -23,14 +23,17 @@
  * (the acquisition, the release).
  */
 
-import { randomUUID } from "node:crypto";
+import { createHmac, randomBytes, randomUUID } from "node:crypto";
+import { lstatSync, mkdirSync } from "node:fs";
 import { hostname } from "node:os";
+import { dirname, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import * as grpc from "@grpc/grpc-js";
 import * as pb from "./generated/taskguard/v1/taskguard.ts";
 import {
   type AlreadyRunning,
   LeaseLostError,
+  PermissionDeniedError,
   type RetryRequiresApproval,
   StatusError,
   type TaskGuardError,
@@ -217,10 +220,61 @@ export function defaultAddress(env: NodeJS.ProcessEnv = process.env): string {
   if (env.TASKGUARD_ADDR) {
     return env.TASKGUARD_ADDR;
   }
-  if (env.XDG_RUNTIME_DIR) {
-    return `unix:${env.XDG_RUNTIME_DIR}/taskguard/taskguard.sock`;
+  return `unix:${defaultFolder(env)}/taskguard.sock`;
+}
+
+function defaultFolder(env: NodeJS.ProcessEnv): string {
+  return env.XDG_RUNTIME_DIR ? `${env.XDG_RUNTIME_DIR}/taskguard` : `/tmp/taskguard-${process.getuid?.() ?? 0}`;
+}
+
+/**
+ * Refuse (PermissionDeniedError) to talk to the default socket when its folder is not this user's own.
+ *
+ * The default folder has a well-known name, so another user could make it first and put a socket of
+ * theirs in it, to receive this client's calls and tokens. As the sidecar does, the client uses it only
+ * when it is a real folder (not a symlink) of this user's that no one else may write; when it is missing,
+ * the client makes it (0700), so that nobody else can take the name before the sidecar starts. Other
+ * addresses are the caller's choice and are not checked. (The Python client's `check_default_socket`.)
+ */
+function checkDefaultSocket(address: string, env: NodeJS.ProcessEnv = process.env): void {
+  const folder = resolve(defaultFolder(env));
+  if (!address.startsWith("unix:") || dirname(resolve(address.slice(5).replace(/^\/\//, ""))) !== folder) {
+    return;
   }
-  return `unix:/tmp/taskguard-${process.getuid?.() ?? 0}/taskguard.sock`;
+  try {
+    mkdirSync(folder, { mode: 0o700 }); // never follows a symlink: one at `folder` is EEXIST
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== "EEXIST") {
+      return; // its parent is missing or not writable: nobody else can make it there either
+    }
+  }
+  const me = process.geteuid?.() ?? 0;
+  const found = lstatSync(folder);
+  let problem: string;
+  if (!found.isDirectory()) {
+    problem = "is not a folder (a symbolic link?)";
+  } else if (found.uid !== me) {
+    problem = `belongs to uid ${found.uid}, not to this user (uid ${me})`;
+  } else if (found.mode & 0o022) {
+    problem = `has mode ${(found.mode & 0o7777).toString(8).padStart(4, "0")}: other users may write in it`;
+  } else {
+    return;
+  }
+  throw new PermissionDeniedError(
+    grpc.status.PERMISSION_DENIED,
+    `not connecting to ${address}: the socket folder ${folder} ${problem}, so another user may be listening there; ` +
+      "remove it, or set TASKGUARD_ADDR",
+  );
+}
+
+// Where the sidecar cannot tell callers apart (they share a token, or have none), it hands a run's lease
+// back only to a retry that carries the same retrySecret as the run's first attempt. The secret is an
+// HMAC of the key and run id under a key this process draws once: every attempt, and every later acquire
+// of the same run id from this process, sends the same secret, and nobody else can compute it.
+const RETRY_SECRET_KEY = randomBytes(32);
+
+function retrySecret(taskKey: string, runId: string): string {
+  return createHmac("sha256", RETRY_SECRET_KEY).update(`${taskKey}\0${runId}`).digest("base64url");
 }
 
 // --- wire conversion -------------------------------------------------------------------------
@@ -804,6 +858,7 @@ export class Client {
 
   constructor(options: ClientOptions = {}) {
     this.address = options.address ?? defaultAddress();
+    checkDefaultSocket(this.address);
     this.deadlineMs = options.deadlineMs ?? DEFAULT_DEADLINE_MS;
     this.resumeWindowMs = options.resumeWindowMs ?? DEFAULT_RESUME_WINDOW_MS;
     this.holder = options.holder ?? `${hostname()}:${process.pid}`;
@@ -1103,9 +1158,12 @@ export class Client {
   // --- plumbing -----------------------------------------------------------------------------
 
   #acquireRequest(taskKey: string, options: AcquireOptions, onConflict: pb.OnConflict): pb.AcquireRequest {
+    // Made before the first attempt, so that every retry names the same run (and carries the same secret).
+    const runId = options.runId ?? randomUUID();
     return {
       taskKey,
-      runId: options.runId ?? randomUUID(),
+      runId,
+      retrySecret: retrySecret(taskKey, runId),
       holder: options.holder ?? this.holder,
       ttl: options.ttlMs === undefined ? undefined : toDuration(options.ttlMs, "ttl"),
       labels: { ...options.labels },

@@ -8,7 +8,10 @@ with exponential backoff and jitter (``RetryPolicy``):
 
 * ``acquire`` and ``hold``: the run_id is made (uuid4) before the first
   attempt and sent with every attempt, and the sidecar answers the run that
-  holds the guard with its own lease, so a retry never starts a second run;
+  holds the guard with its own lease, so a retry never starts a second run
+  (it hands the lease back only to the caller that made the run: the same uid
+  or certificate, or where it cannot tell, the same ``retry_secret``, which
+  this process derives from the key and run_id);
 * ``renew`` (it only moves a deadline) and ``release`` (idempotent for the same
   status);
 * the reads: ``get``, ``list``, ``check_fence``, and ``watch``, which resumes
@@ -37,10 +40,12 @@ from taskguard_client import _errors
 from taskguard_client._call import (
     CHANNEL_OPTIONS,
     RetryPolicy,
+    check_default_socket,
     default_address,
     default_holder,
     metadata,
     retry_async,
+    retry_secret,
     retry_sync,
 )
 from taskguard_client._lease import (
@@ -93,10 +98,13 @@ def _acquire_request(
 ) -> pb.AcquireRequest:
     if on_conflict not in ("raise", "return", "join"):
         raise ValueError(f"on_conflict must be 'raise', 'return' or 'join', not {on_conflict!r}")
+    # Made before the first attempt, so that every retry names the same run.
+    run_id = run_id or str(uuid.uuid4())
     request = pb.AcquireRequest(
         task_key=task_key,
-        # Made before the first attempt, so that every retry names the same run.
-        run_id=run_id or str(uuid.uuid4()),
+        run_id=run_id,
+        # Ties the retries to this process where the sidecar cannot tell callers apart (see retry_secret).
+        retry_secret=retry_secret(task_key, run_id),
         holder=holder,
         labels=dict(labels or {}),
         on_conflict=pb.ON_CONFLICT_JOIN if on_conflict == "join" else pb.ON_CONFLICT_REJECT,
@@ -206,6 +214,7 @@ class AsyncClient:
         interceptors: Sequence[aio.ClientInterceptor] | None = None,
     ) -> None:
         self.address = address or default_address()
+        check_default_socket(self.address)
         self._timeout_s = seconds(timeout)
         self._retry = retry or RetryPolicy()
         self._wait_for_ready = wait_for_ready
@@ -533,6 +542,7 @@ class Client:
         interceptors: Sequence[Any] | None = None,
     ) -> None:
         self.address = address or default_address()
+        check_default_socket(self.address)
         self._timeout_s = seconds(timeout)
         self._retry = retry or RetryPolicy()
         self._wait_for_ready = wait_for_ready

@@ -44,6 +44,7 @@ def record_to_doc(record: GuardRecord) -> dict[str, Any]:
         "approval_reason": record.approval_reason,
         "trace_context": record.trace_context,
         "principal": record.principal,
+        "retry_key": record.retry_key,
         "revision": record.revision,
     }
 
@@ -80,6 +81,8 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
         approval_reason=doc["approval_reason"],
         trace_context=doc["trace_context"],
         principal=doc.get("principal", ""),
+        # Runs stored before retry keys: their principal alone stood for the caller.
+        retry_key=doc.get("retry_key", ""),
         revision=int(doc["revision"]),
     )
 

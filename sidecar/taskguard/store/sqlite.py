@@ -15,9 +15,11 @@ through a second, read-only connection, which WAL lets run beside the writer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from taskguard import lockfile
 from taskguard.clock import Clock, instant
 from taskguard.core import Durability, Event, GuardRecord
 from taskguard.store import (
@@ -128,6 +131,7 @@ class SqliteStore(SingleWriterStore):
         self._retention = retention or Retention()
         self._index = GuardIndex()
         self._db: aiosqlite.Connection | None = None
+        self._lock: lockfile.LockFile | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: list[_Queued] = []
         self._flush_waiters: list[asyncio.Future[None]] = []
@@ -148,7 +152,7 @@ class SqliteStore(SingleWriterStore):
         return self._path
 
     async def open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_database(self._path)
         try:
             self._db = await aiosqlite.connect(self._path, isolation_level=None)
             await self._prepare(self._db)
@@ -170,6 +174,9 @@ class SqliteStore(SingleWriterStore):
             # SchemaTooNew and the like: a refused open leaves nothing for the caller to close.
             await self._close_connections()
             raise
+        finally:
+            if self._db is None:
+                self._release_lock()
         self._writer = asyncio.create_task(self._write_loop(), name="taskguard-sqlite-writer")
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
@@ -223,6 +230,12 @@ class SqliteStore(SingleWriterStore):
             await self._writer
             self._writer = None
         await self._close_connections()
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _close_connections(self) -> None:
         for connection in (self._reader, self._db):
@@ -404,6 +417,79 @@ class SqliteStore(SingleWriterStore):
     @property
     def revision(self) -> int:
         return self._revision
+
+
+# The database and the files SQLite keeps beside it; all hold lease_ids, which are capabilities.
+DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+class DatabaseExposed(StoreError):
+    pass
+
+
+def _take_database(path: Path) -> lockfile.LockFile:
+    """Lock the database for this process, and leave it readable by its user only, before SQLite opens it."""
+    # Its parents get the usual modes (like mkdir -p); the folder of the database is private.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The file SQLite will really open: two names (symlinks) of one database share one lock.
+    real = Path(os.path.realpath(path))
+    try:
+        lock = lockfile.take(Path(f"{real}.lock"), f"database {path}")
+    except OSError as error:
+        raise StoreUnavailable(
+            f"{path}: cannot open the database's lock file: {error.strerror}{_why_not_writable(real)}"
+        ) from None
+    try:
+        _private_files(real)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _private_files(path: Path) -> None:
+    """Create the database 0600 if it is new; tighten any of its files that others may read or write.
+
+    SQLite makes its -wal and -shm files with the database file's mode, so a
+    0600 database keeps them 0600 too. A wider mode on an existing file is a
+    leftover (of an older sidecar, a copy, a umask): this process owns the
+    files, so it narrows them and says so, rather than refusing to start.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise StoreUnavailable(
+            f"{path}: cannot create the database: {error.strerror}{_why_not_writable(path)}"
+        ) from None
+    for suffix in DATABASE_SUFFIXES:
+        name = Path(f"{path}{suffix}")
+        try:
+            # fchmod on what was opened: a symlink planted in place of -wal is never followed to its target.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise DatabaseExposed(f"{name}: cannot check its mode: {error.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            mode = stat.S_IMODE(st.st_mode)
+            if not stat.S_ISREG(st.st_mode):
+                raise DatabaseExposed(f"{name}: not a regular file")
+            if mode & 0o077:
+                try:
+                    os.fchmod(fd, mode & 0o700)
+                except OSError as error:
+                    if error.errno == errno.EROFS:
+                        continue  # nothing can write it either; SQLite's open says so
+                    raise DatabaseExposed(
+                        f"{name}: mode {mode:04o} lets other users read its lease_ids, and it cannot be "
+                        f"narrowed (owner uid {st.st_uid}): {error.strerror}; chmod 600 it"
+                    ) from None
+                log.warning("%s: narrowed its mode from %04o to %04o: it holds lease_ids", name, mode, mode & 0o700)
+        finally:
+            os.close(fd)
 
 
 def _why_not_writable(path: Path) -> str:

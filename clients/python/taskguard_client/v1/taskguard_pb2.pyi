@@ -161,7 +161,7 @@ class Guard(_message.Message):
     def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict")
+    __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,13 +175,15 @@ class AcquireRequest(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_SECRET_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     run_id: str
     holder: str
     ttl: _duration_pb2.Duration
     labels: _containers.ScalarMap[str, str]
     on_conflict: OnConflict
-    def __init__(self, task_key: _Optional[str] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ...) -> None: ...
+    retry_secret: str
+    def __init__(self, task_key: _Optional[str] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., retry_secret: _Optional[str] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("outcome", "guard", "lease_id")

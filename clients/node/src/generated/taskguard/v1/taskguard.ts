@@ -547,7 +547,8 @@ export interface AcquireRequest {
   taskKey: string;
   /**
    * Optional; the server makes a UUID when empty. Re-sending the run_id that
-   * holds the guard returns the same lease (idempotent retry).
+   * holds the guard returns the same lease (idempotent retry) to the caller
+   * that made the run, and to nobody else: see retry_secret.
    */
   runId: string;
   /** Free text naming the caller (host, process, session), shown to losers. */
@@ -559,6 +560,17 @@ export interface AcquireRequest {
   ttl?: Duration | undefined;
   labels: { [key: string]: string };
   onConflict: OnConflict;
+  /**
+   * Optional, made by the client libraries: 16..128 bytes of printable ASCII,
+   * fresh for each run and sent again with each retry of its acquisition. A
+   * retry by run_id gets the run's lease back only from the caller that made
+   * the run: the same uid (unix socket, loopback TCP) or client certificate.
+   * Where the sidecar cannot tell callers apart (no uid, no certificate: they
+   * share a token, or have none), the retry must also carry the retry_secret
+   * the run was acquired with; without one, such a run is never handed back
+   * by run_id. Stored only as a SHA-256 hash; never shown.
+   */
+  retrySecret: string;
 }
 
 export interface AcquireRequest_LabelsEntry {
@@ -1157,6 +1169,7 @@ function createBaseAcquireRequest(): AcquireRequest {
     ttl: undefined,
     labels: {},
     onConflict: OnConflict.ON_CONFLICT_UNSPECIFIED,
+    retrySecret: "",
   };
 }
 
@@ -1179,6 +1192,9 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
     });
     if (message.onConflict !== OnConflict.ON_CONFLICT_UNSPECIFIED) {
       writer.uint32(48).int32(onConflictToNumber(message.onConflict));
+    }
+    if (message.retrySecret !== "") {
+      writer.uint32(58).string(message.retrySecret);
     }
     return writer;
   },
@@ -1247,6 +1263,14 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
             message.onConflict = onConflictFromJSON(reader.int32());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.retrySecret = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1278,6 +1302,7 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
       {},
     );
     message.onConflict = object.onConflict ?? OnConflict.ON_CONFLICT_UNSPECIFIED;
+    message.retrySecret = object.retrySecret ?? "";
     return message;
   },
 };
