@@ -321,7 +321,7 @@ export class TaskGuardPlugin {
       return wrapped ? { params: { ...event.params, command: this.#wrap(identity, runId, command) } } : undefined;
     }
     if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx);
+      return this.#alreadyRunning(identity, answer, ctx, decided);
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "exec", command, wrapped, params: event.params });
   }
@@ -372,7 +372,7 @@ export class TaskGuardPlugin {
       return undefined;
     }
     if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx);
+      return this.#alreadyRunning(identity, answer, ctx, decided);
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "sessions_spawn" });
   }
@@ -404,10 +404,11 @@ export class TaskGuardPlugin {
     this.#logger[level](`taskguard: ${identity.taskKey}: ${what} (decided in ${Math.round(decided.tookMs)} ms${stalled})`);
   }
 
-  #alreadyRunning(identity: TaskIdentity, conflict: Conflict, ctx: ToolContext): BeforeToolCallResult {
-    this.#logger.info(
-      `taskguard: ${identity.taskKey}: already running as run ${conflict.runId}; blocked the call from ` +
-        `session ${ctx.sessionKey ?? "-"}`,
+  #alreadyRunning(identity: TaskIdentity, conflict: Conflict, ctx: ToolContext, decided: Decided<unknown>): BeforeToolCallResult {
+    this.#logDecision(
+      identity,
+      decided,
+      `already running as run ${conflict.runId}; blocked the call from session ${ctx.sessionKey ?? "-"}`,
     );
     return { block: true, blockReason: alreadyRunningReason(identity.taskName, conflict.guard, this.#now()) };
   }
