@@ -29,8 +29,8 @@ export interface ResolvedApproval {
 export interface ApprovalLedger {
   /** Loads what a lookup needs, ahead of the first one (the first call costs a second on a busy gateway). */
   prepare(): void;
-  /** The resolved approval whose description contains `marker`, or undefined when OpenClaw has none. */
-  find(marker: string): Promise<ResolvedApproval | undefined>;
+  /** The resolved approval asked from `sessionKey` whose description contains `marker`, if OpenClaw has one. */
+  find(marker: string, sessionKey: string | undefined): Promise<ResolvedApproval | undefined>;
 }
 
 type CallGateway = (
@@ -62,7 +62,7 @@ export function gatewayLedger(pluginId: string, timeoutMs: number): ApprovalLedg
   };
   return {
     prepare: () => void load().catch(() => {}),
-    async find(marker: string): Promise<ResolvedApproval | undefined> {
+    async find(marker: string, sessionKey: string | undefined): Promise<ResolvedApproval | undefined> {
       const call = await load();
       const page = await call(
         "approval.history",
@@ -70,19 +70,29 @@ export function gatewayLedger(pluginId: string, timeoutMs: number): ApprovalLedg
         { kind: "plugin", limit: HISTORY_PAGE },
         { scopes: ["operator.approvals"], progress: false },
       );
-      return findApproval(page, pluginId, marker);
+      return findApproval(page, { pluginId, marker, sessionKey });
     },
   };
 }
 
-/** The approval of `pluginId` whose description holds `marker`, in an `approval.history` page. */
-export function findApproval(page: unknown, pluginId: string, marker: string): ResolvedApproval | undefined {
+/**
+ * In an `approval.history` page, the approval this plugin asked for: its plugin id, the marker in its
+ * description, and (when known) the session it was asked from. Anyone who may request approvals could
+ * make one that looks alike; it would also need the marker (a fresh UUID) and that session.
+ */
+export function findApproval(
+  page: unknown,
+  want: { pluginId: string; marker: string; sessionKey: string | undefined },
+): ResolvedApproval | undefined {
   const items = record(page).items;
   for (const item of Array.isArray(items) ? items : []) {
     const entry = record(item);
     const presentation = record(entry.presentation);
     const description = presentation.description;
-    if (presentation.pluginId !== pluginId || typeof description !== "string" || !description.includes(marker)) {
+    if (presentation.pluginId !== want.pluginId || typeof description !== "string" || !description.includes(want.marker)) {
+      continue;
+    }
+    if (want.sessionKey !== undefined && record(entry.source).sessionKey !== want.sessionKey) {
       continue;
     }
     const approver = resolverName(entry.resolver);

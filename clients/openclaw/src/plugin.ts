@@ -647,7 +647,11 @@ export class TaskGuardPlugin {
     let why = "OpenClaw's approval records are not available to the plugin here";
     if (this.#ledger !== undefined) {
       try {
-        const found = await withTimeout(this.#ledger.find(retryRunId), APPROVER_LOOKUP_MS, "the lookup timed out");
+        const found = await withTimeout(
+          this.#ledger.find(retryRunId, ctx.sessionKey),
+          APPROVER_LOOKUP_MS,
+          "the lookup timed out",
+        );
         if (found !== undefined) {
           return { approver: found.approver, reason: approvalReason({ ...asked, approvalId: found.id }) };
         }

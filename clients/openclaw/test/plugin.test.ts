@@ -165,8 +165,8 @@ describe("exec", () => {
     const lookedUp: string[] = [];
     const ledger: ApprovalLedger = {
       prepare: () => {},
-      find: async (marker) => {
-        lookedUp.push(marker);
+      find: async (marker, sessionKey) => {
+        lookedUp.push(`${marker} ${sessionKey}`);
         return { id: "plugin:0f0f", approver: "runtime:cli" };
       },
     };
@@ -187,7 +187,7 @@ describe("exec", () => {
       assert.equal(ran.code, 0, ran.err);
       const runId = /--run-id (\S+)/.exec(ran.out)?.[1];
       assert.ok(runId && answer.requireApproval.description.includes(runId), ran.out);
-      assert.deepEqual(lookedUp, [runId]); // found by the retry's run id in OpenClaw's ledger
+      assert.deepEqual(lookedUp, [`${runId} agent:main:a`]); // found by the retry's run id and its session
       const guarded = await client.get(key);
       assert.deepEqual([guarded.state, guarded.runId, guarded.attempt], ["RUNNING", runId, 2]); // acquired before "go"
       assert.equal(guarded.approvedBy, "runtime:cli");
