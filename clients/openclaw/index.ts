@@ -2,18 +2,22 @@
  * The OpenClaw plugin entry: Task Guard in front of `exec` and `sessions_spawn`.
  *
  * OpenClaw loads this file itself (TypeScript, no build step) from
- * `plugins.load.paths` and calls `register(api)`, also in processes that only
- * inspect plugins; hooks are wired in every mode, and the connection to the
- * sidecar is made only when a hook first needs it.
+ * `plugins.load.paths` and calls `register(api)`, also in processes (and
+ * modes) that only inspect plugins. Hooks are wired in every mode; only the
+ * gateway's own registration ("full") connects to the sidecar at once and keeps
+ * the channel connected, elsewhere a hook connects when it first needs to.
  */
 
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { pluginRootFrom, resolveSettings } from "./src/config.ts";
+import { gatewayLedger } from "./src/approvals.ts";
 import type { PluginApi } from "./src/openclaw.ts";
 import { TaskGuardPlugin } from "./src/plugin.ts";
 
 export const PLUGIN_ID = "taskguard";
+/** How long one read of OpenClaw's approval history may take (the plugin stops waiting for it sooner). */
+const APPROVER_LOOKUP_TIMEOUT_MS = 5000;
 
 function here(): string {
   try {
@@ -30,13 +34,20 @@ export default {
   register(api: PluginApi): void {
     const root = pluginRootFrom(api.rootDir, join(here(), "src"));
     const settings = resolveSettings(api.pluginConfig, root);
-    const plugin = new TaskGuardPlugin({ settings, logger: api.logger, nodeClientRoot: join(root, "..", "node") });
+    const plugin = new TaskGuardPlugin({
+      settings,
+      logger: api.logger,
+      nodeClientRoot: join(root, "..", "node"),
+      ledger: gatewayLedger(PLUGIN_ID, APPROVER_LOOKUP_TIMEOUT_MS),
+    });
     if (api.registrationMode === undefined || api.registrationMode === "full") {
+      plugin.start();
       api.logger.info(
         `taskguard: guarding ${[settings.exec.enabled && "exec", settings.sessionsSpawn.enabled && "sessions_spawn"]
           .filter(Boolean)
           .join(", ")} through ${settings.address} (pid ${process.pid}; wrapper ${settings.taskguardBin}; ` +
-          `when unreachable: ${settings.onUnavailable} within ${settings.decisionTimeoutMs} ms)`,
+          `when unreachable: ${settings.onUnavailable}, checked after ${settings.decisionTimeoutMs} ms; a sidecar ` +
+          `that is up is waited for up to ${settings.maxDecisionMs} ms)`,
       );
     }
     api.on("before_tool_call", (event, ctx) => plugin.beforeToolCall(event, ctx), {

@@ -12,11 +12,13 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,11 @@ class GateServer:
                     elif word in ("conflict", "end"):
                         self.finished[task] = self.finished.get(task, 0) + 1
                     self._changed.notify_all()
+        with self._changed:  # the run is gone (killed with its gateway): nothing to release any more
+            waiting = self._waiting.get(task, [])
+            if connection in waiting:
+                waiting.remove(connection)
+                self._changed.notify_all()
 
     def _wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -208,6 +215,18 @@ class GuardEvents:
         self._stopped = True
 
 
+@contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, at normal priority, for the duration of the block."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(10)
+
+
 @dataclass
 class Lab:
     workdir: Path
@@ -218,6 +237,7 @@ class Lab:
     guards: GuardEvents
     client: Client
     gateway: Gateway
+    plugin_config: dict[str, Any]
     _bare: Gateway | None = None
 
     def bare_gateway(self) -> Gateway:
@@ -257,7 +277,7 @@ def lab() -> Iterator[Lab]:
     gateway_folder = workdir / "gw"
     gateway_folder.mkdir()
     gateway = Gateway(gateway_folder, model.base_url, plugin_config)
-    lab = Lab(workdir, sidecar, model, gates, Work(work_folder, gates), guards, client, gateway)
+    lab = Lab(workdir, sidecar, model, gates, Work(work_folder, gates), guards, client, gateway, plugin_config)
     try:
         gateway.start()
         yield lab

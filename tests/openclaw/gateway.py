@@ -5,8 +5,8 @@
   (``.ci/dev.py setup`` does the same once, with a stamp).
 * ``Gateway`` writes a config (a scripted model on loopback as the only
   provider, ``logging.file``, state and TMPDIR under the test's folder, the
-  Task Guard plugin or not), runs ``openclaw gateway run`` and waits for its
-  ``[gateway] ready`` line.
+  Task Guard plugin or not, test plugins such as ``stall-plugin/``), runs
+  ``openclaw gateway run`` and waits for its ``[gateway] ready`` line.
 * ``GatewayClient`` speaks the gateway's WebSocket protocol the way its web
   chat does: ``chat.send`` into a session, the ``chat`` final event as the
   reply, ``plugin.approval.requested`` events, and ``/approve <id> allow-once``
@@ -41,6 +41,8 @@ CACHE = ROOT / ".cache" / "openclaw"
 OPENCLAW = CACHE / "node_modules" / "openclaw" / "openclaw.mjs"
 STAMP = CACHE / f".installed-{OPENCLAW_VERSION}"
 PLUGIN = ROOT / "clients" / "openclaw"
+# Test-only: blocks the gateway's main thread when a tool call's parameters hold STALL:<ms>.
+STALL_PLUGIN = Path(__file__).with_name("stall-plugin")
 VENV_BIN = ROOT / ".venv" / "bin"
 TOKEN = "test-gateway-token"
 START_TIMEOUT_S = 120.0
@@ -92,8 +94,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def gateway_config(workdir: Path, port: int, model_url: str, plugin_config: dict[str, Any] | None) -> dict[str, Any]:
-    """A headless gateway: one agent on the scripted model, direct tool schemas, nothing bundled it does not need."""
+def plugin_id(folder: Path) -> str:
+    return str(json.loads((folder / "openclaw.plugin.json").read_text())["id"])
+
+
+def gateway_config(
+    workdir: Path,
+    port: int,
+    model_url: str,
+    plugin_config: dict[str, Any] | None,
+    extra_plugins: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """A headless gateway: one agent on the scripted model, direct tool schemas, nothing bundled it does not need.
+
+    ``extra_plugins`` are test plugins (folders with an ``openclaw.plugin.json``) loaded beside Task Guard's."""
     config: dict[str, Any] = {
         "gateway": {"mode": "local", "port": port, "bind": "loopback", "auth": {"mode": "token", "token": TOKEN}},
         "agents": {"defaults": {"model": {"primary": "scripted/m"}, "workspace": str(workdir / "workspace")}},
@@ -131,6 +145,11 @@ def gateway_config(workdir: Path, port: int, model_url: str, plugin_config: dict
             "load": {"paths": [str(PLUGIN)]},
             "entries": {"taskguard": {"enabled": True, "config": plugin_config}},
         }
+    for folder in extra_plugins:
+        plugins = config["plugins"]
+        plugins["allow"].append(plugin_id(folder))
+        plugins.setdefault("load", {}).setdefault("paths", []).append(str(folder))
+        plugins.setdefault("entries", {})[plugin_id(folder)] = {"enabled": True, "config": {}}
     return config
 
 
@@ -141,6 +160,8 @@ class Gateway:
     workdir: Path
     model_url: str
     plugin_config: dict[str, Any] | None
+    extra_plugins: tuple[Path, ...] = ()
+    start_timeout_s: float = START_TIMEOUT_S
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     reader: threading.Thread | None = None
@@ -164,7 +185,7 @@ class Gateway:
     def start(self) -> Gateway:
         for folder in ("state", "home", "tmp", "workspace"):
             (self.workdir / folder).mkdir(parents=True, exist_ok=True)
-        config = gateway_config(self.workdir, self.port, self.model_url, self.plugin_config)
+        config = gateway_config(self.workdir, self.port, self.model_url, self.plugin_config, self.extra_plugins)
         (self.workdir / "openclaw.json").write_text(json.dumps(config, indent=2))
         command = [str(node_bin() / "node"), str(ensure_openclaw()), "gateway", "run"]
         self.process = subprocess.Popen(
@@ -177,7 +198,7 @@ class Gateway:
         )
         self.reader = threading.Thread(target=self._read, name="gateway-output", daemon=True)
         self.reader.start()
-        self.wait_for_line(r"\[gateway\] ready", START_TIMEOUT_S)
+        self.wait_for_line(r"\[gateway\] ready", self.start_timeout_s)
         return self
 
     def _read(self) -> None:
@@ -233,6 +254,13 @@ class Gateway:
         assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
         answer: dict[str, Any] = json.loads(done.stdout)
         return answer
+
+    def cli(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """``openclaw ARGS`` against this gateway (its config, state and token), as an operator would run it."""
+        command = [str(node_bin() / "node"), str(OPENCLAW), *args]
+        return subprocess.run(
+            command, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
 
     def kill(self) -> None:
         """SIGKILL the gateway process only (its children, such as running execs, are left as they are)."""

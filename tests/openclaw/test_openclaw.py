@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from taskguard_client import EventType, GuardState
-from tests.openclaw.conftest import GateServer, Lab, Work
+from tests.openclaw.conftest import GateServer, Lab, Work, cpu_hogs
 from tests.openclaw.fake_model import ToolCall
-from tests.openclaw.gateway import gateway_client, reply_text
+from tests.openclaw.gateway import STALL_PLUGIN, VENV_BIN, Gateway, gateway_client, reply_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -130,13 +132,94 @@ def test_a_failed_command_needs_an_approval_then_runs_exactly_once(lab: Lab) -> 
         retry_reply = chat.reply(retry_run)
 
     _, approved = lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.RETRY_APPROVED)
-    assert approved.guard.approved_by.startswith("webchat:"), approved.guard
+    # Who approved, as OpenClaw recorded it (`openclaw approvals` prints the same), not the session that asked.
+    assert approved.guard.approved_by == "runtime:Chat approval (webchat:gateway-client)", approved.guard
+    assert approval["id"] in approved.guard.approval_reason and session in approved.guard.approval_reason
     _, succeeded = lab.guards.wait(
         lambda e: e.guard.task_key == key and e.type is EventType.RELEASED and e.guard.state is GuardState.SUCCEEDED
     )
     assert lab.work.launches(task) == 2, retry_reply  # the failed run and the one approved retry
     assert len(lab.guards.of(key, EventType.RETRY_APPROVED)) == 1
     assert succeeded.guard.attempt == 2
+
+
+def fail_once(lab: Lab, task: str, session: str, marker: str) -> tuple[str, Path]:
+    """Runs ``task`` once from ``session`` (a CLI run) so that it fails with exit code 3; its key and exit code file."""
+    key = KEY.format(task)
+    exit_code = lab.workdir / f"{task}-exit-code"
+    exit_code.write_text("3")
+    lab.model.on(marker, exec_call(lab.work.command(task, exit_code), background=False))
+    lab.gates.release(task)  # it finishes as soon as it starts
+    reply_text(lab.gateway.agent_cli(session, f"{marker} now"))
+    _, failed = lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.RELEASED)
+    assert failed.guard.state is GuardState.FAILED and "exit code 3" in failed.guard.last_detail
+    return key, exit_code
+
+
+def test_a_retry_approved_with_openclaw_approvals_resolve_records_the_cli_as_the_approver(lab: Lab) -> None:
+    task = "export-cli-approved"
+    key, exit_code = fail_once(lab, task, "agent:main:t8", "T8-EXPORT")
+    exit_code.write_text("0")
+    with gateway_client(lab.gateway.port) as chat:
+        retry_run = chat.send("agent:main:t8-chat", "T8-EXPORT once more")
+        approval = chat.approval_requested(retry_run)
+        assert lab.work.launches(task) == 1
+        resolved = lab.gateway.cli("approvals", "resolve", approval["id"], "allow-once")
+        assert resolved.returncode == 0 and "by runtime:cli" in resolved.stdout, resolved.stdout + resolved.stderr
+        retry_reply = chat.reply(retry_run)
+    _, approved = lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.RETRY_APPROVED)
+    assert approved.guard.approved_by == "runtime:cli", approved.guard
+    assert approval["id"] in approved.guard.approval_reason and "agent:main:t8-chat" in approved.guard.approval_reason
+    _, succeeded = lab.guards.wait(
+        lambda e: e.guard.task_key == key and e.type is EventType.RELEASED and e.guard.state is GuardState.SUCCEEDED
+    )
+    assert succeeded.guard.attempt == 2 and lab.work.launches(task) == 2, retry_reply
+
+
+def test_a_retry_from_a_cli_run_is_told_when_the_last_run_failed_and_how_to_approve_it(lab: Lab) -> None:
+    task = "export-from-cli"
+    session = "agent:main:t9"
+    key, exit_code = fail_once(lab, task, session, "T9-EXPORT")
+    failed = lab.client.get(key)
+    exit_code.write_text("0")
+
+    # `openclaw agent` from a command line has no chat to show an approval in.
+    retry = reply_text(lab.gateway.agent_cli(session, "T9-EXPORT again"))
+    assert "Plugin approval unavailable" not in retry, retry
+    assert failed.released_at is not None
+    for part in (
+        "was not started",
+        failed.run_id,
+        failed.released_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "exit code 3",
+        f"taskguard approve-retry {key}",
+        "/approve",
+    ):
+        assert part in retry, f"{part!r} not in {retry!r}"
+    assert lab.work.launches(task) == 1 and lab.client.get(key).state is GuardState.FAILED
+
+    # Doing what it says lets exactly one more run through, from the same command line.
+    approve = subprocess.run(
+        [
+            str(VENV_BIN / "taskguard"),
+            "--addr",
+            lab.sidecar.address,
+            "approve-retry",
+            key,
+            "--reason",
+            "checked the log",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert approve.returncode == 0, approve.stderr
+    again = reply_text(lab.gateway.agent_cli(session, "T9-EXPORT after the approval"))
+    _, succeeded = lab.guards.wait(
+        lambda e: e.guard.task_key == key and e.type is EventType.RELEASED and e.guard.state is GuardState.SUCCEEDED
+    )
+    assert succeeded.guard.attempt == 2 and lab.work.launches(task) == 2, again
 
 
 # --- the gateway scenario (issue 4's, see examples/gateway-scenario), through the real gateway ----------------------
@@ -293,10 +376,112 @@ def test_the_gateway_scenario_launches_each_logical_task_once_with_the_plugin(la
     assert without.launches() > with_.launches() and without.conflicts() > 0
 
 
+# --- the first call after a gateway start, a late grant --------------------------------------------------------------
+
+GATEWAY_STARTS = 3
+STALL_MS = 3000  # twice the decision budget, like the gateway's own main-thread stalls as it starts
+
+
+@pytest.mark.timeout(1500)
+def test_the_first_call_after_each_gateway_start_is_guarded_while_the_machine_is_loaded(lab: Lab) -> None:
+    """Each start: CPU hogs on both cores while the gateway starts and takes its first calls, and the main thread
+    blocked for 3 s while those calls wait (the way the gateway's SQLite passes block it); the first call is
+    sessions_spawn from two sessions at once. Exactly one sub-agent starts, guarded, every time, and neither
+    call is let through without a guard."""
+    decisions: list[str] = []
+    for start in range(GATEWAY_STARTS):
+        folder = lab.workdir / f"restart-{start}"
+        folder.mkdir()
+        label = f"restart-digest-{start}"
+        key = KEY.format(f"spawn:{label}")
+
+        def spawn(prompt: str, label: str = label) -> list[ToolCall]:
+            # Same task (the label names it); the DM's call also blocks the main thread while both wait.
+            stall = f" STALL:{STALL_MS}" if "please" in prompt else ""
+            return [ToolCall("sessions_spawn", {"task": f"GATE:{label}{stall} Write the digest.", "label": label})]
+
+        lab.model.on(f"T10-START-{start}", spawn)
+        gateway = Gateway(folder, lab.model.base_url, lab.plugin_config, (STALL_PLUGIN,), start_timeout_s=600)
+        try:
+            with cpu_hogs(2):
+                gateway.start()
+                with gateway_client(gateway.port) as chat:
+                    first = chat.send(f"agent:main:dm-r{start}", f"T10-START-{start} please")
+                    second = chat.send(f"agent:main:ops-r{start}", f"T10-START-{start} for the team")
+                    replies = [chat.reply(first, 300), chat.reply(second, 300)]
+            assert gateway.wait_for_line(r"stall: blocked the main thread", 30)  # the stall did happen
+            unguarded = [line for line in gateway.lines if "WITHOUT a guard" in line]
+            assert not unguarded, unguarded
+            accepted = [text for text in replies if '"status": "accepted"' in text]
+            blocked = [text for text in replies if "already running" in text]
+            assert len(accepted) == 1 and len(blocked) == 1, replies
+            held = lab.client.get(key)
+            assert held.state is GuardState.RUNNING and held.stream_bound and held.run_id in blocked[0]
+            decisions += [line for line in gateway.lines if re.search(rf"{re.escape(key)}: .*decided in", line)]
+            assert len([line for line in decisions if key in line]) == 2, decisions
+            lab.model.open_gate(label)  # the sub-agent's model call returns; it completes
+            _, released = lab.guards.wait(
+                lambda e, key=key: e.guard.task_key == key and e.type is EventType.RELEASED, 120
+            )
+            assert released.guard.state is GuardState.SUCCEEDED and released.guard.run_id == held.run_id
+        finally:
+            gateway.close()
+    print(f"\nfirst calls after {GATEWAY_STARTS} gateway starts under load:")
+    for line in decisions:
+        print("  " + re.sub(r"^.*?taskguard: ", "", line))
+
+
+def test_a_late_grant_after_an_allow_decision_keeps_the_guard_until_the_exec_ends(lab: Lab) -> None:
+    task = "late-grant"
+    key = KEY.format(task)
+    lab.model.on("T11-LATE", exec_call(lab.work.command(task)))
+
+    def poll(prompt: str) -> list[ToolCall]:
+        return [ToolCall("process", {"action": "poll", "sessionId": prompt.split()[-1]})]
+
+    lab.model.on("T11-POLL", poll)
+    mark = lab.gateway.mark()
+    lab.sidecar.terminate()
+    try:
+        with gateway_client(lab.gateway.port) as chat:
+            first = chat.reply(chat.send("agent:main:t11-a", "T11-LATE now"))
+    finally:
+        lab.sidecar.start()  # once the exec was let through (policy allow), while it runs
+    assert "still running" in first.lower(), first
+    assert lab.gateway.wait_for_line(rf"{re.escape(key)}: .*WITHOUT a guard", 30, mark)
+    lab.gates.wait_waiting(task)  # it runs, past its lock
+    assert lab.gateway.wait_for_line(rf"{re.escape(key)}: guarded late: the sidecar granted run", 60, mark)
+    held = lab.client.get(key)
+    assert held.state is GuardState.RUNNING and held.labels["openclaw.session_key"] == "agent:main:t11-a"
+
+    with gateway_client(lab.gateway.port) as chat:
+        second = chat.reply(chat.send("agent:main:t11-b", "T11-LATE again"))
+    assert "already running" in second and held.run_id in second, second
+    assert lab.work.launches(task) == 1
+    # Kept, not just granted: the plugin renews it while the exec runs.
+    lab.guards.wait(
+        lambda e: e.guard.task_key == key and e.type is EventType.RENEWED, 90, "a renewal of the late grant"
+    )
+    assert lab.client.get(key).state is GuardState.RUNNING
+
+    lab.gates.release(task)
+    lab.gates.wait_finished(task, 1)
+    process_session = re.search(r"session ([\w-]+)", first)
+    assert process_session, first
+    with gateway_client(lab.gateway.port) as chat:
+        chat.reply(chat.send("agent:main:t11-a", f"T11-POLL {process_session.group(1)}"))
+    _, released = lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.RELEASED, 60)
+    assert released.guard.state is GuardState.SUCCEEDED and released.guard.run_id == held.run_id
+    assert lab.work.launches(task) == 1 and not lab.work.records(task, "lock-conflict")
+
+
 # --- trouble: the sidecar stops, the gateway dies (these run last: they stop what the others share) ---------------
 
 
-def test_with_the_sidecar_stopped_each_policy_answers_within_two_seconds(lab: Lab) -> None:
+BUDGET_AND_CHECK_MS = 1500 + 1000  # decisionTimeoutMs, then at most 1 s to find the sidecar unreachable
+
+
+def test_with_the_sidecar_stopped_each_policy_answers_after_the_budget_and_the_reachability_check(lab: Lab) -> None:
     allowed, blocked = "housekeeping", "critical-payout"  # the second has a rule: onUnavailable block
     lab.model.on("T5-HOUSEKEEPING", exec_call(lab.work.command(allowed)))
     lab.model.on("T5-PAYOUT", exec_call(lab.work.command(blocked)))
@@ -308,20 +493,26 @@ def test_with_the_sidecar_stopped_each_policy_answers_within_two_seconds(lab: La
             allow_run = chat.send("agent:main:t5-a", "T5-HOUSEKEEPING now")
             block_run = chat.send("agent:main:t5-b", "T5-PAYOUT now")
             allow_reply, block_reply = chat.reply(allow_run), chat.reply(block_run)
-        decisions = {}
+        decisions, stalls = {}, {}
         for task, policy in ((allowed, "allow"), (blocked, "block")):
             line = lab.gateway.wait_for_line(
-                rf"taskguard: agent:main::{task}: .*policy {policy}.*decided in \d+ ms", 30, mark
+                rf"taskguard: agent:main::{task}: cannot connect .*policy {policy}.*decided in \d+ ms", 30, mark
             )
             decisions[policy] = int(re.search(r"decided in (\d+) ms", line).group(1))  # type: ignore[union-attr]
+            # The gateway's own event loop stalls count in the wait too; the plugin logs how long it was blocked.
+            stalled = re.search(r"event loop was blocked (\d+) ms", line)
+            stalls[policy] = int(stalled.group(1)) if stalled else 0
         # End to end too: from the model's tool call to the model request that carries the tool's result.
         gaps = {}
         for marker, policy in (("T5-HOUSEKEEPING", "allow"), ("T5-PAYOUT", "block")):
             asked = next(r for r in lab.model.requests if marker in r.prompt and r.tool_calls)
             answered = next(r for r in lab.model.requests if marker in r.prompt and r.tool_results)
             gaps[policy] = answered.received_at - asked.received_at
-        print(f"\nsidecar stopped: plugin decisions {decisions} ms; tool call to tool result {gaps} s")
-        assert all(ms < 2000 for ms in decisions.values()), decisions
+        print(
+            f"\nsidecar stopped: plugin decisions {decisions} ms (event loop blocked {stalls} ms meanwhile); "
+            f"tool call to tool result {gaps} s"
+        )
+        assert all(decisions[p] - stalls[p] <= BUDGET_AND_CHECK_MS for p in decisions), (decisions, stalls)
         assert "still running" in allow_reply.lower(), allow_reply  # allow: it ran, without a guard
         assert "could not confirm" in block_reply and "not started" in block_reply, block_reply
         lab.gates.wait_settled(1)
@@ -335,15 +526,12 @@ def test_the_gateway_killed_while_a_sub_agent_holds_its_guard_leaves_it_abandone
     key = KEY.format("spawn:deep-research")
     lab.model.on("T6-RESEARCH", ToolCall("sessions_spawn", {"task": "GATE:killed Research.", "label": "deep-research"}))
     with gateway_client(lab.gateway.port) as chat:
-        # The sidecar was just restarted: should the plugin's first call still find it down, the spawn is let
-        # through unguarded (policy allow, logged); then it is asked again, by when the channel is back.
-        for attempt in range(3):
-            mark = lab.gateway.mark()
-            reply = chat.reply(chat.send(f"agent:main:t6-{attempt}", "T6-RESEARCH please"))
-            assert '"status": "accepted"' in reply, reply
-            if not any(f"{key}: " in line and "policy allow" in line for line in lab.gateway.lines[mark:]):
-                break
+        reply = chat.reply(chat.send("agent:main:t6", "T6-RESEARCH please"))
+        assert '"status": "accepted"' in reply, reply
     lab.model.wait_for(lambda r: "GATE:killed" in r.prompt and "[Subagent Task]" in r.prompt)
+    # The sidecar was just restarted: should the plugin's call have found it still down, the spawn was let
+    # through (policy allow) and takes the grant once the sidecar answers.
+    lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.ACQUIRED, 60, "the sub-agent's guard")
     held = lab.client.get(key)
     assert held.state is GuardState.RUNNING and held.stream_bound
     gateway_pid = int(re.search(r"openclaw@[^:]+:(\d+) ", held.holder).group(1))  # type: ignore[union-attr]

@@ -61,6 +61,12 @@ export type GuardState =
 
 export type RunStatus = "SUCCEEDED" | "FAILED" | "CANCELLED";
 
+/** The channel's state, as grpc-js names it. */
+export type Connectivity = "IDLE" | "CONNECTING" | "READY" | "TRANSIENT_FAILURE" | "SHUTDOWN";
+
+/** What the sidecar's grpc.health.v1 service answered. */
+export type HealthStatus = "UNKNOWN" | "SERVING" | "NOT_SERVING" | "SERVICE_UNKNOWN";
+
 export type GuardEventType =
   | "UNSPECIFIED"
   | "SNAPSHOT"
@@ -452,6 +458,62 @@ async function beforeDeadline<T>(promise: Promise<T>, deadline: number): Promise
 
 function messageOf(error: unknown): string {
   return error instanceof Error ? error.message || error.name : String(error);
+}
+
+// --- grpc.health.v1, by hand: two one-field messages do not need generated code --------------------------
+
+const HEALTH_CHECK = "/grpc.health.v1.Health/Check";
+const HEALTH_STATUSES: readonly HealthStatus[] = ["UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"];
+const CONNECTIVITY: readonly Connectivity[] = ["IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN"];
+
+/** HealthCheckRequest { string service = 1; } */
+function encodeHealthCheckRequest(service: string): Buffer {
+  const bytes = Buffer.from(service, "utf8");
+  if (bytes.length === 0) {
+    return Buffer.alloc(0);
+  }
+  const length: number[] = [];
+  for (let left = bytes.length; ; left >>>= 7) {
+    if (left < 0x80) {
+      length.push(left);
+      break;
+    }
+    length.push((left & 0x7f) | 0x80);
+  }
+  return Buffer.concat([Buffer.from([0x0a, ...length]), bytes]);
+}
+
+/** HealthCheckResponse { ServingStatus status = 1; }: the status, skipping any field it does not know. */
+function decodeHealthCheckResponse(bytes: Buffer): HealthStatus {
+  let status = 0;
+  let at = 0;
+  const varint = (): number => {
+    let value = 0;
+    for (let shift = 0; at < bytes.length && shift < 35; shift += 7) {
+      const byte = bytes[at++] ?? 0;
+      value += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) break;
+    }
+    return value;
+  };
+  while (at < bytes.length) {
+    const tag = varint();
+    const wireType = tag & 7;
+    if (tag >>> 3 === 1 && wireType === 0) {
+      status = varint();
+    } else if (wireType === 0) {
+      varint();
+    } else if (wireType === 2) {
+      at += varint();
+    } else if (wireType === 1) {
+      at += 8;
+    } else if (wireType === 5) {
+      at += 4;
+    } else {
+      throw protocolError(`the health check answer has a field of wire type ${wireType}`);
+    }
+  }
+  return HEALTH_STATUSES[status] ?? "UNKNOWN";
 }
 
 // --- trace context -------------------------------------------------------------------------
@@ -1046,6 +1108,51 @@ export class Client {
   async forceRelease(taskKey: string, options: { operator?: string; reason?: string } = {}): Promise<Guard> {
     const request = { taskKey, operator: options.operator ?? this.holder, reason: options.reason ?? "" };
     return guardFromWire((await this.#unary(this.#stub.forceRelease, request, false)).guard);
+  }
+
+  // --- the connection -----------------------------------------------------------------------
+
+  /** The channel's state; `connect` makes an IDLE channel start connecting, as a call would. */
+  connectivity(connect = false): Connectivity {
+    return CONNECTIVITY[this.#stub.getChannel().getConnectivityState(connect)] ?? "SHUTDOWN";
+  }
+
+  /** True once the channel's state is no longer `from`; false when `deadline` (epoch ms) comes first or it is closed. */
+  connectivityChanged(from: Connectivity, deadline: number): Promise<boolean> {
+    return new Promise((resolve) => {
+      try {
+        this.#stub
+          .getChannel()
+          .watchConnectivityState(grpc.connectivityState[from], deadline, (error) => resolve(error === undefined));
+      } catch {
+        resolve(false); // the channel is closed
+      }
+    });
+  }
+
+  /**
+   * Ask the sidecar's grpc.health.v1 service about the whole server (or `service`). Not retried: an
+   * unreachable sidecar throws UnavailableError, a silent one DeadlineExceededError at `deadline` (epoch ms;
+   * default: the client's deadline from now).
+   */
+  async health(options: { service?: string; deadline?: number } = {}): Promise<HealthStatus> {
+    const metadata = await this.#metadata();
+    const deadline = options.deadline ?? Date.now() + this.deadlineMs;
+    try {
+      return await new Promise<HealthStatus>((resolve, reject) => {
+        this.#stub.makeUnaryRequest(
+          HEALTH_CHECK,
+          (service: string) => encodeHealthCheckRequest(service),
+          (bytes: Buffer) => decodeHealthCheckResponse(bytes),
+          options.service ?? "",
+          metadata,
+          { deadline },
+          (error, answer) => (error ? reject(error) : resolve(answer ?? "UNKNOWN")),
+        );
+      });
+    } catch (error) {
+      throw fromCallError(error);
+    }
   }
 
   // --- reads --------------------------------------------------------------------------------

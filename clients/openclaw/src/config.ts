@@ -39,8 +39,14 @@ export interface Settings {
   tokenFile: string | undefined;
   /** The `taskguard` executable that wraps an exec. */
   taskguardBin: string;
-  /** Every before_tool_call answer comes within this, whatever the sidecar does. */
+  /**
+   * How long a call waits for the sidecar before the plugin checks whether the sidecar is reachable; when
+   * it is not (connection refused, no socket, no answer to a health check), `onUnavailable` decides then.
+   */
   decisionTimeoutMs: number;
+  /** How long a reachable sidecar's answer is waited for in all; after that the call is blocked. */
+  maxDecisionMs: number;
+  /** What a call gets when the sidecar is unreachable. */
   onUnavailable: UnavailablePolicy;
   exec: ToolSettings & { wrap: WrapMode; leaseTtlMs: number };
   sessionsSpawn: ToolSettings;
@@ -48,9 +54,14 @@ export interface Settings {
   approval: { timeoutMs: number; severity: "info" | "warning" | "critical" };
 }
 
-/** Far below OpenClaw's 15 s hook timeout, and within the 2 s a user is promised. */
+/** With the reachability check (at most PROBE_MS more), an unreachable sidecar is noticed within 2.5 s. */
 export const DEFAULT_DECISION_TIMEOUT_MS = 1500;
 export const MAX_DECISION_TIMEOUT_MS = 10_000;
+/** How long the reachability check may take: becoming ready, or answering a health check on a ready connection. */
+export const PROBE_MS = 1000;
+/** Below OpenClaw's 15 s before_tool_call timeout (a hook that times out fails the call), with room to spare. */
+export const DEFAULT_MAX_DECISION_MS = 10_000;
+export const MAX_MAX_DECISION_MS = 13_000;
 
 type Raw = Record<string, unknown>;
 
@@ -85,11 +96,17 @@ export function resolveSettings(raw: unknown, pluginRoot: string, env: NodeJS.Pr
   const exec = record(tools.exec);
   const spawn = record(tools.sessions_spawn);
   const approval = record(config.approval);
+  const decisionTimeoutMs = count(config.decisionTimeoutMs, DEFAULT_DECISION_TIMEOUT_MS, 50, MAX_DECISION_TIMEOUT_MS);
   return {
     address: text(config.address) ?? defaultAddress(env),
     tokenFile: text(config.tokenFile),
     taskguardBin: text(config.taskguardBin) ?? defaultTaskguardBin(pluginRoot),
-    decisionTimeoutMs: count(config.decisionTimeoutMs, DEFAULT_DECISION_TIMEOUT_MS, 50, MAX_DECISION_TIMEOUT_MS),
+    decisionTimeoutMs,
+    // At least the budget and the reachability check: a reachable sidecar gets that long, whatever the setting.
+    maxDecisionMs: Math.max(
+      decisionTimeoutMs + PROBE_MS,
+      count(config.maxDecisionMs, DEFAULT_MAX_DECISION_MS, 0, MAX_MAX_DECISION_MS),
+    ),
     onUnavailable: oneOf(config.onUnavailable, POLICIES, "allow"),
     exec: {
       enabled: exec.enabled !== false,

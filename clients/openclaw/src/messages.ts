@@ -7,6 +7,7 @@
  */
 
 import type { Guard } from "../../node/src/index.ts";
+import { shellQuote } from "./shell.ts";
 
 /** Labels the plugin puts on every guard it acquires; the winner's tell a loser where the run lives. */
 export const LABELS = {
@@ -39,38 +40,76 @@ export function alreadyRunningReason(taskName: string, winner: Guard, now: Date 
   );
 }
 
-/** The sidecar did not answer in time and the policy is `block`. */
-export function unavailableReason(taskName: string, why: string, budgetMs: number): string {
+/** The sidecar is unreachable and the policy is `block`. */
+export function unavailableReason(taskName: string, why: string): string {
   return (
-    `Task Guard could not confirm that "${taskName}" is not already running (${why}; no answer within ` +
-    `${budgetMs} ms), and this task is configured to be blocked in that case, so it was not started. ` +
+    `Task Guard could not confirm that "${taskName}" is not already running (${why}), and this task is ` +
+    `configured to be blocked in that case, so it was not started. ` +
     `Tell the user to try again once the Task Guard service is back.`
+  );
+}
+
+/** The sidecar is up but refused the call, or did not answer it in time: running it could start a second run. */
+export function notConfirmedReason(taskName: string, why: string): string {
+  return (
+    `Task Guard could not confirm that "${taskName}" is not already running (${why}). The Task Guard service ` +
+    `is up, so running it anyway could start it twice; it was not started. Tell the user to try again shortly.`
   );
 }
 
 /** How the failed run ended, in one line: "exit code 3", "killed by signal SIGKILL". */
 function howItEnded(failed: Guard): string {
   const detail = failed.lastDetail.trim();
-  return detail ? `${failed.state.toLowerCase()}: ${detail}` : failed.state.toLowerCase();
+  return detail ? `${failed.state.toLowerCase()}: ${clip(detail, 120)}` : failed.state.toLowerCase();
 }
 
-/** RETRY_REQUIRES_APPROVAL: the prompt a person answers with /approve. Capped the way the Gateway caps it. */
-export function approvalPrompt(taskName: string, failed: Guard): { title: string; description: string } {
+function endedAt(failed: Guard): string {
+  return failed.releasedAt ? ` at ${failed.releasedAt.toISOString()}` : "";
+}
+
+/**
+ * RETRY_REQUIRES_APPROVAL: the prompt a person answers with /approve, capped the way the Gateway caps it.
+ * `retryRunId` makes it unique: the plugin finds this approval in OpenClaw's ledger by it (`approvals.ts`).
+ */
+export function approvalPrompt(taskName: string, failed: Guard, retryRunId: string): { title: string; description: string } {
   const title = clip(`Retry failed task "${taskName}"?`, 80);
-  const when = failed.releasedAt ? ` at ${failed.releasedAt.toISOString()}` : "";
-  const description = clip(
-    `Task Guard: the last run of "${taskName}" (run ${failed.runId}) ended${when}, ${howItEnded(failed)}. ` +
-      `A failed task is not started again without an approval. Allow once to run it one more time now; ` +
-      `deny to leave it blocked.`,
-    512,
-  );
-  return { title, description };
+  const description =
+    `Task Guard: the last run of "${clip(taskName, 160)}" (run ${failed.runId}) ended${endedAt(failed)}, ` +
+    `${howItEnded(failed)}. A failed task is not started again without an approval. Allow once to run it ` +
+    `one more time now (as run ${retryRunId}); deny to leave it blocked.`;
+  return { title, description: clip(description, 512) };
 }
 
-/** The tool result when the approval is denied or not given. OpenClaw writes its own; this goes to the log. */
-export function approvalReason(approver: string, channel: string | undefined, taskName: string): string {
-  const via = channel ? ` via ${channel}` : "";
-  return `approved${via} by ${approver} from OpenClaw for "${taskName}"`;
+/**
+ * RETRY_REQUIRES_APPROVAL in a run that cannot ask a person (no chat: `openclaw agent` from a command line,
+ * a scheduled run). OpenClaw would block it with "Plugin approval unavailable"; this says why and what to do.
+ */
+export function approvalUnavailableReason(taskName: string, taskKey: string, failed: Guard): string {
+  return (
+    `Task Guard: "${taskName}" was not started. Its last run (run ${failed.runId}) ended${endedAt(failed)}, ` +
+    `${howItEnded(failed)}, and a task whose last run failed runs again only after a person approves it. ` +
+    `This run cannot ask for that approval: it has no chat to ask in (like \`openclaw agent\` from a command ` +
+    `line, or a scheduled run). To allow one more run, approve it on the gateway's host with ` +
+    `\`taskguard approve-retry ${shellQuote(taskKey)} --reason "..."\`, or ask for it again from a chat that can ` +
+    `show approvals (the web chat, the TUI, or a channel with approvals) and answer /approve there. ` +
+    `Tell the user this.`
+  );
+}
+
+/** The reason recorded with the sidecar's approval: where OpenClaw's approval came from, and who asked. */
+export function approvalReason(approval: {
+  taskName: string;
+  approvalId: string | undefined;
+  requester: string;
+  sessionKey: string | undefined;
+  unknownBecause?: string;
+}): string {
+  const id = approval.approvalId ? ` (approval ${approval.approvalId})` : "";
+  const unknown = approval.unknownBecause ? `; who approved is unknown: ${approval.unknownBecause}` : "";
+  return (
+    `approved in OpenClaw${id} for "${approval.taskName}"; asked by ${approval.requester} ` +
+    `from session ${approval.sessionKey ?? "-"}${unknown}`
+  );
 }
 
 function clip(text: string, max: number): string {

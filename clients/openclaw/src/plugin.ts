@@ -3,9 +3,12 @@
  *
  * Theory of operation
  * -------------------
- * `before_tool_call` names the task (`naming.ts`) and asks the sidecar for its
- * guard, with a fresh run id, under a budget (`decisionTimeoutMs`, 1.5 s by
- * default) that no sidecar trouble can stretch:
+ * In the gateway the plugin connects to the sidecar as it registers (`start`)
+ * and keeps that channel connected, so the first tool call after a gateway
+ * start finds a ready connection. `before_tool_call` names the task
+ * (`naming.ts`) and asks the sidecar for its guard with a fresh run id;
+ * `decision.ts` says how long to wait, counted from when the call reached the
+ * plugin, and what silence means:
  *
  * - ACQUIRED, exec: a TTL lease, and the command rewritten to run under
  *   `taskguard run KEY --run-id RUN` (`shell.ts`), which takes the lease over
@@ -17,17 +20,22 @@
  *   over (the exec was blocked, or never started) is released CANCELLED. Where
  *   the wrapper cannot run (`exec.wrap: "never"`, or an exec routed to a
  *   sandbox or a node host), the plugin keeps a TTL lease itself instead: see
- *   `#fallback`.
+ *   `#fallbackAfterExec`.
  * - ACQUIRED, sessions_spawn: a Hold stream from the gateway process, released
  *   at `subagent_ended` with the child's outcome. The child run is matched by
  *   the run id `after_tool_call` reports for the accepted spawn. If the gateway
  *   dies, the stream drops and the guard is ABANDONED.
  * - ALREADY_RUNNING: the call is blocked with a reason naming the winner.
- * - RETRY_REQUIRES_APPROVAL: `requireApproval`; on allow-once, ApproveRetry
- *   with the requester as approver, then the run (see `#askToRetry`).
- * - No answer in time, or an error: the configured policy, `allow` (with a
- *   warning in the log) or `block`. A lease that is granted after the plugin
- *   stopped waiting is released at once (CANCELLED), so it cannot linger.
+ * - RETRY_REQUIRES_APPROVAL: `requireApproval` (see `#askToRetry`); in a run
+ *   that cannot show an approval, blocked with how to approve instead.
+ * - Unreachable (connection refused, no socket, no answer to a health check):
+ *   the configured policy. `allow` runs it with a warning, and keeps asking for
+ *   the guard while the task runs: a grant that comes later is adopted, so the
+ *   task holds the guard until it ends and the next trigger is refused ("guarded
+ *   late" in the log). `block` blocks it; a later grant is released CANCELLED.
+ * - Reachable, but the sidecar refused the call or did not answer it within
+ *   `maxDecisionMs`: blocked whatever the policy (the sidecar is up and may
+ *   still grant the run, so running it could start it twice).
  */
 
 import { randomUUID } from "node:crypto";
@@ -35,9 +43,27 @@ import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { hostname } from "node:os";
 import { join } from "node:path";
-import { Client, type Conflict, type Guard, Lease, type RunStatus } from "../../node/src/index.ts";
-import type { GuardedTool, Settings, UnavailablePolicy } from "./config.ts";
-import { LABELS, alreadyRunningReason, approvalPrompt, approvalReason, unavailableReason } from "./messages.ts";
+import {
+  type Acquired,
+  Client,
+  type Conflict,
+  type Guard,
+  Lease,
+  type RunStatus,
+} from "../../node/src/index.ts";
+import type { ApprovalLedger } from "./approvals.ts";
+import { type GuardedTool, PROBE_MS, type Settings, type UnavailablePolicy } from "./config.ts";
+import { type Decided, type Timing, decide, isNoAnswer } from "./decision.ts";
+import { ApprovalGate } from "./gate.ts";
+import {
+  LABELS,
+  alreadyRunningReason,
+  approvalPrompt,
+  approvalReason,
+  approvalUnavailableReason,
+  notConfirmedReason,
+  unavailableReason,
+} from "./messages.ts";
 import { type TaskIdentity, identify } from "./naming.ts";
 import type {
   AfterToolCallEvent,
@@ -53,8 +79,18 @@ import { traceInterceptor, withTrace } from "./trace.ts";
 
 /** How many sub-agent endings to remember when they come before the spawn's after_tool_call. */
 const EARLY_ENDINGS_KEPT = 256;
+/** A task let through without a guard stops asking for one after this long (a long-lost sidecar). */
+const LATE_GRANT_WINDOW_MS = 60 * 60 * 1000;
+/** How long the approved exec's gate stays open once its exec went to the background (it read its line long before). */
+const GATE_LINGER_MS = 10 * 60 * 1000;
+/** How long the approver lookup in OpenClaw's ledger may take before the approval is recorded without one. */
+const APPROVER_LOOKUP_MS = 5000;
+/** The approver recorded when OpenClaw's ledger does not say who approved. */
+export const UNKNOWN_APPROVER = "openclaw:unknown";
+/** How long one watch of the channel's state lasts before it is renewed. */
+const CHANNEL_WATCH_MS = 60 * 60 * 1000;
 
-type Decision<T> = { kind: "answer"; value: T } | { kind: "error"; error: unknown } | { kind: "timeout" };
+type ExecEnding = [RunStatus, string];
 
 /** An exec the plugin acquired for and is waiting to see start (or, on the fallback, end). */
 interface ExecRun {
@@ -67,11 +103,36 @@ interface ExecRun {
   processSession?: string;
 }
 
+/** An exec let through without a guard (the sidecar was unreachable), for as long as the plugin still asks for one. */
+interface UnguardedExec {
+  identity: TaskIdentity;
+  runId: string;
+  letThroughAt: number;
+  /** after_tool_call's report, once it came. */
+  after?: { status: string; details: Record<string, unknown>; error: string | undefined };
+  /** Backgrounded on the gateway host: the process whose life the guard would follow. */
+  pid?: number;
+  processSession?: string;
+  /** The exec is over, and how it ended. */
+  ended?: ExecEnding;
+}
+
+/** A sessions_spawn's guard: held, or still to come (an approval, a late grant), until its sub-agent ends. */
+interface SpawnRun {
+  identity: TaskIdentity;
+  runId: string;
+  lease: Lease | undefined;
+  /** The spawn or its sub-agent is over: a lease that comes now is released with this. */
+  ending: ExecEnding | undefined;
+}
+
 export interface PluginOptions {
   settings: Settings;
   logger: PluginLogger;
   /** Where the Node client sits; its @grpc/grpc-js is the one the interceptor must come from. */
   nodeClientRoot: string;
+  /** OpenClaw's approval records, to learn who approved a retry (`approvals.ts`). */
+  ledger?: ApprovalLedger;
   /** For tests: a ready client instead of one made from the settings. */
   client?: Client;
   now?: () => Date;
@@ -81,22 +142,35 @@ export class TaskGuardPlugin {
   readonly settings: Settings;
   readonly #logger: PluginLogger;
   readonly #nodeClientRoot: string;
+  readonly #ledger: ApprovalLedger | undefined;
   readonly #now: () => Date;
+  readonly #timing: Timing;
   #client: Client | undefined;
+  #started = false;
+  #closed = false;
   readonly #holderBase = `openclaw@${hostname()}:${process.pid}`;
-  /** sessions_spawn calls by tool call id: the lease being acquired or held for the sub-agent to come. */
-  readonly #spawns = new Map<string, Promise<Lease | undefined>>();
-  /** Accepted sub-agents by child run id. */
-  readonly #children = new Map<string, Lease>();
+  /** sessions_spawn calls by tool call id, until after_tool_call reports the sub-agent. */
+  readonly #spawns = new Map<string, SpawnRun>();
+  /** Accepted sub-agents by child run id (and `session:<child session key>`). */
+  readonly #children = new Map<string, SpawnRun>();
   readonly #earlyEndings = new Map<string, SubagentEndedEvent>();
   readonly #execs = new Map<string, ExecRun>();
+  readonly #unguarded = new Map<string, UnguardedExec>();
+  /** Approved execs' gates by tool call id, until after_tool_call. */
+  readonly #gates = new Map<string, ApprovalGate>();
 
   constructor(options: PluginOptions) {
     this.settings = options.settings;
     this.#logger = options.logger;
     this.#nodeClientRoot = options.nodeClientRoot;
+    this.#ledger = options.ledger;
     this.#client = options.client;
     this.#now = options.now ?? (() => new Date());
+    this.#timing = {
+      budgetMs: this.settings.decisionTimeoutMs,
+      probeMs: PROBE_MS,
+      limitMs: this.settings.maxDecisionMs,
+    };
   }
 
   get client(): Client {
@@ -112,15 +186,67 @@ export class TaskGuardPlugin {
       address: this.settings.address,
       holder: this.#holderBase,
       token,
-      // Lease lifetimes (releases, resumes) get the client's ordinary deadline; decisions get the plugin's budget.
-      deadlineMs: 10_000,
+      // Lease lifetimes (releases, resumes) and acquisitions alike; decision.ts decides when to stop waiting.
+      deadlineMs: this.settings.maxDecisionMs,
       channelOptions: { interceptors: [traceInterceptor(grpc.InterceptingCall)] },
     });
   }
 
+  /**
+   * In the gateway: connect to the sidecar now rather than at the first tool call, and keep the channel
+   * connected. A first call made on a fresh channel needs several turns of the gateway's event loop to
+   * connect, and the loop is at its busiest (and stalls) while the gateway starts.
+   */
+  start(): void {
+    if (this.#started || this.#closed) return;
+    this.#started = true;
+    const client = this.client;
+    const began = performance.now();
+    void this.#keepConnected(client);
+    // Also the first call's one-time work (loading code paths, the optional OpenTelemetry import), done now.
+    client.health({ deadline: Date.now() + this.settings.maxDecisionMs }).then(
+      (status) => {
+        this.#logger.info(
+          `taskguard: connected to the sidecar at ${client.address} (health ${status}, ` +
+            `${Math.round(performance.now() - began)} ms)`,
+        );
+      },
+      (error: unknown) => {
+        if (!this.#closed) {
+          this.#logger.warn(
+            `taskguard: the sidecar at ${client.address} is not reachable yet (${oneLine(messageOf(error))}); ` +
+              `the plugin keeps connecting`,
+          );
+        }
+      },
+    );
+  }
+
+  /** Reconnects whenever the channel goes idle (the sidecar restarted, or grpc-js's idle timer), and says so. */
+  async #keepConnected(client: Client): Promise<void> {
+    let state = client.connectivity(true);
+    let ready = state === "READY";
+    while (!this.#closed) {
+      await client.connectivityChanged(state, Date.now() + CHANNEL_WATCH_MS);
+      if (this.#closed) return;
+      state = client.connectivity(true);
+      if (state === "SHUTDOWN") return;
+      if (ready && state !== "READY") {
+        this.#logger.warn(`taskguard: lost the connection to the sidecar at ${client.address}; reconnecting`);
+      } else if (!ready && state === "READY") {
+        this.#logger.info(`taskguard: connected to the sidecar at ${client.address}`);
+      }
+      ready = state === "READY";
+    }
+  }
+
   close(): void {
+    this.#closed = true;
     for (const run of this.#execs.values()) clearInterval(run.renewal);
     this.#execs.clear();
+    this.#unguarded.clear();
+    for (const gate of this.#gates.values()) gate.close();
+    this.#gates.clear();
     // Held sub-agent guards end ABANDONED: the sidecar sees their streams close.
     this.#client?.close();
   }
@@ -128,6 +254,7 @@ export class TaskGuardPlugin {
   // --- before_tool_call ---------------------------------------------------------------------
 
   async beforeToolCall(event: BeforeToolCallEvent, ctx: ToolContext): Promise<BeforeToolCallResult | undefined> {
+    const arrivedAt = performance.now();
     const tool = guardedTool(event.toolName, this.settings);
     if (tool === undefined) {
       return undefined;
@@ -143,8 +270,8 @@ export class TaskGuardPlugin {
     const runId = randomUUID();
     return withTrace(ctx.trace, () =>
       tool === "exec"
-        ? this.#beforeExec(event, ctx, identity, toolCallId, runId)
-        : this.#beforeSpawn(ctx, identity, toolCallId, runId),
+        ? this.#beforeExec(event, ctx, identity, toolCallId, runId, arrivedAt)
+        : this.#beforeSpawn(ctx, identity, toolCallId, runId, arrivedAt),
     );
   }
 
@@ -154,37 +281,47 @@ export class TaskGuardPlugin {
     identity: TaskIdentity,
     toolCallId: string,
     runId: string,
+    arrivedAt: number,
   ): Promise<BeforeToolCallResult | undefined> {
     const command = typeof event.params.command === "string" ? event.params.command : "";
     if (command.trim() === "") {
       return undefined; // OpenClaw refuses it itself
     }
     const wrapped = this.#wraps(event.params);
-    const started = performance.now();
-    const acquisition = this.client.acquire(identity.taskKey, {
-      runId,
-      ttlMs: this.settings.exec.leaseTtlMs,
-      labels: this.#labels(ctx, "exec", toolCallId),
-      holder: this.#holder(ctx, "exec"),
-      onConflict: "return",
-    });
-    const decision = await this.#within(acquisition, (late) => {
-      if (late.outcome === "ACQUIRED") void this.#cancelLate(identity, late.leaseId);
-    });
-    if (decision.kind !== "answer") {
-      return this.#unavailable(identity, decision, started);
+    const acquire = () =>
+      this.client.acquire(identity.taskKey, {
+        runId,
+        ttlMs: this.settings.exec.leaseTtlMs,
+        labels: this.#labels(ctx, "exec", toolCallId),
+        holder: this.#holder(ctx, "exec"),
+        onConflict: "return",
+      });
+    const acquisition = acquire();
+    const decided = await decide(acquisition, arrivedAt, this.client, this.#timing);
+    const verdict = decided.verdict;
+    if (verdict.kind !== "answer") {
+      const policy = this.#policyFor(identity);
+      if (verdict.kind === "unreachable" && policy === "allow") {
+        this.#logDecision(identity, decided, `${verdict.why}; policy allow: running it WITHOUT a guard`, "warn");
+        this.#letExecThrough(identity, toolCallId, runId, acquisition, acquire);
+        return undefined;
+      }
+      void this.#releaseIfGranted(identity, acquisition);
+      return this.#blocked(identity, decided, policy);
     }
-    const answer = decision.value;
+    const answer = verdict.value;
     if (answer.outcome === "ACQUIRED") {
       this.#trackExec(toolCallId, { identity, runId, leaseId: answer.leaseId, wrapped, renewal: undefined });
-      this.#logger.info(
-        `taskguard: ${identity.taskKey}: acquired run ${runId} for exec` +
-          `${wrapped ? " (wrapped in taskguard run)" : " (TTL lease, no wrapper)"}; session ${ctx.sessionKey ?? "-"}`,
+      this.#logDecision(
+        identity,
+        decided,
+        `acquired run ${runId} for exec${wrapped ? " (wrapped in taskguard run)" : " (TTL lease, no wrapper)"}; ` +
+          `session ${ctx.sessionKey ?? "-"}`,
       );
       return wrapped ? { params: { ...event.params, command: this.#wrap(identity, runId, command) } } : undefined;
     }
     if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx);
+      return this.#alreadyRunning(identity, answer, ctx, decided);
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "exec", command, wrapped, params: event.params });
   }
@@ -194,89 +331,283 @@ export class TaskGuardPlugin {
     identity: TaskIdentity,
     toolCallId: string,
     runId: string,
+    arrivedAt: number,
   ): Promise<BeforeToolCallResult | undefined> {
-    const started = performance.now();
-    const holding = this.client.openHold(identity.taskKey, {
-      runId,
-      labels: this.#labels(ctx, "sessions_spawn", toolCallId),
-      holder: this.#holder(ctx, "sessions_spawn"),
-      onConflict: "return",
-    });
-    const decision = await this.#within(holding, (late) => {
-      if (late instanceof Lease) void late.release("CANCELLED", "the OpenClaw plugin stopped waiting for this answer");
-    });
-    if (decision.kind !== "answer") {
-      return this.#unavailable(identity, decision, started);
+    const hold = () =>
+      this.client.openHold(identity.taskKey, {
+        runId,
+        labels: this.#labels(ctx, "sessions_spawn", toolCallId),
+        holder: this.#holder(ctx, "sessions_spawn"),
+        onConflict: "return",
+      });
+    const holding = hold();
+    const decided = await decide(holding, arrivedAt, this.client, this.#timing);
+    const verdict = decided.verdict;
+    if (verdict.kind !== "answer") {
+      const policy = this.#policyFor(identity);
+      if (verdict.kind === "unreachable" && policy === "allow") {
+        this.#logDecision(identity, decided, `${verdict.why}; policy allow: running it WITHOUT a guard`, "warn");
+        const run: SpawnRun = { identity, runId, lease: undefined, ending: undefined };
+        this.#spawns.set(toolCallId, run);
+        void this.#adoptSpawnLate(run, holding, hold);
+        return undefined;
+      }
+      void holding.then(
+        (late) => {
+          if (late instanceof Lease) void this.#end(late, "CANCELLED", "the call was blocked before the sidecar's grant came");
+        },
+        () => {},
+      );
+      return this.#blocked(identity, decided, policy);
     }
-    const answer = decision.value;
+    const answer = verdict.value;
     if (answer instanceof Lease) {
-      this.#holdForSpawn(toolCallId, identity, Promise.resolve(answer));
-      this.#logger.info(
-        `taskguard: ${identity.taskKey}: acquired run ${runId} for sessions_spawn, held until subagent_ended; ` +
-          `session ${ctx.sessionKey ?? "-"}`,
+      this.#spawns.set(toolCallId, { identity, runId, lease: answer, ending: undefined });
+      this.#watchLost(identity, answer);
+      this.#logDecision(
+        identity,
+        decided,
+        `acquired run ${runId} for sessions_spawn, held until subagent_ended; session ${ctx.sessionKey ?? "-"}`,
       );
       return undefined;
     }
     if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx);
+      return this.#alreadyRunning(identity, answer, ctx, decided);
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "sessions_spawn" });
   }
 
-  #alreadyRunning(identity: TaskIdentity, conflict: Conflict, ctx: ToolContext): BeforeToolCallResult {
-    this.#logger.info(
-      `taskguard: ${identity.taskKey}: already running as run ${conflict.runId}; blocked the call from ` +
-        `session ${ctx.sessionKey ?? "-"}`,
+  #policyFor(identity: TaskIdentity): UnavailablePolicy {
+    return identity.onUnavailable ?? this.settings.onUnavailable;
+  }
+
+  /** The call is blocked: the sidecar is unreachable under policy block, or it is up and did not grant it. */
+  #blocked(identity: TaskIdentity, decided: Decided<unknown>, policy: UnavailablePolicy): BeforeToolCallResult {
+    const verdict = decided.verdict;
+    if (verdict.kind === "unreachable") {
+      this.#logDecision(identity, decided, `${verdict.why}; policy ${policy}: the call is blocked`, "warn");
+      return { block: true, blockReason: unavailableReason(identity.taskName, verdict.why) };
+    }
+    const why =
+      verdict.kind === "refused"
+        ? `the sidecar refused the call: ${oneLine(messageOf(verdict.error))}`
+        : verdict.kind === "unanswered"
+          ? verdict.why
+          : "no answer";
+    this.#logDecision(identity, decided, `${why}; the sidecar is up, so the call is blocked`, "warn");
+    return { block: true, blockReason: notConfirmedReason(identity.taskName, why) };
+  }
+
+  #logDecision(identity: TaskIdentity, decided: Decided<unknown>, what: string, level: "info" | "warn" = "info"): void {
+    const stalled =
+      decided.stalledMs >= 50 ? `; the gateway's event loop was blocked ${Math.round(decided.stalledMs)} ms meanwhile` : "";
+    this.#logger[level](`taskguard: ${identity.taskKey}: ${what} (decided in ${Math.round(decided.tookMs)} ms${stalled})`);
+  }
+
+  #alreadyRunning(identity: TaskIdentity, conflict: Conflict, ctx: ToolContext, decided: Decided<unknown>): BeforeToolCallResult {
+    this.#logDecision(
+      identity,
+      decided,
+      `already running as run ${conflict.runId}; blocked the call from session ${ctx.sessionKey ?? "-"}`,
     );
     return { block: true, blockReason: alreadyRunningReason(identity.taskName, conflict.guard, this.#now()) };
   }
 
+  // --- late grants: a task let through without a guard takes one that comes while it runs ------
+
+  #letExecThrough(
+    identity: TaskIdentity,
+    toolCallId: string,
+    runId: string,
+    acquisition: Promise<Acquired | Conflict>,
+    acquire: () => Promise<Acquired | Conflict>,
+  ): void {
+    const unguarded: UnguardedExec = { identity, runId, letThroughAt: performance.now() };
+    this.#unguarded.set(toolCallId, unguarded);
+    void this.#adoptExecLate(toolCallId, unguarded, acquisition, acquire);
+  }
+
+  async #adoptExecLate(
+    toolCallId: string,
+    unguarded: UnguardedExec,
+    first: Promise<Acquired | Conflict>,
+    again: () => Promise<Acquired | Conflict>,
+  ): Promise<void> {
+    const { identity, runId } = unguarded;
+    const answer = await this.#askWhileRunning(identity, first, again, () => this.#execStillRuns(unguarded));
+    this.#unguarded.delete(toolCallId);
+    if (answer === undefined) return;
+    const after = Math.round(performance.now() - unguarded.letThroughAt);
+    if (answer.outcome !== "ACQUIRED") {
+      this.#logger.warn(
+        `taskguard: ${identity.taskKey}: the exec let through WITHOUT a guard is a second run: the sidecar ` +
+          `answered ${answer.outcome} ${after} ms later (run ${answer.runId}, holder ${answer.holder})`,
+      );
+      return;
+    }
+    const run: ExecRun = { identity, runId, leaseId: answer.leaseId, wrapped: false, renewal: undefined };
+    if (this.#closed) return;
+    if (unguarded.ended !== undefined) {
+      this.#logger.warn(
+        `taskguard: ${identity.taskKey}: the sidecar granted run ${runId} ${after} ms after the exec was let ` +
+          `through WITHOUT a guard, once the exec had ended; releasing it as the exec ended`,
+      );
+      this.#execs.set(toolCallId, run);
+      await this.#endFallback(toolCallId, ...unguarded.ended);
+      return;
+    }
+    this.#logger.warn(
+      `taskguard: ${identity.taskKey}: guarded late: the sidecar granted run ${runId} ${after} ms after the exec ` +
+        `was let through WITHOUT a guard; the plugin holds the guard until the exec ends`,
+    );
+    this.#trackExec(toolCallId, run);
+    if (unguarded.after !== undefined) {
+      // after_tool_call came first: the exec went to the background.
+      const { status, details, error } = unguarded.after;
+      await this.#fallbackAfterExec(toolCallId, run, status, details, error);
+    }
+  }
+
+  #execStillRuns(unguarded: UnguardedExec): boolean {
+    if (unguarded.ended === undefined && unguarded.pid !== undefined && !alive(unguarded.pid)) {
+      unguarded.ended = ["SUCCEEDED", "the process is gone; its exit status was not observed"];
+    }
+    return unguarded.ended === undefined;
+  }
+
+  async #adoptSpawnLate(
+    run: SpawnRun,
+    first: Promise<Lease | Conflict>,
+    again: () => Promise<Lease | Conflict>,
+  ): Promise<void> {
+    const letThroughAt = performance.now();
+    const answer = await this.#askWhileRunning(run.identity, first, again, () => run.ending === undefined);
+    if (answer === undefined) return;
+    const after = Math.round(performance.now() - letThroughAt);
+    if (!(answer instanceof Lease)) {
+      this.#logger.warn(
+        `taskguard: ${run.identity.taskKey}: the sub-agent let through WITHOUT a guard is a second run: the ` +
+          `sidecar answered ${answer.outcome} ${after} ms later (run ${answer.runId}, holder ${answer.holder})`,
+      );
+      return;
+    }
+    this.#logger.warn(
+      run.ending === undefined
+        ? `taskguard: ${run.identity.taskKey}: guarded late: the sidecar granted run ${run.runId} ${after} ms ` +
+            `after the sub-agent was let through WITHOUT a guard; held until subagent_ended`
+        : `taskguard: ${run.identity.taskKey}: the sidecar granted run ${run.runId} ${after} ms after the ` +
+            `sub-agent was let through WITHOUT a guard, once it had ended; releasing it as it ended`,
+    );
+    this.#attach(run, answer);
+  }
+
   /**
-   * The last run failed: ask the person through OpenClaw's plugin approval
-   * (answered in a chat with `/approve <id> allow-once`, or in the Control UI).
-   *
-   * OpenClaw calls `onResolution` without awaiting it and runs the tool right
-   * after an allow, so the plugin cannot make the tool wait for its
-   * ApproveRetry. For a wrapped exec the approval is therefore also part of the
-   * approved command itself (`taskguard approve-retry ...; exec taskguard run ...`,
-   * the parameters OpenClaw applies only once allowed), which orders it before
-   * the run; whichever of the two lands first approves, the other is refused
-   * harmlessly. For sessions_spawn the plugin approves and acquires from
-   * `onResolution` while OpenClaw starts the sub-agent.
+   * The sidecar's answer to a call let through without a guard, asking again (same run id, so never two
+   * runs) each time the client gives up without one, for as long as the task runs; undefined if none came.
    */
-  #askToRetry(
+  async #askWhileRunning<T>(
+    identity: TaskIdentity,
+    first: Promise<T>,
+    again: () => Promise<T>,
+    running: () => boolean,
+  ): Promise<T | undefined> {
+    const giveUpAt = performance.now() + LATE_GRANT_WINDOW_MS;
+    let attempt = first;
+    for (;;) {
+      try {
+        return await attempt;
+      } catch (error) {
+        if (!isNoAnswer(error) || this.#closed || !running() || performance.now() > giveUpAt) {
+          if (!this.#closed) {
+            this.#logger.warn(
+              `taskguard: ${identity.taskKey}: ran WITHOUT a guard to the end: ${oneLine(messageOf(error))}`,
+            );
+          }
+          return undefined;
+        }
+        attempt = again();
+      }
+    }
+  }
+
+  async #releaseIfGranted(identity: TaskIdentity, acquisition: Promise<Acquired | Conflict>): Promise<void> {
+    let answer: Acquired | Conflict;
+    try {
+      answer = await acquisition;
+    } catch {
+      return;
+    }
+    if (answer.outcome !== "ACQUIRED") return;
+    await this.client
+      .release(answer.leaseId, "CANCELLED", "the call was blocked before the sidecar's grant came")
+      .catch(() => {});
+    this.#logger.warn(`taskguard: ${identity.taskKey}: a grant that came after the call was blocked was released CANCELLED`);
+  }
+
+  // --- retries that need an approval ----------------------------------------------------------
+
+  /**
+   * The last run failed: ask a person through OpenClaw's plugin approval (`/approve <id> allow-once` in a
+   * chat, `openclaw approvals resolve`, the Control UI).
+   *
+   * OpenClaw calls `onResolution` without awaiting it and runs the tool right after an allow. There the
+   * plugin looks up who approved in OpenClaw's ledger (`approvals.ts`), approves the retry with that
+   * approver, and acquires the run. A wrapped exec waits for that at its gate (`gate.ts`): the approved
+   * command runs `taskguard run` only once the plugin says `go`. A sub-agent cannot wait: OpenClaw starts
+   * it while the plugin approves and acquires, and its guard comes a moment later.
+   *
+   * A run that cannot show an approval (no chat: `openclaw agent` from a command line, a scheduled run)
+   * would only get OpenClaw's "Plugin approval unavailable"; it is blocked with what to do instead.
+   */
+  async #askToRetry(
     identity: TaskIdentity,
     failed: Guard,
     ctx: ToolContext,
     toolCallId: string,
     runId: string,
     call: { tool: "exec"; command: string; wrapped: boolean; params: Record<string, unknown> } | { tool: "sessions_spawn" },
-  ): BeforeToolCallResult {
-    const approver = approverOf(ctx);
-    const channel = ctx.requester?.channel ?? ctx.channelId;
-    const reason = approvalReason(approver, channel, identity.taskName);
-    const { title, description } = approvalPrompt(identity.taskName, failed);
+  ): Promise<BeforeToolCallResult> {
+    if (cannotShowApprovals(ctx)) {
+      this.#logger.info(
+        `taskguard: ${identity.taskKey}: run ${failed.runId} ended ${failed.state}; session ` +
+          `${ctx.sessionKey ?? "-"} cannot show an approval (no chat), so the call is blocked with how to approve`,
+      );
+      return { block: true, blockReason: approvalUnavailableReason(identity.taskName, identity.taskKey, failed) };
+    }
+    let gate: ApprovalGate | undefined;
+    if (call.tool === "exec" && call.wrapped) {
+      try {
+        gate = await ApprovalGate.open(this.settings.approval.timeoutMs + GATE_LINGER_MS);
+      } catch (error) {
+        this.#logger.warn(`taskguard: ${identity.taskKey}: cannot prepare the approved run's gate: ${messageOf(error)}`);
+        return { block: true, blockReason: approvalUnavailableReason(identity.taskName, identity.taskKey, failed) };
+      }
+      this.#gates.set(toolCallId, gate);
+    }
+    this.#ledger?.prepare();
+    const { title, description } = approvalPrompt(identity.taskName, failed, runId);
     this.#logger.info(
       `taskguard: ${identity.taskKey}: run ${failed.runId} ended ${failed.state}; asking for an approval ` +
-        `(session ${ctx.sessionKey ?? "-"})`,
+        `(session ${ctx.sessionKey ?? "-"}; the retry would be run ${runId})`,
     );
     // Returns a promise of its follow-up work for whoever waits (OpenClaw does not).
     const onResolution = (decision: string): Promise<void> => {
       if (decision !== "allow-once" && decision !== "allow-always") {
+        gate?.say(`not approved (${decision})`);
+        gate?.close();
+        this.#gates.delete(toolCallId);
         this.#logger.info(`taskguard: ${identity.taskKey}: retry not approved (${decision}); it stays blocked`);
         return Promise.resolve();
       }
-      const approved = this.#approve(identity, approver, reason);
       if (call.tool === "sessions_spawn") {
         // Synchronously, before OpenClaw starts the tool: after_tool_call must find this entry.
-        const lease = approved.then(() => this.#holdAfterApproval(identity, ctx, toolCallId, runId));
-        this.#holdForSpawn(toolCallId, identity, lease);
-        return lease.then(() => {});
+        const run: SpawnRun = { identity, runId, lease: undefined, ending: undefined };
+        this.#spawns.set(toolCallId, run);
+        return this.#approve(identity, ctx, runId).then(() => this.#holdAfterApproval(run, ctx, toolCallId));
       }
-      if (!call.wrapped) {
-        return approved.then(() => this.#fallbackAfterApproval(identity, ctx, toolCallId, runId));
-      }
-      return approved;
+      return this.#approve(identity, ctx, runId).then(() =>
+        this.#acquireAfterApproval(identity, ctx, toolCallId, runId, call.wrapped, gate),
+      );
     };
     const result: BeforeToolCallResult = {
       requireApproval: {
@@ -289,37 +620,63 @@ export class TaskGuardPlugin {
         onResolution,
       },
     };
-    if (call.tool === "exec" && call.wrapped) {
-      const command = this.#wrap(identity, runId, call.command, { approver, reason });
-      result.params = { ...call.params, command };
+    if (call.tool === "exec" && call.wrapped && gate !== undefined) {
+      result.params = { ...call.params, command: this.#wrap(identity, runId, call.command, gate.path) };
     }
     return result;
   }
 
-  async #approve(identity: TaskIdentity, approver: string, reason: string): Promise<void> {
+  async #approve(identity: TaskIdentity, ctx: ToolContext, retryRunId: string): Promise<void> {
+    const { approver, reason } = await this.#whoApproved(identity, ctx, retryRunId);
     try {
       await this.client.approveRetry(identity.taskKey, { approver, reason });
       this.#logger.info(`taskguard: ${identity.taskKey}: retry approved by ${approver}`);
     } catch (error) {
-      // FAILED_PRECONDITION when the wrapped command's own approve-retry came first.
+      // FAILED_PRECONDITION: someone approved it already (`taskguard approve-retry`), or it is running again.
       this.#logger.info(`taskguard: ${identity.taskKey}: approve-retry: ${messageOf(error)}`);
     }
   }
 
-  async #holdAfterApproval(
+  /** The approver as OpenClaw recorded it, found by the retry's run id in the approval's description. */
+  async #whoApproved(
     identity: TaskIdentity,
     ctx: ToolContext,
-    toolCallId: string,
-    runId: string,
-  ): Promise<Lease | undefined> {
+    retryRunId: string,
+  ): Promise<{ approver: string; reason: string }> {
+    const asked = { taskName: identity.taskName, requester: requesterOf(ctx), sessionKey: ctx.sessionKey };
+    let why = "OpenClaw's approval records are not available to the plugin here";
+    if (this.#ledger !== undefined) {
+      try {
+        const found = await withTimeout(
+          this.#ledger.find(retryRunId, ctx.sessionKey),
+          APPROVER_LOOKUP_MS,
+          "the lookup timed out",
+        );
+        if (found !== undefined) {
+          return { approver: found.approver, reason: approvalReason({ ...asked, approvalId: found.id }) };
+        }
+        why = "the approval is not in OpenClaw's approval history";
+      } catch (error) {
+        why = oneLine(messageOf(error));
+      }
+    }
+    this.#logger.warn(`taskguard: ${identity.taskKey}: cannot tell who approved the retry (${why}); recorded as ${UNKNOWN_APPROVER}`);
+    return { approver: UNKNOWN_APPROVER, reason: approvalReason({ ...asked, approvalId: undefined, unknownBecause: why }) };
+  }
+
+  async #holdAfterApproval(run: SpawnRun, ctx: ToolContext, toolCallId: string): Promise<void> {
+    const { identity } = run;
     try {
       const answer = await this.client.openHold(identity.taskKey, {
-        runId,
+        runId: run.runId,
         labels: this.#labels(ctx, "sessions_spawn", toolCallId),
         holder: this.#holder(ctx, "sessions_spawn"),
         onConflict: "return",
       });
-      if (answer instanceof Lease) return answer;
+      if (answer instanceof Lease) {
+        this.#attach(run, answer);
+        return;
+      }
       this.#logger.warn(
         `taskguard: ${identity.taskKey}: after the approval, ${answer.outcome} (run ${answer.runId}); ` +
           `the approved sub-agent started without the guard`,
@@ -327,10 +684,18 @@ export class TaskGuardPlugin {
     } catch (error) {
       this.#logger.warn(`taskguard: ${identity.taskKey}: after the approval: ${messageOf(error)}`);
     }
-    return undefined;
   }
 
-  async #fallbackAfterApproval(identity: TaskIdentity, ctx: ToolContext, toolCallId: string, runId: string): Promise<void> {
+  /** The approved exec's run; a wrapped exec waiting at its gate is told `go` once the run is the plugin's. */
+  async #acquireAfterApproval(
+    identity: TaskIdentity,
+    ctx: ToolContext,
+    toolCallId: string,
+    runId: string,
+    wrapped: boolean,
+    gate: ApprovalGate | undefined,
+  ): Promise<void> {
+    let word = "the sidecar did not answer";
     try {
       const answer = await this.client.acquire(identity.taskKey, {
         runId,
@@ -340,30 +705,18 @@ export class TaskGuardPlugin {
         onConflict: "return",
       });
       if (answer.outcome === "ACQUIRED") {
-        this.#trackExec(toolCallId, { identity, runId, leaseId: answer.leaseId, wrapped: false, renewal: undefined });
+        this.#trackExec(toolCallId, { identity, runId, leaseId: answer.leaseId, wrapped, renewal: undefined });
+        word = "go";
         return;
       }
+      word = `${answer.outcome.toLowerCase().replaceAll("_", " ")} (run ${answer.runId})`;
       this.#logger.warn(`taskguard: ${identity.taskKey}: after the approval, ${answer.outcome} (run ${answer.runId})`);
     } catch (error) {
+      word = `the sidecar did not grant it: ${oneLine(messageOf(error))}`;
       this.#logger.warn(`taskguard: ${identity.taskKey}: after the approval: ${messageOf(error)}`);
+    } finally {
+      gate?.say(word);
     }
-  }
-
-  #unavailable(
-    identity: TaskIdentity,
-    decision: { kind: "error"; error: unknown } | { kind: "timeout" },
-    started: number,
-  ): BeforeToolCallResult | undefined {
-    const policy: UnavailablePolicy = identity.onUnavailable ?? this.settings.onUnavailable;
-    const budget = this.settings.decisionTimeoutMs;
-    const why = decision.kind === "timeout" ? "the sidecar did not answer" : oneLine(messageOf(decision.error));
-    const took = `decided in ${Math.round(performance.now() - started)} ms`;
-    if (policy === "block") {
-      this.#logger.warn(`taskguard: ${identity.taskKey}: ${why}; policy block: the call is blocked (${took})`);
-      return { block: true, blockReason: unavailableReason(identity.taskName, why, budget) };
-    }
-    this.#logger.warn(`taskguard: ${identity.taskKey}: ${why}; policy allow: running it WITHOUT a guard (${took})`);
-    return undefined;
   }
 
   // --- after_tool_call, subagent_ended -----------------------------------------------------
@@ -386,11 +739,27 @@ export class TaskGuardPlugin {
   }
 
   async #afterExec(toolCallId: string, details: Record<string, unknown>, error: string | undefined): Promise<void> {
+    const status = typeof details.status === "string" ? details.status : error ? "error" : "unknown";
+    const gate = this.#gates.get(toolCallId);
+    if (gate !== undefined) {
+      this.#gates.delete(toolCallId);
+      if (status === "running") gate.closeAfter(GATE_LINGER_MS);
+      else gate.close();
+    }
+    const unguarded = this.#unguarded.get(toolCallId);
+    if (unguarded !== undefined) {
+      unguarded.after = { status, details, error };
+      if (status === "running") {
+        unguarded.pid = typeof details.pid === "number" ? details.pid : undefined;
+        unguarded.processSession = typeof details.sessionId === "string" ? details.sessionId : undefined;
+      } else {
+        unguarded.ended = endingOf(status, details, error);
+      }
+    }
     const run = this.#execs.get(toolCallId);
     if (run === undefined) {
       return;
     }
-    const status = typeof details.status === "string" ? details.status : error ? "error" : "unknown";
     if (run.wrapped) {
       this.#forgetExec(toolCallId);
       // Backgrounded: the wrapper may still be starting; the lease's TTL covers that, and an exec that
@@ -458,6 +827,9 @@ export class TaskGuardPlugin {
     if (session === undefined || status === undefined || status === "running") {
       return;
     }
+    for (const unguarded of this.#unguarded.values()) {
+      if (unguarded.processSession === session) unguarded.ended ??= endingOf(status, details, undefined);
+    }
     const ended = [...this.#execs].filter(([, run]) => !run.wrapped && run.processSession === session);
     await Promise.all(
       ended.map(([toolCallId]) => this.#endFallback(toolCallId, ...endingOf(status, details, undefined))),
@@ -476,26 +848,22 @@ export class TaskGuardPlugin {
   }
 
   async #afterSpawn(toolCallId: string, details: Record<string, unknown>, error: string | undefined): Promise<void> {
-    const pending = this.#spawns.get(toolCallId);
-    if (pending === undefined) {
+    const run = this.#spawns.get(toolCallId);
+    if (run === undefined) {
       return;
     }
     this.#spawns.delete(toolCallId);
-    const lease = await pending;
-    if (lease === undefined) {
-      return;
-    }
     const childRunId = typeof details.runId === "string" ? details.runId : undefined;
     if (details.status !== "accepted" || childRunId === undefined) {
       const why = error ?? (typeof details.error === "string" ? details.error : String(details.status ?? "unknown"));
-      await this.#end(lease, "CANCELLED", `sessions_spawn did not start a sub-agent: ${why}`);
+      await this.#finishSpawn(run, ["CANCELLED", `sessions_spawn did not start a sub-agent: ${why}`]);
       return;
     }
-    this.#children.set(childRunId, lease);
+    this.#children.set(childRunId, run);
     if (typeof details.childSessionKey === "string") {
-      this.#children.set(`session:${details.childSessionKey}`, lease); // when an ending names only the session
+      this.#children.set(`session:${details.childSessionKey}`, run); // when an ending names only the session
     }
-    this.#logger.info(`taskguard: ${lease.taskKey}: run ${lease.runId} is sub-agent run ${childRunId}`);
+    this.#logger.info(`taskguard: ${run.identity.taskKey}: run ${run.runId} is sub-agent run ${childRunId}`);
     const early = this.#earlyEndings.get(childRunId);
     if (early !== undefined) {
       this.#earlyEndings.delete(childRunId);
@@ -506,8 +874,8 @@ export class TaskGuardPlugin {
   async subagentEnded(event: SubagentEndedEvent, ctx: SubagentContext): Promise<void> {
     const childRunId = event.runId ?? ctx.runId;
     const bySession = `session:${event.targetSessionKey}`;
-    const lease = (childRunId === undefined ? undefined : this.#children.get(childRunId)) ?? this.#children.get(bySession);
-    if (lease === undefined) {
+    const run = (childRunId === undefined ? undefined : this.#children.get(childRunId)) ?? this.#children.get(bySession);
+    if (run === undefined) {
       if (childRunId === undefined) {
         return;
       }
@@ -519,10 +887,29 @@ export class TaskGuardPlugin {
       return;
     }
     for (const [key, held] of this.#children) {
-      if (held === lease) this.#children.delete(key);
+      if (held === run) this.#children.delete(key);
     }
-    const [status, detail] = subagentEnding(event);
-    await this.#end(lease, status, detail);
+    await this.#finishSpawn(run, subagentEnding(event));
+  }
+
+  /** The spawn or its sub-agent is over: its guard is released now, or as soon as it comes. */
+  async #finishSpawn(run: SpawnRun, ending: ExecEnding): Promise<void> {
+    run.ending = ending;
+    const lease = run.lease;
+    run.lease = undefined;
+    if (lease !== undefined) {
+      await this.#end(lease, ...ending);
+    }
+  }
+
+  /** A sub-agent's guard that came after the call (an approval, a late grant). */
+  #attach(run: SpawnRun, lease: Lease): void {
+    if (run.ending !== undefined) {
+      void this.#end(lease, ...run.ending);
+      return;
+    }
+    run.lease = lease;
+    this.#watchLost(run.identity, lease);
   }
 
   async #end(lease: Lease, status: RunStatus, detail: string): Promise<void> {
@@ -536,12 +923,11 @@ export class TaskGuardPlugin {
 
   // --- plumbing -----------------------------------------------------------------------------
 
-  #holdForSpawn(toolCallId: string, identity: TaskIdentity, lease: Promise<Lease | undefined>): void {
-    this.#spawns.set(toolCallId, lease);
-    void lease.then((held) => {
-      void held?.lost.then((lost) => {
-        this.#logger.warn(`taskguard: ${identity.taskKey}: lost the guard of run ${held.runId}: ${lost.message}`);
-      });
+  #watchLost(identity: TaskIdentity, lease: Lease): void {
+    void lease.lost.then((lost) => {
+      if (!this.#closed) {
+        this.#logger.warn(`taskguard: ${identity.taskKey}: lost the guard of run ${lease.runId}: ${lost.message}`);
+      }
     });
   }
 
@@ -575,7 +961,7 @@ export class TaskGuardPlugin {
     }
   }
 
-  #wrap(identity: TaskIdentity, runId: string, command: string, approve?: { approver: string; reason: string }): string {
+  #wrap(identity: TaskIdentity, runId: string, command: string, gate?: string): string {
     return wrapCommand({
       taskguardBin: this.settings.taskguardBin,
       address: this.settings.address,
@@ -583,7 +969,7 @@ export class TaskGuardPlugin {
       taskKey: identity.taskKey,
       runId,
       command,
-      approve,
+      gate,
     });
   }
 
@@ -600,35 +986,6 @@ export class TaskGuardPlugin {
   #holder(ctx: ToolContext, tool: GuardedTool): string {
     return `${this.#holderBase} ${ctx.sessionKey ?? "-"} (${tool})`;
   }
-
-  /** The work's answer, an error, or "timeout" after the budget; `late` gets an answer that came after. */
-  async #within<T>(work: Promise<T>, late: (value: T) => void): Promise<Decision<T>> {
-    let timer: NodeJS.Timeout | undefined;
-    let timedOut = false;
-    const budget = new Promise<Decision<T>>((resolve) => {
-      timer = setTimeout(() => {
-        timedOut = true;
-        resolve({ kind: "timeout" });
-      }, this.settings.decisionTimeoutMs);
-    });
-    const answer = work.then(
-      (value): Decision<T> => {
-        if (timedOut) late(value);
-        return { kind: "answer", value };
-      },
-      (error: unknown): Decision<T> => ({ kind: "error", error }),
-    );
-    try {
-      return await Promise.race([answer, budget]);
-    } finally {
-      clearTimeout(timer);
-    }
-  }
-
-  async #cancelLate(identity: TaskIdentity, leaseId: string): Promise<void> {
-    await this.client.release(leaseId, "CANCELLED", "the OpenClaw plugin stopped waiting for this answer").catch(() => {});
-    this.#logger.warn(`taskguard: ${identity.taskKey}: a late acquisition was released CANCELLED`);
-  }
 }
 
 // --- small pure helpers ---------------------------------------------------------------------------
@@ -639,13 +996,22 @@ export function guardedTool(toolName: string, settings: Settings): GuardedTool |
   return undefined;
 }
 
-/** Who asked, as the approver of a retry: `<channel>:<sender>`. */
-export function approverOf(ctx: ToolContext): string {
+/** Who asked for the retry: `<channel>:<sender>` (recorded in the approval's reason, not as its approver). */
+export function requesterOf(ctx: ToolContext): string {
   const requester = ctx.requester;
   const channel = requester?.channel ?? ctx.channelId ?? "openclaw";
   const sender = requester?.senderId ?? (requester?.senderIsOwner ? "owner" : "unknown-sender");
   const account = requester?.accountId ? `${requester.accountId}/` : "";
   return `${channel}:${account}${sender}`;
+}
+
+/**
+ * A run OpenClaw cannot show a plugin approval in: no chat it came from (OpenClaw 2026.9.6 refuses those with
+ * "Plugin approval unavailable": `openclaw agent` from a command line, cron and heartbeat runs). OpenClaw
+ * gives hooks the turn's message requester only for message runs.
+ */
+export function cannotShowApprovals(ctx: ToolContext): boolean {
+  return ctx.requester?.channel === undefined && ctx.channelId === undefined;
 }
 
 export function subagentEnding(event: SubagentEndedEvent): [RunStatus, string] {
@@ -683,6 +1049,18 @@ function alive(pid: number): boolean {
     return true;
   } catch (error) {
     return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+async function withTimeout<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(what)), ms);
+  });
+  try {
+    return await Promise.race([work, timeout]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

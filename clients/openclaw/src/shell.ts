@@ -1,13 +1,15 @@
 /**
  * The exec rewrite: run the model's command under `taskguard run`, pure functions.
  *
- * OpenClaw runs an exec's `command` with bash. The rewritten command starts
+ * OpenClaw runs an exec's `command` with the gateway user's shell ($SHELL, else
+ * sh), so the rewrite is plain POSIX sh. The rewritten command starts
  * `taskguard run KEY --run-id RUN -- /bin/sh -c '<command>'`: `taskguard run`
  * acquires over a Hold stream with the run id the plugin already holds, which
  * hands it the plugin's lease (same run id, same caller) bound to its own
  * stream. From then on the guard lives exactly as long as the command: exit 0
  * is SUCCEEDED, any other exit FAILED with the code, a killed wrapper ABANDONED,
- * whatever happens to the gateway.
+ * whatever happens to the gateway. An approved retry first waits at the
+ * plugin's gate (`gate.ts`) until its approval and its run are in place.
  */
 
 /** POSIX single quotes: the only character that needs care inside them is the quote itself. */
@@ -23,12 +25,15 @@ export interface WrapOptions {
   runId: string;
   command: string;
   /**
-   * Approve the retry first, in the same shell, just before the run: OpenClaw
-   * runs the tool without waiting for the plugin's `onResolution`, so an
-   * approval made only there could land after `taskguard run` asks.
+   * An approved retry: first read one line from this FIFO (`gate.ts`), and run only if it says `go`.
+   * OpenClaw starts the approved tool without waiting for the plugin's `onResolution`, which must first
+   * learn who approved, approve the retry and acquire its run.
    */
-  approve?: { approver: string; reason: string };
+  gate?: string;
 }
+
+/** What an approved exec exits with when its run was not let through (as `taskguard run` does for "needs approval"). */
+export const GATE_REFUSED_EXIT = 76;
 
 export function wrapCommand(options: WrapOptions): string {
   const tg = shellQuote(options.taskguardBin);
@@ -38,12 +43,15 @@ export function wrapCommand(options: WrapOptions): string {
   const run =
     `exec ${tg} ${addr} run ${key} --run-id ${shellQuote(options.runId)} -- ` +
     `/bin/sh -c ${shellQuote(options.command)}`;
-  if (options.approve === undefined) {
+  if (options.gate === undefined) {
     return run;
   }
-  // Exit code 67 (the guard is no longer FAILED: the plugin's own approval got there first) is expected.
-  const approve =
-    `${tg} ${addr} approve-retry ${key} --approver ${shellQuote(options.approve.approver)} ` +
-    `--reason ${shellQuote(options.approve.reason)} >/dev/null 2>&1`;
-  return `${approve}; ${run}`;
+  // POSIX sh: the plugin holds the FIFO open, so this open does not block; EOF (the gateway is gone) or a
+  // FIFO already removed leaves the word empty.
+  const wait =
+    `taskguard_gate=; { IFS= read -r taskguard_gate < ${shellQuote(options.gate)}; } 2>/dev/null; ` +
+    `if [ "$taskguard_gate" != go ]; then ` +
+    `echo "Task Guard: the approved retry was not started: \${taskguard_gate:-the OpenClaw plugin did not answer}" >&2; ` +
+    `exit ${GATE_REFUSED_EXIT}; fi`;
+  return `${wait}; ${run}`;
 }

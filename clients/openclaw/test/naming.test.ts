@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { resolveSettings } from "../src/config.ts";
-import { alreadyRunningReason, approvalPrompt } from "../src/messages.ts";
+import { alreadyRunningReason, approvalPrompt, approvalUnavailableReason } from "../src/messages.ts";
 import { describeCall, identify, normaliseCommand, safeName } from "../src/naming.ts";
 import { shellQuote, wrapCommand } from "../src/shell.ts";
 import { traceparentOf } from "../src/trace.ts";
@@ -78,9 +78,23 @@ describe("texts", () => {
   });
 
   test("the approval prompt gives the failed run's time and exit code, within the Gateway's limits", () => {
-    const { title, description } = approvalPrompt("nightly-report", guard);
+    const { title, description } = approvalPrompt("nightly-report", guard, "retry-run-7");
     assert.ok(title.length <= 80 && description.length <= 512);
     assert.ok(description.includes("2026-01-01T10:05:00.000Z") && description.includes("exit code 3"), description);
+  });
+
+  test("the approval prompt keeps the retry's run id (how the plugin finds it in OpenClaw's ledger) for any task", () => {
+    const long = { ...guard, lastDetail: "x".repeat(4000) } as Guard;
+    const { description } = approvalPrompt("n".repeat(2000), long, "c0ffee00-0000-4000-8000-000000000001");
+    assert.ok(description.length <= 512, `${description.length}`);
+    assert.ok(description.includes("c0ffee00-0000-4000-8000-000000000001"), description);
+  });
+
+  test("a run that cannot show an approval is told when and how the last run failed, and how to approve", () => {
+    const reason = approvalUnavailableReason("nightly-report", "agent:ops::nightly-report", guard);
+    for (const part of ["not started", "run-1", "2026-01-01T10:05:00.000Z", "exit code 3", "taskguard approve-retry agent:ops::nightly-report", "/approve"]) {
+      assert.ok(reason.includes(part), `${part} in ${reason}`);
+    }
   });
 });
 
@@ -104,16 +118,16 @@ describe("the exec wrapper", () => {
     );
   });
 
-  test("an approved retry approves in the same shell before the run", () => {
+  test("an approved retry reads its gate first and runs only on go", () => {
     const command = wrapCommand({
       taskguardBin: "tg",
       address: "unix:/s",
       taskKey: "k::n",
       runId: "r",
       command: "true",
-      approve: { approver: "discord:u1", reason: "ok" },
+      gate: "/tmp/g/gate",
     });
-    assert.match(command, /^tg --addr unix:\/s approve-retry k::n --approver discord:u1 --reason ok >\/dev\/null 2>&1; exec tg /);
+    assert.match(command, /^taskguard_gate=; \{ IFS= read -r taskguard_gate < \/tmp\/g\/gate; \} 2>\/dev\/null; if \[ "\$taskguard_gate" != go \]; then .*exit 76; fi; exec tg --addr unix:\/s run k::n --run-id r -- \/bin\/sh -c true$/);
   });
 });
 
