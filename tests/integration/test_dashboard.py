@@ -748,7 +748,7 @@ async def _acquire_many(client: AsyncClient, keys: list[str], concurrency: int =
     gate = asyncio.Semaphore(concurrency)
 
     async def one(task_key: str) -> Lease:
-        async with gate:  # a holder per session: the sidecar caps the guards one holder may run
+        async with gate:
             return await client.acquire(task_key, ttl=3600, holder=f"worker-{task_key.split('::')[0]}")
 
     return await asyncio.gather(*(one(task_key) for task_key in keys))
@@ -762,8 +762,10 @@ async def _metrics(page: Page) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_ten_thousand_guards_load_and_filter_without_freezing(
-    guarded: SidecarProcess, dashboards: Dashboards, open_page: OpenPage
+    sidecar_factory: Callable[..., SidecarProcess], token_file: Path, dashboards: Dashboards, open_page: OpenPage
 ) -> None:
+    # One caller holds them all here, and the sidecar caps the guards one caller may run.
+    guarded = sidecar_factory("--operator-token-file", str(token_file), "--max-guards-per-holder", str(2 * GUARDS))
     prefix = "load"
     keys = list(_ten_thousand_keys(prefix))
     async with AsyncClient(guarded.address) as client:
