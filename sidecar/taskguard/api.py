@@ -128,6 +128,12 @@ def _answer(
             except (asyncio.CancelledError, aio.AbortError):
                 span.status("CANCELLED", grpc.StatusCode.CANCELLED.value[0], "")
                 raise
+            except aio.InternalError:
+                # A stream write failed in grpc core: the caller closed the stream while it was in flight.
+                # There is no one left to answer; grpc's server ignores this for a closed call, and logs it
+                # otherwise, so it goes back to grpc rather than becoming an INTERNAL status here.
+                span.status("CANCELLED", grpc.StatusCode.CANCELLED.value[0], "the caller closed the stream")
+                raise
             except Exception as error:
                 code, message = status_for(error)
                 if code is grpc.StatusCode.INTERNAL:
