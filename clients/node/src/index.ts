@@ -1,5 +1,5 @@
 /**
- * @taskguard/client: ask the Task Guard sidecar "may I start <sessionKey>::<taskName> now?".
+ * taskguard-sidecar-client: ask the Task Guard sidecar "may I start <sessionKey>::<taskName> now?".
  *
  * The whole public surface is exported here; `./generated/` (wire types) is not part of it.
  */
