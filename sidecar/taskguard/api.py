@@ -20,12 +20,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from taskguard import core, wire
+from taskguard import core, model, wire
 from taskguard.auth import Authorizer, Caller, PermissionDenied
-from taskguard.core import GuardRecord, Rejected, RejectionKind
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub, RevisionAhead, TooManyWatchers, Watcher, WatchOverflow
 from taskguard.leases import HolderLimit, HoldSession, LeaseKeeper
+from taskguard.model import GuardRecord, Rejected, RejectionKind
 from taskguard.store import GuardLost, RevisionCompacted, StoreConflict, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
@@ -186,7 +186,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         self._hub = hub
         self._keeper = keeper
         self._first_message_timeout_s = hold_first_message_timeout_s
-        self._encoded_events: OrderedDict[int, tuple[core.Event, bytes]] = OrderedDict()
+        self._encoded_events: OrderedDict[int, tuple[model.Event, bytes]] = OrderedDict()
         # One future every stream waits on, not a task per stream: 10,000 held streams add up.
         self._draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -204,7 +204,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def Acquire(
         self, request: pb.AcquireRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.AcquireResponse:
-        command, _ = wire.acquire(
+        command = wire.acquire(
             request,
             stream_bound=False,
             new_lease_id=_new_lease_id(),
@@ -223,7 +223,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         reply = result.reply
         if isinstance(reply, Rejected):
             raise Refused(reply)
-        assert isinstance(reply, core.AcquireReply)
+        assert isinstance(reply, model.AcquireReply)
         span.guard(reply.guard)
         span.outcome(reply.outcome, reply.guard, run_id or reply.guard.run_id)
         return kind(outcome=int(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id, **extra)
@@ -234,7 +234,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     ) -> pb.RenewResponse:
         lease_id = wire.lease_id(request.lease_id)
         ttl_s = wire.renew_ttl_s(request)
-        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Renew(key, lease_id, ttl_s))
+        result = await self._engine.execute_on_lease(lease_id, lambda key: model.Renew(key, lease_id, ttl_s))
         return pb.RenewResponse(guard=self._render(_expect(result, call.span)))
 
     @_answer
@@ -244,7 +244,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         lease_id = wire.lease_id(request.lease_id)
         status = wire.run_status(request.status)
         detail = wire.release_detail(request.detail)
-        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Release(key, lease_id, status, detail))
+        result = await self._engine.execute_on_lease(lease_id, lambda key: model.Release(key, lease_id, status, detail))
         return pb.ReleaseResponse(guard=self._render(_expect(result, call.span)))
 
     @_answer
@@ -270,7 +270,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         _decoded(first)
         which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
         if which == "acquire":
-            command, join = wire.acquire(
+            command = wire.acquire(
                 first.acquire,
                 stream_bound=True,
                 new_lease_id=_new_lease_id(),
@@ -278,7 +278,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 principal=call.caller.principal,
                 shared_principal=call.caller.shared,
             )
-            result = await session.acquire(command, join)
+            result = await session.acquire(command)
             run_id: str | None = command.run_id
         elif which == "resume":
             lease_id = wire.lease_id(first.resume.lease_id, "resume.lease_id")
@@ -492,10 +492,10 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 await context.write(b"".join(_as_batch_entry(self._encoded(event)) for event in batch))
             else:
                 await context.write(self._encoded(batch[0]))
-            if batch[-1].type is not core.EventType.SNAPSHOT:
+            if batch[-1].type is not model.EventType.SNAPSHOT:
                 watcher.delivered = batch[-1].revision
 
-    def _encoded(self, event: core.Event) -> bytes:
+    def _encoded(self, event: model.Event) -> bytes:
         """The event as wire bytes, built once however many watchers send it."""
         key = id(event)
         cached = self._encoded_events.get(key)

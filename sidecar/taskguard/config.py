@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from taskguard.auth import AuthSettings
-from taskguard.core import Policy
+from taskguard.model import Policy
 from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s
 from taskguard.store.retention import Retention

@@ -1,4 +1,4 @@
-"""The guard state machine: pure rules, no I/O, no clock, no asyncio.
+"""The guard state machine: pure rules, no I/O, no clock, no asyncio. The values it works on are in ``model``.
 
 Theory of operation
 -------------------
@@ -19,7 +19,9 @@ needs an approval. Acquiring a guard that is not free is refused with a
 normal outcome (ALREADY_RUNNING or RETRY_REQUIRES_APPROVAL) that names the
 run in the way; the refusal is counted on the guard (``duplicate_count``).
 
-``decide(record, command, now, policy)`` is the whole machine. It returns a
+``decide(record, command, now, policy)`` is the whole machine, and ``RULES``
+(one table, state x command) says which rule answers each command in each
+state. It returns a
 ``Decision``: the record to store (``None`` = unchanged), the events that
 describe the change, the reply for the caller, and how durable the change must
 be before the reply may be sent:
@@ -34,10 +36,15 @@ be before the reply may be sent:
 Time is an argument: ``Instant.monotonic`` drives every deadline, and
 ``Instant.wall`` (UTC) is only copied into fields people read.
 
-Stale-lock healing: every command (but ``AwaitResume``) first applies ``heal``,
-which turns a RUNNING guard whose TTL deadline has passed into EXPIRED. The lease sweeper
-makes that happen promptly; healing makes it exact even when a command arrives
-before the sweeper.
+Stale-lock healing is a decision of its own (``healing``): before a command
+is decided, a RUNNING guard whose TTL deadline has passed becomes EXPIRED
+(every command but ``AwaitResume``, and the sweeper's fenced commands only
+for their own run). The lease sweeper makes that happen promptly; healing
+makes it exact even when a command arrives before the sweeper. The engine
+asks for it first and commits it as a transition of its own; ``decide`` on a
+record that still needs it folds it into the command's decision, so a pure
+caller gets the same answer. The rules themselves only ever see a healed
+record.
 
 A rejection (bad input, a lost lease, a wrong state) never changes the record,
 except that healing, which is a separate time-driven transition, may have
@@ -46,72 +53,41 @@ happened first and is then committed along with the rejection.
 
 from __future__ import annotations
 
-import enum
 import hmac
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
+from typing import Any
 
-KEY_SEPARATOR = "::"
-
-
-class GuardState(enum.IntEnum):
-    """Values match ``taskguard.v1.GuardState``."""
-
-    RUNNING = 1
-    SUCCEEDED = 2
-    FAILED = 3
-    CANCELLED = 4
-    ABANDONED = 5
-    EXPIRED = 6
-    RETRY_APPROVED = 7
-
-
-class RunStatus(enum.IntEnum):
-    """Values match ``taskguard.v1.RunStatus``."""
-
-    UNSPECIFIED = 0
-    SUCCEEDED = 1
-    FAILED = 2
-    CANCELLED = 3
-
-
-class Outcome(enum.IntEnum):
-    """Values match ``taskguard.v1.AcquireOutcome``."""
-
-    ACQUIRED = 1
-    ALREADY_RUNNING = 2
-    RETRY_REQUIRES_APPROVAL = 3
-
-
-class EventType(enum.IntEnum):
-    """Values match ``taskguard.v1.GuardEventType``."""
-
-    SNAPSHOT = 1
-    ACQUIRED = 2
-    DUPLICATE_REFUSED = 3
-    RETRY_REFUSED = 4
-    RENEWED = 5
-    RELEASED = 6
-    EXPIRED = 7
-    ABANDONED = 8
-    RETRY_APPROVED = 9
-    FORCE_RELEASED = 10
-    RESUMED = 11
-
-
-class Durability(enum.Enum):
-    SYNC = "sync"
-    LAZY = "lazy"
-    VOLATILE = "volatile"
-
-
-class RejectionKind(enum.Enum):
-    """What went wrong; ``api.py`` maps each kind to one gRPC status code."""
-
-    INVALID_ARGUMENT = "invalid_argument"
-    NOT_FOUND = "not_found"
-    FAILED_PRECONDITION = "failed_precondition"
-
+from taskguard.model import (
+    Abandon,
+    Acquire,
+    AcquireReply,
+    ApproveRetry,
+    AwaitResume,
+    Command,
+    ConflictPolicy,
+    Decision,
+    Durability,
+    Event,
+    EventType,
+    Expire,
+    ForceRelease,
+    GuardRecord,
+    GuardReply,
+    GuardState,
+    Heartbeat,
+    Instant,
+    Outcome,
+    Policy,
+    Rejected,
+    RejectionKind,
+    Release,
+    Renew,
+    Reply,
+    Resume,
+    RunStatus,
+)
 
 _RELEASED_STATE = {
     RunStatus.SUCCEEDED: GuardState.SUCCEEDED,
@@ -119,254 +95,7 @@ _RELEASED_STATE = {
     RunStatus.CANCELLED: GuardState.CANCELLED,
 }
 
-
-@dataclass(frozen=True, slots=True)
-class Instant:
-    """One reading of both clocks: monotonic seconds decide, UTC wall time is shown."""
-
-    monotonic: float
-    wall: datetime
-
-    def after(self, seconds: float) -> tuple[float, datetime]:
-        return self.monotonic + seconds, self.wall + timedelta(seconds=seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    default_ttl_s: float = 60.0
-    max_ttl_s: float = 24 * 3600.0
-    stale_after_s: float = 120.0
-    resume_grace_s: float = 15.0
-    abandoned_requires_approval: bool = False
-    expired_requires_approval: bool = False
-
-    def requires_approval(self, state: GuardState) -> bool:
-        if state is GuardState.FAILED:
-            return True
-        if state is GuardState.ABANDONED:
-            return self.abandoned_requires_approval
-        if state is GuardState.EXPIRED:
-            return self.expired_requires_approval
-        return False
-
-
-Labels = tuple[tuple[str, str], ...]
-
-
-def split_task_key(task_key: str) -> tuple[str, str]:
-    """``"<session_key>::<task_name>"`` split at the last separator."""
-    session_key, sep, task_name = task_key.rpartition(KEY_SEPARATOR)
-    if not sep:
-        return "", task_key
-    return session_key, task_name
-
-
-@dataclass(frozen=True, slots=True)
-class GuardRecord:
-    """A guard as stored. ``*_at`` are UTC for display; ``*_deadline``/``last_seen`` are monotonic."""
-
-    task_key: str
-    state: GuardState
-    run_id: str
-    holder: str
-    lease_id: str
-    fencing_token: int
-    attempt: int
-    started_at: datetime
-    heartbeat_at: datetime
-    last_seen: float
-    ttl_s: float | None
-    expires_at: datetime | None
-    expires_deadline: float | None
-    stream_bound: bool
-    labels: Labels = ()
-    last_status: RunStatus = RunStatus.UNSPECIFIED
-    last_detail: str = ""
-    released_at: datetime | None = None
-    released_by: str = ""
-    duplicate_count: int = 0
-    approved_by: str = ""
-    approval_reason: str = ""
-    # The winning acquisition's span context (a W3C traceparent), opaque here.
-    trace_context: str = ""
-    # Who acquired it, as the shell authenticated them ("uid:1000", "cert:CN", ...).
-    principal: str = ""
-    # What a retry must match besides the principal (see Acquire.retry_key).
-    retry_key: str | None = ""
-    revision: int = 0
-
-    @property
-    def session_key(self) -> str:
-        return split_task_key(self.task_key)[0]
-
-    @property
-    def task_name(self) -> str:
-        return split_task_key(self.task_key)[1]
-
-    @property
-    def running(self) -> bool:
-        return self.state is GuardState.RUNNING
-
-
-# --- commands -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Acquire:
-    task_key: str
-    run_id: str
-    holder: str
-    ttl_s: float | None
-    # Minted by the shell for every attempt; kept only if this attempt wins.
-    lease_id: str
-    stream_bound: bool
-    labels: Labels = ()
-    trace_context: str = ""
-    # The authenticated caller. Only the same principal gets a run's lease back
-    # by its run_id: run ids are shown to everyone, leases are capabilities.
-    principal: str = ""
-    # For a principal many callers share (a token, or anonymous), the shell's
-    # digest of the caller's retry secret, which a retry must match too; None
-    # when such a caller sent none (it gets no run back); "" when the
-    # principal is the caller's own.
-    retry_key: str | None = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Renew:
-    task_key: str
-    lease_id: str
-    ttl_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    task_key: str
-    lease_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    task_key: str
-    lease_id: str
-    status: RunStatus
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Resume:
-    task_key: str
-    lease_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class AwaitResume:
-    """After a restart: a stream-bound run waits for its holder to come back on a new stream.
-
-    Its stored deadline is stale (heartbeats are not durable, and none could
-    arrive while the sidecar was down), so the run keeps no deadline but the
-    resume grace, which the shell times; a resume starts its TTL afresh.
-    """
-
-    task_key: str
-    fencing_token: int
-
-
-@dataclass(frozen=True, slots=True)
-class Expire:
-    task_key: str
-    fencing_token: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    task_key: str
-    fencing_token: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ApproveRetry:
-    task_key: str
-    approver: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ForceRelease:
-    task_key: str
-    operator: str
-    reason: str
-
-
-Command = Acquire | Renew | Heartbeat | Release | Resume | AwaitResume | Expire | Abandon | ApproveRetry | ForceRelease
-
-
-# --- events and replies ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    type: EventType
-    guard: GuardRecord
-    occurred_at: datetime
-    trigger_run_id: str = ""
-    trigger_holder: str = ""
-    actor: str = ""
-    reason: str = ""
-    # Stamped by the store when the event is committed.
-    revision: int = 0
-
-    @property
-    def task_key(self) -> str:
-        return self.guard.task_key
-
-
-@dataclass(frozen=True, slots=True)
-class AcquireReply:
-    """ACQUIRED (``fresh`` when a new run started) or a refusal naming the run in the way."""
-
-    outcome: Outcome
-    guard: GuardRecord
-    fresh: bool = False
-
-    @property
-    def lease_id(self) -> str:
-        return self.guard.lease_id if self.outcome is Outcome.ACQUIRED else ""
-
-
-@dataclass(frozen=True, slots=True)
-class GuardReply:
-    guard: GuardRecord | None
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    kind: RejectionKind
-    field: str
-    rule: str
-
-    @property
-    def message(self) -> str:
-        return f"{self.field}: {self.rule}"
-
-
-Reply = AcquireReply | GuardReply | Rejected
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    record: GuardRecord | None
-    events: tuple[Event, ...]
-    reply: Reply
-    durability: Durability = Durability.SYNC
-
-    @property
-    def changes(self) -> bool:
-        return self.record is not None
-
-
-# --- rules -----------------------------------------------------------------------
+# --- time ------------------------------------------------------------------------
 
 
 def is_expired(record: GuardRecord, now: float) -> bool:
@@ -403,31 +132,131 @@ def heal(record: GuardRecord | None, now: Instant) -> tuple[GuardRecord | None, 
     return expired, (Event(EventType.EXPIRED, expired, now.wall),)
 
 
+def heals_first(command: Command) -> bool:
+    """Whether a lapsed TTL is healed before ``command`` is decided (every command but AwaitResume,
+    which exists because a deadline stored before a restart says nothing about the holder)."""
+    return not isinstance(command, AwaitResume)
+
+
+def healing(record: GuardRecord | None, command: Command, now: Instant) -> Decision | None:
+    """The healing due before ``command`` is decided, as a decision of its own; None when there is none.
+
+    The sweeper's Expire and Abandon name a run by its fencing token: they heal
+    only that run, never a later one that holds the key by then.
+    """
+    if record is None or not heals_first(command):
+        return None
+    if isinstance(command, Expire | Abandon) and record.fencing_token != command.fencing_token:
+        return None
+    healed, events = heal(record, now)
+    if not events:
+        return None
+    return Decision(healed, events, GuardReply(healed))
+
+
+# --- the table ---------------------------------------------------------------------
+
+# A rule decides one command in one state, on a record that needs no healing.
+Rule = Callable[[Any, Any, Instant, Policy], Decision]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A table cell that rejects the command outright; ``{state}`` in ``rule`` names the guard's state."""
+
+    kind: RejectionKind
+    field: str
+    rule: str
+
+    def given(self, record: GuardRecord | None) -> Rejected:
+        state = record.state.name if record is not None else "absent"
+        return Rejected(self.kind, self.field, self.rule.format(state=state))
+
+
+NO_GUARD = None
+_ENDED = (
+    GuardState.SUCCEEDED,
+    GuardState.FAILED,
+    GuardState.CANCELLED,
+    GuardState.ABANDONED,
+    GuardState.EXPIRED,
+    GuardState.RETRY_APPROVED,
+)
+_NO_SUCH_LEASE = Refusal(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
+_NO_GUARD = Refusal(RejectionKind.NOT_FOUND, "task_key", "no guard has this key")
+_NOT_RUNNING = Refusal(RejectionKind.FAILED_PRECONDITION, "task_key", "guard is {state}, not RUNNING")
+_NOT_AWAITING_APPROVAL = Refusal(
+    RejectionKind.FAILED_PRECONDITION, "task_key", "guard is {state}, not waiting for a retry approval"
+)
+
+
+def _unchanged(record: GuardRecord | None, cmd: Command, now: Instant, policy: Policy) -> Decision:
+    return Decision(None, (), GuardReply(record))
+
+
+def _each_ended(rule: Rule | Refusal) -> dict[GuardState | None, Rule | Refusal]:
+    return dict.fromkeys(_ENDED, rule)
+
+
+def _table() -> Mapping[type, Mapping[GuardState | None, Rule | Refusal]]:
+    return {
+        Acquire: {NO_GUARD: _start_run, GuardState.RUNNING: _acquire_held, **_each_ended(_acquire_ended)},
+        Renew: {NO_GUARD: _NO_SUCH_LEASE, GuardState.RUNNING: _renew, **_each_ended(_lease_lost)},
+        Heartbeat: {NO_GUARD: _NO_SUCH_LEASE, GuardState.RUNNING: _heartbeat, **_each_ended(_lease_lost)},
+        Resume: {NO_GUARD: _NO_SUCH_LEASE, GuardState.RUNNING: _resume, **_each_ended(_lease_lost)},
+        Release: {NO_GUARD: _NO_SUCH_LEASE, GuardState.RUNNING: _release, **_each_ended(_release_again)},
+        AwaitResume: {NO_GUARD: _unchanged, GuardState.RUNNING: _await_resume, **_each_ended(_unchanged)},
+        # Expiring is healing, decided before this rule: what is left to do is nothing.
+        Expire: {NO_GUARD: _unchanged, GuardState.RUNNING: _unchanged, **_each_ended(_unchanged)},
+        Abandon: {NO_GUARD: _unchanged, GuardState.RUNNING: _abandon, **_each_ended(_unchanged)},
+        ApproveRetry: {
+            NO_GUARD: _NO_GUARD,
+            GuardState.RUNNING: _NOT_AWAITING_APPROVAL,
+            GuardState.SUCCEEDED: _NOT_AWAITING_APPROVAL,
+            GuardState.CANCELLED: _NOT_AWAITING_APPROVAL,
+            GuardState.RETRY_APPROVED: _NOT_AWAITING_APPROVAL,
+            GuardState.FAILED: _approve_retry,
+            # Per policy: the rule refuses when these need no approval.
+            GuardState.ABANDONED: _approve_retry,
+            GuardState.EXPIRED: _approve_retry,
+        },
+        ForceRelease: {NO_GUARD: _NO_GUARD, GuardState.RUNNING: _force_release, **_each_ended(_NOT_RUNNING)},
+    }
+
+
+# --- the machine -------------------------------------------------------------------
+
+
 def decide(record: GuardRecord | None, command: Command, now: Instant, policy: Policy) -> Decision:
     """The one entry point: what ``command`` does to ``record`` at ``now``."""
     if record is not None and record.task_key != command.task_key:
         raise ValueError("record and command name different task keys")
+    if (bad := _invalid_argument(command, policy)) is not None:
+        return Decision(None, (), bad)  # a bad argument changes nothing, not even by healing
+    healed = healing(record, command, now)
+    current = healed.record if healed is not None else record
+    cell = RULES[type(command)][current.state if current is not None else NO_GUARD]
+    decision = (
+        Decision(None, (), cell.given(current)) if isinstance(cell, Refusal) else cell(current, command, now, policy)
+    )
+    return decision if healed is None else _after(healed, decision)
+
+
+def _after(healed: Decision, decision: Decision) -> Decision:
+    """``decision``, made on the healed record, carrying the healing with it (which makes it durable)."""
+    return Decision(decision.record or healed.record, (*healed.events, *decision.events), decision.reply)
+
+
+def _invalid_argument(command: Command, policy: Policy) -> Rejected | None:
     match command:
         case Acquire():
-            return _acquire(record, command, now, policy)
+            return _check_ttl(_acquire_ttl(command, policy), policy)
         case Renew():
-            return _renew(record, command, now, policy)
-        case Heartbeat():
-            return _heartbeat(record, command, now)
-        case Release():
-            return _release(record, command, now)
-        case Resume():
-            return _resume(record, command, now)
-        case AwaitResume():
-            return _await_resume(record, command)
-        case Expire():
-            return _expire(record, command, now)
-        case Abandon():
-            return _abandon(record, command, now)
-        case ApproveRetry():
-            return _approve_retry(record, command, now, policy)
-        case ForceRelease():
-            return _force_release(record, command, now)
+            return _check_ttl(command.ttl_s, policy)
+        case Release() if command.status not in _RELEASED_STATE:
+            return Rejected(RejectionKind.INVALID_ARGUMENT, "status", "must be SUCCEEDED, FAILED or CANCELLED")
+        case _:
+            return None
 
 
 def _check_ttl(ttl_s: float | None, policy: Policy) -> Rejected | None:
@@ -436,41 +265,43 @@ def _check_ttl(ttl_s: float | None, policy: Policy) -> Rejected | None:
     return None
 
 
-def _acquire(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
-    ttl_s = cmd.ttl_s if cmd.ttl_s is not None or cmd.stream_bound else policy.default_ttl_s
-    if (bad := _check_ttl(ttl_s, policy)) is not None:
-        return _reject(bad)
-    current, healed = heal(record, now)
+def _acquire_ttl(cmd: Acquire, policy: Policy) -> float | None:
+    """A unary lease without a TTL gets the default one; a stream-bound lease may have none."""
+    return cmd.ttl_s if cmd.ttl_s is not None or cmd.stream_bound else policy.default_ttl_s
 
-    if current is None or (
-        not current.running and not policy.requires_approval(current.state) and current.run_id != cmd.run_id
-    ):
-        started = _new_run(current, cmd, ttl_s, now)
-        return Decision(
-            started,
-            (*healed, Event(EventType.ACQUIRED, started, now.wall)),
-            AcquireReply(Outcome.ACQUIRED, started, fresh=True),
-        )
 
-    if current.running:
-        if current.run_id == cmd.run_id and _same_caller(current, cmd):
-            return _acquire_again(current, cmd, ttl_s, now)
-        return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, healed, now)
+# --- acquire -----------------------------------------------------------------------
 
+
+def _start_run(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
+    started = _new_run(record, cmd, _acquire_ttl(cmd, policy), now)
+    return Decision(
+        started, (Event(EventType.ACQUIRED, started, now.wall),), AcquireReply(Outcome.ACQUIRED, started, fresh=True)
+    )
+
+
+def _acquire_held(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
+    if current.run_id == cmd.run_id and _same_caller(current, cmd):
+        return _acquire_again(current, cmd, _acquire_ttl(cmd, policy), now)
+    return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now)
+
+
+def _acquire_ended(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     if policy.requires_approval(current.state):
-        return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, healed, now)
-
+        return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, now)
+    if current.run_id != cmd.run_id:
+        return _start_run(current, cmd, now, policy)
     # A free key, asked for by the run that just ended on it: a late retry of
     # that run's request must not start it twice. (Only the last run is known
     # here; run ids are meant to be unique per run.)
-    return _reject(
+    return Decision(
+        None,
+        (),
         Rejected(
             RejectionKind.FAILED_PRECONDITION,
             "run_id",
             f"run {cmd.run_id} already ended ({current.state.name}); a new run needs a new run_id",
         ),
-        current if healed else None,
-        healed,
     )
 
 
@@ -525,19 +356,14 @@ def _acquire_again(current: GuardRecord, cmd: Acquire, ttl_s: float | None, now:
     return Decision(None, (), AcquireReply(Outcome.ACQUIRED, current))
 
 
-def _refuse(
-    current: GuardRecord,
-    cmd: Acquire,
-    outcome: Outcome,
-    event_type: EventType,
-    healed: tuple[Event, ...],
-    now: Instant,
-) -> Decision:
+def _refuse(current: GuardRecord, cmd: Acquire, outcome: Outcome, event_type: EventType, now: Instant) -> Decision:
+    """A refused trigger: counted on the guard, and (the caller's conflict policy) joined or not."""
     counted = replace(current, duplicate_count=current.duplicate_count + 1)
     event = Event(event_type, counted, now.wall, trigger_run_id=cmd.run_id, trigger_holder=cmd.holder)
-    # Healing is a real state change and must be durable; a bare refusal is not.
-    durability = Durability.SYNC if healed else Durability.LAZY
-    return Decision(counted, (*healed, event), AcquireReply(outcome, counted), durability)
+    # Only a running run can be waited for: a failed one waits for an approval, not for its end.
+    joined = cmd.on_conflict is ConflictPolicy.JOIN and outcome is Outcome.ALREADY_RUNNING
+    # A bare refusal need not be durable (healing before it makes it so: see _after).
+    return Decision(counted, (event,), AcquireReply(outcome, counted, joined=joined), Durability.LAZY)
 
 
 def _touch(record: GuardRecord, now: Instant, ttl_s: float | None = None) -> GuardRecord:
@@ -553,10 +379,13 @@ def _touch(record: GuardRecord, now: Instant, ttl_s: float | None = None) -> Gua
     )
 
 
+# --- leases ------------------------------------------------------------------------
+
+
 def lease_problem(record: GuardRecord | None, lease_id: str) -> Rejected | None:
     """Why ``lease_id`` no longer holds ``record``, or None when it does."""
     if record is None:
-        return Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
+        return _NO_SUCH_LEASE.given(record)
     if record.lease_id != lease_id:
         return Rejected(
             RejectionKind.FAILED_PRECONDITION,
@@ -584,7 +413,7 @@ def answer_past_run(
     the lease is lost all the same, and ``current`` says to whom.
     """
     if run is None:
-        return Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
+        return _NO_SUCH_LEASE.given(run)
     decision = decide(run, command, now, policy)
     if not decision.changes:
         return decision.reply
@@ -593,64 +422,68 @@ def answer_past_run(
     )
 
 
+def presumed_lost(held: GuardRecord, why: str) -> GuardRecord:
+    """What a holder is told when its run's end cannot be read from the store (it cannot be reached).
+
+    Nothing is committed: the store decides later; the holder must stop now.
+    """
+    return replace(held, state=GuardState.ABANDONED, last_detail=why, released_at=held.heartbeat_at)
+
+
 def _ending(record: GuardRecord) -> str:
     if record.released_by:
         return f"the guard was force-released by {record.released_by}: {record.last_detail}"
     if record.state is GuardState.EXPIRED:
-        return f"the guard expired at {_iso(record.released_at)}: {record.last_detail}"
+        return f"the guard expired at {iso_utc(record.released_at)}: {record.last_detail}"
     if record.state is GuardState.ABANDONED:
-        return f"the guard was abandoned at {_iso(record.released_at)}: {record.last_detail}"
+        return f"the guard was abandoned at {iso_utc(record.released_at)}: {record.last_detail}"
     if record.last_status is RunStatus.UNSPECIFIED:
         # RETRY_APPROVED after an expiry or abandonment: the run was never released, so say how it ended.
         return f"the run ended without a release ({record.last_detail}) and a retry was approved since"
     return f"the lease was already released with {record.last_status.name}"
 
 
-def _renew(record: GuardRecord | None, cmd: Renew, now: Instant, policy: Policy) -> Decision:
-    if (bad := _check_ttl(cmd.ttl_s, policy)) is not None:
-        return _reject(bad)
-    current, healed = heal(record, now)
-    if (problem := lease_problem(current, cmd.lease_id)) is not None:
-        return _reject(problem, current if healed else None, healed)
-    assert current is not None
+def _lease_lost(current: GuardRecord, cmd: Renew | Heartbeat | Resume, now: Instant, policy: Policy) -> Decision:
+    problem = lease_problem(current, cmd.lease_id)
+    assert problem is not None  # an ended guard is never held
+    return Decision(None, (), problem)
+
+
+def _held(current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release) -> Decision | None:
+    """The rejection when ``cmd``'s lease is not the running run's, else None."""
+    problem = lease_problem(current, cmd.lease_id)
+    return Decision(None, (), problem) if problem is not None else None
+
+
+def _renew(current: GuardRecord, cmd: Renew, now: Instant, policy: Policy) -> Decision:
+    if (lost := _held(current, cmd)) is not None:
+        return lost
     # Without a new ttl the lease keeps its own, and a Hold lease without one keeps having none.
     renewed = _touch(current, now, cmd.ttl_s)
     return Decision(renewed, (Event(EventType.RENEWED, renewed, now.wall),), GuardReply(renewed))
 
 
-def _heartbeat(record: GuardRecord | None, cmd: Heartbeat, now: Instant) -> Decision:
-    current, healed = heal(record, now)
-    if (problem := lease_problem(current, cmd.lease_id)) is not None:
-        return _reject(problem, current if healed else None, healed)
-    assert current is not None
+def _heartbeat(current: GuardRecord, cmd: Heartbeat, now: Instant, policy: Policy) -> Decision:
+    if (lost := _held(current, cmd)) is not None:
+        return lost
     beaten = _touch(current, now)
     return Decision(beaten, (), GuardReply(beaten), Durability.VOLATILE)
 
 
-def _release(record: GuardRecord | None, cmd: Release, now: Instant) -> Decision:
-    if cmd.status not in _RELEASED_STATE:
-        return _reject(Rejected(RejectionKind.INVALID_ARGUMENT, "status", "must be SUCCEEDED, FAILED or CANCELLED"))
-    current, healed = heal(record, now)
-    # Released by its holder (not expired, abandoned or force-released), possibly approved for a retry since.
-    if (
-        current is not None
-        and current.lease_id == cmd.lease_id
-        and not current.running
-        and current.last_status is not RunStatus.UNSPECIFIED
-        and not current.released_by
-    ):
-        if current.last_status is cmd.status:
-            return Decision(None, (), GuardReply(current))
-        return _reject(
-            Rejected(
-                RejectionKind.FAILED_PRECONDITION,
-                "status",
-                f"lease already released with {current.last_status.name}, not {cmd.status.name}",
-            )
-        )
-    if (problem := lease_problem(current, cmd.lease_id)) is not None:
-        return _reject(problem, current if healed else None, healed)
-    assert current is not None
+def _resume(current: GuardRecord, cmd: Resume, now: Instant, policy: Policy) -> Decision:
+    if (lost := _held(current, cmd)) is not None:
+        return lost
+    resumed = _touch(replace(current, stream_bound=True), now)
+    return Decision(
+        resumed,
+        (Event(EventType.RESUMED, resumed, now.wall, trigger_run_id=resumed.run_id, trigger_holder=resumed.holder),),
+        AcquireReply(Outcome.ACQUIRED, resumed),
+    )
+
+
+def _release(current: GuardRecord, cmd: Release, now: Instant, policy: Policy) -> Decision:
+    if (lost := _held(current, cmd)) is not None:
+        return lost
     released = replace(
         current,
         state=_RELEASED_STATE[cmd.status],
@@ -662,47 +495,42 @@ def _release(record: GuardRecord | None, cmd: Release, now: Instant) -> Decision
     return Decision(released, (Event(EventType.RELEASED, released, now.wall),), GuardReply(released))
 
 
-def _resume(record: GuardRecord | None, cmd: Resume, now: Instant) -> Decision:
-    current, healed = heal(record, now)
-    if (problem := lease_problem(current, cmd.lease_id)) is not None:
-        return _reject(problem, current if healed else None, healed)
-    assert current is not None
-    resumed = _touch(replace(current, stream_bound=True), now)
-    return Decision(
-        resumed,
-        (Event(EventType.RESUMED, resumed, now.wall, trigger_run_id=resumed.run_id, trigger_holder=resumed.holder),),
-        AcquireReply(Outcome.ACQUIRED, resumed),
-    )
+def _release_again(current: GuardRecord, cmd: Release, now: Instant, policy: Policy) -> Decision:
+    """A release of an ended run: the same release again is answered as before; anything else lost its lease."""
+    # Released by its holder (not expired, abandoned or force-released), possibly approved for a retry since.
+    if (
+        current.lease_id == cmd.lease_id
+        and current.last_status is not RunStatus.UNSPECIFIED
+        and not current.released_by
+    ):
+        if current.last_status is cmd.status:
+            return Decision(None, (), GuardReply(current))
+        return Decision(
+            None,
+            (),
+            Rejected(
+                RejectionKind.FAILED_PRECONDITION,
+                "status",
+                f"lease already released with {current.last_status.name}, not {cmd.status.name}",
+            ),
+        )
+    return _lease_lost(current, cmd, now, policy)  # type: ignore[arg-type]
 
 
-def _await_resume(record: GuardRecord | None, cmd: AwaitResume) -> Decision:
-    if record is None or not record.running or not record.stream_bound or record.fencing_token != cmd.fencing_token:
-        return Decision(None, (), GuardReply(record))
-    waiting = replace(record, expires_at=None, expires_deadline=None)
+# --- the sweeper and restarts ---------------------------------------------------------
+
+
+def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: Policy) -> Decision:
+    if not current.stream_bound or current.fencing_token != cmd.fencing_token:
+        return _unchanged(current, cmd, now, policy)
+    waiting = replace(current, expires_at=None, expires_deadline=None)
     # In memory only, like a heartbeat: after another restart the run waits again, from that restart.
     return Decision(waiting, (), GuardReply(waiting), Durability.VOLATILE)
 
 
-def heals_first(command: Command) -> bool:
-    """Whether a lapsed TTL is healed before ``command`` is decided (every command but AwaitResume,
-    which exists because a deadline stored before a restart says nothing about the holder)."""
-    return not isinstance(command, AwaitResume)
-
-
-def _expire(record: GuardRecord | None, cmd: Expire, now: Instant) -> Decision:
-    if record is None or record.fencing_token != cmd.fencing_token:
-        return Decision(None, (), GuardReply(record))
-    current, healed = heal(record, now)
-    return Decision(current if healed else None, healed, GuardReply(current))
-
-
-def _abandon(record: GuardRecord | None, cmd: Abandon, now: Instant) -> Decision:
-    if record is None or record.fencing_token != cmd.fencing_token:
-        return Decision(None, (), GuardReply(record))
-    current, healed = heal(record, now)
-    assert current is not None
-    if not current.running or not current.stream_bound:
-        return Decision(current if healed else None, healed, GuardReply(current))
+def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -> Decision:
+    if not current.stream_bound or current.fencing_token != cmd.fencing_token:
+        return _unchanged(current, cmd, now, policy)
     abandoned = replace(
         current,
         state=GuardState.ABANDONED,
@@ -716,20 +544,12 @@ def _abandon(record: GuardRecord | None, cmd: Abandon, now: Instant) -> Decision
     )
 
 
-def _approve_retry(record: GuardRecord | None, cmd: ApproveRetry, now: Instant, policy: Policy) -> Decision:
-    current, healed = heal(record, now)
-    if current is None:
-        return _reject(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
+# --- operators -----------------------------------------------------------------------
+
+
+def _approve_retry(current: GuardRecord, cmd: ApproveRetry, now: Instant, policy: Policy) -> Decision:
     if not policy.requires_approval(current.state):
-        return _reject(
-            Rejected(
-                RejectionKind.FAILED_PRECONDITION,
-                "task_key",
-                f"guard is {current.state.name}, not waiting for a retry approval",
-            ),
-            current if healed else None,
-            healed,
-        )
+        return Decision(None, (), _NOT_AWAITING_APPROVAL.given(current))
     approved = replace(
         current,
         state=GuardState.RETRY_APPROVED,
@@ -737,19 +557,10 @@ def _approve_retry(record: GuardRecord | None, cmd: ApproveRetry, now: Instant, 
         approval_reason=cmd.reason,
     )
     event = Event(EventType.RETRY_APPROVED, approved, now.wall, actor=cmd.approver, reason=cmd.reason)
-    return Decision(approved, (*healed, event), GuardReply(approved))
+    return Decision(approved, (event,), GuardReply(approved))
 
 
-def _force_release(record: GuardRecord | None, cmd: ForceRelease, now: Instant) -> Decision:
-    current, healed = heal(record, now)
-    if current is None:
-        return _reject(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
-    if not current.running:
-        return _reject(
-            Rejected(RejectionKind.FAILED_PRECONDITION, "task_key", f"guard is {current.state.name}, not RUNNING"),
-            current if healed else None,
-            healed,
-        )
+def _force_release(current: GuardRecord, cmd: ForceRelease, now: Instant, policy: Policy) -> Decision:
     released = replace(
         current,
         state=GuardState.CANCELLED,
@@ -763,13 +574,13 @@ def _force_release(record: GuardRecord | None, cmd: ForceRelease, now: Instant) 
     return Decision(released, (event,), GuardReply(released))
 
 
-def _reject(rejection: Rejected, healed_record: GuardRecord | None = None, healed: tuple[Event, ...] = ()) -> Decision:
-    return Decision(healed_record, healed, rejection)
+RULES = _table()
 
 
 def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _iso(at: datetime | None) -> str:
+def iso_utc(at: datetime | None) -> str:
+    """A UTC time as people read it in messages: ISO 8601 with a Z."""
     return at.isoformat().replace("+00:00", "Z") if at is not None else "an unknown time"

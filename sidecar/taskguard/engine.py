@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from taskguard import core
+from taskguard import core, model
 from taskguard.clock import Clock, instant
-from taskguard.core import (
-    Command,
-    Decision,
-    Durability,
-    Event,
-    GuardRecord,
-    Policy,
-    Rejected,
-    RejectionKind,
-    Reply,
-)
+from taskguard.model import Command, Decision, Event, GuardRecord, Policy, Rejected, RejectionKind, Reply
 from taskguard.store import Store, StoreConflict, Write
 
 # A conflict means another writer (another sidecar sharing the store) won the
@@ -34,7 +24,7 @@ _MAX_CONFLICT_RETRIES = 16
 
 _T = TypeVar("_T")
 
-LeaseCommand = core.Renew | core.Heartbeat | core.Release | core.Resume
+LeaseCommand = model.Renew | model.Heartbeat | model.Release | model.Resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +88,12 @@ class Engine:
         for _ in range(_MAX_CONFLICT_RETRIES):
             record = await self.store.get(command.task_key)
             now = instant(self.clock)
-            healed, expiry = core.heal(record, now) if core.heals_first(command) else (record, ())
             try:
-                if expiry and healed is not None and record is not None:
+                if (healing := core.healing(record, command, now)) is not None:
                     # Healing is a transition of its own, committed first: every
                     # commit then carries one state change, one event, one revision
                     # (which a store like etcd maps onto one transaction each).
-                    committed = await self.store.commit(Write(healed, expiry, Durability.SYNC, record.revision))
-                    record = committed.record
+                    record = (await self._commit(record, healing)).record
                 decision = core.decide(record, command, now, self.policy)
                 return await self._commit(record, decision)
             except StoreConflict:
@@ -135,9 +123,9 @@ class Engine:
 def _restamp(reply: Reply, record: GuardRecord) -> Reply:
     """Put the committed record (with its revision) into the reply."""
     match reply:
-        case core.AcquireReply():
-            return core.AcquireReply(reply.outcome, record, reply.fresh)
-        case core.GuardReply():
-            return core.GuardReply(record)
+        case model.AcquireReply():
+            return replace(reply, guard=record)
+        case model.GuardReply():
+            return model.GuardReply(record)
         case _:
             return reply

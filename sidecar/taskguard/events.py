@@ -15,7 +15,7 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 
-from taskguard.core import Event, EventType, GuardRecord
+from taskguard.model import Event, EventType, GuardRecord
 from taskguard.store import Store
 
 _REPLAY_PAGE = 256

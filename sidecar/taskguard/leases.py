@@ -24,13 +24,12 @@ import heapq
 import logging
 from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
-from taskguard import core
-from taskguard.core import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
+from taskguard import core, model
 from taskguard.engine import Engine, Result
 from taskguard.events import EventHub
+from taskguard.model import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class LeaseKeeper:
             if record.task_key in self._attached:
                 continue
             # Counted from now, whatever deadline was stored: no heartbeat could reach a sidecar that was down.
-            await self._engine.execute(core.AwaitResume(record.task_key, record.fencing_token))
+            await self._engine.execute(model.AwaitResume(record.task_key, record.fencing_token))
             self._wait_for_resume(record, "after a sidecar restart")
         for record in await store.running():
             self.arm(record)
@@ -265,42 +264,43 @@ class HoldSession:
         self.ended: asyncio.Future[GuardRecord] | None = None
         self._released = False
 
-    async def acquire(self, command: Acquire, join: bool) -> Result:
+    async def acquire(self, command: Acquire) -> Result:
         with self._keeper.admit(command.principal):
             result = await self._engine.execute(command)
-        await self._follow(result, join)
+        await self._watch_the_run(result)
         return result
 
     async def resume(self, lease_id: str) -> Result:
-        result = await self._engine.execute_on_lease(lease_id, lambda key: core.Resume(key, lease_id))
-        await self._follow(result, join=False)
+        result = await self._engine.execute_on_lease(lease_id, lambda key: model.Resume(key, lease_id))
+        await self._watch_the_run(result)
         return result
 
-    async def _follow(self, result: Result, join: bool) -> None:
+    async def _watch_the_run(self, result: Result) -> None:
+        """Hold the run this session won, or wait for the one it joined: either way, learn of its end."""
         reply = result.reply
-        if not isinstance(reply, core.AcquireReply):
+        if not isinstance(reply, model.AcquireReply):
             return
         if reply.outcome is Outcome.ACQUIRED:
             self.held = reply.guard
             self._keeper.attach(reply.guard, self)
-        elif not (join and reply.outcome is Outcome.ALREADY_RUNNING):
+        elif not reply.joined:
             return
         self.ended = self._hub.run_ended(reply.guard)
         self._hub.check_run(await self._engine.get(reply.guard.task_key))
 
     async def heartbeat(self) -> Result:
         held = self._require_held()
-        result = await self._engine.execute_on_lease(held.lease_id, lambda key: core.Heartbeat(key, held.lease_id))
-        if result.record is not None and isinstance(result.reply, core.GuardReply):
+        result = await self._engine.execute_on_lease(held.lease_id, lambda key: model.Heartbeat(key, held.lease_id))
+        if result.record is not None and isinstance(result.reply, model.GuardReply):
             self._keeper.arm(result.record)
         return result
 
-    async def release(self, status: core.RunStatus, detail: str) -> Result:
+    async def release(self, status: model.RunStatus, detail: str) -> Result:
         held = self._require_held()
         result = await self._engine.execute_on_lease(
-            held.lease_id, lambda key: core.Release(key, held.lease_id, status, detail)
+            held.lease_id, lambda key: model.Release(key, held.lease_id, status, detail)
         )
-        if isinstance(result.reply, core.GuardReply):
+        if isinstance(result.reply, model.GuardReply):
             self._released = True
             self._keeper.release_attachment(held, self)
             if self.ended is not None:
@@ -311,9 +311,7 @@ class HoldSession:
         """End the session as lost without the store's word (the store cannot be reached to say so)."""
         if self.held is None or self.ended is None or self.ended.done():
             return
-        self.ended.set_result(
-            replace(self.held, state=core.GuardState.ABANDONED, last_detail=why, released_at=self.held.heartbeat_at)
-        )
+        self.ended.set_result(core.presumed_lost(self.held, why))
 
     def leave_for_resume(self, why: str) -> None:
         """End the session without abandoning its run: the holder may resume it on a new stream."""

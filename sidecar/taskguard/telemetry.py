@@ -51,7 +51,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from taskguard import __version__
 from taskguard.clock import Clock
-from taskguard.core import Event, EventType, GuardRecord, Outcome, Policy, RunStatus, is_stale
+from taskguard.core import is_stale
+from taskguard.model import Event, EventType, GuardRecord, Outcome, Policy, RunStatus
 from taskguard.store import Store
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from typing import cast
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from taskguard import core
-from taskguard.core import Event, GuardRecord, GuardState, Rejected, RejectionKind, RunStatus
+from taskguard import model
+from taskguard.model import ConflictPolicy, Event, GuardRecord, GuardState, Rejected, RejectionKind, RunStatus
 from taskguard_client.v1 import taskguard_pb2 as pb
 
 MAX_TASK_KEY_BYTES = 512
@@ -91,6 +91,12 @@ _GUARD_STATE_NAMES = {int(s): f"GUARD_STATE_{s.name}" for s in GuardState}
 _ON_CONFLICT_NAMES = {int(value): pb.OnConflict.Name(value) for value in pb.OnConflict.values()}
 
 
+def _on_conflict(value: int) -> ConflictPolicy:
+    """UNSPECIFIED means REJECT, as the proto says."""
+    _enum(value, "on_conflict", _ON_CONFLICT_NAMES)
+    return ConflictPolicy(value) if value != pb.ON_CONFLICT_UNSPECIFIED else ConflictPolicy.REJECT
+
+
 def run_status(value: int) -> RunStatus:
     return RunStatus(_enum(value, "status", _RUN_STATUS_NAMES))
 
@@ -101,7 +107,7 @@ def duration_s(message: Duration, field: str) -> float:
     return message.seconds + message.nanos / 1e9
 
 
-def _labels(values: Mapping[str, str]) -> core.Labels:
+def _labels(values: Mapping[str, str]) -> model.Labels:
     if len(values) > MAX_LABELS:
         raise BadRequest("labels", f"must have at most {MAX_LABELS} entries")
     for key, value in values.items():
@@ -118,20 +124,19 @@ def acquire(
     trace_context: str = "",
     principal: str = "",
     shared_principal: bool = False,
-) -> tuple[core.Acquire, bool]:
-    """The Acquire command, and whether the caller asked to JOIN the winner.
+) -> model.Acquire:
+    """The Acquire command (its ``on_conflict`` says whether the caller asked to JOIN the winner).
 
     ``shared_principal``: the principal names many callers, so the run is tied
     to its retry_secret too (see ``retry_key``).
     """
     key = task_key(request.task_key)
     run_id = _printable(request.run_id, "run_id", 1, MAX_ID_BYTES) if request.run_id else str(uuid.uuid4())
-    on_conflict = _enum(request.on_conflict, "on_conflict", _ON_CONFLICT_NAMES)
-    join = on_conflict == pb.ON_CONFLICT_JOIN
-    if join and not stream_bound:
+    on_conflict = _on_conflict(request.on_conflict)
+    if on_conflict is ConflictPolicy.JOIN and not stream_bound:
         raise BadRequest("on_conflict", "ON_CONFLICT_JOIN needs a Hold stream")
     ttl_s = duration_s(request.ttl, "ttl") if request.HasField("ttl") else None
-    command = core.Acquire(
+    return model.Acquire(
         task_key=key,
         run_id=run_id,
         holder=_text(request.holder, "holder"),
@@ -142,15 +147,15 @@ def acquire(
         trace_context=trace_context,
         principal=principal,
         retry_key=retry_key(request.retry_secret, shared_principal),
+        on_conflict=on_conflict,
     )
-    return command, join
 
 
 MIN_RETRY_SECRET_BYTES = 16
 
 
 def retry_key(secret: str, shared_principal: bool) -> str | None:
-    """What a retry must match besides the principal (see core.Acquire.retry_key).
+    """What a retry must match besides the principal (see model.Acquire.retry_key).
 
     "" when the principal is one caller's own; the SHA-256 of the secret when it
     is shared; None (matches nothing) when it is shared and there is no secret.
@@ -172,16 +177,16 @@ def release_detail(detail: str) -> str:
     return _text(detail, "detail", MAX_DETAIL_BYTES)
 
 
-def approve_retry(request: pb.ApproveRetryRequest) -> core.ApproveRetry:
-    return core.ApproveRetry(
+def approve_retry(request: pb.ApproveRetryRequest) -> model.ApproveRetry:
+    return model.ApproveRetry(
         task_key(request.task_key),
         _text(request.approver, "approver"),
         _text(request.reason, "reason", MAX_DETAIL_BYTES),
     )
 
 
-def force_release(request: pb.ForceReleaseRequest) -> core.ForceRelease:
-    return core.ForceRelease(
+def force_release(request: pb.ForceReleaseRequest) -> model.ForceRelease:
+    return model.ForceRelease(
         task_key(request.task_key),
         _text(request.operator, "operator"),
         _text(request.reason, "reason", MAX_DETAIL_BYTES),

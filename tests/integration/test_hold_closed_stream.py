@@ -19,7 +19,7 @@ from grpc import aio
 from grpc._cython import cygrpc
 
 from taskguard_client.v1 import taskguard_pb2 as pb
-from tests.support import InProcess
+from tests.support import InProcess, watch_until
 
 
 class ClosingContext:
@@ -85,5 +85,10 @@ async def test_a_stream_closed_during_its_first_answer_abandons_the_run_it_won(
         await asyncio.wait_for(in_process.sidecar.service.Hold(None, context), 10)
     assert not _errors(caplog)
     # No one heard of the run, and its stream is gone: it ends as a dropped stream ends, not held forever.
-    guard = await in_process.stub.GetGuard(pb.GetGuardRequest(task_key=key))
-    assert guard.state == pb.GUARD_STATE_ABANDONED
+    events = await watch_until(
+        in_process.stub,
+        lambda events: any(event.type == pb.GUARD_EVENT_TYPE_ABANDONED for event in events),
+        key_prefix=key,
+        start_revision=1,
+    )
+    assert events[-1].guard.state == pb.GUARD_STATE_ABANDONED

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from taskguard.core import (
+from taskguard.core import decide, heal, lease_problem
+from taskguard.model import (
     Abandon,
     Acquire,
     AcquireReply,
@@ -52,9 +53,6 @@ from taskguard.core import (
     Reply,
     Resume,
     RunStatus,
-    decide,
-    heal,
-    lease_problem,
 )
 
 KEYS = ("sess-a::build", "sess-a::deploy", "nightly")

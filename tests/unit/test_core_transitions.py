@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from taskguard.core import (
+from taskguard.core import decide, fence_is_valid, heals_first, is_stale
+from taskguard.model import (
     Abandon,
     Acquire,
     AcquireReply,
@@ -39,10 +40,6 @@ from taskguard.core import (
     Renew,
     Resume,
     RunStatus,
-    decide,
-    fence_is_valid,
-    heals_first,
-    is_stale,
     split_task_key,
 )
 

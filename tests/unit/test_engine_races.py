@@ -14,10 +14,10 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from taskguard import api, core
+from taskguard import api, core, model
 from taskguard.clock import ManualClock
-from taskguard.core import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
 from taskguard.engine import Engine, LeaseCommand, Result
+from taskguard.model import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
 from taskguard.store import Committed, StoreConflict, Write
 from taskguard.store.memory import MemoryStore
 
@@ -49,11 +49,11 @@ async def _let_queue() -> None:
 
 
 LATE_COMMANDS: dict[str, Callable[[str], LeaseCommand]] = {
-    "renew": lambda key: core.Renew(key, "L1"),
-    "renew with a ttl": lambda key: core.Renew(key, "L1", 30.0),
-    "heartbeat": lambda key: core.Heartbeat(key, "L1"),
-    "resume": lambda key: core.Resume(key, "L1"),
-    "release with another status": lambda key: core.Release(key, "L1", RunStatus.FAILED),
+    "renew": lambda key: model.Renew(key, "L1"),
+    "renew with a ttl": lambda key: model.Renew(key, "L1", 30.0),
+    "heartbeat": lambda key: model.Heartbeat(key, "L1"),
+    "resume": lambda key: model.Resume(key, "L1"),
+    "release with another status": lambda key: model.Release(key, "L1", RunStatus.FAILED),
 }
 
 
@@ -67,7 +67,7 @@ async def test_a_lease_command_queued_behind_its_runs_end_and_a_new_run_is_told_
     await engine.execute(_acquire("first", "L1"))
     store.gate.clear()
     release = asyncio.ensure_future(
-        engine.execute_on_lease("L1", lambda key: core.Release(key, "L1", RunStatus.SUCCEEDED))
+        engine.execute_on_lease("L1", lambda key: model.Release(key, "L1", RunStatus.SUCCEEDED))
     )
     await asyncio.wait_for(store.waiting.wait(), 5)
     taken = asyncio.ensure_future(engine.execute(_acquire("second", "L2")))
@@ -75,7 +75,7 @@ async def test_a_lease_command_queued_behind_its_runs_end_and_a_new_run_is_told_
     await _let_queue()
     store.gate.set()
     _, second, answer = await asyncio.wait_for(asyncio.gather(release, taken, queued), 5)
-    assert isinstance(second.reply, core.AcquireReply) and second.reply.outcome is core.Outcome.ACQUIRED
+    assert isinstance(second.reply, model.AcquireReply) and second.reply.outcome is model.Outcome.ACQUIRED
     assert isinstance(answer.reply, Rejected), answer.reply
     assert answer.reply.kind is RejectionKind.FAILED_PRECONDITION
     assert answer.reply.field in ("lease_id", "status")
@@ -92,7 +92,7 @@ async def test_a_repeated_release_queued_behind_a_new_run_is_still_idempotent() 
     store.gate.clear()
 
     def release(key: str) -> LeaseCommand:
-        return core.Release(key, "L1", RunStatus.SUCCEEDED, "done")
+        return model.Release(key, "L1", RunStatus.SUCCEEDED, "done")
 
     original = asyncio.ensure_future(engine.execute_on_lease("L1", release))
     await asyncio.wait_for(store.waiting.wait(), 5)
@@ -101,29 +101,29 @@ async def test_a_repeated_release_queued_behind_a_new_run_is_still_idempotent() 
     await _let_queue()
     store.gate.set()
     first, _, again = await asyncio.wait_for(asyncio.gather(original, taken, repeated), 5)
-    assert _state(first) is core.GuardState.SUCCEEDED
-    assert _state(again) is core.GuardState.SUCCEEDED
+    assert _state(first) is model.GuardState.SUCCEEDED
+    assert _state(again) is model.GuardState.SUCCEEDED
     assert again.record is not None and again.record.run_id == "first"
 
 
-def _state(result: Result) -> core.GuardState:
-    assert isinstance(result.reply, core.GuardReply) and result.reply.guard is not None, result.reply
+def _state(result: Result) -> model.GuardState:
+    assert isinstance(result.reply, model.GuardReply) and result.reply.guard is not None, result.reply
     return result.reply.guard.state
 
 
 def test_a_past_runs_stale_snapshot_that_would_still_renew_answers_lease_lost() -> None:
     clock = ManualClock()
-    now = core.Instant(clock.monotonic(), clock.now_utc())
+    now = model.Instant(clock.monotonic(), clock.now_utc())
     acquired = core.decide(None, _acquire("first", "L1"), now, Policy()).record
     assert acquired is not None
     taken = core.decide(
-        core.decide(acquired, core.Release("s::job", "L1", RunStatus.SUCCEEDED), now, Policy()).record,
+        core.decide(acquired, model.Release("s::job", "L1", RunStatus.SUCCEEDED), now, Policy()).record,
         _acquire("second", "L2"),
         now,
         Policy(),
     ).record
     # ``acquired`` is what a lagging copy may still show for L1: RUNNING.
-    answer = core.answer_past_run(acquired, taken, core.Renew("s::job", "L1"), now, Policy())
+    answer = core.answer_past_run(acquired, taken, model.Renew("s::job", "L1"), now, Policy())
     assert isinstance(answer, Rejected) and answer.kind is RejectionKind.FAILED_PRECONDITION
     assert "run second (fencing token 2) acquired the guard since" in answer.rule
 

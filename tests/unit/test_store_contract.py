@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from taskguard.clock import ManualClock, instant
-from taskguard.core import (
+from taskguard.core import decide
+from taskguard.model import (
     Acquire,
     Command,
     Decision,
@@ -39,7 +40,6 @@ from taskguard.core import (
     Policy,
     Release,
     RunStatus,
-    decide,
 )
 from taskguard.store import Committed, RevisionCompacted, Store, StoreConflict, StoreUnavailable, Write
 from taskguard.store import sqlite as sqlite_module

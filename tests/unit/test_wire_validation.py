@@ -16,8 +16,10 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from taskguard import wire
-from taskguard.core import (
+from taskguard.core import decide
+from taskguard.model import (
     Acquire,
+    ConflictPolicy,
     EventType,
     ForceRelease,
     GuardRecord,
@@ -26,7 +28,6 @@ from taskguard.core import (
     Policy,
     RejectionKind,
     RunStatus,
-    decide,
 )
 from taskguard_client.v1 import taskguard_pb2 as pb
 
@@ -42,7 +43,9 @@ def bad_request(excinfo: pytest.ExceptionInfo[wire.BadRequest]) -> str:
 
 
 def acquire(request: pb.AcquireRequest, *, stream_bound: bool = False) -> tuple[Acquire, bool]:
-    return wire.acquire(request, stream_bound=stream_bound, new_lease_id="lease-1")
+    """The command, and whether it asks to JOIN the winner."""
+    command = wire.acquire(request, stream_bound=stream_bound, new_lease_id="lease-1")
+    return command, command.on_conflict is ConflictPolicy.JOIN
 
 
 def enum_number(value: int) -> Any:

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from taskguard.core import Durability, Event, GuardRecord
+from taskguard.model import Durability, Event, GuardRecord
 from taskguard.store import CommitListener, Committed, StoreConflict, Write
 
 

@@ -1,0 +1,335 @@
+"""The values of Task Guard: guards, commands, events, replies and decisions.
+
+Plain frozen data, no rules (those are in ``core``): the stores, the wire
+format, telemetry and the dashboard import these without importing the state
+machine. Enum values match the proto's, so the wire maps them one to one.
+Times: ``*_at`` fields are UTC wall time, for people; ``*_deadline`` and
+``last_seen`` are monotonic seconds, which is what decides.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+KEY_SEPARATOR = "::"
+
+
+class GuardState(enum.IntEnum):
+    """Values match ``taskguard.v1.GuardState``."""
+
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    CANCELLED = 4
+    ABANDONED = 5
+    EXPIRED = 6
+    RETRY_APPROVED = 7
+
+
+class RunStatus(enum.IntEnum):
+    """Values match ``taskguard.v1.RunStatus``."""
+
+    UNSPECIFIED = 0
+    SUCCEEDED = 1
+    FAILED = 2
+    CANCELLED = 3
+
+
+class Outcome(enum.IntEnum):
+    """Values match ``taskguard.v1.AcquireOutcome``."""
+
+    ACQUIRED = 1
+    ALREADY_RUNNING = 2
+    RETRY_REQUIRES_APPROVAL = 3
+
+
+class EventType(enum.IntEnum):
+    """Values match ``taskguard.v1.GuardEventType``."""
+
+    SNAPSHOT = 1
+    ACQUIRED = 2
+    DUPLICATE_REFUSED = 3
+    RETRY_REFUSED = 4
+    RENEWED = 5
+    RELEASED = 6
+    EXPIRED = 7
+    ABANDONED = 8
+    RETRY_APPROVED = 9
+    FORCE_RELEASED = 10
+    RESUMED = 11
+
+
+class Durability(enum.Enum):
+    SYNC = "sync"
+    LAZY = "lazy"
+    VOLATILE = "volatile"
+
+
+class ConflictPolicy(enum.IntEnum):
+    """What an acquisition that finds the key taken asks for; values match ``taskguard.v1.OnConflict``."""
+
+    REJECT = 1
+    # Wait for the running run to end and hear how it ended (a Hold stream only).
+    JOIN = 2
+
+
+class RejectionKind(enum.Enum):
+    """What went wrong; ``api.py`` maps each kind to one gRPC status code."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """One reading of both clocks: monotonic seconds decide, UTC wall time is shown."""
+
+    monotonic: float
+    wall: datetime
+
+    def after(self, seconds: float) -> tuple[float, datetime]:
+        return self.monotonic + seconds, self.wall + timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    default_ttl_s: float = 60.0
+    max_ttl_s: float = 24 * 3600.0
+    stale_after_s: float = 120.0
+    resume_grace_s: float = 15.0
+    abandoned_requires_approval: bool = False
+    expired_requires_approval: bool = False
+
+    def requires_approval(self, state: GuardState) -> bool:
+        if state is GuardState.FAILED:
+            return True
+        if state is GuardState.ABANDONED:
+            return self.abandoned_requires_approval
+        if state is GuardState.EXPIRED:
+            return self.expired_requires_approval
+        return False
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def split_task_key(task_key: str) -> tuple[str, str]:
+    """``"<session_key>::<task_name>"`` split at the last separator."""
+    session_key, sep, task_name = task_key.rpartition(KEY_SEPARATOR)
+    if not sep:
+        return "", task_key
+    return session_key, task_name
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRecord:
+    """A guard as stored. ``*_at`` are UTC for display; ``*_deadline``/``last_seen`` are monotonic."""
+
+    task_key: str
+    state: GuardState
+    run_id: str
+    holder: str
+    lease_id: str
+    fencing_token: int
+    attempt: int
+    started_at: datetime
+    heartbeat_at: datetime
+    last_seen: float
+    ttl_s: float | None
+    expires_at: datetime | None
+    expires_deadline: float | None
+    stream_bound: bool
+    labels: Labels = ()
+    last_status: RunStatus = RunStatus.UNSPECIFIED
+    last_detail: str = ""
+    released_at: datetime | None = None
+    released_by: str = ""
+    duplicate_count: int = 0
+    approved_by: str = ""
+    approval_reason: str = ""
+    # The winning acquisition's span context (a W3C traceparent), opaque here.
+    trace_context: str = ""
+    # Who acquired it, as the shell authenticated them ("uid:1000", "cert:CN", ...).
+    principal: str = ""
+    # What a retry must match besides the principal (see Acquire.retry_key).
+    retry_key: str | None = ""
+    revision: int = 0
+
+    @property
+    def session_key(self) -> str:
+        return split_task_key(self.task_key)[0]
+
+    @property
+    def task_name(self) -> str:
+        return split_task_key(self.task_key)[1]
+
+    @property
+    def running(self) -> bool:
+        return self.state is GuardState.RUNNING
+
+
+# --- commands -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Acquire:
+    task_key: str
+    run_id: str
+    holder: str
+    ttl_s: float | None
+    # Minted by the shell for every attempt; kept only if this attempt wins.
+    lease_id: str
+    stream_bound: bool
+    labels: Labels = ()
+    trace_context: str = ""
+    # The authenticated caller. Only the same principal gets a run's lease back
+    # by its run_id: run ids are shown to everyone, leases are capabilities.
+    principal: str = ""
+    # For a principal many callers share (a token, or anonymous), the shell's
+    # digest of the caller's retry secret, which a retry must match too; None
+    # when such a caller sent none (it gets no run back); "" when the
+    # principal is the caller's own.
+    retry_key: str | None = ""
+    on_conflict: ConflictPolicy = ConflictPolicy.REJECT
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    task_key: str
+    lease_id: str
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    task_key: str
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    task_key: str
+    lease_id: str
+    status: RunStatus
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    task_key: str
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitResume:
+    """After a restart: a stream-bound run waits for its holder to come back on a new stream.
+
+    Its stored deadline is stale (heartbeats are not durable, and none could
+    arrive while the sidecar was down), so the run keeps no deadline but the
+    resume grace, which the shell times; a resume starts its TTL afresh.
+    """
+
+    task_key: str
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    task_key: str
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    task_key: str
+    fencing_token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApproveRetry:
+    task_key: str
+    approver: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForceRelease:
+    task_key: str
+    operator: str
+    reason: str
+
+
+Command = Acquire | Renew | Heartbeat | Release | Resume | AwaitResume | Expire | Abandon | ApproveRetry | ForceRelease
+
+
+# --- events and replies ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: EventType
+    guard: GuardRecord
+    occurred_at: datetime
+    trigger_run_id: str = ""
+    trigger_holder: str = ""
+    actor: str = ""
+    reason: str = ""
+    # Stamped by the store when the event is committed.
+    revision: int = 0
+
+    @property
+    def task_key(self) -> str:
+        return self.guard.task_key
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireReply:
+    """ACQUIRED (``fresh`` when a new run started) or a refusal naming the run in the way.
+
+    ``joined``: the caller asked to JOIN and the run in the way is running; the
+    shell waits for its end and reports that, instead of ending the call here.
+    """
+
+    outcome: Outcome
+    guard: GuardRecord
+    fresh: bool = False
+    joined: bool = False
+
+    @property
+    def lease_id(self) -> str:
+        return self.guard.lease_id if self.outcome is Outcome.ACQUIRED else ""
+
+
+@dataclass(frozen=True, slots=True)
+class GuardReply:
+    guard: GuardRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    kind: RejectionKind
+    field: str
+    rule: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.field}: {self.rule}"
+
+
+Reply = AcquireReply | GuardReply | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    record: GuardRecord | None
+    events: tuple[Event, ...]
+    reply: Reply
+    durability: Durability = Durability.SYNC
+
+    @property
+    def changes(self) -> bool:
+        return self.record is not None
