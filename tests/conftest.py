@@ -188,7 +188,7 @@ async def in_process_factory(settings_for: Callable[..., config.Settings]) -> As
     async def make(clock: Clock | None = None, **overrides: Any) -> InProcess:
         sidecar = await server.start(settings_for(**overrides), clock)
         channel = aio.insecure_channel(sidecar.address)
-        harness = InProcess(sidecar, sidecar.engine.clock, channel, pb_grpc.TaskGuardStub(channel))
+        harness = InProcess(sidecar, sidecar.clock, channel, pb_grpc.TaskGuardStub(channel))
         running.append(harness)
         return harness
 

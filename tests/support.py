@@ -143,6 +143,10 @@ class InProcess:
         return self.sidecar.address
 
     @property
+    def stale_after_s(self) -> float:
+        return self.sidecar.settings.stale_after_s
+
+    @property
     def manual_clock(self) -> ManualClock:
         assert isinstance(self.clock, ManualClock)
         return self.clock

@@ -39,7 +39,6 @@ _Response = TypeVar("_Response")
 # 192 random bits: a lease_id is a capability, not an identifier.
 _LEASE_ID_BYTES = 24
 
-_LIST_SCAN_CHUNK = 512
 
 # Encoded events kept for watchers that are a little behind the others.
 _ENCODED_EVENTS_KEPT = 4096
@@ -196,7 +195,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             self._draining.set_result(None)
 
     def _render(self, record: GuardRecord) -> pb.Guard:
-        return wire.guard(record, core.is_stale(record, self._engine.now(), self._engine.policy))
+        return wire.guard(record, self._engine.is_stale(record))
 
     # --- leases -------------------------------------------------------------------------
 
@@ -395,9 +394,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def GetGuard(
         self, request: pb.GetGuardRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.Guard:
-        key = wire.task_key(request.task_key)
-        self._engine.store.ensure_current()
-        record = await self._engine.get(key)
+        record = await self._engine.read(wire.task_key(request.task_key))
         call.span.guard(record)
         if record is None:
             raise Refused(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
@@ -407,41 +404,18 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def ListGuards(
         self, request: pb.ListGuardsRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ListGuardsResponse:
-        prefix = wire.key_prefix(request.key_prefix)
-        states = wire.guard_states(request.states)
-        size = wire.page_size(request.page_size)
-        after = wire.decode_page_token(request.page_token)
-        self._engine.store.ensure_current()
-        now, policy = self._engine.now(), self._engine.policy
-        found: list[GuardRecord] = []
-        exhausted = False
-        while len(found) < size:
-            chunk = await self._engine.store.scan(prefix, after, _LIST_SCAN_CHUNK)
-            for record in chunk:
-                after = record.task_key
-                if states and record.state not in states:
-                    continue
-                if request.stale_only and not core.is_stale(record, now, policy):
-                    continue
-                found.append(record)
-                if len(found) == size:
-                    break
-            if len(chunk) < _LIST_SCAN_CHUNK and (not chunk or after == chunk[-1].task_key):
-                exhausted = True
-                break
+        found, after = await self._engine.find(wire.guard_query(request))
         return pb.ListGuardsResponse(
             guards=[self._render(record) for record in found],
-            next_page_token="" if exhausted else wire.encode_page_token(after),
+            next_page_token=wire.encode_page_token(after) if after is not None else "",
         )
 
     @_answer
     async def CheckFence(
         self, request: pb.CheckFenceRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.CheckFenceResponse:
-        # From the store itself, not the copy reads come from: a copy can still show a run that lost its guard.
-        record = await self._engine.store.confirm(wire.task_key(request.task_key))
+        valid, record = await self._engine.check_fence(wire.task_key(request.task_key), request.fencing_token)
         call.span.guard(record)
-        valid = core.fence_is_valid(record, request.fencing_token, self._engine.now())
         response = pb.CheckFenceResponse(valid=valid)
         if record is not None:
             response.guard.CopyFrom(self._render(record))
@@ -501,7 +475,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         cached = self._encoded_events.get(key)
         if cached is not None and cached[0] is event:
             return cached[1]
-        stale = core.is_stale(event.guard, self._engine.now(), self._engine.policy)
+        stale = self._engine.is_stale(event.guard)
         encoded = wire.guard_event(event, stale).SerializeToString()
         # Holding the event keeps its id from being reused while it is cached.
         self._encoded_events[key] = (event, encoded)

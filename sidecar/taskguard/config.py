@@ -21,6 +21,7 @@ from typing import Any
 
 from taskguard.auth import AuthSettings
 from taskguard.model import Policy
+from taskguard.store import backends
 from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s
 from taskguard.store.retention import Retention
@@ -31,15 +32,6 @@ ENV_PREFIX = "TASKGUARD_"
 
 class ConfigError(Exception):
     pass
-
-
-def _is_etcd_url(value: str) -> bool:
-    scheme, _, hosts = value.partition("://")
-    return (
-        scheme in ("etcd", "etcds")
-        and all(host.rpartition(":")[2].isdigit() for host in hosts.rstrip("/").split(",") if host)
-        and bool(hosts.strip("/,"))
-    )
 
 
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -284,8 +276,8 @@ _RULES: dict[str, _Rule] = {
     "db": _Rule(_parse_path, lambda v: bool(str(v)), "must be a file path", "SQLite database file"),
     "store": _Rule(
         str,
-        lambda v: v in ("sqlite", "memory") or _is_etcd_url(v),
-        "must be sqlite, memory or etcd://host:port[,host:port...]",
+        lambda v: backends.backend_for(v) is not None,
+        backends.RULE,
         "storage backend: the embedded SQLite file, memory (tests), or an etcd cluster shared by many hosts",
     ),
     "default_ttl_s": _Rule(parse_duration_s, _positive, "must be a duration > 0", "TTL of unary leases"),
@@ -462,7 +454,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     if not settings.listen.startswith("unix:"):
         tcp_host(settings)
     _ = settings.auth  # reads the token files now, so a missing one fails at start
-    if _is_etcd_url(settings.store):
+    if backends.backend_of(settings).shared:
         _check_etcd_timing(settings)
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(

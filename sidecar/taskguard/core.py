@@ -443,7 +443,9 @@ def _ending(record: GuardRecord) -> str:
     return f"the lease was already released with {record.last_status.name}"
 
 
-def _lease_lost(current: GuardRecord, cmd: Renew | Heartbeat | Resume, now: Instant, policy: Policy) -> Decision:
+def _lease_lost(
+    current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release, now: Instant, policy: Policy
+) -> Decision:
     problem = lease_problem(current, cmd.lease_id)
     assert problem is not None  # an ended guard is never held
     return Decision(None, (), problem)
@@ -514,7 +516,7 @@ def _release_again(current: GuardRecord, cmd: Release, now: Instant, policy: Pol
                 f"lease already released with {current.last_status.name}, not {cmd.status.name}",
             ),
         )
-    return _lease_lost(current, cmd, now, policy)  # type: ignore[arg-type]
+    return _lease_lost(current, cmd, now, policy)
 
 
 # --- the sweeper and restarts ---------------------------------------------------------

@@ -15,8 +15,8 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 
+from taskguard.engine import Engine
 from taskguard.model import Event, EventType, GuardRecord
-from taskguard.store import Store
 
 _REPLAY_PAGE = 256
 _BATCH_LINGER_S = 0.1
@@ -86,9 +86,13 @@ class Watcher:
 
 class EventHub:
     def __init__(
-        self, store: Store, buffer_size: int = 4096, max_watchers: int = 1024, max_watchers_per_connection: int = 256
+        self,
+        engine: Engine,
+        buffer_size: int = 4096,
+        max_watchers: int = 1024,
+        max_watchers_per_connection: int = 256,
     ) -> None:
-        self._store = store
+        self._engine = engine
         self._buffer_size = buffer_size
         self._max_watchers = max_watchers
         # Below the global limit, whatever is configured: room is always left for another connection.
@@ -96,7 +100,7 @@ class EventHub:
         self._watchers: set[Watcher] = set()
         self._per_connection: Counter[str] = Counter()
         self._run_waiters: dict[str, list[tuple[int, asyncio.Future[GuardRecord]]]] = {}
-        store.subscribe(self.publish)
+        engine.subscribe(self.publish)
 
     @property
     def watcher_count(self) -> int:
@@ -169,12 +173,6 @@ class EventHub:
             if not self._per_connection[watcher.connection]:
                 del self._per_connection[watcher.connection]
 
-    async def stream(self, watcher: Watcher, start_revision: int, include_snapshot: bool) -> AsyncIterator[Event]:
-        """Events for ``watcher`` one by one; see ``batches``."""
-        async for batch in self.batches(watcher, start_revision, include_snapshot):
-            for event in batch:
-                yield event
-
     async def batches(
         self, watcher: Watcher, start_revision: int, include_snapshot: bool, limit: int = _REPLAY_PAGE
     ) -> AsyncIterator[list[Event]]:
@@ -186,10 +184,10 @@ class EventHub:
         keeps, RevisionAhead when it is past the store's next revision, and
         WatchOverflow when the watcher fell behind its buffer.
         """
-        head = self._store.revision
+        head = self._engine.head
         if start_revision > head + 1:
             # Past this copy: on a shared store another sidecar may have seen it already, so ask the store.
-            latest = await self._store.latest_revision()
+            latest = await self._engine.latest_revision()
             if start_revision > latest + 1:
                 # Nothing would ever be sent to it: a silent watch that looks healthy.
                 raise RevisionAhead(start_revision, latest)
@@ -206,7 +204,7 @@ class EventHub:
             # The buffer was dropped while we caught up; it restarts empty
             # from the current head, and the log covers the rest.
             watcher.dropped = False
-            head = self._store.revision
+            head = self._engine.head
         watcher.live = True
         loop = asyncio.get_running_loop()
         last_sent = 0.0
@@ -236,7 +234,7 @@ class EventHub:
     async def _snapshot(self, prefix: str, head: int, limit: int) -> AsyncIterator[list[Event]]:
         after = ""
         while True:
-            page = await self._store.scan(prefix, after, _REPLAY_PAGE)
+            page = await self._engine.scan(prefix, after, _REPLAY_PAGE)
             snapshot = [Event(EventType.SNAPSHOT, record, record.heartbeat_at, revision=head) for record in page]
             for start in range(0, len(snapshot), limit):
                 yield snapshot[start : start + limit]
@@ -248,7 +246,7 @@ class EventHub:
         # Pages are read at their own size, whatever the batch size: a one-event batch must not
         # cost one read of the log (for etcd, one short-lived watch) per event.
         while watcher.last_revision < head:
-            page = await self._store.events_since(watcher.last_revision + 1, _REPLAY_PAGE)
+            page = await self._engine.events_since(watcher.last_revision + 1, _REPLAY_PAGE)
             if not page:
                 return
             batch: list[Event] = []

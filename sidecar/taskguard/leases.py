@@ -55,23 +55,20 @@ class LeaseKeeper:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
-        engine.store.subscribe(self._on_commit)
+        engine.subscribe(self._on_commit)
 
     async def start(self) -> None:
         """Give orphaned stream holders the resume grace, then arm every deadline found in the store."""
-        store = self._engine.store
-        for record in await store.unowned_stream_guards():
+        found = await self._engine.recover()
+        for record in found.unowned_stream_guards:
             if record.task_key in self._attached:
                 continue
             # Counted from now, whatever deadline was stored: no heartbeat could reach a sidecar that was down.
             await self._engine.execute(model.AwaitResume(record.task_key, record.fencing_token))
             self._wait_for_resume(record, "after a sidecar restart")
-        for record in await store.running():
+        for record in found.running:
             self.arm(record)
             self._held_by[record.principal] += 1
-        store.set_owner_loss_handler(self._owner_lost)
-        store.set_lease_loss_handler(self._lease_lost)
-        store.set_deadline_handler(self.arm)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
 
     async def stop(self) -> None:
@@ -134,13 +131,12 @@ class LeaseKeeper:
                 del self._admitting[principal]
 
     async def _sweep(self) -> None:
-        clock = self._engine.clock
         while True:
             if not self._heap:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            delay = self._heap[0][0] - clock.monotonic()
+            delay = self._heap[0][0] - self._engine.now()
             if delay > 0:
                 self._wakeup.clear()
                 try:
@@ -153,7 +149,7 @@ class LeaseKeeper:
     async def expire_due(self) -> None:
         """Expire every guard whose deadline has passed by the clock's current reading."""
         due: list[tuple[str, int]] = []
-        now = self._engine.clock.monotonic()
+        now = self._engine.now()
         while self._heap and self._heap[0][0] <= now:
             _, key, token = heapq.heappop(self._heap)
             if self._armed.get(key, (None,))[0] == token:
@@ -173,7 +169,7 @@ class LeaseKeeper:
             self.arm(result.record)  # heartbeats moved the deadline
 
     def _rearm_later(self, key: str, token: int) -> None:
-        heapq.heappush(self._heap, (self._engine.clock.monotonic(), key, token))
+        heapq.heappush(self._heap, (self._engine.now(), key, token))
         self._wakeup.set()
 
     # --- streams ---------------------------------------------------------------------
@@ -201,7 +197,7 @@ class LeaseKeeper:
             self._wait_for_resume(record, f"after {why}")
 
     def _wait_for_resume(self, record: GuardRecord, after: str) -> None:
-        grace = self._engine.policy.resume_grace_s
+        grace = self._engine.resume_grace_s
         self._orphans[record.task_key] = asyncio.get_running_loop().call_later(
             grace,
             self._abandon_orphan,
@@ -214,14 +210,14 @@ class LeaseKeeper:
         if self._attached.get(record.task_key) == (record.fencing_token, stream):
             del self._attached[record.task_key]
 
-    def _owner_lost(self, key: str, token: int) -> None:
+    def owner_lost(self, key: str, token: int) -> None:
         """The sidecar holding a stream-bound guard is gone (a shared store says so): abandon its run."""
         if self._attached.get(key, (None,))[0] == token and not self._stopping:
             return  # ours, and still attached here: a stale notice about a lease we replaced
         reason = "the sidecar that held its Hold stream is gone (its store lease expired)"
         self._spawn(self._engine.execute(Abandon(key, token, reason)))
 
-    def _lease_lost(self) -> None:
+    def lease_lost(self) -> None:
         """This sidecar lost its lease on a shared store: its streams can no longer be said to hold anything."""
         for _, stream in list(self._attached.values()):
             if isinstance(stream, HoldSession):

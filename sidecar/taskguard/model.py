@@ -333,3 +333,14 @@ class Decision:
     @property
     def changes(self) -> bool:
         return self.record is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardQuery:
+    """What ListGuards asks for: a key prefix, optionally some states or only stale guards, one page."""
+
+    prefix: str
+    after: str
+    size: int
+    states: frozenset[GuardState] = frozenset()
+    stale_only: bool = False

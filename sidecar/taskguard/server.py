@@ -23,10 +23,7 @@ from taskguard.engine import Engine
 from taskguard.events import EventHub
 from taskguard.leases import LeaseKeeper
 from taskguard.listener import Listener
-from taskguard.store import Store
-from taskguard.store.etcd import EtcdStore
-from taskguard.store.memory import MemoryStore
-from taskguard.store.sqlite import SqliteStore
+from taskguard.store import SharedStore, Store, backends
 from taskguard.telemetry import Telemetry
 
 log = logging.getLogger("taskguard")
@@ -47,11 +44,7 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def open_store(settings: Settings, clock: Clock) -> Store:
-    if settings.store == "memory":
-        return MemoryStore(clock, settings.retention)
-    if settings.store.startswith(("etcd://", "etcds://")):
-        return EtcdStore(settings.etcd, clock)
-    return SqliteStore(settings.db, clock, settings.retention)
+    return backends.backend_of(settings).open(settings, clock)
 
 
 @dataclass
@@ -65,6 +58,9 @@ class Sidecar:
     service: TaskGuardService
     health: health.aio.HealthServicer
     listener: Listener
+    # What it runs with (for tests and tools that drive it in-process).
+    clock: Clock
+    settings: Settings
     probes: tuple[aio.Server, str] | None = None
     _stopped: bool = False
 
@@ -99,16 +95,20 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         undo.push_async_callback(store.close)
         engine = Engine(store, clock, settings.policy)
         hub = EventHub(
-            store,
+            engine,
             buffer_size=settings.watch_buffer,
             max_watchers=settings.max_watchers,
             max_watchers_per_connection=settings.max_watchers_per_connection,
         )
         keeper = LeaseKeeper(engine, hub, settings.max_guards_per_holder)
         await keeper.start()
+        if isinstance(store, SharedStore):
+            store.set_owner_loss_handler(keeper.owner_lost)
+            store.set_lease_loss_handler(keeper.lease_lost)
+            store.set_deadline_handler(keeper.arm)
         undo.push_async_callback(keeper.stop)
-        telemetry = Telemetry(settings.telemetry, settings.policy)
-        telemetry.attach(store, clock)
+        telemetry = Telemetry(settings.telemetry)
+        telemetry.attach(engine)
         undo.push_async_callback(telemetry.stop)
 
         server = aio.server(options=_server_options(settings))
@@ -140,7 +140,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()
-    return Sidecar(bound.address, server, store, engine, hub, keeper, service, health_servicer, bound, probes)
+    return Sidecar(
+        bound.address, server, store, engine, hub, keeper, service, health_servicer, bound, clock, settings, probes
+    )
 
 
 def _secrets_on_command_line(settings: Settings) -> list[str]:
@@ -181,7 +183,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    store_name = f"sqlite {settings.db}" if settings.store == "sqlite" else settings.store
+    store_name = backends.backend_of(settings).describe(settings)
     health_note = f"; health only on {sidecar.probes[1]}" if sidecar.probes else ""
     print(f"taskguard listening on {sidecar.address} (store: {store_name}{health_note})", flush=True)
     await stop.wait()

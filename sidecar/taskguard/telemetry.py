@@ -1,6 +1,6 @@
 """OpenTelemetry: spans per RPC, duplicate -> winner links, run spans and metrics.
 
-The only module that imports opentelemetry. Off by default: ``Telemetry.off()``
+The only module that imports opentelemetry. Off by default: a ``Telemetry`` without an exporter
 hands out a no-op span and ignores events, so a sidecar without an exporter
 pays for one attribute lookup per call and nothing else.
 
@@ -50,10 +50,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from taskguard import __version__
-from taskguard.clock import Clock
-from taskguard.core import is_stale
-from taskguard.model import Event, EventType, GuardRecord, Outcome, Policy, RunStatus
-from taskguard.store import Store
+from taskguard.engine import Engine
+from taskguard.model import Event, EventType, GuardRecord, Outcome, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +135,8 @@ class _RecordingRpcSpan(RpcSpan):
 
 
 class Telemetry:
-    def __init__(self, settings: TelemetrySettings, policy: Policy) -> None:
+    def __init__(self, settings: TelemetrySettings) -> None:
         self.enabled = settings.enabled
-        self._policy = policy
         self._tracer_provider: TracerProvider | None = None
         self._meter_provider: MeterProvider | None = None
         self._gauges = {"running": 0, "stale": 0}
@@ -170,17 +167,13 @@ class Telemetry:
             "taskguard.guards.stale", [self._observe("stale")], unit="{guard}", description="stale RUNNING guards"
         )
 
-    @classmethod
-    def off(cls) -> Telemetry:
-        return cls(TelemetrySettings(), Policy())
-
     # --- lifecycle ---------------------------------------------------------------------
 
-    def attach(self, store: Store, clock: Clock) -> None:
+    def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
-        store.subscribe(self._on_commit)
-        self._refresher = asyncio.create_task(self._refresh_gauges(store, clock), name="taskguard-telemetry-gauges")
+        engine.subscribe(self._on_commit)
+        self._refresher = asyncio.create_task(self._refresh_gauges(engine), name="taskguard-telemetry-gauges")
 
     async def stop(self) -> None:
         if self._refresher is not None:
@@ -265,20 +258,19 @@ class Telemetry:
 
         return observe
 
-    async def refresh_gauges(self, store: Store, clock: Clock) -> None:
+    async def refresh_gauges(self, engine: Engine) -> None:
         """Count running and stale guards for the gauges.
 
         Observable callbacks run on the exporter's thread; they only read the
         numbers computed here, on the loop that owns the store.
         """
-        running = await store.running()
-        now = clock.monotonic()
+        running = await engine.running()
         self._gauges["running"] = len(running)
-        self._gauges["stale"] = sum(1 for record in running if is_stale(record, now, self._policy))
+        self._gauges["stale"] = sum(1 for record in running if engine.is_stale(record))
 
-    async def _refresh_gauges(self, store: Store, clock: Clock) -> None:
+    async def _refresh_gauges(self, engine: Engine) -> None:
         while True:
-            await self.refresh_gauges(store, clock)
+            await self.refresh_gauges(engine)
             await asyncio.sleep(_GAUGE_REFRESH_S)
 
 

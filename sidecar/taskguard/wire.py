@@ -20,7 +20,16 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskguard import model
-from taskguard.model import ConflictPolicy, Event, GuardRecord, GuardState, Rejected, RejectionKind, RunStatus
+from taskguard.model import (
+    ConflictPolicy,
+    Event,
+    GuardQuery,
+    GuardRecord,
+    GuardState,
+    Rejected,
+    RejectionKind,
+    RunStatus,
+)
 from taskguard_client.v1 import taskguard_pb2 as pb
 
 MAX_TASK_KEY_BYTES = 512
@@ -195,6 +204,16 @@ def force_release(request: pb.ForceReleaseRequest) -> model.ForceRelease:
 
 def guard_states(values: Iterable[int]) -> frozenset[GuardState]:
     return frozenset(GuardState(_enum(value, "states", _GUARD_STATE_NAMES)) for value in values)
+
+
+def guard_query(request: pb.ListGuardsRequest) -> GuardQuery:
+    return GuardQuery(
+        prefix=key_prefix(request.key_prefix),
+        after=decode_page_token(request.page_token),
+        size=page_size(request.page_size),
+        states=guard_states(request.states),
+        stale_only=request.stale_only,
+    )
 
 
 def page_size(value: int) -> int:

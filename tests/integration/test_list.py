@@ -51,7 +51,7 @@ async def test_list_filters_by_state_and_staleness(manual: InProcess, key: str) 
     assert sorted(g.task_key for g in states) == [key + "/failed", key + "/running"]
     stale = await _list_all(stub, key_prefix=key, stale_only=True)
     assert [g.task_key for g in stale] == [key + "/expiring"]
-    await manual.advance(manual.sidecar.engine.policy.stale_after_s + 1)
+    await manual.advance(manual.stale_after_s + 1)
     stale = await _list_all(stub, key_prefix=key, stale_only=True)
     assert sorted(g.task_key for g in stale) == [key + "/expiring", key + "/running"]
     assert all(g.stale for g in stale)

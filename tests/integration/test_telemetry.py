@@ -207,7 +207,7 @@ async def test_gauges_count_running_and_stale_guards_and_histograms_fill(
     await acquire(stub, key + "/b")
     await stub.Release(pb.ReleaseRequest(lease_id=held.lease_id, status=pb.RUN_STATUS_SUCCEEDED))
     sidecar = traced.sidecar
-    await sidecar.service.telemetry.refresh_gauges(sidecar.store, sidecar.engine.clock)
+    await sidecar.service.telemetry.refresh_gauges(sidecar.engine)
     assert [p.value for p in _points(metrics, "taskguard.guards.running")] == [1]
     assert [p.value for p in _points(metrics, "taskguard.guards.stale")] == [0]
     assert sum(p.count for p in _points(metrics, "taskguard.acquire.duration")) == 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from taskguard.model import Durability, Event, GuardRecord
 
@@ -102,24 +102,6 @@ class Store(Protocol):
         """RUNNING stream-bound guards that no live sidecar holds (to wait the resume grace for, then abandon)."""
         ...
 
-    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
-        """Be told (task key, fencing token) when the sidecar holding a stream-bound guard is gone.
-
-        Only a store shared by several sidecars has anything to tell.
-        """
-        ...
-
-    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
-        """Be told when this sidecar's own hold on a shared store lapsed (its guards may be taken)."""
-        ...
-
-    def set_deadline_handler(self, handler: Callable[[GuardRecord], None]) -> None:
-        """Be told of a guard whose TTL deadline the store set without a commit (arm it).
-
-        A shared store does so when the sidecar that kept the deadline is gone.
-        """
-        ...
-
     async def confirm(self, task_key: str) -> GuardRecord | None:
         """The guard as the store itself has it now, not as a copy of it may lag behind (CheckFence).
 
@@ -152,4 +134,24 @@ class Store(Protocol):
 
     async def flush(self) -> None:
         """Persist every LAZY write made so far."""
+        ...
+
+
+@runtime_checkable
+class SharedStore(Protocol):
+    """What only a store that several sidecars share has to tell (the server wires it to the leases)."""
+
+    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
+        """Be told (task key, fencing token) when the sidecar holding a stream-bound guard is gone."""
+        ...
+
+    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
+        """Be told when this sidecar's own hold on the store lapsed (its guards may be taken)."""
+        ...
+
+    def set_deadline_handler(self, handler: Callable[[GuardRecord], None]) -> None:
+        """Be told of a guard whose TTL deadline the store set without a commit (arm it).
+
+        The store does so when the sidecar that kept the deadline is gone.
+        """
         ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 from taskguard.model import Durability, Event, GuardRecord
@@ -120,15 +120,6 @@ class SingleWriterStore(IndexedStore):
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         # After a start, no stream holds anything yet.
         return [record for record in self._index.running() if record.stream_bound]
-
-    def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
-        return None
-
-    def set_lease_loss_handler(self, handler: Callable[[], None]) -> None:
-        return None
-
-    def set_deadline_handler(self, handler: Callable[[GuardRecord], None]) -> None:
-        return None
 
     async def confirm(self, task_key: str) -> GuardRecord | None:
         # The index is the store's own state: nothing can be newer.
