@@ -36,7 +36,8 @@ from typing import Any
 
 from grpc import aio
 
-from bench.systems import SYSTEMS, System, make_system, open_channels
+from bench.connections import open_channels
+from bench.systems import SYSTEMS, System, make_system
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
