@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from bench.systems import open_channels
+from bench.connections import open_channels
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 

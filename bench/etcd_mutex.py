@@ -23,7 +23,7 @@ from typing import Any
 
 from grpc import aio
 
-from bench.systems import MAX_GRPC_CHANNELS, RPC_TIMEOUT_S, open_channels
+from bench.connections import MAX_GRPC_CHANNELS, RPC_TIMEOUT_S, open_channels
 from taskguard.store.etcdpb import etcdv3_pb2, etcdv3_pb2_grpc
 
 LEASE_TTL_S = 60

@@ -36,7 +36,8 @@ from typing import Any
 
 from grpc import aio
 
-from bench.systems import SYSTEMS, System, make_system, open_channels
+from bench.connections import open_channels
+from bench.systems import SYSTEMS, System, make_system
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -215,6 +216,18 @@ def cycles_result(system: str, concurrency: int, runs: list[CycleRun], **extra: 
     return result
 
 
+async def cycles_as_asked(system: System, concurrency: int, args: argparse.Namespace, meter: CpuMeter) -> CycleRun:
+    """``run_cycles`` for the duration, warm-up and cycle cap given on the command line."""
+    return await run_cycles(
+        system,
+        concurrency,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        max_cycles=args.max_cycles,
+        meter=meter,
+    )
+
+
 async def scenario_a(systems: dict[str, System], args: argparse.Namespace, pids: dict[str, int]) -> None:
     runs: dict[tuple[str, int], list[CycleRun]] = {}
     # Repetitions interleave the systems, so that a noisy moment on a shared machine is spread over all.
@@ -222,14 +235,7 @@ async def scenario_a(systems: dict[str, System], args: argparse.Namespace, pids:
         for concurrency in args.concurrency:
             for name, system in systems.items():
                 note(f"a: {name} at {concurrency} clients (rep {rep + 1}/{args.reps})")
-                run = await run_cycles(
-                    system,
-                    concurrency,
-                    duration_s=args.duration,
-                    warmup_s=args.warmup,
-                    max_cycles=args.max_cycles,
-                    meter=CpuMeter(pids.get(name)),
-                )
+                run = await cycles_as_asked(system, concurrency, args, CpuMeter(pids.get(name)))
                 runs.setdefault((name, concurrency), []).append(run)
     for concurrency in args.concurrency:
         for name in systems:
@@ -459,16 +465,7 @@ async def scenario_d(args: argparse.Namespace, pids: dict[str, int]) -> None:
             note(f"d: {concurrency} clients with {watchers} watchers (rep {rep + 1}/{args.reps})")
             meter = CpuMeter(pids.get("taskguard"))
             if not watchers:
-                runs[watchers].append(
-                    await run_cycles(
-                        system,
-                        concurrency,
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        max_cycles=args.max_cycles,
-                        meter=meter,
-                    )
-                )
+                runs[watchers].append(await cycles_as_asked(system, concurrency, args, meter))
                 continue
             channels = str(max(1, watchers // 25))
             async with reaped(
@@ -477,16 +474,7 @@ async def scenario_d(args: argparse.Namespace, pids: dict[str, int]) -> None:
                 await child_says(watching, "opened")
                 await until_watchers_ready(system, watching)
                 watch_cpu_before = cpu_s(watching.pid)
-                runs[watchers].append(
-                    await run_cycles(
-                        system,
-                        concurrency,
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        max_cycles=args.max_cycles,
-                        meter=meter,
-                    )
-                )
+                runs[watchers].append(await cycles_as_asked(system, concurrency, args, meter))
                 watch_cpu = cpu_s(watching.pid) - watch_cpu_before
                 assert watching.stdin is not None
                 # Every cycle is an ACQUIRED and a RELEASED event each watcher must see before it stops.

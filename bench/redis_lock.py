@@ -11,7 +11,7 @@ import os
 
 import redis.asyncio as redis
 
-from bench.systems import RPC_TIMEOUT_S
+from bench.connections import RPC_TIMEOUT_S
 
 TTL_MS = 60_000
 RELEASE_SCRIPT = """

@@ -4,9 +4,7 @@ A system turns "acquire the guard of this key" and "release it" into its own cal
 unary ``Acquire``/``Release``, an etcd lease + transaction mutex (``bench/etcd_mutex.py``) or a Redis
 ``SET NX PX`` lock (``bench/redis_lock.py``).
 
-Connections: a gRPC connection multiplexes calls, so the gRPC systems get one channel per concurrent
-client up to ``MAX_GRPC_CHANNELS`` (each its own connection: ``grpc.use_local_subchannel_pool``); a Redis
-connection carries one command at a time, so Redis gets one connection per concurrent client.
+How many connections each system gets, and the deadline of each call, are ``bench/connections.py``'s.
 """
 
 from __future__ import annotations
@@ -16,13 +14,10 @@ from typing import Any, Protocol
 
 from grpc import aio
 
+from bench.connections import MAX_GRPC_CHANNELS, RPC_TIMEOUT_S, open_channels
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
-MAX_GRPC_CHANNELS = 64
-RPC_TIMEOUT_S = 30.0
-# Without it, channels to one target share one subchannel, hence one connection (and its stream limit).
-OWN_CONNECTION = ("grpc.use_local_subchannel_pool", 1)
 SYSTEMS = ("taskguard", "taskguard-etcd", "etcd", "redis-durable", "redis-volatile")
 
 
@@ -48,13 +43,6 @@ class System(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def open_channels(target: str, count: int) -> list[aio.Channel]:
-    channels = [aio.insecure_channel(target, options=[OWN_CONNECTION]) for _ in range(count)]
-    for channel in channels:
-        await channel.channel_ready()
-    return channels
 
 
 class TaskGuardSystem:
@@ -108,6 +96,7 @@ class TaskGuardSystem:
 
 def make_system(name: str, args: argparse.Namespace) -> System:
     """The system ``name`` with the addresses the runner passed on the command line."""
+    # The others' modules are imported only when chosen: a run of Task Guard alone loads no Redis client.
     if name == "taskguard":
         return TaskGuardSystem(args.target)
     if name == "taskguard-etcd":

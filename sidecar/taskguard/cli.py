@@ -3,7 +3,8 @@
 The client commands use the public ``taskguard_client`` API and nothing else
 of the sidecar's, like httpx's ``_main.py`` on its public ``Client``. They
 report a failure as one line on stderr and a documented exit code (``EPILOG``),
-never a traceback. ``run`` lives in ``cli_run.py``.
+never a traceback. ``run`` lives in ``cli_run.py``; the exit codes, reporting, the escaping of
+the sidecar's text and the connection options both use live in ``cli_common.py``.
 """
 
 from __future__ import annotations
@@ -18,46 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
-import grpc
-
-from taskguard import __version__, config
-from taskguard_client import (
-    AlreadyRunning,
-    Client,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    Guard,
-    GuardEvent,
-    GuardState,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-    RetryRequiresApproval,
-    TaskGuardError,
-    UnavailableError,
-    default_address,
-)
-
-# Exit codes: the sysexits(3) numbers where one fits, and the documented table in EPILOG.
-EXIT_OK = 0
-EXIT_FENCE_INVALID = 1
-EXIT_USAGE = 2
-EXIT_INVALID_ARGUMENT = 65  # EX_DATAERR
-EXIT_NOT_FOUND = 66  # EX_NOINPUT
-EXIT_FAILED_PRECONDITION = 67
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
-EXIT_ERROR = 70  # EX_SOFTWARE
-EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL: try again later
-EXIT_RETRY_REQUIRES_APPROVAL = 76
-EXIT_PERMISSION_DENIED = 77  # EX_NOPERM
-EXIT_LEASE_LOST = 79
-EXIT_JOINED_RUN_FAILED = 80
-EXIT_CANNOT_EXECUTE = 126
-EXIT_COMMAND_NOT_FOUND = 127
-EXIT_INTERRUPTED = 130
+from taskguard import __version__, cli_run, config
+from taskguard.cli_common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
+from taskguard_client import Client, Guard, GuardEvent, GuardState, TaskGuardError, default_address
 
 EPILOG = """\
 The client commands talk to the sidecar at --addr; without it, at $TASKGUARD_ADDR, else at the
@@ -109,23 +75,6 @@ def _state(value: str) -> GuardState:
 # --- presenting ---------------------------------------------------------------------------
 
 
-def shown(text: str) -> str:
-    """``text`` made safe for a terminal: every character it would act on instead of showing is escaped.
-
-    Everything printed that came from the sidecar goes through here. The sidecar refuses control
-    characters in the text callers send, but an older database, an older sidecar or another
-    implementation may still hand back a holder like ``"x\\x1b[2J\\nFAKE ROW"``; shown, it is inert.
-    Escapes are Python's (``\\x1b``, ``\\n``, ``\\u202e``), so nothing is lost from view.
-    """
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-def _iso(at: datetime | None) -> str:
-    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z") if at else "-"
-
-
 def _span(delta: timedelta) -> str:
     total = int(abs(delta.total_seconds()))
     days, rest = divmod(total, 86400)
@@ -144,7 +93,7 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, datetime):
-        return _iso(value)
+        return iso(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, Guard | GuardEvent):
@@ -173,7 +122,7 @@ def _table(guards: Sequence[Guard], now: datetime) -> str:
                 _state_text(guard),
                 guard.run_id,
                 guard.holder or "-",
-                _iso(guard.started_at),
+                iso(guard.started_at),
                 _span(now - guard.started_at),
                 _expires(guard, now),
                 str(guard.fencing_token),
@@ -211,41 +160,6 @@ def _event_line(event: GuardEvent) -> str:
     elif not guard.running and guard.last_detail and event.type.value not in ("SNAPSHOT", "DUPLICATE_REFUSED"):
         parts.append(f"detail={guard.last_detail!r}")
     return shown(" ".join(parts))
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def warn(message: str) -> None:
-    """One line on stderr, ``taskguard: ...``: whatever the message quotes from the sidecar is shown inert."""
-    print(f"taskguard: {shown(one_line(message))}", file=sys.stderr, flush=True)
-
-
-def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
-    """Print one line for ``error`` on stderr; the exit code it maps to."""
-    match error:
-        case PermissionDeniedError():
-            message, code = f"permission denied by the sidecar at {address}: {error}", EXIT_PERMISSION_DENIED
-        case UnavailableError():
-            message, code = f"the sidecar at {address} is not reachable: {error}", EXIT_UNAVAILABLE
-        case DeadlineExceededError():
-            message, code = f"the sidecar at {address} did not answer within {timeout_s:g}s", EXIT_UNAVAILABLE
-        case InvalidArgumentError():
-            message, code = f"invalid argument: {error}", EXIT_INVALID_ARGUMENT
-        case NotFoundError():
-            message, code = f"not found: {error}", EXIT_NOT_FOUND
-        case FailedPreconditionError():
-            message, code = str(error), EXIT_FAILED_PRECONDITION
-        case AlreadyRunning():
-            message, code = str(error), EXIT_ALREADY_RUNNING
-        case RetryRequiresApproval():
-            hint = f"taskguard approve-retry {error.task_key} --reason ..."
-            message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
-        case _:
-            message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
-    warn(message)
-    return code
 
 
 def _print(text: str) -> None:
@@ -338,12 +252,6 @@ def _check_fence(client: Client, args: argparse.Namespace) -> int:
     return EXIT_FENCE_INVALID
 
 
-def _run(args: argparse.Namespace) -> int:
-    from taskguard import cli_run
-
-    return cli_run.main(args)
-
-
 def _serve(args: argparse.Namespace) -> int:
     from taskguard import server
 
@@ -375,24 +283,6 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"FAIL config: {error}")
         return 1
     return doctor.report(settings)
-
-
-def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Token and TLS credentials for the client, from flags or TASKGUARD_TOKEN(_FILE)."""
-    token = getattr(args, "token", None) or os.environ.get("TASKGUARD_TOKEN")
-    token_file = getattr(args, "token_file", None) or os.environ.get("TASKGUARD_TOKEN_FILE")
-    if not token and token_file:
-        token = Path(token_file).read_text().strip()
-    options: dict[str, Any] = {"token": token or None}
-    ca = getattr(args, "tls_ca", None)
-    if ca:
-        cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
-        options["credentials"] = grpc.ssl_channel_credentials(
-            root_certificates=Path(ca).read_bytes(),
-            private_key=Path(key).read_bytes() if key else None,
-            certificate_chain=Path(cert).read_bytes() if cert else None,
-        )
-    return options
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -486,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     fence.add_argument("key")
     fence.add_argument("token", type=int)
 
-    run = client_command("run", "hold KEY's guard while a command runs: taskguard run KEY -- CMD ARGS...", _run)
+    run = client_command("run", "hold KEY's guard while a command runs: taskguard run KEY -- CMD ARGS...", cli_run.main)
     run.usage = "%(prog)s [options] KEY -- CMD [ARGS...]"
     run.add_argument("key")
     run.add_argument("--ttl", type=_duration, metavar="D", help="lease TTL, kept alive by heartbeats (default: none)")

@@ -40,7 +40,19 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
-from taskguard import cli
+from taskguard.cli_common import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_COMMAND_NOT_FOUND,
+    EXIT_INTERRUPTED,
+    EXIT_JOINED_RUN_FAILED,
+    EXIT_LEASE_LOST,
+    EXIT_OK,
+    client_options,
+    iso,
+    report,
+    shown,
+    warn,
+)
 from taskguard_client import (
     AsyncClient,
     AsyncHold,
@@ -66,22 +78,20 @@ def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
     except KeyboardInterrupt:
-        return cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except TaskGuardError as error:
-        return cli.report(error, args.addr or default_address(), args.timeout)
+        return report(error, args.addr or default_address(), args.timeout)
 
 
 async def _main(args: argparse.Namespace) -> int:
     command: list[str] = args.argv
     if shutil.which(command[0]) is None:
         # Before acquiring anything: a typo should not cost the task a run.
-        cli.warn(f"{command[0]}: command not found")
-        return cli.EXIT_COMMAND_NOT_FOUND
+        warn(f"{command[0]}: command not found")
+        return EXIT_COMMAND_NOT_FOUND
     # A file name may hold anything; the sidecar takes no control characters in a holder.
-    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({cli.shown(os.path.basename(command[0]))})"
+    holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({shown(os.path.basename(command[0]))})"
     on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
-    from taskguard.cli import client_options
-
     async with AsyncClient(args.addr, timeout=args.timeout, **client_options(args)) as client:
         try:
             async with client.hold(
@@ -91,22 +101,22 @@ async def _main(args: argparse.Namespace) -> int:
                     return _conflict(held, args.on_conflict)
                 return await _supervise(held, command)
         except _Stopped:
-            return cli.EXIT_LEASE_LOST
+            return EXIT_LEASE_LOST
         except LeaseLost as lost:
-            cli.warn(f"{args.key}: {lost}")
-            return cli.EXIT_LEASE_LOST
+            warn(f"{args.key}: {lost}")
+            return EXIT_LEASE_LOST
 
 
 def _conflict(conflict: Conflict, on_conflict: str) -> int:
     guard = conflict.guard
     if conflict.joined:
         how = f"{guard.state.value}: {guard.last_detail}" if guard.last_detail else guard.state.value
-        cli.warn(f"{guard.task_key}: run {guard.run_id} ended {how}")
-        return cli.EXIT_OK if guard.state is GuardState.SUCCEEDED else cli.EXIT_JOINED_RUN_FAILED
+        warn(f"{guard.task_key}: run {guard.run_id} ended {how}")
+        return EXIT_OK if guard.state is GuardState.SUCCEEDED else EXIT_JOINED_RUN_FAILED
     if conflict.outcome is Outcome.ALREADY_RUNNING and on_conflict == "skip":
-        cli.warn(f"skipped: {conflict.error()}")
-        return cli.EXIT_OK
-    return cli.report(conflict.error(), "", 0)
+        warn(f"skipped: {conflict.error()}")
+        return EXIT_OK
+    return report(conflict.error(), "", 0)
 
 
 def _environment(held: AsyncHold) -> dict[str, str]:
@@ -140,9 +150,9 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
         try:
             process = await asyncio.create_subprocess_exec(*command, env=_environment(held))
         except OSError as error:
-            code = cli.EXIT_COMMAND_NOT_FOUND if isinstance(error, FileNotFoundError) else cli.EXIT_CANNOT_EXECUTE
+            code = EXIT_COMMAND_NOT_FOUND if isinstance(error, FileNotFoundError) else EXIT_CANNOT_EXECUTE
             detail = f"cannot start {command[0]}: {error.strerror}"
-            cli.warn(detail)
+            warn(detail)
             # It never ran: CANCELLED, so that the next attempt needs no approval.
             await _record_end(held, RunStatus.CANCELLED, detail)
             return code
@@ -157,8 +167,8 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
             lost.cancel()
         if not exited.done():
             loss = lost.result()
-            cli.warn(
-                f"{held.task_key}: the guard was lost at {cli._iso(_lost_at(loss, held))} ({loss});"
+            warn(
+                f"{held.task_key}: the guard was lost at {iso(_lost_at(loss, held))} ({loss});"
                 f" sending SIGTERM to {command[0]}"
             )
             await _stop(process, exited)
@@ -179,7 +189,7 @@ async def _record_end(held: AsyncHold, status: RunStatus, detail: str) -> None:
         await held.release(status, detail)
     except TaskGuardError as error:
         how = f"{status.value}: {detail}" if detail else status.value
-        cli.warn(f"{held.task_key}: the run's end ({how}) was not recorded: {error}")
+        warn(f"{held.task_key}: the run's end ({how}) was not recorded: {error}")
 
 
 def _lost_at(lost: LeaseLost, held: AsyncHold) -> datetime:

@@ -67,6 +67,21 @@ def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "taskguard" if base else Path(f"/tmp/taskguard-{os.getuid()}")
 
 
+def client_token(token: str | None, token_file: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token a client command presents, or None.
+
+    ``token`` (else ``$TASKGUARD_TOKEN``) wins; failing that, the contents of ``token_file`` (else
+    ``$TASKGUARD_TOKEN_FILE``). The client commands' counterpart of ``load``: the sidecar's own settings
+    are not involved.
+    """
+    environ = os.environ if environ is None else environ
+    token = token or environ.get(ENV_PREFIX + "TOKEN")
+    token_file = token_file or environ.get(ENV_PREFIX + "TOKEN_FILE")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    return token or None
+
+
 def _data_dir(environ: Mapping[str, str]) -> Path:
     base = environ.get("XDG_DATA_HOME")
     home = Path(environ["HOME"]) if environ.get("HOME") else Path.home()

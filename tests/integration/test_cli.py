@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from taskguard import cli
+from taskguard import cli, cli_common
 from taskguard_client import AsyncClient, EventType, GuardEvent, GuardState, RunStatus
 from tests.support import ROOT, SidecarProcess
 
@@ -154,7 +154,7 @@ async def test_get_shows_one_guard_and_an_unknown_key_exits_66(address: str, cli
     code, out, _ = await taskguard(address, "get", key)
     assert code == 0 and "state" in out and "RUNNING" in out
     code, _, err = await taskguard(address, "get", key + "/missing")
-    assert code == cli.EXIT_NOT_FOUND == 66
+    assert code == cli_common.EXIT_NOT_FOUND == 66
     assert "no guard has this key" in _one_error_line(err)
 
 
@@ -177,7 +177,7 @@ async def test_force_release_cancels_a_running_guard_and_refuses_a_finished_one(
     guard = await client.get(key)
     assert (guard.state, guard.released_by, guard.last_detail) == (GuardState.CANCELLED, "ops", "stuck")
     code, _, err = await taskguard(address, "force-release", key, "--reason", "again")
-    assert code == cli.EXIT_FAILED_PRECONDITION and "not RUNNING" in _one_error_line(err)
+    assert code == cli_common.EXIT_FAILED_PRECONDITION and "not RUNNING" in _one_error_line(err)
 
 
 async def test_watch_json_prints_one_event_per_line(
@@ -219,14 +219,14 @@ async def test_a_failing_command_fails_the_guard_and_a_retry_needs_approve_retry
     guard = await client.get(key)
     assert (guard.state, guard.last_detail) == (GuardState.FAILED, "exit code 3")
     code, _, err = await taskguard(address, "run", key, "--", "true")
-    assert code == cli.EXIT_RETRY_REQUIRES_APPROVAL == 76
+    assert code == cli_common.EXIT_RETRY_REQUIRES_APPROVAL == 76
     assert "exit code 3" in _one_error_line(err) and "approve-retry" in err
     code, out, _ = await taskguard(address, "approve-retry", key, "--reason", "fixed", "--approver", "ops")
     assert code == 0 and "RETRY_APPROVED" in out
     assert (await taskguard(address, "run", key, "--", "true"))[0] == 0
     assert (await client.get(key)).fencing_token == 2
     code, _, err = await taskguard(address, "approve-retry", key, "--reason", "not failed")
-    assert code == cli.EXIT_FAILED_PRECONDITION and "not waiting for a retry approval" in err
+    assert code == cli_common.EXIT_FAILED_PRECONDITION and "not waiting for a retry approval" in err
 
 
 async def test_a_command_killed_by_a_signal_exits_128_plus_it(address: str, client: AsyncClient, key: str) -> None:
@@ -241,7 +241,7 @@ async def test_a_conflict_exits_75_naming_the_winner_and_skip_exits_0(
 ) -> None:
     winner = await client.acquire(key, ttl=60, holder="host-a")
     code, out, err = await taskguard(address, "run", key, "--", "echo", "ran")
-    assert code == cli.EXIT_ALREADY_RUNNING == 75 and "ran" not in out
+    assert code == cli_common.EXIT_ALREADY_RUNNING == 75 and "ran" not in out
     message = _one_error_line(err)
     assert winner.run_id in message and "host-a" in message and "started" in message
     code, out, err = await taskguard(address, "run", key, "--on-conflict", "skip", "--", "echo", "ran")
@@ -252,7 +252,7 @@ async def test_wait_joins_the_winner_and_exits_with_its_outcome(
     address: str, client: AsyncClient, key: str, spawned: Spawned
 ) -> None:
     # The first winner succeeds (exit 0); that frees the key for the second, which fails (exit 80).
-    for status, expected in ((RunStatus.SUCCEEDED, 0), (RunStatus.FAILED, cli.EXIT_JOINED_RUN_FAILED)):
+    for status, expected in ((RunStatus.SUCCEEDED, 0), (RunStatus.FAILED, cli_common.EXIT_JOINED_RUN_FAILED)):
         winner = await client.acquire(key)
         joiner = f"joiner-{status.value}"
         waiting = await start(spawned, address, "run", key, "--on-conflict", "wait", "--run-id", joiner, "--", "true")
@@ -305,7 +305,7 @@ async def test_a_lost_guard_stops_the_command_and_exits_79(
     await client.force_release(key, "ops", "stuck")
     assert await line(running.stdout) == "got SIGTERM"
     code, err = await finished(running)
-    assert code == cli.EXIT_LEASE_LOST == 79, err
+    assert code == cli_common.EXIT_LEASE_LOST == 79, err
     assert "force-released by ops: stuck" in err and "Traceback" not in err
     assert (await client.get(key)).state is GuardState.CANCELLED
 
@@ -322,11 +322,11 @@ async def test_a_lost_guard_is_reported_with_the_time_of_its_loss(
     await asyncio.sleep(max(0.0, (next_second - datetime.now(UTC)).total_seconds()) + 0.01)
     await client.force_release(key, "ops", "stuck")
     code, err = await finished(running)
-    assert code == cli.EXIT_LEASE_LOST, err
+    assert code == cli_common.EXIT_LEASE_LOST, err
     released = await client.get(key)
     assert released.released_at is not None
-    lost_at = cli._iso(released.released_at)
-    assert lost_at != cli._iso(acquired.started_at)
+    lost_at = cli_common.iso(released.released_at)
+    assert lost_at != cli_common.iso(acquired.started_at)
     assert f"{key}: the guard was lost at {lost_at} (" in err, err
     assert "force-released by ops: stuck" in err
     assert err.count("force-released") == 1, err  # one message, not one at the loss and one at the exit
@@ -403,14 +403,14 @@ async def test_an_unreachable_sidecar_is_one_line_and_exit_69(workdir: Path, key
     nobody = f"unix:{workdir / 'nobody.sock'}"
     for args in (("ls",), ("get", key), ("run", key, "--", "true")):
         code, _, err = await taskguard(nobody, *args)
-        assert code == cli.EXIT_UNAVAILABLE == 69, err
+        assert code == cli_common.EXIT_UNAVAILABLE == 69, err
         assert "not reachable" in _one_error_line(err)
 
 
 async def test_a_bad_key_is_one_line_and_exit_65(address: str) -> None:
     for args in (("get", "bad\tkey"), ("run", "", "--", "true"), ("check-fence", "bad\nkey", "1")):
         code, _, err = await taskguard(address, *args)
-        assert code == cli.EXIT_INVALID_ARGUMENT == 65, err
+        assert code == cli_common.EXIT_INVALID_ARGUMENT == 65, err
         assert "task_key" in _one_error_line(err)
 
 

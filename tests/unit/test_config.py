@@ -457,3 +457,20 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
     )
     assert from_toml == from_env == from_flags == expected
     assert "op-secret" not in repr(expected) and "holder-secret" not in repr(expected)
+
+
+# --- the client commands' token ----------------------------------------------------------------
+
+
+def test_client_token_comes_from_the_flag_then_the_environment_then_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    from_file = {"TASKGUARD_TOKEN_FILE": str(token_file)}
+
+    assert config.client_token(None, None, environ={}) is None
+    assert config.client_token("from-flag", None, environ={"TASKGUARD_TOKEN": "from-env", **from_file}) == "from-flag"
+    assert config.client_token(None, None, environ={"TASKGUARD_TOKEN": "from-env", **from_file}) == "from-env"
+    assert config.client_token(None, None, environ=from_file) == "from-file"
+    assert config.client_token(None, str(token_file), environ={}) == "from-file"
+    # As before the reading moved here: $TASKGUARD_TOKEN itself is taken before any token file, even --token-file's.
+    assert config.client_token(None, str(token_file), environ={"TASKGUARD_TOKEN": "from-env"}) == "from-env"
