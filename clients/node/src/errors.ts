@@ -11,7 +11,7 @@
  */
 
 import { status } from "@grpc/grpc-js";
-import type { Guard } from "./client.ts";
+import type { Guard } from "./models.ts";
 
 /** The base of every error this client throws. */
 export class TaskGuardError extends Error {
