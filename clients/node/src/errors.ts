@@ -216,3 +216,8 @@ export function conflictError(
 ): AlreadyRunning | RetryRequiresApproval {
   return outcome === "ALREADY_RUNNING" ? new AlreadyRunning(guard) : new RetryRequiresApproval(guard);
 }
+
+/** What to say about whatever was thrown: its message (or its class's name), or the value itself. */
+export function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message || error.name : String(error);
+}

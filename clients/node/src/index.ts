@@ -4,7 +4,9 @@
  * The whole public surface is exported here; `./generated/` (wire types) is not part of it.
  */
 
-export { Client, Lease, defaultAddress, type Conflict } from "./client.ts";
+export { defaultAddress } from "./address.ts";
+export { Client } from "./client.ts";
+export type { Conflict } from "./conversions.ts";
 export {
   AlreadyRunning,
   CancelledError,
@@ -23,5 +25,6 @@ export {
   TaskGuardError,
   UnavailableError,
 } from "./errors.ts";
+export { Lease } from "./lease.ts";
 // models.ts holds the public data types and nothing else, so all of them are part of the surface.
 export type * from "./models.ts";

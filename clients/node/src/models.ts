@@ -2,7 +2,7 @@
  * The public data types: what the client answers (guards, events, acquisitions) and the options it takes,
  * like the Python client's `_models.py`. Types only, importing no module of this package, so that every
  * other module (errors.ts first) can use them without a circle. `Conflict`, which carries an error, is in
- * client.ts, above errors.ts.
+ * conversions.ts, above errors.ts.
  */
 
 import type { ChannelOptions } from "@grpc/grpc-js";
