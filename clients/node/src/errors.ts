@@ -11,7 +11,7 @@
  */
 
 import { status } from "@grpc/grpc-js";
-import type { Guard } from "./client.ts";
+import type { Guard } from "./models.ts";
 
 /** The base of every error this client throws. */
 export class TaskGuardError extends Error {
@@ -21,11 +21,21 @@ export class TaskGuardError extends Error {
   }
 }
 
-/** Another run holds the guard: its facts, so the caller can point at it instead of starting a duplicate. */
-export class AlreadyRunning extends TaskGuardError {
+/** What the two refusals share: the key and the run in the way (each refusal adds its own facts). */
+abstract class Refusal extends TaskGuardError {
   readonly taskKey: string;
-  /** The winner's run. */
+  /** The run in the way: the winner's (AlreadyRunning), or the one that ended (RetryRequiresApproval). */
   readonly runId: string;
+
+  constructor(message: string, guard: Guard) {
+    super(message);
+    this.taskKey = guard.taskKey;
+    this.runId = guard.runId;
+  }
+}
+
+/** Another run holds the guard: its facts, so the caller can point at it instead of starting a duplicate. */
+export class AlreadyRunning extends Refusal {
   readonly startedAt: Date;
   readonly holder: string;
   readonly fencingToken: number;
@@ -37,9 +47,8 @@ export class AlreadyRunning extends TaskGuardError {
     super(
       `${guard.taskKey} is already running: run ${guard.runId}, started ${guard.startedAt.toISOString()}${by} ` +
         `(fencing token ${guard.fencingToken})`,
+      guard,
     );
-    this.taskKey = guard.taskKey;
-    this.runId = guard.runId;
     this.startedAt = guard.startedAt;
     this.holder = guard.holder;
     this.fencingToken = guard.fencingToken;
@@ -48,10 +57,7 @@ export class AlreadyRunning extends TaskGuardError {
 }
 
 /** The last run ended in a way (FAILED, or by policy ABANDONED/EXPIRED) that needs `approveRetry` first. */
-export class RetryRequiresApproval extends TaskGuardError {
-  readonly taskKey: string;
-  /** The run that ended. */
-  readonly runId: string;
+export class RetryRequiresApproval extends Refusal {
   readonly releasedAt: Date | undefined;
   /** How that run ended, in its own words. */
   readonly detail: string;
@@ -62,9 +68,8 @@ export class RetryRequiresApproval extends TaskGuardError {
     const why = guard.lastDetail ? `: ${guard.lastDetail}` : "";
     super(
       `${guard.taskKey}: run ${guard.runId} ended ${guard.state}${when}${why}; a retry needs approval (approveRetry)`,
+      guard,
     );
-    this.taskKey = guard.taskKey;
-    this.runId = guard.runId;
     this.releasedAt = guard.releasedAt;
     this.detail = guard.lastDetail;
     this.guard = guard;
@@ -215,4 +220,9 @@ export function conflictError(
   guard: Guard,
 ): AlreadyRunning | RetryRequiresApproval {
   return outcome === "ALREADY_RUNNING" ? new AlreadyRunning(guard) : new RetryRequiresApproval(guard);
+}
+
+/** What to say about whatever was thrown: its message (or its class's name), or the value itself. */
+export function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message || error.name : String(error);
 }

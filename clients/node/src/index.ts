@@ -4,28 +4,9 @@
  * The whole public surface is exported here; `./generated/` (wire types) is not part of it.
  */
 
-export {
-  Client,
-  Lease,
-  defaultAddress,
-  type Acquired,
-  type AcquireOptions,
-  type ClientOptions,
-  type Connectivity,
-  type Conflict,
-  type FenceCheck,
-  type Guard,
-  type GuardEvent,
-  type GuardEventType,
-  type GuardState,
-  type HealthStatus,
-  type HoldOptions,
-  type LeaseState,
-  type ListOptions,
-  type OnConflict,
-  type RunStatus,
-  type WatchOptions,
-} from "./client.ts";
+export { defaultAddress } from "./address.ts";
+export { Client } from "./client.ts";
+export type { Conflict } from "./conversions.ts";
 export {
   AlreadyRunning,
   CancelledError,
@@ -44,3 +25,6 @@ export {
   TaskGuardError,
   UnavailableError,
 } from "./errors.ts";
+export { Lease } from "./lease.ts";
+// models.ts holds the public data types and nothing else, so all of them are part of the surface.
+export type * from "./models.ts";

@@ -1,0 +1,149 @@
+/**
+ * Wire messages into the public types, and the verdicts on the sidecar's replies (an acquisition or a
+ * refusal), like the Python client's `guard_from_pb`: pure functions, no I/O. What goes the other way
+ * (public values into requests) is in requests.ts.
+ */
+
+import { type AlreadyRunning, type RetryRequiresApproval, conflictError, protocolError } from "./errors.ts";
+import type * as pb from "./generated/taskguard/v1/taskguard.ts";
+import type { Acquired, FenceCheck, Guard, GuardEvent, GuardEventType, GuardState, RunStatus } from "./models.ts";
+
+function stripPrefix<T extends string>(value: string, prefix: string, known: readonly T[], fallback: T): T {
+  const name = value.startsWith(prefix) ? value.slice(prefix.length) : value;
+  return (known as readonly string[]).includes(name) ? (name as T) : fallback;
+}
+
+const GUARD_STATES: readonly GuardState[] = [
+  "RUNNING",
+  "SUCCEEDED",
+  "FAILED",
+  "CANCELLED",
+  "ABANDONED",
+  "EXPIRED",
+  "RETRY_APPROVED",
+];
+export const RUN_STATUSES: readonly RunStatus[] = ["SUCCEEDED", "FAILED", "CANCELLED"];
+const EVENT_TYPES: readonly GuardEventType[] = [
+  "SNAPSHOT",
+  "ACQUIRED",
+  "DUPLICATE_REFUSED",
+  "RETRY_REFUSED",
+  "RENEWED",
+  "RELEASED",
+  "EXPIRED",
+  "ABANDONED",
+  "RETRY_APPROVED",
+  "FORCE_RELEASED",
+  "RESUMED",
+];
+
+function durationMs(duration: pb.Guard["ttl"]): number | undefined {
+  return duration === undefined ? undefined : duration.seconds * 1000 + duration.nanos / 1e6;
+}
+
+export function guardFromWire(guard: pb.Guard | undefined): Guard {
+  if (guard === undefined) {
+    throw protocolError("the sidecar answered without a guard");
+  }
+  const lastStatus = stripPrefix<RunStatus | "UNSPECIFIED">(
+    guard.lastStatus,
+    "RUN_STATUS_",
+    RUN_STATUSES,
+    "UNSPECIFIED",
+  );
+  return {
+    taskKey: guard.taskKey,
+    sessionKey: guard.sessionKey,
+    taskName: guard.taskName,
+    state: stripPrefix(guard.state, "GUARD_STATE_", GUARD_STATES, "UNSPECIFIED"),
+    runId: guard.runId,
+    holder: guard.holder,
+    startedAt: guard.startedAt ?? new Date(0),
+    expiresAt: guard.expiresAt,
+    fencingToken: guard.fencingToken,
+    attempt: guard.attempt,
+    lastStatus: lastStatus === "UNSPECIFIED" ? undefined : lastStatus,
+    lastDetail: guard.lastDetail,
+    releasedAt: guard.releasedAt,
+    duplicateCount: guard.duplicateCount,
+    streamBound: guard.streamBound,
+    labels: { ...guard.labels },
+    revision: guard.revision,
+    heartbeatAt: guard.heartbeatAt ?? new Date(0),
+    stale: guard.stale,
+    approvedBy: guard.approvedBy,
+    approvalReason: guard.approvalReason,
+    ttlMs: durationMs(guard.ttl),
+    releasedBy: guard.releasedBy,
+  };
+}
+
+export function eventFromWire(event: pb.GuardEvent): GuardEvent {
+  return {
+    revision: event.revision,
+    type: stripPrefix(event.type, "GUARD_EVENT_TYPE_", EVENT_TYPES, "UNSPECIFIED"),
+    guard: guardFromWire(event.guard),
+    triggerRunId: event.triggerRunId,
+    triggerHolder: event.triggerHolder,
+    occurredAt: event.occurredAt,
+    actor: event.actor,
+    reason: event.reason,
+  };
+}
+
+/**
+ * A refused acquisition, which `acquire`, `hold` and `openHold` return
+ * instead of throwing when `onConflict` is "return" or "join": the run in the
+ * way. `guard` is the winner's snapshot (ALREADY_RUNNING) or the failed run's
+ * (RETRY_REQUIRES_APPROVAL); after a join (`joined`), the winner's final
+ * snapshot, whose `state` says how that run ended.
+ */
+export interface Conflict {
+  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL";
+  taskKey: string;
+  runId: string;
+  holder: string;
+  startedAt: Date;
+  fencingToken: number;
+  guard: Guard;
+  joined: boolean;
+  /** The error "raise" would have thrown. */
+  error: AlreadyRunning | RetryRequiresApproval;
+}
+
+export function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = false): Conflict {
+  const kind = outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING" ? "ALREADY_RUNNING" : "RETRY_REQUIRES_APPROVAL";
+  return {
+    outcome: kind,
+    taskKey: guard.taskKey,
+    runId: guard.runId,
+    holder: guard.holder,
+    startedAt: guard.startedAt,
+    fencingToken: guard.fencingToken,
+    guard,
+    joined,
+    error: conflictError(kind, guard),
+  };
+}
+
+/** A unary acquisition's reply: the lease, or the conflict in its way. */
+export function acquiredFromWire(response: pb.AcquireResponse): Acquired | Conflict {
+  const guard = guardFromWire(response.guard);
+  if (response.outcome === "ACQUIRE_OUTCOME_ACQUIRED") {
+    return {
+      outcome: "ACQUIRED",
+      taskKey: guard.taskKey,
+      runId: guard.runId,
+      leaseId: response.leaseId,
+      fencingToken: guard.fencingToken,
+      startedAt: guard.startedAt,
+      expiresAt: guard.expiresAt,
+      guard,
+    };
+  }
+  return conflict(response.outcome, guard);
+}
+
+export function fenceFromWire(response: pb.CheckFenceResponse): FenceCheck {
+  return { valid: response.valid, guard: response.guard === undefined ? undefined : guardFromWire(response.guard) };
+}

@@ -1,0 +1,104 @@
+/**
+ * Acquiring over a Hold stream: the attempts under one deadline, the wait of a "join" for the winner to
+ * finish, and running a function while the lease is held. What each answer means is answers.ts's verdict.
+ */
+
+import { setTimeout as sleep } from "node:timers/promises";
+import { acquisitionVerdict } from "./answers.ts";
+import { type Conflict, conflict, guardFromWire } from "./conversions.ts";
+import { cancelled, messageOf, protocolError } from "./errors.ts";
+import type * as pb from "./generated/taskguard/v1/taskguard.ts";
+import { Lease, type LeaseContext } from "./lease.ts";
+import type { Guard, OnConflict } from "./models.ts";
+import { TIMED_OUT } from "./retry.ts";
+import type { HoldCall } from "./stream.ts";
+
+export interface HoldContext extends LeaseContext {
+  /** A lease was made: the client keeps it until it is over, to abandon it when the client closes. */
+  track(lease: Lease): void;
+}
+
+/** Send `request` on a Hold stream (a new one per attempt) and make the lease, or the conflict, of its answer. */
+export async function acquireOverHold(
+  context: HoldContext,
+  request: pb.AcquireRequest,
+  onConflict: OnConflict,
+  signal: AbortSignal | undefined,
+): Promise<Lease | Conflict> {
+  const { taskKey } = request;
+  const deadline = Date.now() + context.deadlineMs;
+  for (let attempt = 1; ; attempt++) {
+    const stream = await context.openHold();
+    stream.send({ request: { $case: "acquire", acquire: request } });
+    const answer = await stream.next(deadline);
+    const verdict = acquisitionVerdict(answer, {
+      taskKey,
+      onConflict,
+      attempt,
+      deadline,
+      deadlineMs: context.deadlineMs,
+    });
+    switch (verdict.do) {
+      case "retry":
+        await sleep(verdict.pause);
+        continue;
+      case "fail":
+        if (verdict.cancel) stream.cancel();
+        throw verdict.error;
+      case "hold": {
+        const lease = new Lease(context, stream, verdict.answer);
+        context.track(lease);
+        return lease;
+      }
+      case "join":
+        return join(stream, verdict.guard, signal);
+      case "refuse":
+        stream.cancel();
+        if (verdict.raise) {
+          throw verdict.conflict.error;
+        }
+        return verdict.conflict;
+    }
+  }
+}
+
+/** Wait on `stream` until the winner's run ends; its final snapshot comes back as a joined Conflict. */
+async function join(stream: HoldCall, guard: Guard, signal: AbortSignal | undefined): Promise<Conflict> {
+  const stop = () => stream.cancel();
+  signal?.addEventListener("abort", stop, { once: true });
+  try {
+    for (;;) {
+      const message = await stream.next();
+      if (message === TIMED_OUT) continue;
+      if ("end" in message) {
+        if (signal?.aborted) {
+          throw cancelled(`${guard.taskKey}: stopped waiting for run ${guard.runId}`, signal.reason);
+        }
+        throw message.error ?? protocolError(`${guard.taskKey}: the joined Hold stream ended before the winner did`);
+      }
+      if (message.event === "HOLD_EVENT_WINNER_FINISHED") {
+        stream.cancel();
+        return conflict("ACQUIRE_OUTCOME_ALREADY_RUNNING", guardFromWire(message.guard), true);
+      }
+    }
+  } finally {
+    signal?.removeEventListener("abort", stop);
+  }
+}
+
+/**
+ * Run `fn` while `lease` holds the guard, then release SUCCEEDED, or FAILED with the error's message when
+ * `fn` throws (the error is rethrown).
+ */
+export async function runHeld<T>(lease: Lease, fn: (lease: Lease) => T | Promise<T>): Promise<T> {
+  let result: T;
+  try {
+    result = await fn(lease);
+  } catch (error) {
+    // The work's own error is what the caller needs; a failed release (lost lease) must not hide it.
+    await lease.release("FAILED", messageOf(error)).catch(() => {});
+    throw error;
+  }
+  await lease.release("SUCCEEDED");
+  return result;
+}

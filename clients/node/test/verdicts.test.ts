@@ -1,0 +1,98 @@
+/**
+ * The sans-I/O parts of the client, without a sidecar: the verdicts on Hold answers, the retry verdict,
+ * and the watch position that keeps a resumed watch from yielding an event twice.
+ */
+
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import { acquisitionVerdict, resumeVerdict } from "../src/answers.ts";
+import {
+  AlreadyRunning,
+  DeadlineExceededError,
+  LeaseLostError,
+  NotFoundError,
+  RetryRequiresApproval,
+  UnavailableError,
+} from "../src/errors.ts";
+import * as pb from "../src/generated/taskguard/v1/taskguard.ts";
+import { TIMED_OUT, retryPause } from "../src/retry.ts";
+import { WatchPosition } from "../src/watch.ts";
+
+const unavailable = new UnavailableError(14, "the sidecar is restarting");
+const notFound = new NotFoundError(5, "resume.lease_id: no such lease");
+
+function guard(revision: number, taskKey = "s::t"): pb.Guard {
+  return pb.Guard.fromPartial({ taskKey, runId: "r1", state: "GUARD_STATE_RUNNING", revision });
+}
+
+function reply(outcome: pb.AcquireOutcome): pb.HoldResponse {
+  return { outcome, guard: guard(1), leaseId: "lease", event: "HOLD_EVENT_UNSPECIFIED" };
+}
+
+function event(type: pb.GuardEventType, revision: number, taskKey = "s::t"): pb.GuardEvent {
+  return pb.GuardEvent.fromPartial({ type, revision, guard: guard(revision, taskKey) });
+}
+
+describe("verdicts", () => {
+  const far = Date.now() + 60_000;
+  const acquisition = { taskKey: "s::t", onConflict: "raise" as const, attempt: 1, deadline: far, deadlineMs: 10 };
+
+  test("an acquisition is held, joined, refused, retried or failed by its answer", () => {
+    assert.equal(acquisitionVerdict(reply("ACQUIRE_OUTCOME_ACQUIRED"), acquisition).do, "hold");
+    const refused = acquisitionVerdict(reply("ACQUIRE_OUTCOME_ALREADY_RUNNING"), acquisition);
+    assert.ok(refused.do === "refuse" && refused.raise && refused.conflict.error instanceof AlreadyRunning);
+    const joined = acquisitionVerdict(reply("ACQUIRE_OUTCOME_ALREADY_RUNNING"), { ...acquisition, onConflict: "join" });
+    assert.equal(joined.do, "join");
+    // There is no run to wait for: a join returns a RETRY_REQUIRES_APPROVAL conflict at once.
+    const approval = acquisitionVerdict(reply("ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL"), {
+      ...acquisition,
+      onConflict: "join",
+    });
+    assert.ok(approval.do === "refuse" && !approval.raise && approval.conflict.error instanceof RetryRequiresApproval);
+    assert.equal(acquisitionVerdict({ end: true, error: unavailable }, acquisition).do, "retry");
+    const late = acquisitionVerdict({ end: true, error: unavailable }, { ...acquisition, deadline: Date.now() });
+    assert.ok(late.do === "fail" && late.error === unavailable && !late.cancel);
+    const silent = acquisitionVerdict(TIMED_OUT, acquisition);
+    assert.ok(silent.do === "fail" && silent.error instanceof DeadlineExceededError && silent.cancel);
+  });
+
+  test("a resume is held, lost, or tried again", () => {
+    assert.equal(resumeVerdict(reply("ACQUIRE_OUTCOME_ACQUIRED")).do, "hold");
+    assert.deepEqual(resumeVerdict({ end: true, error: unavailable }), { do: "retry", error: unavailable });
+    assert.deepEqual(resumeVerdict(TIMED_OUT), { do: "retry", error: undefined });
+    const gone = resumeVerdict({ end: true, error: notFound });
+    assert.deepEqual(gone, { do: "lose", why: notFound.message, error: notFound });
+    const other = resumeVerdict(reply("ACQUIRE_OUTCOME_ALREADY_RUNNING"));
+    const why = "the sidecar answered ACQUIRE_OUTCOME_ALREADY_RUNNING";
+    assert.deepEqual(other, { do: "lose", why, error: undefined });
+  });
+
+  test("only UNAVAILABLE is retried, and only while the pause ends before the deadline", () => {
+    assert.ok((retryPause(unavailable, 1, far) ?? 0) > 0);
+    assert.equal(retryPause(unavailable, 1, Date.now()), undefined);
+    assert.equal(retryPause(new LeaseLostError(9, "lease_id: lease lost"), 1, far), undefined);
+    assert.equal(retryPause(undefined, 1, far), undefined);
+  });
+});
+
+describe("the watch position", () => {
+  test("after a break it asks from the revision after the last one yielded, and skips what came before", () => {
+    const position = new WatchPosition({ keyPrefix: "s::" });
+    assert.deepEqual(position.request(), { keyPrefix: "s::", startRevision: 0, includeSnapshot: false });
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_ACQUIRED", 7)), true);
+    assert.deepEqual(position.request(), { keyPrefix: "s::", startRevision: 8, includeSnapshot: false });
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_RENEWED", 7)), false);
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_RELEASED", 8)), true);
+  });
+
+  test("a snapshot broken halfway is taken again, yielding only the guards that are new or changed", () => {
+    const position = new WatchPosition({ includeSnapshot: true });
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_SNAPSHOT", 5, "a::t")), true);
+    assert.deepEqual(position.request(), { keyPrefix: "", startRevision: 0, includeSnapshot: true });
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_SNAPSHOT", 5, "a::t")), false);
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_SNAPSHOT", 6, "b::t")), true);
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_ACQUIRED", 6)), false); // the snapshot already covered it
+    assert.equal(position.admit(event("GUARD_EVENT_TYPE_ACQUIRED", 7)), true);
+    assert.deepEqual(position.request(), { keyPrefix: "", startRevision: 8, includeSnapshot: false });
+  });
+});
