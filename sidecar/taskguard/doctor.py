@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskguard.config import Settings, runtime_dir
 from taskguard.listener import private_dir_problem
+from taskguard.store import backends
 from taskguard.store.sqlite import DATABASE_SUFFIXES, SCHEMA_VERSION
 
 
@@ -55,7 +56,7 @@ def _configuration(settings: Settings) -> Iterator[Finding]:
 
 
 def _database(settings: Settings) -> Iterator[Finding]:
-    if settings.store != "sqlite":
+    if not backends.backend_of(settings).keeps_a_file:
         yield Finding(True, "database", f"store {settings.store}: nothing on disk")
         return
     path = settings.db
@@ -102,7 +103,7 @@ def _database(settings: Settings) -> Iterator[Finding]:
 
 def _file_modes(settings: Settings) -> Iterator[Finding]:
     """Who else may read the database (it holds lease_ids, which are capabilities) or swap it."""
-    if settings.store != "sqlite" or not settings.db.exists():
+    if not backends.backend_of(settings).keeps_a_file or not settings.db.exists():
         return
     real = Path(os.path.realpath(settings.db))
     wide = []

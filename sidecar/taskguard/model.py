@@ -76,7 +76,7 @@ class ConflictPolicy(enum.IntEnum):
 
 
 class RejectionKind(enum.Enum):
-    """What went wrong; ``api.py`` maps each kind to one gRPC status code."""
+    """What went wrong; the gRPC front (``rpc.status_for``) maps each kind to one status code."""
 
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
@@ -318,6 +318,14 @@ class Rejected:
     @property
     def message(self) -> str:
         return f"{self.field}: {self.rule}"
+
+
+class Rejection(Exception):
+    """A ``Rejected`` raised on its way out: the gRPC front turns it into the status its kind names."""
+
+    def __init__(self, rejected: Rejected) -> None:
+        super().__init__(rejected.message)
+        self.rejection = rejected
 
 
 Reply = AcquireReply | GuardReply | Rejected

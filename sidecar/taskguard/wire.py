@@ -1,8 +1,9 @@
-"""Protobuf <-> core: input validation on the way in, snapshots on the way out.
+"""Protobuf <-> model: input validation on the way in, snapshots and watch framing on the way out.
 
-With ``api.py`` this is the only sidecar module that imports the generated
-stubs. Every check names the field and the rule, and runs before anything
-reaches the engine, so a rejected request cannot change stored state.
+Only the gRPC front (``api``, ``rpc``, ``hold_stream``, ``watch_stream``) and
+this module import the generated stubs. Every check names the field and the
+rule, and runs before anything reaches the engine, so a rejected request
+cannot change stored state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import binascii
 import hashlib
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import cast
 
@@ -26,7 +28,9 @@ from taskguard.model import (
     GuardQuery,
     GuardRecord,
     GuardState,
+    Outcome,
     Rejected,
+    Rejection,
     RejectionKind,
     RunStatus,
 )
@@ -45,12 +49,11 @@ DEFAULT_PAGE_SIZE = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-class BadRequest(Exception):
-    """A request that breaks a rule; carries the rejection the edge turns into a status."""
+class BadRequest(Rejection):
+    """A request that breaks a rule of the wire format (the field, and the rule it breaks)."""
 
     def __init__(self, field: str, rule: str, kind: RejectionKind = RejectionKind.INVALID_ARGUMENT) -> None:
-        super().__init__(f"{field}: {rule}")
-        self.rejection = Rejected(kind, field, rule)
+        super().__init__(Rejected(kind, field, rule))
 
 
 # --- validation -------------------------------------------------------------------
@@ -276,6 +279,10 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
     return message
 
 
+def outcome(value: Outcome) -> pb.AcquireOutcome:
+    return cast(pb.AcquireOutcome, int(value))
+
+
 def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
     return pb.GuardEvent(
         revision=event.revision,
@@ -287,3 +294,44 @@ def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
         actor=event.actor,
         reason=event.reason,
     )
+
+
+# --- watch framing ---------------------------------------------------------------------
+
+# Encoded events kept for watchers that are a little behind the others.
+_ENCODED_EVENTS_KEPT = 4096
+
+
+class EventEncoder:
+    """Each committed event as wire bytes, built once however many watchers send it."""
+
+    def __init__(self, is_stale: Callable[[GuardRecord], bool]) -> None:
+        self._is_stale = is_stale
+        self._encoded: OrderedDict[int, tuple[Event, bytes]] = OrderedDict()
+
+    def event(self, event: Event) -> bytes:
+        """A GuardEvent message's bytes."""
+        key = id(event)
+        cached = self._encoded.get(key)
+        if cached is not None and cached[0] is event:
+            return cached[1]
+        encoded = guard_event(event, self._is_stale(event.guard)).SerializeToString()
+        # Holding the event keeps its id from being reused while it is cached.
+        self._encoded[key] = (event, encoded)
+        if len(self._encoded) > _ENCODED_EVENTS_KEPT:
+            self._encoded.popitem(last=False)
+        return encoded
+
+    def batch(self, events: Iterable[Event]) -> bytes:
+        """A GuardEventBatch message's bytes: a repeated field's entries concatenate, so the batch is
+        its events' cached bytes, each framed as field 1 (length-delimited)."""
+        return b"".join(b"\x0a" + _varint(len(encoded)) + encoded for encoded in map(self.event, events))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from taskguard import api, core, model
+from taskguard import core, model, rpc
 from taskguard.clock import ManualClock
 from taskguard.engine import Engine, LeaseCommand, Result
 from taskguard.model import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
@@ -140,6 +140,6 @@ async def test_a_guard_that_keeps_changing_under_a_command_answers_unavailable_n
     engine = Engine(AlwaysLosingStore(clock), clock, Policy())
     with pytest.raises(StoreConflict) as lost:
         await engine.execute(_acquire("first", "L1"))
-    code, message = api.status_for(lost.value)
+    code, message = rpc.status_for(lost.value)
     assert code is grpc.StatusCode.UNAVAILABLE
     assert message == "guard 's::job' kept changing under Acquire; try again"

@@ -1,0 +1,173 @@
+"""The Hold stream protocol: the first message acquires or resumes, heartbeats follow, a release ends it.
+
+The lease itself (what the run holds, its heartbeats, its end) is the
+``HoldSession`` of ``leases``; this module reads and writes the stream's
+messages around it, and ends the stream when the run, the caller or the
+sidecar does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+
+from taskguard import core, wire
+from taskguard.leases import HoldSession
+from taskguard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
+from taskguard.telemetry import Telemetry
+from taskguard_client.v1 import taskguard_pb2 as pb
+
+_DROPPED = "the holder's Hold stream ended without a release"
+_REJECTED = "its Hold stream was ended for a message the sidecar rejected"
+
+Render = Callable[[GuardRecord], pb.Guard]
+
+
+class HoldStream:
+    """One Hold RPC from its first message to its end."""
+
+    def __init__(
+        self,
+        session: HoldSession,
+        context: aio.ServicerContext[Any, Any],
+        call: Call,
+        *,
+        render: Render,
+        telemetry: Telemetry,
+        draining: asyncio.Future[None],
+        first_message_timeout_s: float,
+    ) -> None:
+        self._session = session
+        self._context = context
+        self._call = call
+        self._render = render
+        self._telemetry = telemetry
+        self._draining = draining
+        self._first_message_timeout_s = first_message_timeout_s
+
+    async def serve(self) -> None:
+        try:
+            await self._open()
+        except wire.BadRequest:
+            # A rejected message says nothing about the run: it stays held, and its holder may resume it
+            # on a new stream within the resume grace (the stream it broke is ended here).
+            self._session.leave_for_resume(_REJECTED)
+            raise
+        finally:
+            self._session.close(_DROPPED)
+
+    async def _open(self) -> None:
+        session, call = self._session, self._call
+        try:
+            first = await asyncio.wait_for(self._context.read(), self._first_message_timeout_s)
+        except TimeoutError:
+            # A silent stream would otherwise hold a slot of the connection's streams forever.
+            rule = f"the first Hold message (acquire or resume) must arrive within {self._first_message_timeout_s:g}s"
+            raise wire.BadRequest("request", rule) from None
+        decoded(first)
+        which = first.WhichOneof("request") if isinstance(first, pb.HoldRequest) else None
+        if which == "acquire":
+            command = wire.acquire(
+                first.acquire,
+                stream_bound=True,
+                new_lease_id=new_lease_id(),
+                trace_context=self._telemetry.traceparent(),
+                principal=call.caller.principal,
+                shared_principal=call.caller.shared,
+            )
+            reply = acquired(await session.acquire(command), call.span, command.run_id)
+        elif which == "resume":
+            lease_id = wire.lease_id(first.resume.lease_id, "resume.lease_id")
+            reply = acquired(await session.resume(lease_id), call.span, None)
+        else:
+            raise wire.BadRequest("request", "the first Hold message must be acquire or resume")
+        await self._context.write(
+            pb.HoldResponse(
+                outcome=wire.outcome(reply.outcome),
+                guard=self._render(reply.guard),
+                lease_id=reply.lease_id,
+                event=pb.HOLD_EVENT_ACQUIRE_RESULT,
+            )
+        )
+        if session.ended is None:
+            return  # refused without JOIN: answered, and the stream ends
+        await self._follow_run(session.ended)
+
+    async def _follow_run(self, ended: asyncio.Future[GuardRecord]) -> None:
+        """Serve heartbeats and the release until the stream, the run or the sidecar ends.
+
+        The handler itself waits in ``context.read()``; the end of the run or a
+        drain interrupts that read by cancelling it. (A reader task per stream
+        would cost kilobytes each, and 10,000 held streams add up.)
+        """
+        handler = asyncio.current_task()
+        assert handler is not None
+        parked = False
+
+        def interrupt(_: object) -> None:
+            if parked:
+                handler.cancel()
+
+        ended.add_done_callback(interrupt)
+        self._draining.add_done_callback(interrupt)
+        try:
+            while True:
+                if self._draining.done():
+                    raise Draining()
+                if ended.done():
+                    await self._run_ended(ended.result())
+                    return
+                parked = True
+                try:
+                    message = await self._context.read()
+                except asyncio.CancelledError:
+                    # Ours (the run ended, the sidecar drains) unless someone else cancels too.
+                    if handler.uncancel() > 0 or not (ended.done() or self._draining.done()):
+                        raise
+                    continue
+                finally:
+                    parked = False
+                decoded(message)
+                if not isinstance(message, pb.HoldRequest):
+                    return  # the client half-closed without a release; the session abandons
+                if await self._step(message):
+                    return
+        finally:
+            ended.remove_done_callback(interrupt)
+            self._draining.remove_done_callback(interrupt)
+
+    async def _run_ended(self, final: GuardRecord) -> None:
+        held = self._session.held
+        if held is None:
+            await self._context.write(
+                pb.HoldResponse(
+                    outcome=pb.ACQUIRE_OUTCOME_ALREADY_RUNNING,
+                    guard=self._render(final),
+                    event=pb.HOLD_EVENT_WINNER_FINISHED,
+                )
+            )
+            return
+        await self._context.write(pb.HoldResponse(guard=self._render(final), event=pb.HOLD_EVENT_LOST))
+        problem = core.lease_problem(final, held.lease_id)
+        raise Rejection(problem or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost"))
+
+    async def _step(self, message: pb.HoldRequest) -> bool:
+        """Handle one message after the first; True when the stream is done."""
+        which = message.WhichOneof("request")
+        if self._session.held is None:
+            raise wire.BadRequest("request", "a joined Hold stream only waits; send nothing")
+        if which == "heartbeat":
+            record = expect(await self._session.heartbeat())
+            await self._context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_HEARTBEAT_ACK))
+            return False
+        if which == "release":
+            status = wire.run_status(message.release.status)
+            detail = wire.release_detail(message.release.detail)
+            record = expect(await self._session.release(status, detail))
+            await self._context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_RELEASED))
+            return True
+        raise wire.BadRequest("request", "after the first message a Hold stream takes only heartbeat or release")
