@@ -19,7 +19,7 @@ from pathlib import Path
 from grpc import aio
 
 from taskguard import config, server
-from taskguard.peercred import TcpPeers
+from taskguard.front.peercred import TcpPeers
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 

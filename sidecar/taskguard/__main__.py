@@ -1,5 +1,5 @@
 import sys
 
-from taskguard.cli import main
+from taskguard.cli.main import main
 
 sys.exit(main())

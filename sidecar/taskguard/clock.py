@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from taskguard.model import Instant
+from taskguard.guard.model import Instant
 
 
 class Clock(Protocol):

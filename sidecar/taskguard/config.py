@@ -19,8 +19,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from taskguard.auth import AuthSettings
-from taskguard.model import Policy
+from taskguard.front.auth import AuthSettings
+from taskguard.guard.model import Policy
 from taskguard.store import backends
 from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s

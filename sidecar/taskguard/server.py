@@ -14,15 +14,16 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskguard import api, config, listener
-from taskguard.api import TaskGuardService
-from taskguard.auth import Authorizer
+from taskguard import config
 from taskguard.clock import Clock, SystemClock
 from taskguard.config import Settings
-from taskguard.engine import Engine
-from taskguard.events import EventHub
-from taskguard.leases import LeaseKeeper
-from taskguard.listener import Listener
+from taskguard.front import api, listener
+from taskguard.front.api import TaskGuardService
+from taskguard.front.auth import Authorizer
+from taskguard.front.listener import Listener
+from taskguard.runtime.engine import Engine
+from taskguard.runtime.events import EventHub
+from taskguard.runtime.leases import LeaseKeeper
 from taskguard.store import SharedStore, Store, backends
 from taskguard.telemetry import Telemetry
 

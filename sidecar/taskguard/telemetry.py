@@ -50,8 +50,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from taskguard import __version__
-from taskguard.engine import Engine
-from taskguard.model import Event, EventType, GuardRecord, Outcome, RunStatus
+from taskguard.guard.model import Event, EventType, GuardRecord, Outcome, RunStatus
+from taskguard.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from grpc import aio
 
-from taskguard.model import Event, EventType, GuardRecord, GuardState, RunStatus
+from taskguard.guard.model import Event, EventType, GuardRecord, GuardState, RunStatus
 from taskguard.store import codec
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
 from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from taskguard import listener
 from taskguard.config import ConfigError
-from taskguard.peercred import PeerCredFront
+from taskguard.front import listener
+from taskguard.front.peercred import PeerCredFront
 from taskguard_client import Client, PermissionDeniedError
 from tests.other_user import NOBODY, needs_root, run_as, serve_or_exit, sidecar_env
 from tests.support import SidecarProcess

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from taskguard import cli, cli_common
+from taskguard.cli import common as cli_common
+from taskguard.cli import main as cli
 from taskguard_client import AsyncClient, EventType, GuardEvent, GuardState, RunStatus
 from tests.support import ROOT, SidecarProcess
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from taskguard import wire
-from taskguard.core import decide
-from taskguard.model import Acquire, AcquireReply, Outcome
+from taskguard.front import wire
+from taskguard.guard.core import decide
+from taskguard.guard.model import Acquire, AcquireReply, Outcome
 from taskguard_client._call import retry_secret
 from taskguard_client.v1 import taskguard_pb2 as pb
 from tests.unit.test_core_transitions import DEFAULT, acquire, at, commit

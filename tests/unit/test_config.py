@@ -14,7 +14,7 @@ import pytest
 
 from taskguard import config
 from taskguard.config import ConfigError, Settings
-from taskguard.model import Policy
+from taskguard.guard.model import Policy
 from taskguard.store.retention import Retention
 
 ENVIRON = {"XDG_RUNTIME_DIR": "/run/user/4242", "XDG_DATA_HOME": "/srv/data", "HOME": "/home/tester"}

@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from taskguard.core import decide, heal, lease_problem
-from taskguard.model import (
+from taskguard.guard.core import decide, heal, lease_problem
+from taskguard.guard.model import (
     Abandon,
     Acquire,
     AcquireReply,

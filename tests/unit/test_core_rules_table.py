@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from taskguard import core
-from taskguard.model import (
+from taskguard.guard import core
+from taskguard.guard.model import (
     Abandon,
     Acquire,
     ApproveRetry,

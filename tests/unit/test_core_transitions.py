@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from taskguard.core import decide, fence_is_valid, heals_first, is_stale
-from taskguard.model import (
+from taskguard.guard.core import decide, fence_is_valid, heals_first, is_stale
+from taskguard.guard.model import (
     Abandon,
     Acquire,
     AcquireReply,

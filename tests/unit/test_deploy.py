@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from taskguard import cli, config
+from taskguard import config
+from taskguard.cli import main as cli
 from tests.support import ROOT
 
 DEPLOY = ROOT / "deploy"

@@ -14,10 +14,11 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from taskguard import core, model, rpc
 from taskguard.clock import ManualClock
-from taskguard.engine import Engine, LeaseCommand, Result
-from taskguard.model import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
+from taskguard.front import rpc
+from taskguard.guard import core, model
+from taskguard.guard.model import Acquire, Durability, Policy, Rejected, RejectionKind, RunStatus
+from taskguard.runtime.engine import Engine, LeaseCommand, Result
 from taskguard.store import Committed, StoreConflict, Write
 from taskguard.store.memory import MemoryStore
 

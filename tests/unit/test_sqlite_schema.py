@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from taskguard.clock import ManualClock, instant
-from taskguard.core import decide
-from taskguard.model import Acquire
-from taskguard.model import Policy as CorePolicy
+from taskguard.guard.core import decide
+from taskguard.guard.model import Acquire
+from taskguard.guard.model import Policy as CorePolicy
 from taskguard.store import codec
 from taskguard.store.sqlite import MIGRATIONS, SCHEMA_VERSION, DatabaseCorrupt, SqliteStore
 

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from taskguard.clock import ManualClock, instant
-from taskguard.core import decide
-from taskguard.model import (
+from taskguard.guard.core import decide
+from taskguard.guard.model import (
     Acquire,
     Command,
     Decision,

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from taskguard import wire
-from taskguard.core import decide
-from taskguard.model import (
+from taskguard.front import wire
+from taskguard.guard.core import decide
+from taskguard.guard.model import (
     Acquire,
     ConflictPolicy,
     EventType,

@@ -35,8 +35,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from taskguard.auth import TOKEN_ONLY_HEADER
 from taskguard.dashboard.state import Change, Connection, ConnectionState, DashboardState, DownReason
+from taskguard.front.auth import TOKEN_ONLY_HEADER
 from taskguard_client import (
     AsyncClient,
     InvalidArgumentError,

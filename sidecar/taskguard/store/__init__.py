@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from taskguard.model import Durability, Event, GuardRecord
+from taskguard.guard.model import Durability, Event, GuardRecord
 
 
 class StoreError(Exception):

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from taskguard.clock import to_monotonic
-from taskguard.model import Event, EventType, GuardRecord, GuardState, Instant, RunStatus
+from taskguard.guard.model import Event, EventType, GuardRecord, GuardState, Instant, RunStatus
 
 
 def _at(value: datetime | None) -> str | None:

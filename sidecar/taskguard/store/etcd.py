@@ -64,7 +64,7 @@ import grpc
 from grpc import aio
 
 from taskguard.clock import Clock, instant
-from taskguard.model import Durability, Event, GuardRecord, Instant
+from taskguard.guard.model import Durability, Event, GuardRecord, Instant
 from taskguard.store import (
     Committed,
     GuardLost,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from taskguard.model import Event, EventType, GuardRecord, Instant
+from taskguard.guard.model import Event, EventType, GuardRecord, Instant
 from taskguard.store import codec
 
 SHIFT = 16

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import replace
 
-from taskguard.model import Durability, Event, GuardRecord
+from taskguard.guard.model import Durability, Event, GuardRecord
 from taskguard.store import CommitListener, Committed, StoreConflict, Write
 
 

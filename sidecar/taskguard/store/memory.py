@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from taskguard.clock import Clock
-from taskguard.model import Durability, Event, GuardRecord
+from taskguard.guard.model import Durability, Event, GuardRecord
 from taskguard.store import Committed, RevisionCompacted, Write
 from taskguard.store.index import GuardIndex, SingleWriterStore, stamp
 from taskguard.store.retention import Retention

@@ -29,7 +29,7 @@ import aiosqlite
 
 from taskguard import lockfile
 from taskguard.clock import Clock, instant
-from taskguard.model import Durability, Event, GuardRecord
+from taskguard.guard.model import Durability, Event, GuardRecord
 from taskguard.store import (
     Committed,
     RevisionCompacted,

@@ -15,8 +15,8 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 
-from taskguard.engine import Engine
-from taskguard.model import Event, EventType, GuardRecord
+from taskguard.guard.model import Event, EventType, GuardRecord
+from taskguard.runtime.engine import Engine
 
 _REPLAY_PAGE = 256
 _BATCH_LINGER_S = 0.1

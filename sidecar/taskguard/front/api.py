@@ -12,16 +12,17 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from taskguard import model, wire
-from taskguard.auth import Authorizer
-from taskguard.engine import Engine
-from taskguard.events import EventHub
-from taskguard.hold_stream import HoldStream
-from taskguard.leases import LeaseKeeper
-from taskguard.model import GuardRecord, Rejected, Rejection, RejectionKind
-from taskguard.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant
+from taskguard.front import wire
+from taskguard.front.auth import Authorizer
+from taskguard.front.hold_stream import HoldStream
+from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant
+from taskguard.front.watch_stream import serve_watch
+from taskguard.guard import model
+from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.runtime.engine import Engine
+from taskguard.runtime.events import EventHub
+from taskguard.runtime.leases import LeaseKeeper
 from taskguard.telemetry import Telemetry
-from taskguard.watch_stream import serve_watch
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 

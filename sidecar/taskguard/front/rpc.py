@@ -19,12 +19,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from taskguard import model, wire
-from taskguard.auth import Authorizer, Caller, PermissionDenied
-from taskguard.engine import Result
-from taskguard.events import RevisionAhead, TooManyWatchers, WatchOverflow
-from taskguard.leases import HolderLimit
-from taskguard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.front import wire
+from taskguard.front.auth import Authorizer, Caller, PermissionDenied
+from taskguard.guard import model
+from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.runtime.engine import Result
+from taskguard.runtime.events import RevisionAhead, TooManyWatchers, WatchOverflow
+from taskguard.runtime.leases import HolderLimit
 from taskguard.store import GuardLost, RevisionCompacted, StoreConflict, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 

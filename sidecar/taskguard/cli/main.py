@@ -21,8 +21,9 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from taskguard import __version__, cli_run, config
-from taskguard.cli_common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
+from taskguard import __version__, config
+from taskguard.cli import run as cli_run
+from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
 from taskguard_client import Client, Guard, GuardEvent, GuardState, TaskGuardError, default_address
 
 EPILOG = """\
@@ -275,7 +276,7 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from taskguard import doctor
+    from taskguard.cli import doctor
 
     try:
         settings = config.load(args)

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
-from taskguard.cli_common import (
+from taskguard.cli.common import (
     EXIT_CANNOT_EXECUTE,
     EXIT_COMMAND_NOT_FOUND,
     EXIT_INTERRUPTED,

@@ -7,10 +7,10 @@ from typing import Any
 
 from grpc import aio
 
-from taskguard import wire
-from taskguard.events import EventHub, Watcher, WatchOverflow
-from taskguard.model import EventType
-from taskguard.rpc import Call, Draining
+from taskguard.front import wire
+from taskguard.front.rpc import Call, Draining
+from taskguard.guard.model import EventType
+from taskguard.runtime.events import EventHub, Watcher, WatchOverflow
 from taskguard_client.v1 import taskguard_pb2 as pb
 
 # Events in one WatchGuardBatches message at most (well under the 4 MiB a client takes by default).

@@ -17,9 +17,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from taskguard import core, model
 from taskguard.clock import Clock, instant
-from taskguard.model import Command, Decision, Event, GuardQuery, GuardRecord, Policy, Rejected, RejectionKind, Reply
+from taskguard.guard import core, model
+from taskguard.guard.model import (
+    Command,
+    Decision,
+    Event,
+    GuardQuery,
+    GuardRecord,
+    Policy,
+    Rejected,
+    RejectionKind,
+    Reply,
+)
 from taskguard.store import CommitListener, Store, StoreConflict, Write
 
 # A conflict means another writer (another sidecar sharing the store) won the

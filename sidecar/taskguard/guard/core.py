@@ -59,7 +59,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from taskguard.model import (
+from taskguard.guard.model import (
     Abandon,
     Acquire,
     AcquireReply,

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskguard.config import Settings, runtime_dir
-from taskguard.listener import private_dir_problem
+from taskguard.front.listener import private_dir_problem
 from taskguard.store import backends
 from taskguard.store.sqlite import DATABASE_SUFFIXES, SCHEMA_VERSION
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from grpc import aio
 
-from taskguard import core, wire
-from taskguard.leases import HoldSession
-from taskguard.model import GuardRecord, Rejected, Rejection, RejectionKind
-from taskguard.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
+from taskguard.front import wire
+from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
+from taskguard.guard import core
+from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.runtime.leases import HoldSession
 from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 

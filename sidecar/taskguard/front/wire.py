@@ -21,8 +21,8 @@ from typing import cast
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from taskguard import model
-from taskguard.model import (
+from taskguard.guard import model
+from taskguard.guard.model import (
     ConflictPolicy,
     Event,
     GuardQuery,

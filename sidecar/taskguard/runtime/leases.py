@@ -26,10 +26,10 @@ from collections import Counter
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
-from taskguard import core, model
-from taskguard.engine import Engine, Result
-from taskguard.events import EventHub
-from taskguard.model import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
+from taskguard.guard import core, model
+from taskguard.guard.model import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
+from taskguard.runtime.engine import Engine, Result
+from taskguard.runtime.events import EventHub
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from grpc import aio
 
 from taskguard import lockfile
 from taskguard.config import ConfigError, Settings, runtime_dir, tcp_host
+from taskguard.front.peercred import PeerCredFront, TcpPeers
 from taskguard.lockfile import LockFile, LockHeld
-from taskguard.peercred import PeerCredFront, TcpPeers
 
 _UCRED = struct.Struct("3i")
 # How long a socket found at the path may take to accept a probe before it counts as live.
