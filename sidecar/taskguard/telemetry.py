@@ -28,10 +28,10 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -51,7 +51,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from taskguard import __version__
 from taskguard.guard.model import Event, EventType, GuardRecord, Outcome, RunStatus
-from taskguard.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +133,16 @@ class _RecordingRpcSpan(RpcSpan):
             self._span.set_status(Status(StatusCode.ERROR, f"{code_name}: {message}"))
 
 
+class Guards(Protocol):
+    """What telemetry hears and reads (the engine): committed batches and the running guards."""
+
+    def subscribe(self, listener: Callable[[Sequence[Event]], None]) -> None: ...
+
+    async def running(self) -> list[GuardRecord]: ...
+
+    def is_stale(self, record: GuardRecord) -> bool: ...
+
+
 class Telemetry:
     def __init__(self, settings: TelemetrySettings) -> None:
         self.enabled = settings.enabled
@@ -169,7 +178,7 @@ class Telemetry:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Guards) -> None:
         if not self.enabled:
             return
         engine.subscribe(self._on_commit)
@@ -258,7 +267,7 @@ class Telemetry:
 
         return observe
 
-    async def refresh_gauges(self, engine: Engine) -> None:
+    async def refresh_gauges(self, engine: Guards) -> None:
         """Count running and stale guards for the gauges.
 
         Observable callbacks run on the exporter's thread; they only read the
@@ -268,7 +277,7 @@ class Telemetry:
         self._gauges["running"] = len(running)
         self._gauges["stale"] = sum(1 for record in running if engine.is_stale(record))
 
-    async def _refresh_gauges(self, engine: Engine) -> None:
+    async def _refresh_gauges(self, engine: Guards) -> None:
         while True:
             await self.refresh_gauges(engine)
             await asyncio.sleep(_GAUGE_REFRESH_S)

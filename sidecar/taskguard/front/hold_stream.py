@@ -16,8 +16,7 @@ from grpc import aio
 
 from taskguard.front import wire
 from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
-from taskguard.guard import core
-from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.guard.model import GuardRecord, Rejection
 from taskguard.runtime.leases import HoldSession
 from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
@@ -153,8 +152,7 @@ class HoldStream:
             )
             return
         await self._context.write(pb.HoldResponse(guard=self._render(final), event=pb.HOLD_EVENT_LOST))
-        problem = core.lease_problem(final, held.lease_id)
-        raise Rejection(problem or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost"))
+        raise Rejection(self._session.why_lost(final))
 
     async def _step(self, message: pb.HoldRequest) -> bool:
         """Handle one message after the first; True when the stream is done."""

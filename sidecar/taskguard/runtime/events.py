@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
 
 from taskguard.guard.model import Event, EventType, GuardRecord
-from taskguard.runtime.engine import Engine
 
 _REPLAY_PAGE = 256
 _BATCH_LINGER_S = 0.1
@@ -84,10 +84,25 @@ class Watcher:
         self.wakeup.set()
 
 
+class EventLog(Protocol):
+    """What the hub reads and hears (the engine): committed batches, the log, and the guards."""
+
+    def subscribe(self, listener: Callable[[Sequence[Event]], None]) -> None: ...
+
+    @property
+    def head(self) -> int: ...
+
+    async def latest_revision(self) -> int: ...
+
+    async def events_since(self, revision: int, limit: int) -> list[Event]: ...
+
+    async def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]: ...
+
+
 class EventHub:
     def __init__(
         self,
-        engine: Engine,
+        engine: EventLog,
         buffer_size: int = 4096,
         max_watchers: int = 1024,
         max_watchers_per_connection: int = 256,

@@ -27,7 +27,17 @@ from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 from taskguard.guard import core, model
-from taskguard.guard.model import Abandon, Acquire, Event, EventType, Expire, GuardRecord, Outcome
+from taskguard.guard.model import (
+    Abandon,
+    Acquire,
+    Event,
+    EventType,
+    Expire,
+    GuardRecord,
+    Outcome,
+    Rejected,
+    RejectionKind,
+)
 from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
 
@@ -302,6 +312,12 @@ class HoldSession:
             if self.ended is not None:
                 self.ended.cancel()
         return result
+
+    def why_lost(self, final: GuardRecord) -> Rejected:
+        """Why the held run's lease is gone, given the run's final snapshot."""
+        assert self.held is not None
+        problem = core.lease_problem(final, self.held.lease_id)
+        return problem or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost")
 
     def lose(self, why: str) -> None:
         """End the session as lost without the store's word (the store cannot be reached to say so)."""
