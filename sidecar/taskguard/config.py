@@ -88,17 +88,21 @@ def _data_dir(environ: Mapping[str, str]) -> Path:
     return (Path(base) if base else home / ".local" / "share") / "taskguard"
 
 
+_POLICY = Policy()
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: str
     db: Path
     store: str = "sqlite"
-    default_ttl_s: float = 60.0
-    max_ttl_s: float = 24 * 3600.0
-    stale_after_s: float = 120.0
-    resume_grace_s: float = 15.0
-    abandoned_requires_approval: bool = False
-    expired_requires_approval: bool = False
+    # The policy's own defaults: the core's, unless configured.
+    default_ttl_s: float = _POLICY.default_ttl_s
+    max_ttl_s: float = _POLICY.max_ttl_s
+    stale_after_s: float = _POLICY.stale_after_s
+    resume_grace_s: float = _POLICY.resume_grace_s
+    abandoned_requires_approval: bool = _POLICY.abandoned_requires_approval
+    expired_requires_approval: bool = _POLICY.expired_requires_approval
     event_retention_count: int = 100_000
     event_retention_age_s: float = 24 * 3600.0
     watch_buffer: int = 4096

@@ -50,7 +50,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from taskguard import __version__
-from taskguard.guard.model import Event, EventType, GuardRecord, Outcome, RunStatus
+from taskguard.guard.model import RUN_ENDS, Event, EventType, GuardRecord, Outcome, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ _W3C = TraceContextTextMapPropagator()
 _GAUGE_REFRESH_S = 10.0
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_RUN_ENDS = {EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONED, EventType.FORCE_RELEASED}
 _COUNTED = {
     EventType.ACQUIRED: "taskguard.acquisitions",
     EventType.DUPLICATE_REFUSED: "taskguard.duplicates_refused",
@@ -233,7 +232,7 @@ class Telemetry:
             counter = self._counters.get(event.type)
             if counter is not None:
                 counter.add(1)
-            if event.type in _RUN_ENDS:
+            if event.type in RUN_ENDS:
                 self._end_run(event.guard)
 
     def _end_run(self, record: GuardRecord) -> None:

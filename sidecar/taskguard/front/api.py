@@ -115,15 +115,17 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
     async def ApproveRetry(
         self, request: pb.ApproveRetryRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ApproveRetryResponse:
-        result = await self._engine.execute(wire.approve_retry(request))
-        return pb.ApproveRetryResponse(guard=self._render(expect(result, call.span)))
+        return pb.ApproveRetryResponse(guard=await self._guard_after(wire.approve_retry(request), call))
 
     @answer
     async def ForceRelease(
         self, request: pb.ForceReleaseRequest, context: aio.ServicerContext[Any, Any], call: Call
     ) -> pb.ForceReleaseResponse:
-        result = await self._engine.execute(wire.force_release(request))
-        return pb.ForceReleaseResponse(guard=self._render(expect(result, call.span)))
+        return pb.ForceReleaseResponse(guard=await self._guard_after(wire.force_release(request), call))
+
+    async def _guard_after(self, command: model.Command, call: Call) -> pb.Guard:
+        """The guard as ``command`` left it, rendered (an operator's command is rejected or changes it)."""
+        return self._render(expect(await self._engine.execute(command), call.span))
 
     # --- reads ----------------------------------------------------------------------------
 

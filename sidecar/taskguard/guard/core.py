@@ -121,15 +121,29 @@ def heal(record: GuardRecord | None, now: Instant) -> tuple[GuardRecord | None, 
     if record is None or not is_expired(record, now.monotonic):
         return record, ()
     ttl = _seconds(record.ttl_s or 0.0)
-    expired = replace(
+    expired = _ended(
         record,
-        state=GuardState.EXPIRED,
-        last_status=RunStatus.UNSPECIFIED,
-        last_detail=f"ttl of {ttl} lapsed without renewal or heartbeat",
-        released_at=record.expires_at or now.wall,
-        expires_deadline=None,
+        GuardState.EXPIRED,
+        RunStatus.UNSPECIFIED,
+        f"ttl of {ttl} lapsed without renewal or heartbeat",
+        record.expires_at or now.wall,
     )
     return expired, (Event(EventType.EXPIRED, expired, now.wall),)
+
+
+def _ended(
+    record: GuardRecord, state: GuardState, status: RunStatus, detail: str, at: datetime, released_by: str = ""
+) -> GuardRecord:
+    """``record``'s run, ended: it holds nothing and no deadline runs for it."""
+    return replace(
+        record,
+        state=state,
+        last_status=status,
+        last_detail=detail,
+        released_at=at,
+        released_by=released_by,
+        expires_deadline=None,
+    )
 
 
 def heals_first(command: Command) -> bool:
@@ -486,14 +500,7 @@ def _resume(current: GuardRecord, cmd: Resume, now: Instant, policy: Policy) -> 
 def _release(current: GuardRecord, cmd: Release, now: Instant, policy: Policy) -> Decision:
     if (lost := _held(current, cmd)) is not None:
         return lost
-    released = replace(
-        current,
-        state=_RELEASED_STATE[cmd.status],
-        last_status=cmd.status,
-        last_detail=cmd.detail,
-        released_at=now.wall,
-        expires_deadline=None,
-    )
+    released = _ended(current, _RELEASED_STATE[cmd.status], cmd.status, cmd.detail, now.wall)
     return Decision(released, (Event(EventType.RELEASED, released, now.wall),), GuardReply(released))
 
 
@@ -533,14 +540,7 @@ def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: 
 def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -> Decision:
     if not current.stream_bound or current.fencing_token != cmd.fencing_token:
         return _unchanged(current, cmd, now, policy)
-    abandoned = replace(
-        current,
-        state=GuardState.ABANDONED,
-        last_status=RunStatus.UNSPECIFIED,
-        last_detail=cmd.reason,
-        released_at=now.wall,
-        expires_deadline=None,
-    )
+    abandoned = _ended(current, GuardState.ABANDONED, RunStatus.UNSPECIFIED, cmd.reason, now.wall)
     return Decision(
         abandoned, (Event(EventType.ABANDONED, abandoned, now.wall, reason=cmd.reason),), GuardReply(abandoned)
     )
@@ -563,14 +563,8 @@ def _approve_retry(current: GuardRecord, cmd: ApproveRetry, now: Instant, policy
 
 
 def _force_release(current: GuardRecord, cmd: ForceRelease, now: Instant, policy: Policy) -> Decision:
-    released = replace(
-        current,
-        state=GuardState.CANCELLED,
-        last_status=RunStatus.CANCELLED,
-        last_detail=cmd.reason,
-        released_at=now.wall,
-        released_by=cmd.operator or "an operator",
-        expires_deadline=None,
+    released = _ended(
+        current, GuardState.CANCELLED, RunStatus.CANCELLED, cmd.reason, now.wall, cmd.operator or "an operator"
     )
     event = Event(EventType.FORCE_RELEASED, released, now.wall, actor=released.released_by, reason=cmd.reason)
     return Decision(released, (event,), GuardReply(released))

@@ -61,6 +61,10 @@ class EventType(enum.IntEnum):
     RESUMED = 11
 
 
+# The events that end a run (its guard stops being held).
+RUN_ENDS = frozenset({EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONED, EventType.FORCE_RELEASED})
+
+
 class Durability(enum.Enum):
     SYNC = "sync"
     LAZY = "lazy"

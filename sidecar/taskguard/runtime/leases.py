@@ -28,6 +28,7 @@ from typing import Any
 
 from taskguard.guard import core, model
 from taskguard.guard.model import (
+    RUN_ENDS,
     Abandon,
     Acquire,
     Event,
@@ -42,8 +43,6 @@ from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
 
 log = logging.getLogger(__name__)
-
-_RUN_ENDS = frozenset({EventType.RELEASED, EventType.EXPIRED, EventType.ABANDONED, EventType.FORCE_RELEASED})
 
 
 class HolderLimit(Exception):
@@ -113,7 +112,7 @@ class LeaseKeeper:
             principal = event.guard.principal
             if event.type is EventType.ACQUIRED:
                 self._held_by[principal] += 1
-            elif event.type in _RUN_ENDS:
+            elif event.type in RUN_ENDS:
                 self._held_by[principal] -= 1
                 if self._held_by[principal] <= 0:
                     del self._held_by[principal]
