@@ -115,6 +115,21 @@ class GuardEvent:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An acquired run: the capability (``lease_id``) and the facts a downstream needs (``fencing_token``)."""
+
+    task_key: str
+    run_id: str
+    lease_id: str
+    fencing_token: int
+    started_at: datetime
+    #: None when the lease has no TTL.
+    expires_at: datetime | None
+    #: The guard's snapshot when it was acquired.
+    guard: Guard
+
+
 # --- protobuf -> dataclasses --------------------------------------------------------
 
 _STATE_PB: dict[GuardState, pb.GuardState] = {
@@ -190,6 +205,10 @@ def event_from_pb(message: pb.GuardEvent) -> GuardEvent:
 
 def outcome_from_pb(value: int) -> Outcome:
     return _OUTCOMES[value]
+
+
+def lease_of(lease_id: str, guard: Guard) -> Lease:
+    return Lease(guard.task_key, guard.run_id, lease_id, guard.fencing_token, guard.started_at, guard.expires_at, guard)
 
 
 # --- arguments -> protobuf ----------------------------------------------------------
