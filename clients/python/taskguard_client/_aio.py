@@ -17,7 +17,7 @@ from taskguard_client import _errors
 from taskguard_client._call import CHANNEL_OPTIONS, metadata
 from taskguard_client._errors import StatusError
 from taskguard_client._models import GuardEvent
-from taskguard_client._protocol import Retrying, Settings, Unary, WatchPosition
+from taskguard_client._protocol import Retrying, Settings, Unary, Watching
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -32,6 +32,21 @@ async def retried(attempt: Callable[[], Awaitable[_T]], retrying: Retrying) -> _
         except (grpc.RpcError, StatusError) as caught:
             delay = retrying.backoff(caught)
         await asyncio.sleep(delay)
+
+
+class AsyncClosing:
+    """``async with`` for what has ``close()``: leaving the block closes it."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 class AsyncConnection:
@@ -82,7 +97,7 @@ class AsyncConnection:
         return call.verdict(await retried(attempt, call.retrying(settings.retry)))
 
 
-class AsyncWatch:
+class AsyncWatch(Watching[AsyncConnection], AsyncClosing):
     """Guard events as an async iterator that resumes by itself.
 
     The first stream is opened after a one-guard ListGuards (retried like any
@@ -96,25 +111,13 @@ class AsyncWatch:
     ``close()`` it, or use ``async with``.
     """
 
-    def __init__(self, connection: AsyncConnection, position: WatchPosition) -> None:
-        self._connection = connection
-        self._position = position
-        self._call: Any = None
-        self._closed = False
-
-    @property
-    def last_revision(self) -> int:
-        """The revision to resume after (0 until one is known)."""
-        return self._position.last_revision
-
     def __aiter__(self) -> AsyncWatch:
         return self
 
     async def __anext__(self) -> GuardEvent:
         delays = self._connection.settings.retry.delays()
         while not self._closed:
-            event = self._position.next_event()
-            if event is not None:
+            if (event := self._position.next_event()) is not None:
                 return event
             if self._call is None:
                 await self._connect()
@@ -154,11 +157,3 @@ class AsyncWatch:
         if self._call is not None:
             self._call.cancel()
             self._call = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

@@ -23,17 +23,16 @@ answer would be refused, and an operator is there to look.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import timedelta
-from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import grpc
 from grpc import aio
 
 from taskguard_client import _protocol
-from taskguard_client._aio import AsyncConnection, AsyncWatch
+from taskguard_client._aio import AsyncClosing, AsyncConnection, AsyncWatch
 from taskguard_client._aio_hold import AsyncHold, AsyncHoldContext
 from taskguard_client._call import check_default_socket, default_address, default_holder
 from taskguard_client._models import Guard, GuardState, Lease, RunStatus, seconds
@@ -48,7 +47,7 @@ from taskguard_client._protocol import (
     WatchPosition,
     acquire_request,
 )
-from taskguard_client._sync import Connection, Watch
+from taskguard_client._sync import Closing, Connection, Watch
 from taskguard_client._sync_hold import Hold, HoldContext
 
 _Interceptor = TypeVar("_Interceptor")
@@ -80,13 +79,8 @@ class _Clients(Generic[_Interceptor, _Connection]):
         self._holder = default_holder() if holder is None else holder
         self._connection = self._connect(settings, credentials, interceptors)
 
-    def _connect(
-        self,
-        settings: Settings,
-        credentials: grpc.ChannelCredentials | None,
-        interceptors: Sequence[_Interceptor] | None,
-    ) -> _Connection:
-        raise NotImplementedError
+    # The I/O twin (AsyncConnection or Connection) that makes this client's calls.
+    _connect: Callable[[Settings, grpc.ChannelCredentials | None, Sequence[_Interceptor] | None], _Connection]
 
     def _holder_or(self, holder: str | None) -> str:
         return self._holder if holder is None else holder
@@ -95,7 +89,7 @@ class _Clients(Generic[_Interceptor, _Connection]):
 # --- asyncio ----------------------------------------------------------------------------
 
 
-class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection]):
+class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection], AsyncClosing):
     """A Task Guard client on grpc.aio.
 
     Args:
@@ -115,25 +109,11 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection]):
     it: use one client per loop. ``close()`` it (or use ``async with``).
     """
 
-    def _connect(
-        self,
-        settings: Settings,
-        credentials: grpc.ChannelCredentials | None,
-        interceptors: Sequence[aio.ClientInterceptor] | None,
-    ) -> AsyncConnection:
-        return AsyncConnection(settings, credentials, interceptors)
+    _connect = AsyncConnection
 
     async def close(self) -> None:
         """Close the channel; streams still open end."""
         await self._connection.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     # --- leases -------------------------------------------------------------------------
 
@@ -274,7 +254,7 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection]):
 # --- blocking ---------------------------------------------------------------------------
 
 
-class Client(_Clients[Any, Connection]):
+class Client(_Clients[Any, Connection], Closing):
     """A blocking Task Guard client with ``AsyncClient``'s methods, on a plain gRPC channel.
 
     It is safe to share between threads. ``close()`` it (or use ``with``).
@@ -282,21 +262,10 @@ class Client(_Clients[Any, Connection]):
     event loop.
     """
 
-    def _connect(
-        self, settings: Settings, credentials: grpc.ChannelCredentials | None, interceptors: Sequence[Any] | None
-    ) -> Connection:
-        return Connection(settings, credentials, interceptors)
+    _connect = Connection
 
     def close(self) -> None:
         self._connection.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- leases -------------------------------------------------------------------------
 

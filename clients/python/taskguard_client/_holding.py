@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -55,6 +54,7 @@ from taskguard_client._models import (
     Guard,
     Lease,
     Outcome,
+    RunFacts,
     RunStatus,
     guard_from_pb,
     lease_of,
@@ -92,7 +92,7 @@ class Releasing:
         return _protocol.release(self._lease_id, self._status, self._detail, time.monotonic() + self.window_s)
 
 
-class HoldState:
+class HoldState(RunFacts):
     """What a hold knows about its lease, and what it makes of each message, stream end and exit."""
 
     def __init__(self, request: pb.AcquireRequest, ttl_s: float | None, timeout_s: float) -> None:
@@ -116,24 +116,12 @@ class HoldState:
         return self._lease
 
     @property
-    def task_key(self) -> str:
-        return self.lease.task_key
-
-    @property
-    def run_id(self) -> str:
-        return self.lease.run_id
+    def _run(self) -> Lease:
+        return self.lease
 
     @property
     def lease_id(self) -> str:
         return self.lease.lease_id
-
-    @property
-    def fencing_token(self) -> int:
-        return self.lease.fencing_token
-
-    @property
-    def started_at(self) -> datetime:
-        return self.lease.started_at
 
     @property
     def guard(self) -> Guard:

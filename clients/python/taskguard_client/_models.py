@@ -130,6 +130,32 @@ class Lease:
     guard: Guard
 
 
+class RunFacts:
+    """The facts of one run that a conflict and a hold both show, read from ``_run`` (a Guard or a Lease)."""
+
+    __slots__ = ()
+
+    @property
+    def _run(self) -> Guard | Lease:
+        raise NotImplementedError
+
+    @property
+    def task_key(self) -> str:
+        return self._run.task_key
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
+
+    @property
+    def started_at(self) -> datetime:
+        return self._run.started_at
+
+    @property
+    def fencing_token(self) -> int:
+        return self._run.fencing_token
+
+
 # --- protobuf -> dataclasses --------------------------------------------------------
 
 _STATE_PB: dict[GuardState, pb.GuardState] = {

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 import grpc
@@ -37,6 +37,7 @@ from taskguard_client._models import (
     GuardState,
     Lease,
     Outcome,
+    RunFacts,
     RunStatus,
     duration_pb,
     event_from_pb,
@@ -49,6 +50,7 @@ from taskguard_client._models import (
 from taskguard_client.v1 import taskguard_pb2 as pb
 
 _T = TypeVar("_T")
+_Connection = TypeVar("_Connection")
 
 OnConflict = Literal["raise", "return", "join"]
 
@@ -252,7 +254,7 @@ class Pages:
 
 
 @dataclass(frozen=True, slots=True)
-class Conflict:
+class Conflict(RunFacts):
     """A refused acquisition (``on_conflict="return"`` or ``"join"``): the run in the way.
 
     ``guard`` is the winner's snapshot (``outcome`` ALREADY_RUNNING) or the
@@ -265,28 +267,16 @@ class Conflict:
     joined: bool = False
 
     @property
-    def task_key(self) -> str:
-        return self.guard.task_key
-
-    @property
-    def run_id(self) -> str:
-        return self.guard.run_id
-
-    @property
     def holder(self) -> str:
         return self.guard.holder
-
-    @property
-    def started_at(self) -> datetime:
-        return self.guard.started_at
-
-    @property
-    def fencing_token(self) -> int:
-        return self.guard.fencing_token
 
     def error(self) -> AlreadyRunning | RetryRequiresApproval:
         """The exception ``on_conflict="raise"`` would have raised."""
         return _errors.conflict(self.outcome, self.guard)
+
+    @property
+    def _run(self) -> Guard:
+        return self.guard
 
 
 def acquired(outcome_value: int, guard_message: pb.Guard, lease_id: str, on_conflict: OnConflict) -> Lease | Conflict:
@@ -385,3 +375,18 @@ class WatchPosition:
             return None
         self.last_revision = message.revision
         return event_from_pb(message)
+
+
+class Watching(Generic[_Connection]):
+    """What both watches hold: their connection, their position, the current stream, and whether they are closed."""
+
+    def __init__(self, connection: _Connection, position: WatchPosition) -> None:
+        self._connection = connection
+        self._position = position
+        self._call: Any = None
+        self._closed = False
+
+    @property
+    def last_revision(self) -> int:
+        """The revision to resume after (0 until one is known)."""
+        return self._position.last_revision

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
@@ -16,7 +16,7 @@ from taskguard_client import _errors
 from taskguard_client._call import CHANNEL_OPTIONS, metadata
 from taskguard_client._errors import StatusError
 from taskguard_client._models import GuardEvent
-from taskguard_client._protocol import Retrying, Settings, Unary, WatchPosition
+from taskguard_client._protocol import Retrying, Settings, Unary, Watching
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -31,6 +31,21 @@ def retried(attempt: Callable[[], _T], retrying: Retrying) -> _T:
         except (grpc.RpcError, StatusError) as caught:
             delay = retrying.backoff(caught)
         time.sleep(delay)
+
+
+class Closing:
+    """``with`` for what has ``close()``: leaving the block closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class Connection:
@@ -66,18 +81,8 @@ class Connection:
         return call.verdict(retried(attempt, call.retrying(settings.retry)))
 
 
-class Watch:
+class Watch(Watching[Connection], Closing):
     """``AsyncWatch`` as a blocking iterator."""
-
-    def __init__(self, connection: Connection, position: WatchPosition) -> None:
-        self._connection = connection
-        self._position = position
-        self._call: Any = None
-        self._closed = False
-
-    @property
-    def last_revision(self) -> int:
-        return self._position.last_revision
 
     def __iter__(self) -> Watch:
         return self
@@ -85,8 +90,7 @@ class Watch:
     def __next__(self) -> GuardEvent:
         delays = self._connection.settings.retry.delays()
         while not self._closed:
-            event = self._position.next_event()
-            if event is not None:
+            if (event := self._position.next_event()) is not None:
                 return event
             if self._call is None:
                 self._connect()
@@ -120,11 +124,3 @@ class Watch:
         call = self._call
         if call is not None:
             call.cancel()
-
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
