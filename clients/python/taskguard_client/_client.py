@@ -49,17 +49,21 @@ from taskguard_client._protocol import (
 )
 from taskguard_client._sync import Closing, Connection, Watch
 from taskguard_client._sync_hold import Hold, HoldContext
+from taskguard_client.v1 import taskguard_pb2 as pb
 
 _Interceptor = TypeVar("_Interceptor")
 _Connection = TypeVar("_Connection")
+# What ``hold`` gives: a context manager of the hold (or, with on_conflict "return"/"join", of either).
+_Held = TypeVar("_Held")
+_HeldOrConflict = TypeVar("_HeldOrConflict")
 
 
 def _ttl_s(ttl: float | timedelta | None) -> float | None:
     return seconds(ttl) if ttl is not None else None
 
 
-class _Clients(Generic[_Interceptor, _Connection]):
-    """What both clients share: the constructor, and the holder an acquisition names."""
+class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
+    """What both clients share: the constructor, the holder an acquisition names, and ``hold``."""
 
     def __init__(
         self,
@@ -85,11 +89,65 @@ class _Clients(Generic[_Interceptor, _Connection]):
     def _holder_or(self, holder: str | None) -> str:
         return self._holder if holder is None else holder
 
+    # How a hold is entered: AsyncHoldContext (``async with``) or HoldContext (``with``).
+    _hold_context: Callable[[_Connection, pb.AcquireRequest, float | None, OnConflict], _HeldOrConflict]
+
+    @overload
+    def hold(
+        self,
+        task_key: str,
+        run_id: str | None = None,
+        ttl: float | timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        holder: str | None = None,
+        on_conflict: Literal["raise"] = "raise",
+    ) -> _Held: ...
+
+    @overload
+    def hold(
+        self,
+        task_key: str,
+        run_id: str | None = None,
+        ttl: float | timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        holder: str | None = None,
+        *,
+        on_conflict: Literal["return", "join"],
+    ) -> _HeldOrConflict: ...
+
+    def hold(
+        self,
+        task_key: str,
+        run_id: str | None = None,
+        ttl: float | timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        holder: str | None = None,
+        on_conflict: OnConflict = "raise",
+    ) -> _Held | _HeldOrConflict:
+        """Hold the guard of ``task_key`` over a Hold stream for the duration of an ``async with`` block
+        (``AsyncClient``) or a ``with`` block (``Client``).
+
+        The block's end releases the run: SUCCEEDED; FAILED with the exception's text when it raised;
+        CANCELLED when it was cancelled (or, in a ``with`` block, interrupted: ``KeyboardInterrupt``). With
+        ``ttl`` the hold sends heartbeats every ttl/3 by itself. If the guard is taken away meanwhile, leaving
+        the block raises ``LeaseLost``.
+
+        ``on_conflict``: ``"raise"`` raises ``AlreadyRunning``/``RetryRequiresApproval``; ``"return"`` enters
+        with a ``Conflict`` instead of the hold; ``"join"`` waits for the winning run to end and then enters
+        with a ``Conflict`` whose ``joined`` is true and whose ``guard`` is the winner's final snapshot.
+        """
+        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict)
+        return self._hold_context(self._connection, request, _ttl_s(ttl), on_conflict)
+
 
 # --- asyncio ----------------------------------------------------------------------------
 
 
-class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection], AsyncClosing):
+_AsyncHeld = AbstractAsyncContextManager[AsyncHold]
+_AsyncHeldOrConflict = AbstractAsyncContextManager[AsyncHold | Conflict]
+
+
+class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection, _AsyncHeld, _AsyncHeldOrConflict], AsyncClosing):
     """A Task Guard client on grpc.aio.
 
     Args:
@@ -110,57 +168,13 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection], AsyncClosing
     """
 
     _connect = AsyncConnection
+    _hold_context = AsyncHoldContext
 
     async def close(self) -> None:
         """Close the channel; streams still open end."""
         await self._connection.close()
 
     # --- leases -------------------------------------------------------------------------
-
-    @overload
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        on_conflict: Literal["raise"] = "raise",
-    ) -> AbstractAsyncContextManager[AsyncHold]: ...
-
-    @overload
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        *,
-        on_conflict: Literal["return", "join"],
-    ) -> AbstractAsyncContextManager[AsyncHold | Conflict]: ...
-
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        on_conflict: OnConflict = "raise",
-    ) -> AbstractAsyncContextManager[AsyncHold | Conflict]:
-        """Hold the guard of ``task_key`` over a Hold stream for the duration of an ``async with`` block.
-
-        The block's end releases the run: SUCCEEDED; FAILED with the exception's text when it raised;
-        CANCELLED when it was cancelled. With ``ttl`` the hold sends heartbeats every ttl/3 by itself.
-        If the guard is taken away meanwhile, leaving the block raises ``LeaseLost``.
-
-        ``on_conflict``: ``"raise"`` raises ``AlreadyRunning``/``RetryRequiresApproval``; ``"return"`` enters
-        with a ``Conflict`` instead of the hold; ``"join"`` waits for the winning run to end and then enters
-        with a ``Conflict`` whose ``joined`` is true and whose ``guard`` is the winner's final snapshot.
-        """
-        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict)
-        return AsyncHoldContext(self._connection, request, _ttl_s(ttl), on_conflict)
 
     @overload
     async def acquire(
@@ -254,7 +268,7 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection], AsyncClosing
 # --- blocking ---------------------------------------------------------------------------
 
 
-class Client(_Clients[Any, Connection], Closing):
+class Client(_Clients[Any, Connection, AbstractContextManager[Hold], AbstractContextManager[Hold | Conflict]], Closing):
     """A blocking Task Guard client with ``AsyncClient``'s methods, on a plain gRPC channel.
 
     It is safe to share between threads. ``close()`` it (or use ``with``).
@@ -263,47 +277,12 @@ class Client(_Clients[Any, Connection], Closing):
     """
 
     _connect = Connection
+    _hold_context = HoldContext
 
     def close(self) -> None:
         self._connection.close()
 
     # --- leases -------------------------------------------------------------------------
-
-    @overload
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        on_conflict: Literal["raise"] = "raise",
-    ) -> AbstractContextManager[Hold]: ...
-
-    @overload
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        *,
-        on_conflict: Literal["return", "join"],
-    ) -> AbstractContextManager[Hold | Conflict]: ...
-
-    def hold(
-        self,
-        task_key: str,
-        run_id: str | None = None,
-        ttl: float | timedelta | None = None,
-        labels: Mapping[str, str] | None = None,
-        holder: str | None = None,
-        on_conflict: OnConflict = "raise",
-    ) -> AbstractContextManager[Hold | Conflict]:
-        """``AsyncClient.hold`` for a ``with`` block; ``KeyboardInterrupt`` releases CANCELLED."""
-        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict)
-        return HoldContext(self._connection, request, _ttl_s(ttl), on_conflict)
 
     @overload
     def acquire(
