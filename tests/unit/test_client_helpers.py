@@ -20,10 +20,9 @@ from taskguard_client import (
     UnavailableError,
     _call,
     _errors,
-    _lease,
+    _protocol,
     default_address,
 )
-from taskguard_client._client import _WatchPosition
 from taskguard_client.v1 import taskguard_pb2 as pb
 
 
@@ -90,13 +89,13 @@ def test_backoff_delays_grow_to_the_cap_with_jitter_below_it() -> None:
 
 
 def test_a_long_detail_is_cut_to_what_the_sidecar_accepts() -> None:
-    assert _lease.fit_detail("short") == "short"
-    cut = _lease.fit_detail("é" * 5000)
-    assert len(cut.encode()) <= _lease.MAX_DETAIL_BYTES and cut.endswith("...")
+    assert _protocol.fit_detail("short") == "short"
+    cut = _protocol.fit_detail("é" * 5000)
+    assert len(cut.encode()) <= _protocol.MAX_DETAIL_BYTES and cut.endswith("...")
 
 
 def test_a_detail_loses_its_control_characters_which_the_sidecar_refuses() -> None:
-    assert _lease.fit_detail("Traceback:\r\n  boom\x1b[2J\x9b\x7f é") == "Traceback:   boom\\x1b[2J\\x9b\\x7f é"
+    assert _protocol.fit_detail("Traceback:\r\n  boom\x1b[2J\x9b\x7f é") == "Traceback:   boom\\x1b[2J\\x9b\\x7f é"
 
 
 def _snapshot(key: str, guard_revision: int, head: int) -> pb.GuardEvent:
@@ -108,7 +107,7 @@ def _snapshot(key: str, guard_revision: int, head: int) -> pb.GuardEvent:
 
 
 def test_a_watch_broken_during_its_snapshot_takes_a_new_one_and_hands_out_only_what_changed() -> None:
-    position = _WatchPosition("s::", 0, include_snapshot=True)
+    position = _protocol.WatchPosition("s::", 0, include_snapshot=True)
     assert position.take(_snapshot("s::a", 3, head=10)) is not None
     assert position.take(_snapshot("s::b", 5, head=10)) is not None
     # The stream breaks before the snapshot ended: the next request asks for a snapshot again.

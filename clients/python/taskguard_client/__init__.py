@@ -8,8 +8,10 @@
 and protobuf only; OpenTelemetry context is passed on when it is installed.
 """
 
-from taskguard_client._call import RetryPolicy, default_address
-from taskguard_client._client import AsyncClient, AsyncWatch, Client, Watch
+from taskguard_client._aio import AsyncWatch
+from taskguard_client._aio_hold import AsyncHold
+from taskguard_client._call import default_address
+from taskguard_client._client import AsyncClient, Client
 from taskguard_client._errors import (
     AlreadyRunning,
     DeadlineExceededError,
@@ -27,8 +29,10 @@ from taskguard_client._errors import (
     TaskGuardError,
     UnavailableError,
 )
-from taskguard_client._lease import AsyncHold, Conflict, Hold, Lease, OnConflict
-from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, Outcome, RunStatus
+from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, Lease, Outcome, RunStatus
+from taskguard_client._protocol import Conflict, OnConflict, RetryPolicy
+from taskguard_client._sync import Watch
+from taskguard_client._sync_hold import Hold
 
 __version__ = "0.1.0"
 

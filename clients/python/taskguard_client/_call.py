@@ -1,29 +1,21 @@
-"""How every call is made: the address, channel options, trace metadata, deadlines and retries."""
+"""Where calls go and what they carry: the address and its socket folder, channel options, metadata, retry secrets."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import hashlib
 import hmac
 import os
-import random
 import secrets
 import socket
 import stat
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 
 from taskguard_client import _errors
-from taskguard_client._errors import DeadlineExceededError, StatusError, UnavailableError
-
-_T = TypeVar("_T")
 
 ADDRESS_ENV = "TASKGUARD_ADDR"
 
@@ -118,31 +110,6 @@ def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Retries of calls that are safe to repeat, when the sidecar answers UNAVAILABLE.
-
-    Delays grow exponentially from ``initial_backoff_s`` up to
-    ``max_backoff_s``, each drawn uniformly below its cap ("full jitter", from
-    the AWS Architecture Blog's "Exponential Backoff and Jitter"), so clients
-    that lost the sidecar together do not come back together.
-    ``max_attempts`` counts the first attempt. Watches and resuming Hold
-    streams use the delays without the attempt limit.
-    """
-
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    multiplier: float = 2.0
-
-    def delays(self) -> Iterator[float]:
-        """Endless jittered delays, one before each retry."""
-        cap = self.initial_backoff_s
-        while True:
-            yield random.uniform(0, cap)
-            cap = min(cap * self.multiplier, self.max_backoff_s)
-
-
 @functools.cache
 def _propagator_inject() -> Callable[[dict[str, str]], None] | None:
     # OpenTelemetry is optional: when it is installed, the caller's trace
@@ -167,59 +134,3 @@ def metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
     if token:
         carrier["authorization"] = f"Bearer {token}"
     return tuple(carrier.items())
-
-
-def _retryable(error: StatusError, deadline: float | None) -> bool:
-    # Not PermissionDeniedError (a socket we may not open), although gRPC says UNAVAILABLE for it.
-    # Against a deadline an attempt that timed out (waiting for the sidecar to come back) is retried too.
-    return isinstance(error, UnavailableError) or (deadline is not None and isinstance(error, DeadlineExceededError))
-
-
-async def retry_async(attempt: Callable[[], Awaitable[_T]], policy: RetryPolicy, deadline: float | None = None) -> _T:
-    """Run ``attempt`` until it succeeds or fails for good; gRPC failures become typed errors.
-
-    With ``deadline`` (a ``time.monotonic()`` value) UNAVAILABLE and
-    DEADLINE_EXCEEDED are retried until then instead of ``policy.max_attempts`` times.
-    """
-    delays = policy.delays()
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            return await attempt()
-        except (grpc.RpcError, StatusError) as caught:
-            error = _typed(caught)
-            delay = next(delays)
-            if not _retryable(error, deadline) or not _may_retry(tries, delay, policy, deadline):
-                if error is caught:
-                    raise
-                raise error from caught
-        await asyncio.sleep(delay)
-
-
-def retry_sync(attempt: Callable[[], _T], policy: RetryPolicy, deadline: float | None = None) -> _T:
-    """``retry_async`` for the blocking client."""
-    delays = policy.delays()
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            return attempt()
-        except (grpc.RpcError, StatusError) as caught:
-            error = _typed(caught)
-            delay = next(delays)
-            if not _retryable(error, deadline) or not _may_retry(tries, delay, policy, deadline):
-                if error is caught:
-                    raise
-                raise error from caught
-        time.sleep(delay)
-
-
-def _typed(error: grpc.RpcError | StatusError) -> StatusError:
-    return error if isinstance(error, StatusError) else _errors.from_rpc_error(error)
-
-
-def _may_retry(tries: int, delay: float, policy: RetryPolicy, deadline: float | None) -> bool:
-    if deadline is not None:
-        return time.monotonic() + delay < deadline
-    return tries < policy.max_attempts

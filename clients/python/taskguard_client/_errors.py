@@ -6,7 +6,8 @@ Two refusals are outcomes, not failures, and carry the run in the way:
 sidecar's message (which names the field and the rule it broke). All share
 ``TaskGuardError``. Like Temporal's single ``ALREADY_EXISTS ->
 WorkflowAlreadyStartedError`` translation in ``temporalio/client/_impl.py``,
-no other module looks at a status code to pick an exception.
+no other module looks at a status code to pick an exception: what the end of
+a watch or Hold stream means, by its status, is decided here too.
 """
 
 from __future__ import annotations
@@ -186,6 +187,79 @@ def deadline_exceeded(message: str) -> DeadlineExceededError:
 def protocol_error(message: str) -> StatusError:
     """The sidecar broke the Hold protocol (an answer missing or out of place)."""
     return StatusError(grpc.StatusCode.UNKNOWN, message)
+
+
+# --- how a stream's end reads ---------------------------------------------------------
+
+# Watch streams end with these when the sidecar restarts, drains, or cuts off a slow or surplus watcher.
+_WATCH_RESUMES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+# A Hold stream the sidecar ends with these has lost its lease (the guard moved on, or the lease is gone).
+_HOLD_LOST = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
+
+
+class HoldStreamBroke(Exception):
+    """A release's stream ended before its answer; the release is repeated as a unary call."""
+
+
+def watch_ended(error: grpc.RpcError) -> StatusError | None:
+    """The error that ends a watch whose stream failed so, or None when the watch resumes."""
+    code, _ = status_of(error)
+    return None if code in _WATCH_RESUMES else from_rpc_error(error)
+
+
+def sidecar_gone(error: grpc.RpcError) -> bool:
+    """Whether a stream broke because the sidecar went away (restarted, draining), not because it refused."""
+    return status_of(error)[0] is grpc.StatusCode.UNAVAILABLE
+
+
+def unanswered(code: grpc.StatusCode, details: str) -> StatusError:
+    """A Hold stream that ended before answering its first message, with this status."""
+    if code is grpc.StatusCode.OK:
+        return protocol_error("the sidecar ended the Hold stream without an answer")
+    return from_status(code, details)
+
+
+def hold_timed_out(timeout_s: float) -> DeadlineExceededError:
+    return deadline_exceeded(f"the sidecar did not answer the Hold within {timeout_s:g}s")
+
+
+def hold_ended(
+    code: grpc.StatusCode, message: str, lost_guard: Guard | None, releasing: bool
+) -> LeaseLost | HoldStreamBroke | None:
+    """After a held lease's stream ended: the loss, a broken release, or None to resume."""
+    if lost_guard is not None or code in _HOLD_LOST:
+        return lease_lost(message or _loss(lost_guard), lost_guard)
+    if releasing:
+        return HoldStreamBroke(f"{code.name}: {message}")
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return None
+    return lease_lost(
+        f"lease lost: the Hold stream ended ({code.name}: {message or 'no message'}) and the sidecar abandons"
+        " a run whose stream ends",
+        None,
+    )
+
+
+def resume_failed(error: StatusError) -> LeaseLost:
+    """Why a lease is lost when its resume was refused or never answered."""
+    if isinstance(error, LeaseLost):
+        return error
+    return lease_lost(f"lease lost: could not resume it after the sidecar went away: {error}", None)
+
+
+def _loss(guard: Guard | None) -> str:
+    if guard is None:
+        return "lease lost"
+    if guard.released_by:
+        return f"lease lost: the guard was force-released by {guard.released_by}: {guard.last_detail}"
+    return f"lease lost: the guard is {guard.state.value}: {guard.last_detail}"
 
 
 def conflict(outcome: Outcome, guard: Guard) -> AlreadyRunning | RetryRequiresApproval:

@@ -115,6 +115,47 @@ class GuardEvent:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An acquired run: the capability (``lease_id``) and the facts a downstream needs (``fencing_token``)."""
+
+    task_key: str
+    run_id: str
+    lease_id: str
+    fencing_token: int
+    started_at: datetime
+    #: None when the lease has no TTL.
+    expires_at: datetime | None
+    #: The guard's snapshot when it was acquired.
+    guard: Guard
+
+
+class RunFacts:
+    """The facts of one run that a conflict and a hold both show, read from ``_run`` (a Guard or a Lease)."""
+
+    __slots__ = ()
+
+    @property
+    def _run(self) -> Guard | Lease:
+        raise NotImplementedError
+
+    @property
+    def task_key(self) -> str:
+        return self._run.task_key
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
+
+    @property
+    def started_at(self) -> datetime:
+        return self._run.started_at
+
+    @property
+    def fencing_token(self) -> int:
+        return self._run.fencing_token
+
+
 # --- protobuf -> dataclasses --------------------------------------------------------
 
 _STATE_PB: dict[GuardState, pb.GuardState] = {
@@ -190,6 +231,10 @@ def event_from_pb(message: pb.GuardEvent) -> GuardEvent:
 
 def outcome_from_pb(value: int) -> Outcome:
     return _OUTCOMES[value]
+
+
+def lease_of(lease_id: str, guard: Guard) -> Lease:
+    return Lease(guard.task_key, guard.run_id, lease_id, guard.fencing_token, guard.started_at, guard.expires_at, guard)
 
 
 # --- arguments -> protobuf ----------------------------------------------------------
