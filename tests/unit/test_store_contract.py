@@ -12,6 +12,7 @@ import asyncio
 import gc
 import random
 import sqlite3
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -44,9 +45,12 @@ from taskguard.guard.model import (
 from taskguard.store import Committed, RevisionCompacted, Store, StoreConflict, StoreUnavailable, Write
 from taskguard.store import sqlite as sqlite_module
 from taskguard.store import sqlite as sqlite_store
+from taskguard.store.etcd import EtcdStore
+from taskguard.store.etcd_client import EtcdSettings
 from taskguard.store.memory import MemoryStore
 from taskguard.store.retention import Retention
 from taskguard.store.sqlite import DatabaseCorrupt, SchemaTooNew, SqliteStore
+from tests.etcd_cluster import EtcdCluster
 
 POLICY = Policy()
 
@@ -68,15 +72,32 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "tg.db"
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "etcd"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def new_store(backend: str, db_path: Path, clock: ManualClock, retention: Retention | None = None) -> Store:
-    if backend == "memory":
-        return MemoryStore(clock, retention)
-    return SqliteStore(db_path, clock, retention)
+# The event log of the etcd store is etcd's own history: etcd's compaction (its --auto-compaction-retention) bounds it.
+ETCD_KEEPS_ITS_OWN_HISTORY = "the etcd store's event log is etcd's history, which etcd's own compaction bounds"
+
+StoreMaker = Callable[..., Store]
+
+
+@pytest.fixture
+def new_store(backend: str, db_path: Path, clock: ManualClock, request: pytest.FixtureRequest) -> StoreMaker:
+    """Stores of this test's backend: one SQLite file, or one etcd prefix of its own on the session's etcd."""
+    if backend == "etcd":
+        cluster: EtcdCluster = request.getfixturevalue("etcd_server")
+        settings = EtcdSettings.from_url(cluster.url, prefix=f"/contract-{uuid.uuid4().hex}/", lease_ttl_s=2)
+
+    def make(retention: Retention | None = None) -> Store:
+        if backend == "memory":
+            return MemoryStore(clock, retention)
+        if backend == "etcd":
+            return EtcdStore(settings, clock)
+        return SqliteStore(db_path, clock, retention)
+
+    return make
 
 
 @asynccontextmanager
@@ -89,8 +110,8 @@ async def opened(store: Store) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-async def store(backend: str, db_path: Path, clock: ManualClock) -> AsyncIterator[Store]:
-    async with opened(new_store(backend, db_path, clock)) as store:
+async def store(new_store: StoreMaker) -> AsyncIterator[Store]:
+    async with opened(new_store()) as store:
         yield store
 
 
@@ -147,36 +168,82 @@ def revisions(events: Sequence[Event]) -> list[int]:
     return [event.revision for event in events]
 
 
+class Order:
+    """The revisions a test sees, by their order: 1 is the first after the store opened, 2 the next...
+
+    SQLite and memory number revisions 1, 2, 3; etcd's come from etcd's own
+    (shared, and numbering the events inside one transaction in low bits). The
+    contract is the order, and that the same event always has the same revision.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._base = store.revision
+        self._seen: list[int] = []
+
+    def of(self, revision: int) -> int:
+        if revision <= self._base:
+            return 0
+        if revision not in self._seen:
+            assert not self._seen or revision > self._seen[-1], f"revision {revision} came after {self._seen[-1]}"
+            self._seen.append(revision)
+        return self._seen.index(revision) + 1
+
+    def each(self, found: Sequence[int]) -> list[int]:
+        return [self.of(revision) for revision in found]
+
+    def events(self, events: Sequence[Event]) -> list[int]:
+        return self.each(revisions(events))
+
+    @property
+    def head(self) -> int:
+        return self.of(self._store.revision)
+
+    def revision(self, nth: int) -> int:
+        """The store's revision for the nth one seen (the first ones, before any was seen)."""
+        if nth == 1 and not self._seen:
+            return self._base + 1
+        return self._seen[nth - 1] if nth <= len(self._seen) else self._store.revision + 1
+
+
+@pytest.fixture
+def order(store: Store) -> Order:
+    return Order(store)
+
+
 # --- the contract: every backend ------------------------------------------------------------
 
 
-async def test_get_of_an_unknown_key_is_none(store: Store, key: str) -> None:
+async def test_get_of_an_unknown_key_is_none(store: Store, order: Order, key: str) -> None:
     assert await store.get(key) is None
-    assert store.revision == 0
+    assert order.head == 0
 
 
 async def test_a_sync_commit_stamps_consecutive_revisions_and_moves_the_guard_to_the_last_one(
-    store: Store, clock: ManualClock, key: str
+    backend: str, store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     first = await execute(store, acquire(key, "run-1", ttl_s=10.0), clock)
-    assert revisions(first.events) == [1]
-    assert first.record.revision == 1
+    assert order.events(first.events) == [1]
+    assert order.of(first.record.revision) == 1
 
     # The lapsed lease heals to EXPIRED and run-2 acquires: one decision, two events.
     clock.advance(20)
     second = await execute(store, acquire(key, "run-2"), clock)
 
     assert [event.type for event in second.events] == [EventType.EXPIRED, EventType.ACQUIRED]
-    assert revisions(second.events) == [2, 3]
-    assert [event.guard.revision for event in second.events] == [2, 3]
-    assert second.record.revision == 3
+    assert order.events(second.events) == [2, 3]
+    if backend != "etcd":
+        # Each event's snapshot at its own revision. (The engine never asks etcd for this: it commits healing
+        # apart, one state change per transaction, and etcd stamps a transaction's snapshots alike.)
+        assert order.each([event.guard.revision for event in second.events]) == [2, 3]
+    assert order.of(second.record.revision) == 3
     assert second.record.run_id == "run-2"
     assert await store.get(key) == second.record
-    assert store.revision == 3
+    assert order.head == 3
 
 
 async def test_a_lazy_refusal_is_visible_at_once_and_leaves_the_guard_revision_alone(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     await execute(store, acquire(key, "run-1"), clock)
     before, refusal = await decided(store, acquire(key, "run-2"), instant(clock))
@@ -188,26 +255,26 @@ async def test_a_lazy_refusal_is_visible_at_once_and_leaves_the_guard_revision_a
     current = await store.get(key)
     assert current is not None
     assert current.duplicate_count == 1
-    assert current.revision == 1
-    assert committed.record.revision == 1
+    assert order.of(current.revision) == 1
+    assert order.of(committed.record.revision) == 1
 
     await store.flush()
-    logged = await store.events_since(1, 100)
-    assert [(event.revision, event.type) for event in logged] == [
+    logged = await store.events_since(order.revision(1), 100)
+    assert [(order.of(event.revision), event.type) for event in logged] == [
         (1, EventType.ACQUIRED),
         (2, EventType.DUPLICATE_REFUSED),
     ]
-    assert logged[1].guard.revision == 1
+    assert order.of(logged[1].guard.revision) == 1
     assert logged[1].trigger_run_id == "run-2"
-    assert store.revision == 2
+    assert order.head == 2
 
     # The next state change is decided on revision 1 and goes through.
     released = await execute(store, release(key, "run-1"), clock)
-    assert revisions(released.events) == [3]
+    assert order.events(released.events) == [3]
     assert released.record.duplicate_count == 1
 
 
-async def test_a_volatile_heartbeat_writes_no_events(store: Store, clock: ManualClock, key: str) -> None:
+async def test_a_volatile_heartbeat_writes_no_events(store: Store, order: Order, clock: ManualClock, key: str) -> None:
     acquired = await execute(store, acquire(key, "run-1", ttl_s=30.0), clock)
     clock.advance(5)
     before, heartbeat = await decided(store, Heartbeat(key, lease_of(key, "run-1")), instant(clock))
@@ -221,43 +288,48 @@ async def test_a_volatile_heartbeat_writes_no_events(store: Store, clock: Manual
     assert current.expires_deadline == clock.monotonic() + 30.0
     assert current.revision == acquired.record.revision
     await store.flush()
-    assert store.revision == 1
-    assert revisions(await store.events_since(1, 100)) == [1]
+    assert order.of(acquired.record.revision) == 1
+    assert order.head == 1
+    assert order.events(await store.events_since(order.revision(1), 100)) == [1]
 
 
 async def test_a_commit_decided_on_a_stale_revision_raises_conflict_and_changes_nothing(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     acquired = await execute(store, acquire(key, "run-1"), clock)
     stale_release = decide(acquired.record, release(key, "run-1"), instant(clock), POLICY)
     assert stale_release.record is not None
 
-    with pytest.raises(StoreConflict, match="at revision 1, not 0"):
+    with pytest.raises(StoreConflict, match=f"at revision {acquired.record.revision}, not 0"):
         await store.commit(Write(stale_release.record, stale_release.events, Durability.SYNC, expected_revision=0))
 
     assert await store.get(key) == acquired.record
     await store.flush()
-    assert store.revision == 1
-    assert revisions(await store.events_since(1, 100)) == [1]
+    assert order.of(acquired.record.revision) == 1
+    assert order.head == 1
+    assert order.events(await store.events_since(order.revision(1), 100)) == [1]
 
 
 async def test_a_refusal_decided_on_a_stale_revision_raises_conflict_and_changes_nothing(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     acquired = await execute(store, acquire(key, "run-1"), clock)
+    assert order.of(acquired.record.revision) == 1
     refusal = decide(acquired.record, acquire(key, "run-2"), instant(clock), POLICY)
     assert refusal.record is not None
 
     with pytest.raises(StoreConflict):
-        await store.commit(Write(refusal.record, refusal.events, refusal.durability, expected_revision=7))
+        await store.commit(
+            Write(refusal.record, refusal.events, refusal.durability, expected_revision=acquired.record.revision + 7)
+        )
 
     assert await store.get(key) == acquired.record
     await store.flush()
-    assert store.revision == 1
+    assert order.head == 1
 
 
 async def test_concurrent_acquisitions_of_a_new_key_have_exactly_one_winner(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     now = instant(clock)
     decisions = [decide(None, acquire(key, f"run-{i}"), now, POLICY) for i in range(8)]
@@ -270,13 +342,15 @@ async def test_concurrent_acquisitions_of_a_new_key_have_exactly_one_winner(
     assert len(winners) == 1
     assert all(isinstance(outcome, StoreConflict) for outcome in outcomes if outcome is not winners[0])
     assert await store.get(key) == winners[0].record
-    assert store.revision == 1
+    assert order.of(winners[0].record.revision) == 1
+    assert order.head == 1
 
 
 async def test_two_concurrent_sync_commits_from_the_same_revision_have_exactly_one_winner(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     acquired = await execute(store, acquire(key, "run-1"), clock)
+    assert order.of(acquired.record.revision) == 1
     now = instant(clock)
     by_holder = decide(acquired.record, release(key, "run-1"), now, POLICY)
     by_operator = decide(acquired.record, ForceRelease(key, "ops", "stuck"), now, POLICY)
@@ -291,9 +365,9 @@ async def test_two_concurrent_sync_commits_from_the_same_revision_have_exactly_o
     losers = [outcome for outcome in outcomes if isinstance(outcome, StoreConflict)]
     assert (len(winners), len(losers)) == (1, 1)
     assert await store.get(key) == winners[0].record
-    assert winners[0].record.revision == 2
-    assert store.revision == 2
-    assert revisions(await store.events_since(1, 100)) == [1, 2]
+    assert order.of(winners[0].record.revision) == 2
+    assert order.head == 2
+    assert order.events(await store.events_since(order.revision(1), 100)) == [1, 2]
 
 
 async def test_find_run_finds_the_current_lease(store: Store, clock: ManualClock, key: str) -> None:
@@ -303,11 +377,12 @@ async def test_find_run_finds_the_current_lease(store: Store, clock: ManualClock
 
 
 async def test_find_run_finds_an_old_lease_s_last_snapshot_after_the_key_was_acquired_again(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
-    await execute(store, acquire(key, "run-1"), clock)
+    acquired = await execute(store, acquire(key, "run-1"), clock)
     clock.advance(1)
-    await execute(store, release(key, "run-1", RunStatus.SUCCEEDED), clock)
+    released = await execute(store, release(key, "run-1", RunStatus.SUCCEEDED), clock)
+    assert order.each([acquired.record.revision, released.record.revision]) == [1, 2]
     clock.advance(1)
     second = await execute(store, acquire(key, "run-2"), clock)
 
@@ -320,7 +395,7 @@ async def test_find_run_finds_an_old_lease_s_last_snapshot_after_the_key_was_acq
         1,
         "run-1 is done",
     )
-    assert old.revision == 2
+    assert order.of(old.revision) == 2
     assert await store.find_run(lease_of(key, "run-2")) == second.record
 
 
@@ -382,27 +457,29 @@ async def test_running_lists_only_running_guards(store: Store, clock: ManualCloc
 
 
 async def test_events_since_returns_events_in_revision_order_from_the_given_revision(
-    store: Store, clock: ManualClock, key: str
+    store: Store, order: Order, clock: ManualClock, key: str
 ) -> None:
     await execute(store, acquire(key, "run-1"), clock)
     await execute(store, release(key, "run-1"), clock)
     await execute(store, acquire(key, "run-2"), clock)
     await execute(store, ForceRelease(key, "ops", "stuck"), clock)
 
-    everything = await store.events_since(1, 100)
-    assert [(event.revision, event.type) for event in everything] == [
+    everything = await store.events_since(order.revision(1), 100)
+    assert [(order.of(event.revision), event.type) for event in everything] == [
         (1, EventType.ACQUIRED),
         (2, EventType.RELEASED),
         (3, EventType.ACQUIRED),
         (4, EventType.FORCE_RELEASED),
     ]
     assert all(event.task_key == key for event in everything)
-    assert revisions(await store.events_since(2, 2)) == [2, 3]
-    assert revisions(await store.events_since(4, 100)) == [4]
-    assert await store.events_since(5, 100) == []
+    assert order.events(await store.events_since(order.revision(2), 2)) == [2, 3]
+    assert order.events(await store.events_since(order.revision(4), 100)) == [4]
+    assert await store.events_since(order.revision(5), 100) == []
 
 
-async def test_subscribers_get_every_batch_in_revision_order(store: Store, clock: ManualClock, key: str) -> None:
+async def test_subscribers_get_every_batch_in_revision_order(
+    store: Store, order: Order, clock: ManualClock, key: str
+) -> None:
     batches: list[list[int]] = []
     store.subscribe(lambda events: batches.append(revisions(events)))
 
@@ -413,14 +490,16 @@ async def test_subscribers_get_every_batch_in_revision_order(store: Store, clock
 
     assert all(batches), "no empty batch is published"
     assert all(batch == sorted(batch) for batch in batches)
-    assert [revision for batch in batches for revision in batch] == list(range(1, 23))
-    assert revisions(await store.events_since(1, 100)) == list(range(1, 23))
+    assert order.each([revision for batch in batches for revision in batch]) == list(range(1, 23))
+    assert order.events(await store.events_since(order.revision(1), 100)) == list(range(1, 23))
 
 
 async def test_retention_by_count_compacts_all_but_the_newest_events(
-    backend: str, db_path: Path, clock: ManualClock
+    backend: str, new_store: StoreMaker, clock: ManualClock
 ) -> None:
-    async with opened(new_store(backend, db_path, clock, Retention(max_events=10, max_age_s=None))) as store:
+    if backend == "etcd":
+        pytest.skip(ETCD_KEEPS_ITS_OWN_HISTORY)
+    async with opened(new_store(Retention(max_events=10, max_age_s=None))) as store:
         await acquire_many(store, clock, EVENTS_THAT_FORCE_PRUNING)
         head = store.revision
         oldest = head - 10 + 1
@@ -436,9 +515,11 @@ async def test_retention_by_count_compacts_all_but_the_newest_events(
 
 
 async def test_retention_by_age_compacts_events_older_than_the_limit(
-    backend: str, db_path: Path, clock: ManualClock
+    backend: str, new_store: StoreMaker, clock: ManualClock
 ) -> None:
-    async with opened(new_store(backend, db_path, clock, Retention(max_events=100_000, max_age_s=60.0))) as store:
+    if backend == "etcd":
+        pytest.skip(ETCD_KEEPS_ITS_OWN_HISTORY)
+    async with opened(new_store(Retention(max_events=100_000, max_age_s=60.0))) as store:
         await acquire_many(store, clock, EVENTS_THAT_FORCE_PRUNING - 2, prefix="old")
         clock.advance(30)
         await execute(store, acquire("young::job"), clock)
@@ -453,16 +534,20 @@ async def test_retention_by_age_compacts_events_older_than_the_limit(
         assert [event.task_key for event in await store.events_since(young, 100)] == ["young::job", "new::job"]
 
 
-async def test_flush_persists_lazy_writes_to_the_event_log(store: Store, clock: ManualClock, key: str) -> None:
-    await execute(store, acquire(key, "run-1"), clock)
+async def test_flush_persists_lazy_writes_to_the_event_log(
+    store: Store, order: Order, clock: ManualClock, key: str
+) -> None:
+    acquired = await execute(store, acquire(key, "run-1"), clock)
+    assert order.of(acquired.record.revision) == 1
     for i in range(3):
         await execute(store, acquire(key, f"dup-{i}"), clock)
 
     await store.flush()
 
-    assert store.revision == 4
-    logged = await store.events_since(2, 100)
+    logged = await store.events_since(acquired.record.revision + 1, 100)
     assert [event.trigger_run_id for event in logged] == ["dup-0", "dup-1", "dup-2"]
+    assert order.events(logged) == [2, 3, 4]
+    assert order.head == 4
     assert [event.guard.duplicate_count for event in logged] == [1, 2, 3]
 
 
