@@ -18,7 +18,7 @@ from taskguard.front.hold_stream import HoldStream
 from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant
 from taskguard.front.watch_stream import serve_watch
 from taskguard.guard import model
-from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKind
+from taskguard.guard.model import NO_SUCH_GUARD, GuardRecord, Rejection
 from taskguard.runtime.engine import Engine
 from taskguard.runtime.events import EventHub
 from taskguard.runtime.leases import LeaseKeeper
@@ -136,7 +136,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         record = await self._engine.read(wire.task_key(request.task_key))
         call.span.guard(record)
         if record is None:
-            raise Rejection(Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key"))
+            raise Rejection(NO_SUCH_GUARD)
         return self._render(record)
 
     @answer

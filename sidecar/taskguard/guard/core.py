@@ -60,6 +60,7 @@ from datetime import datetime
 from typing import Any
 
 from taskguard.guard.model import (
+    NO_SUCH_GUARD,
     Abandon,
     Acquire,
     AcquireReply,
@@ -197,7 +198,7 @@ _ENDED = (
     GuardState.RETRY_APPROVED,
 )
 _NO_SUCH_LEASE = Refusal(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
-_NO_GUARD = Refusal(RejectionKind.NOT_FOUND, "task_key", "no guard has this key")
+_NO_GUARD = Refusal(NO_SUCH_GUARD.kind, NO_SUCH_GUARD.field, NO_SUCH_GUARD.rule)
 _NOT_RUNNING = Refusal(RejectionKind.FAILED_PRECONDITION, "task_key", "guard is {state}, not RUNNING")
 _NOT_AWAITING_APPROVAL = Refusal(
     RejectionKind.FAILED_PRECONDITION, "task_key", "guard is {state}, not waiting for a retry approval"

@@ -324,6 +324,10 @@ class Rejected:
         return f"{self.field}: {self.rule}"
 
 
+# Asked about a key that has never had a guard.
+NO_SUCH_GUARD = Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key")
+
+
 class Rejection(Exception):
     """A ``Rejected`` raised on its way out: the gRPC front turns it into the status its kind names."""
 

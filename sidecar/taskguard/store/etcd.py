@@ -74,7 +74,7 @@ from taskguard.store import (
     Write,
 )
 from taskguard.store import etcd_docs as docs
-from taskguard.store.etcd_client import RETRY_S, EtcdClient, EtcdSettings, range_end
+from taskguard.store.etcd_client import RETRY_S, EtcdClient, EtcdSettings, range_end, unavailable
 from taskguard.store.etcd_docs import encode_revision, etcd_revision_of
 from taskguard.store.etcd_lease import SidecarLease
 from taskguard.store.etcd_txn import Moved, Transition, TxnBatcher
@@ -175,7 +175,7 @@ class EtcdStore(IndexedStore):
             await self._etcd.close()
             raise
         self._tasks.append(asyncio.create_task(self._lease.keep_alive(), name="taskguard-etcd-lease"))
-        self._tasks.append(asyncio.create_task(self._follow(), name="taskguard-etcd-watch"))
+        self._tasks.append(asyncio.create_task(self._keep_the_copy_current(), name="taskguard-etcd-watch"))
         # Serving starts once the copy follows etcd, or reads would answer UNAVAILABLE at first.
         try:
             await asyncio.wait_for(self._watch_created.wait(), self._settings.timeout_s)
@@ -370,7 +370,7 @@ class EtcdStore(IndexedStore):
 
     # --- following every host's changes -----------------------------------------------------
 
-    async def _follow(self) -> None:
+    async def _keep_the_copy_current(self) -> None:
         attempt = 0
         while not self._closing:
             start = self._etcd_revision + 1
@@ -515,7 +515,7 @@ class EtcdStore(IndexedStore):
         except TimeoutError:
             raise StoreUnavailable("etcd did not answer the history read in time") from None
         except aio.AioRpcError as error:
-            raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
+            raise unavailable(error) from None
         finally:
             call.cancel()
         return found[:limit]

@@ -59,6 +59,11 @@ def keepalive_interval_s(lease_ttl_s: float) -> float:
     return max(lease_ttl_s / 3, 0.2)
 
 
+def unavailable(error: aio.AioRpcError) -> StoreUnavailable:
+    """etcd's failure as the store reports it."""
+    return StoreUnavailable(f"etcd: {error.code().name}: {error.details()}")
+
+
 def range_end(prefix: bytes) -> bytes:
     """The end of the range holding every key that starts with ``prefix``."""
     return prefix[:-1] + bytes([prefix[-1] + 1])
@@ -142,7 +147,7 @@ class EtcdClient:
                 if error.code() not in _UNAVAILABLE:
                     raise
                 if deadline - loop.time() <= RETRY_S[0]:
-                    raise StoreUnavailable(f"etcd: {error.code().name}: {error.details()}") from None
+                    raise unavailable(error) from None
             await asyncio.sleep(min(RETRY_S[min(attempt, len(RETRY_S) - 1)], max(deadline - loop.time(), 0)))
             attempt += 1
 

@@ -26,7 +26,7 @@ from typing import Any
 from grpc import aio
 
 from taskguard.store import StoreUnavailable
-from taskguard.store.etcd_client import EtcdClient
+from taskguard.store.etcd_client import EtcdClient, unavailable
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class TxnBatcher:
             if "lease not found" in (error.details() or ""):
                 self._without_lease(batch)
                 return
-            self._fail(batch, StoreUnavailable(f"etcd: {error.code().name}: {error.details()}"))
+            self._fail(batch, unavailable(error))
             return
         except Exception as error:
             self._fail(batch, error)
