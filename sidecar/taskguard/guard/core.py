@@ -61,6 +61,7 @@ from typing import Any
 
 from taskguard.guard.model import (
     NO_SUCH_GUARD,
+    NO_SUCH_LEASE,
     Abandon,
     Acquire,
     AcquireReply,
@@ -197,7 +198,7 @@ _ENDED = (
     GuardState.EXPIRED,
     GuardState.RETRY_APPROVED,
 )
-_NO_SUCH_LEASE = Refusal(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
+_NO_SUCH_LEASE = Refusal(NO_SUCH_LEASE.kind, NO_SUCH_LEASE.field, NO_SUCH_LEASE.rule)
 _NO_GUARD = Refusal(NO_SUCH_GUARD.kind, NO_SUCH_GUARD.field, NO_SUCH_GUARD.rule)
 _NOT_RUNNING = Refusal(RejectionKind.FAILED_PRECONDITION, "task_key", "guard is {state}, not RUNNING")
 _NOT_AWAITING_APPROVAL = Refusal(
@@ -432,9 +433,12 @@ def answer_past_run(
     decision = decide(run, command, now, policy)
     if not decision.changes:
         return decision.reply
-    return lease_problem(current, command.lease_id) or Rejected(
-        RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost"
-    )
+    return lost_lease(current, command.lease_id)
+
+
+def lost_lease(current: GuardRecord | None, lease_id: str) -> Rejected:
+    """Why ``lease_id`` is lost, given the guard as it is now (which a lost lease may still name, in a lagging copy)."""
+    return lease_problem(current, lease_id) or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost")
 
 
 def presumed_lost(held: GuardRecord, why: str) -> GuardRecord:

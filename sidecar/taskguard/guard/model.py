@@ -326,6 +326,8 @@ class Rejected:
 
 # Asked about a key that has never had a guard.
 NO_SUCH_GUARD = Rejected(RejectionKind.NOT_FOUND, "task_key", "no guard has this key")
+# A lease id that no run was ever given.
+NO_SUCH_LEASE = Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease")
 
 
 class Rejection(Exception):

@@ -20,14 +20,13 @@ from typing import TypeVar
 from taskguard.clock import Clock, instant
 from taskguard.guard import core, model
 from taskguard.guard.model import (
+    NO_SUCH_LEASE,
     Command,
     Decision,
     Event,
     GuardQuery,
     GuardRecord,
     Policy,
-    Rejected,
-    RejectionKind,
     Reply,
 )
 from taskguard.store import CommitListener, Store, StoreConflict, Write
@@ -97,7 +96,7 @@ class Engine:
         """Run a command that names its guard by lease: Renew, Heartbeat, Release, Resume."""
         run = await self._store.find_run(lease_id)
         if run is None:
-            return Result(Rejected(RejectionKind.NOT_FOUND, "lease_id", "no such lease"), None)
+            return Result(NO_SUCH_LEASE, None)
         command = build(run.task_key)
         return await self._mutex.run(command.task_key, lambda: self._decide_on_lease(command))
 

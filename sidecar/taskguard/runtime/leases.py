@@ -37,7 +37,6 @@ from taskguard.guard.model import (
     GuardRecord,
     Outcome,
     Rejected,
-    RejectionKind,
 )
 from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
@@ -315,8 +314,7 @@ class HoldSession:
     def why_lost(self, final: GuardRecord) -> Rejected:
         """Why the held run's lease is gone, given the run's final snapshot."""
         assert self.held is not None
-        problem = core.lease_problem(final, self.held.lease_id)
-        return problem or Rejected(RejectionKind.FAILED_PRECONDITION, "lease_id", "lease lost")
+        return core.lost_lease(final, self.held.lease_id)
 
     def lose(self, why: str) -> None:
         """End the session as lost without the store's word (the store cannot be reached to say so)."""
