@@ -15,12 +15,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from taskguard.front.auth import AuthSettings
-from taskguard.guard.model import Policy
+from taskguard.guard.model import ConflictPolicy, FailureHandling, KeyRule, Policy
 from taskguard.store import backends
 from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s
@@ -89,6 +89,7 @@ def _data_dir(environ: Mapping[str, str]) -> Path:
 
 
 _POLICY = Policy()
+_RULE = _POLICY.default_rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +102,15 @@ class Settings:
     max_ttl_s: float = _POLICY.max_ttl_s
     stale_after_s: float = _POLICY.stale_after_s
     resume_grace_s: float = _POLICY.resume_grace_s
-    abandoned_requires_approval: bool = _POLICY.abandoned_requires_approval
-    expired_requires_approval: bool = _POLICY.expired_requires_approval
+    # The default rule: what keys no [[rules]] entry matches get (and what a rule leaves unset).
+    abandoned_requires_approval: bool = _RULE.abandoned_requires_approval
+    expired_requires_approval: bool = _RULE.expired_requires_approval
+    on_conflict: ConflictPolicy = _RULE.on_conflict
+    failure: FailureHandling = _RULE.failure
+    lock_delay_s: float = _RULE.lock_delay_s
+    max_hold_s: float | None = _RULE.max_hold_s
+    # Per-key rules, from the config file's [[rules]] tables only: first match wins.
+    rules: tuple[KeyRule, ...] = ()
     event_retention_count: int = 100_000
     event_retention_age_s: float = 24 * 3600.0
     watch_buffer: int = 4096
@@ -146,14 +154,18 @@ class Settings:
     telemetry_overrides: TelemetrySettings | None = None
 
     @property
+    def default_rule(self) -> KeyRule:
+        return KeyRule(**{name: getattr(self, name) for name in _RULE_SETTINGS})
+
+    @property
     def policy(self) -> Policy:
         return Policy(
             default_ttl_s=self.default_ttl_s,
             max_ttl_s=self.max_ttl_s,
             stale_after_s=self.stale_after_s,
             resume_grace_s=self.resume_grace_s,
-            abandoned_requires_approval=self.abandoned_requires_approval,
-            expired_requires_approval=self.expired_requires_approval,
+            rules=self.rules,
+            default_rule=self.default_rule,
         )
 
     @property
@@ -266,6 +278,22 @@ def _read_secret(path: Path | None, setting: str) -> str:
         raise ConfigError(f"{setting}: cannot read {path}: {error.strerror}") from None
 
 
+def _parse_on_conflict(value: Any) -> ConflictPolicy:
+    return ConflictPolicy[str(value).strip().upper()]
+
+
+def _parse_failure(value: Any) -> FailureHandling:
+    return FailureHandling[str(value).strip().upper()]
+
+
+def _parse_max_hold(value: Any) -> float | None:
+    # 0 and "none" switch it off, so a rule can undo the default rule's.
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+        return None
+    seconds = parse_duration_s(value)
+    return seconds if seconds > 0 else None
+
+
 def _parse_path(value: Any) -> Path:
     # Path("") is Path("."), which would pass as a file path.
     if isinstance(value, str) and not value.strip():
@@ -312,6 +340,30 @@ _RULES: dict[str, _Rule] = {
     ),
     "expired_requires_approval": _Rule(
         _parse_bool, lambda v: True, "must be true or false", "EXPIRED guards need approve-retry"
+    ),
+    "on_conflict": _Rule(
+        _parse_on_conflict,
+        lambda v: True,
+        "must be reject or join",
+        "what an acquisition that does not choose gets when the key is taken (join: Hold streams only)",
+    ),
+    "failure": _Rule(
+        _parse_failure,
+        lambda v: True,
+        "must be require_approval or reopen",
+        "after a FAILED run: wait for approve-retry, or reopen the key at once",
+    ),
+    "lock_delay_s": _Rule(
+        parse_duration_s,
+        _non_negative,
+        "must be a duration >= 0",
+        "after an abandoned, expired or force-released run the key stays closed this long",
+    ),
+    "max_hold_s": _Rule(
+        _parse_max_hold,
+        lambda v: v is None or v > 0,
+        "must be a duration > 0, or none",
+        "a run ends EXPIRED this long after it started, whatever its renewals",
     ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
@@ -408,6 +460,17 @@ _RULES: dict[str, _Rule] = {
 }
 
 
+# The settings a [[rules]] entry may set, as KeyRule names them; the top-level ones make the default rule.
+_RULE_SETTINGS = (
+    "on_conflict",
+    "failure",
+    "abandoned_requires_approval",
+    "expired_requires_approval",
+    "lock_delay_s",
+    "max_hold_s",
+)
+
+
 def _flag(name: str) -> str:
     return "--" + name.removesuffix("_s").replace("_", "-")
 
@@ -424,7 +487,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting (all default to None: unset, so lower sources show through)."""
     parser.add_argument("--config", type=Path, help="TOML file with settings (env: TASKGUARD_CONFIG)")
     for name, rule in _RULES.items():
-        if rule.parse is _parse_bool:
+        if rule.parse is _parse_max_hold:
+            parser.add_argument(
+                _flag(name), dest=name, default=None, help=f"{rule.help}; none: no cap (env: {_env_name(name)})"
+            )
+        elif rule.parse is _parse_bool:
             parser.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=rule.help
             )
@@ -436,8 +503,10 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     environ = os.environ if environ is None else environ
     raw: dict[str, tuple[Any, str]] = {}
     config_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    rule_tables: list[Any] = []
     if config_path:
-        raw.update(_from_toml(Path(config_path)))
+        found, rule_tables = _from_toml(Path(config_path))
+        raw.update(found)
     if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         raw["otlp_endpoint"] = (
             environ["OTEL_EXPORTER_OTLP_ENDPOINT"],
@@ -454,13 +523,15 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         rule = _RULES[name]
         try:
             parsed = rule.parse(value)
-        except (TypeError, ValueError):
-            parsed = None
-        if parsed is None or not rule.check(parsed):
+        except (TypeError, ValueError, KeyError):
+            parsed = rule  # not a value any setting takes: fails the check below
+        if parsed is rule or not rule.check(parsed):
             shown = "a value that is not shown" if rule.secret else repr(value)
             raise ConfigError(f"{_toml_name(name)} ({source}): {rule.requirement}, got {shown}")
         values[name] = parsed
     settings = default_settings(environ=environ, **values)
+    if rule_tables:
+        settings = replace(settings, rules=_key_rules(rule_tables, settings.default_rule, f"config file {config_path}"))
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key go together: give both or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
@@ -499,6 +570,26 @@ def _check_etcd_timing(settings: Settings) -> None:
         )
 
 
+def describe_rule(rule: KeyRule) -> str:
+    """One line a person reads: what the rule makes a key do."""
+    losses = [
+        state
+        for state, needs in (
+            ("abandoned", rule.abandoned_requires_approval),
+            ("expired", rule.expired_requires_approval),
+        )
+        if needs
+    ]
+    parts = [
+        f"on conflict {rule.on_conflict.name.lower()}",
+        "failed runs reopen the key" if rule.failure is FailureHandling.REOPEN else "failed runs need approve-retry",
+        f"{' and '.join(losses)} runs need approve-retry" if losses else "lost runs reopen the key",
+        f"lock-delay {rule.lock_delay_s:g}s" if rule.lock_delay_s > 0 else "no lock-delay",
+        f"max hold {rule.max_hold_s:g}s" if rule.max_hold_s is not None else "no max hold",
+    ]
+    return ", ".join(parts)
+
+
 # Secrets and where a person should put them instead of a flag.
 SECRET_FILES = {"operator_token": "operator_token_file", "holder_token": "holder_token_file"}
 
@@ -533,7 +624,8 @@ def risk_warnings(settings: Settings) -> list[str]:
     return found
 
 
-def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
+def _from_toml(path: Path) -> tuple[dict[str, tuple[Any, str]], list[Any]]:
+    """The settings the file sets, and its [[rules]] tables (checked later, on top of the default rule)."""
     try:
         document = tomllib.loads(path.read_text())
     except OSError as error:
@@ -542,13 +634,63 @@ def _from_toml(path: Path) -> dict[str, tuple[Any, str]]:
         raise ConfigError(f"config file {path}: not valid TOML: {error}") from None
     known = {_toml_name(name): name for name in _RULES}
     found: dict[str, tuple[Any, str]] = {}
+    rules = document.pop("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(table, dict) for table in rules):
+        raise ConfigError(f"config file {path}: rules must be an array of tables ([[rules]])")
     for key, value in document.items():
         if key not in known:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted([*known, 'rules']))}"
+            )
         found[known[key]] = (value, f"config file {path}")
-    return found
+    return found, rules
+
+
+_RULE_KEYS = {_toml_name(name): name for name in _RULE_SETTINGS}
+
+
+def _key_rules(tables: list[dict[str, Any]], default: KeyRule, source: str) -> tuple[KeyRule, ...]:
+    """The [[rules]] tables as KeyRules: each sets what differs from the default rule.
+
+    Every mistake names the rule (its position and name), the setting and the rule it breaks.
+    """
+    rules: list[KeyRule] = []
+    names: set[str] = set()
+    for position, table in enumerate(tables):
+        name = table.get("name", f"rules[{position}]")
+        where = f"rules[{position}]" + (f" ({name!r})" if "name" in table else "")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name ({source}): must be a non-empty string")
+        if name in names or name == default.name:
+            raise ConfigError(f"{where}.name ({source}): {name!r} is taken; each rule needs its own name")
+        names.add(name)
+        match = table.get("match")
+        if not isinstance(match, str) or not match:
+            raise ConfigError(
+                f'{where}.match ({source}): is required: a glob of task keys, such as "agent:ops:*" (a prefix) '
+                'or "*::deploy"'
+            )
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in ("name", "match"):
+                continue
+            if key not in _RULE_KEYS:
+                known = ", ".join(["match", "name", *sorted(_RULE_KEYS)])
+                raise ConfigError(f"{where} ({source}): unknown setting {key!r}; a rule may set {known}")
+            setting = _RULE_KEYS[key]
+            rule = _RULES[setting]
+            try:
+                parsed = rule.parse(value)
+            except (TypeError, ValueError, KeyError):
+                parsed = rule  # not a value any setting takes: fails the check below
+            if parsed is rule or not rule.check(parsed):
+                raise ConfigError(f"{where}.{key} ({source}): {rule.requirement}, got {value!r}")
+            values[setting] = parsed
+        rules.append(replace(default, name=name, match=match, **values))
+    return tuple(rules)
 
 
 _SECRETS = frozenset(name for name, rule in _RULES.items() if rule.secret)
 
-assert {f.name for f in fields(Settings)} - {"telemetry_overrides"} == set(_RULES), "every setting needs a rule"
+_NOT_FLAGS = {"telemetry_overrides", "rules"}
+assert {f.name for f in fields(Settings)} - _NOT_FLAGS == set(_RULES), "every setting needs a rule"

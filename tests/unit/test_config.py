@@ -14,14 +14,16 @@ import pytest
 
 from taskguard import config
 from taskguard.config import ConfigError, Settings
-from taskguard.guard.model import Policy
+from taskguard.guard.model import ConflictPolicy, FailureHandling, KeyRule, Policy
 from taskguard.store.retention import Retention
 
 ENVIRON = {"XDG_RUNTIME_DIR": "/run/user/4242", "XDG_DATA_HOME": "/srv/data", "HOME": "/home/tester"}
 
 # Every field a person sets, by its TOML name (``_s`` dropped); ``telemetry_overrides`` is for tests only.
 TOML_NAMES = sorted(
-    field.name.removesuffix("_s") for field in dataclasses.fields(Settings) if field.name != "telemetry_overrides"
+    field.name.removesuffix("_s")
+    for field in dataclasses.fields(Settings)
+    if field.name not in ("telemetry_overrides", "rules")
 )
 
 
@@ -100,8 +102,7 @@ def test_settings_give_the_core_its_policy_and_the_store_its_retention(tmp_path:
         max_ttl_s=7200.0,
         stale_after_s=120.0,
         resume_grace_s=15.0,
-        abandoned_requires_approval=False,
-        expired_requires_approval=True,
+        default_rule=KeyRule(abandoned_requires_approval=False, expired_requires_approval=True),
     )
     assert settings.retention == Retention(max_events=50, max_age_s=86400.0)
 
@@ -307,8 +308,9 @@ def test_an_unknown_toml_key_is_rejected_listing_the_known_ones(tmp_path: Path) 
     with pytest.raises(ConfigError) as refused:
         load(tmp_path, toml='default_ttl_s = "30s"\n')
 
+    known = ", ".join(sorted([*TOML_NAMES, "rules"]))
     assert str(refused.value) == (
-        f"config file {tmp_path / 'taskguard.toml'}: unknown setting 'default_ttl_s'; known: {', '.join(TOML_NAMES)}"
+        f"config file {tmp_path / 'taskguard.toml'}: unknown setting 'default_ttl_s'; known: {known}"
     )
 
 
@@ -358,6 +360,10 @@ EVERY_SETTING = [
     ("resume_grace", "4", "4s"),
     ("abandoned_requires_approval", "true", "on"),
     ("expired_requires_approval", "true", "yes"),
+    ("on_conflict", '"join"', "JOIN"),
+    ("failure", '"reopen"', "reopen"),
+    ("lock_delay", '"15s"', "15s"),
+    ("max_hold", '"2h"', "2h"),
     ("event_retention_count", "5", "5"),
     ("event_retention_age", '"6h"', "6h"),
     ("watch_buffer", "7", "7"),
@@ -421,6 +427,10 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         resume_grace_s=4.0,
         abandoned_requires_approval=True,
         expired_requires_approval=True,
+        on_conflict=ConflictPolicy.JOIN,
+        failure=FailureHandling.REOPEN,
+        lock_delay_s=15.0,
+        max_hold_s=7200.0,
         event_retention_count=5,
         event_retention_age_s=21600.0,
         watch_buffer=7,

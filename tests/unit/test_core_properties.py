@@ -44,6 +44,7 @@ from taskguard.guard.model import (
     GuardState,
     Heartbeat,
     Instant,
+    KeyRule,
     Outcome,
     Policy,
     Rejected,
@@ -64,7 +65,7 @@ T0 = 1000.0
 WALL0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 BASE = Policy(default_ttl_s=20.0, max_ttl_s=100.0, stale_after_s=50.0)
-APPROVAL = replace(BASE, abandoned_requires_approval=True, expired_requires_approval=True)
+APPROVAL = replace(BASE, default_rule=KeyRule(abandoned_requires_approval=True, expired_requires_approval=True))
 
 RELEASED_STATE = {
     RunStatus.SUCCEEDED: GuardState.SUCCEEDED,
@@ -135,8 +136,8 @@ class GuardMachine(RuleBasedStateMachine):
     def needs_approval(self, state: GuardState) -> bool:
         return (
             state is GuardState.FAILED
-            or (state is GuardState.ABANDONED and self.policy.abandoned_requires_approval)
-            or (state is GuardState.EXPIRED and self.policy.expired_requires_approval)
+            or (state is GuardState.ABANDONED and self.policy.default_rule.abandoned_requires_approval)
+            or (state is GuardState.EXPIRED and self.policy.default_rule.expired_requires_approval)
         )
 
     def valid_ttl(self, ttl_s: float | None) -> bool:
@@ -306,7 +307,7 @@ class GuardMachine(RuleBasedStateMachine):
     def execute(self, cmd: Command) -> Decision:
         key = cmd.task_key
         before = self.store.get(key)
-        healed_before = heal(before, self.now())[0]
+        healed_before = heal(before, self.now(), self.policy)[0]
         waited_for_approval = self.model.get(key) is not None and self.needs_approval(self.model[key].state)
 
         decision = decide(before, cmd, self.now(), self.policy)
@@ -476,7 +477,7 @@ class GuardMachine(RuleBasedStateMachine):
     @invariant()
     def at_most_one_lease_holds_each_key(self) -> None:
         for key in KEYS:
-            current = heal(self.store.get(key), self.now())[0]
+            current = heal(self.store.get(key), self.now(), self.policy)[0]
             holding = [lease for lease in self.leases[key] if lease_problem(current, lease) is None]
             assert len(holding) <= 1
             if holding:
@@ -486,7 +487,7 @@ class GuardMachine(RuleBasedStateMachine):
     def the_model_agrees_with_the_store(self) -> None:
         assert self.model.keys() == self.store.keys()
         for key, guard in self.model.items():
-            current = heal(self.store[key], self.now())[0]
+            current = heal(self.store[key], self.now(), self.policy)[0]
             assert current is not None
             seen = (
                 current.state,

@@ -76,14 +76,14 @@ def test_deciding_on_a_lapsed_guard_is_healing_then_the_rule_on_the_healed_guard
     running = core.decide(None, Acquire(KEY, "run-1", "h", 30.0, "lease-1", True), NOW, Policy()).record
     assert running is not None
     later = Instant(NOW.monotonic + 31, NOW.wall)
-    healing = core.healing(running, command, later)
+    healing = core.healing(running, command, later, Policy())
     decision = core.decide(running, command, later, Policy())
     if healing is None:
         assert type(command) is AwaitResume
         return
     assert healing.record is not None and healing.record.state is GuardState.EXPIRED
     after_healing = core.decide(healing.record, command, later, Policy())
-    assert core.healing(healing.record, command, later) is None
+    assert core.healing(healing.record, command, later, Policy()) is None
     assert decision.reply == after_healing.reply
     assert decision.events == (*healing.events, *after_healing.events)
     assert decision.record == (after_healing.record or healing.record)

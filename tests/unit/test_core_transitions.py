@@ -32,6 +32,7 @@ from taskguard.guard.model import (
     GuardState,
     Heartbeat,
     Instant,
+    KeyRule,
     Outcome,
     Policy,
     Rejected,
@@ -50,9 +51,9 @@ TTL = 30.0
 START = Instant(T0, WALL0)
 
 DEFAULT = Policy()
-STRICT = Policy(abandoned_requires_approval=True, expired_requires_approval=True)
-ABANDONED_NEEDS_APPROVAL = Policy(abandoned_requires_approval=True)
-EXPIRED_NEEDS_APPROVAL = Policy(expired_requires_approval=True)
+STRICT = Policy(default_rule=KeyRule(abandoned_requires_approval=True, expired_requires_approval=True))
+ABANDONED_NEEDS_APPROVAL = Policy(default_rule=KeyRule(abandoned_requires_approval=True))
+EXPIRED_NEEDS_APPROVAL = Policy(default_rule=KeyRule(expired_requires_approval=True))
 
 
 # --- helpers ---------------------------------------------------------------------

@@ -4,7 +4,7 @@
  * (public values into requests) is in requests.ts.
  */
 
-import { type AlreadyRunning, type RetryRequiresApproval, conflictError, protocolError } from "./errors.ts";
+import { type Refused, conflictError, protocolError } from "./errors.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
 import type { Acquired, FenceCheck, Guard, GuardEvent, GuardEventType, GuardState, RunStatus } from "./models.ts";
 
@@ -35,6 +35,7 @@ const EVENT_TYPES: readonly GuardEventType[] = [
   "RETRY_APPROVED",
   "FORCE_RELEASED",
   "RESUMED",
+  "LOCK_DELAY_REFUSED",
 ];
 
 function durationMs(duration: pb.Guard["ttl"]): number | undefined {
@@ -75,6 +76,8 @@ export function guardFromWire(guard: pb.Guard | undefined): Guard {
     approvalReason: guard.approvalReason,
     ttlMs: durationMs(guard.ttl),
     releasedBy: guard.releasedBy,
+    lockDelayUntil: guard.lockDelayUntil,
+    holdUntil: guard.holdUntil,
   };
 }
 
@@ -94,12 +97,13 @@ export function eventFromWire(event: pb.GuardEvent): GuardEvent {
 /**
  * A refused acquisition, which `acquire`, `hold` and `openHold` return
  * instead of throwing when `onConflict` is "return" or "join": the run in the
- * way. `guard` is the winner's snapshot (ALREADY_RUNNING) or the failed run's
- * (RETRY_REQUIRES_APPROVAL); after a join (`joined`), the winner's final
+ * way. `guard` is the winner's snapshot (ALREADY_RUNNING), the failed run's
+ * (RETRY_REQUIRES_APPROVAL) or the lost run's (LOCK_DELAYED: see
+ * `guard.lockDelayUntil`); after a join (`joined`), the winner's final
  * snapshot, whose `state` says how that run ended.
  */
 export interface Conflict {
-  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL";
+  outcome: RefusalOutcome;
   taskKey: string;
   runId: string;
   holder: string;
@@ -108,11 +112,18 @@ export interface Conflict {
   guard: Guard;
   joined: boolean;
   /** The error "raise" would have thrown. */
-  error: AlreadyRunning | RetryRequiresApproval;
+  error: Refused;
 }
 
+export type RefusalOutcome = "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED";
+
+const REFUSALS: Readonly<Record<string, RefusalOutcome>> = {
+  ACQUIRE_OUTCOME_ALREADY_RUNNING: "ALREADY_RUNNING",
+  ACQUIRE_OUTCOME_LOCK_DELAYED: "LOCK_DELAYED",
+};
+
 export function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = false): Conflict {
-  const kind = outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING" ? "ALREADY_RUNNING" : "RETRY_REQUIRES_APPROVAL";
+  const kind = REFUSALS[outcome] ?? "RETRY_REQUIRES_APPROVAL";
   return {
     outcome: kind,
     taskKey: guard.taskKey,

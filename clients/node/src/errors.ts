@@ -3,8 +3,8 @@
  * or a refused acquisition into one of them, like the Python client's
  * `_errors.py` (same classes, same rules).
  *
- * Two refusals are outcomes, not failures, and carry the run in the way:
- * `AlreadyRunning` and `RetryRequiresApproval`. Everything else is a
+ * Three refusals are outcomes, not failures, and carry the run in the way:
+ * `AlreadyRunning`, `RetryRequiresApproval` and `LockDelayed`. Everything else is a
  * `StatusError` subclass named for its status code, carrying the code and the
  * sidecar's message (which names the field and the rule it broke). All share
  * `TaskGuardError`. No other module looks at a status code to pick an error.
@@ -75,6 +75,22 @@ export class RetryRequiresApproval extends Refusal {
     this.guard = guard;
   }
 }
+
+/** The last run was lost (abandoned, expired, force-released) and the key's lock-delay holds it closed until `until`. */
+export class LockDelayed extends Refusal {
+  readonly until: Date | undefined;
+  readonly guard: Guard;
+
+  constructor(guard: Guard) {
+    const why = guard.lastDetail ? ` (${guard.lastDetail})` : "";
+    const opens = guard.lockDelayUntil ? `; the key opens at ${guard.lockDelayUntil.toISOString()}` : "";
+    super(`${guard.taskKey}: run ${guard.runId} was lost${why} and the key's lock-delay holds it closed${opens}`, guard);
+    this.until = guard.lockDelayUntil;
+    this.guard = guard;
+  }
+}
+
+export type Refused = AlreadyRunning | RetryRequiresApproval | LockDelayed;
 
 /** A call ended with a gRPC status other than OK; `message` is the sidecar's (`field: rule`). */
 export class StatusError extends TaskGuardError {
@@ -216,10 +232,17 @@ export function protocolError(message: string): StatusError {
 
 /** The error for a refused acquisition. */
 export function conflictError(
-  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL",
+  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED",
   guard: Guard,
-): AlreadyRunning | RetryRequiresApproval {
-  return outcome === "ALREADY_RUNNING" ? new AlreadyRunning(guard) : new RetryRequiresApproval(guard);
+): Refused {
+  switch (outcome) {
+    case "ALREADY_RUNNING":
+      return new AlreadyRunning(guard);
+    case "LOCK_DELAYED":
+      return new LockDelayed(guard);
+    default:
+      return new RetryRequiresApproval(guard);
+  }
 }
 
 /** What to say about whatever was thrown: its message (or its class's name), or the value itself. */

@@ -20,6 +20,7 @@ export {
   OutOfRangeError,
   PermissionDeniedError,
   ResourceExhaustedError,
+  LockDelayed,
   RetryRequiresApproval,
   StatusError,
   TaskGuardError,

@@ -37,7 +37,8 @@ export type GuardEventType =
   | "ABANDONED"
   | "RETRY_APPROVED"
   | "FORCE_RELEASED"
-  | "RESUMED";
+  | "RESUMED"
+  | "LOCK_DELAY_REFUSED";
 
 /** A guard's snapshot, as the sidecar answered it (see `Guard` in taskguard.proto for each field). */
 export interface Guard {
@@ -68,6 +69,10 @@ export interface Guard {
   /** The TTL of the current lease in milliseconds; undefined when it has none. */
   ttlMs: number | undefined;
   releasedBy: string;
+  /** After a lost run, when the key's lock-delay ends (acquisitions are refused with LockDelayed until then). */
+  lockDelayUntil: Date | undefined;
+  /** When the key's max hold ends the run, however often it renews. */
+  holdUntil: Date | undefined;
 }
 
 export interface GuardEvent {

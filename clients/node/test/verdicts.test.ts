@@ -10,6 +10,7 @@ import {
   AlreadyRunning,
   DeadlineExceededError,
   LeaseLostError,
+  LockDelayed,
   NotFoundError,
   RetryRequiresApproval,
   UnavailableError,
@@ -54,6 +55,21 @@ describe("verdicts", () => {
     assert.ok(late.do === "fail" && late.error === unavailable && !late.cancel);
     const silent = acquisitionVerdict(TIMED_OUT, acquisition);
     assert.ok(silent.do === "fail" && silent.error instanceof DeadlineExceededError && silent.cancel);
+  });
+
+  test("a lock-delayed acquisition is refused with LockDelayed, naming when the key opens, even when asked to join", () => {
+    const opens = new Date("2026-12-03T10:00:30Z");
+    const delayed: pb.HoldResponse = {
+      ...reply("ACQUIRE_OUTCOME_LOCK_DELAYED"),
+      guard: pb.Guard.fromPartial({ taskKey: "s::t", runId: "r1", state: "GUARD_STATE_ABANDONED", lockDelayUntil: opens }),
+    };
+    for (const onConflict of ["raise", "join"] as const) {
+      const refused = acquisitionVerdict(delayed, { ...acquisition, onConflict });
+      assert.ok(refused.do === "refuse" && refused.conflict.outcome === "LOCK_DELAYED");
+      assert.ok(refused.conflict.error instanceof LockDelayed);
+      assert.deepEqual(refused.conflict.error.until, opens);
+      assert.match(refused.conflict.error.message, /lock-delay holds it closed; the key opens at 2026-12-03T10:00:30.000Z/);
+    }
   });
 
   test("a resume is held, lost, or tried again", () => {

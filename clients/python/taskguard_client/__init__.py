@@ -20,6 +20,7 @@ from taskguard_client._errors import (
     InvalidArgumentError,
     LeaseLost,
     LeaseNotFoundError,
+    LockDelayed,
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
@@ -29,7 +30,7 @@ from taskguard_client._errors import (
     TaskGuardError,
     UnavailableError,
 )
-from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, Lease, Outcome, RunStatus
+from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, KeyPolicy, Lease, Outcome, RunStatus
 from taskguard_client._protocol import Conflict, OnConflict, RetryPolicy
 from taskguard_client._sync import Watch
 from taskguard_client._sync_hold import Hold
@@ -52,9 +53,11 @@ __all__ = [
     "Hold",
     "InternalError",
     "InvalidArgumentError",
+    "KeyPolicy",
     "Lease",
     "LeaseLost",
     "LeaseNotFoundError",
+    "LockDelayed",
     "NotFoundError",
     "OnConflict",
     "OutOfRangeError",

@@ -1,7 +1,7 @@
 """Every error the client raises, and the one place a gRPC status becomes one of them.
 
-Two refusals are outcomes, not failures, and carry the run in the way:
-``AlreadyRunning`` and ``RetryRequiresApproval``. Everything else is a
+Three refusals are outcomes, not failures, and carry the run in the way:
+``AlreadyRunning``, ``RetryRequiresApproval`` and ``LockDelayed``. Everything else is a
 ``StatusError`` subclass named for its status code, carrying the code and the
 sidecar's message (which names the field and the rule it broke). All share
 ``TaskGuardError``. Like Temporal's single ``ALREADY_EXISTS ->
@@ -54,6 +54,22 @@ class RetryRequiresApproval(TaskGuardError):
         self.released_at = released_at
         self.detail = detail
         self.guard = guard
+
+
+class LockDelayed(TaskGuardError):
+    """The key's last run was lost and its lock-delay has not passed: try again at ``until``."""
+
+    def __init__(self, task_key: str, run_id: str, until: datetime | None, guard: Guard) -> None:
+        opens = f"; the key opens at {_iso(until)}" if until else ""
+        why = f" ({guard.last_detail})" if guard.last_detail else ""
+        super().__init__(f"{task_key}: run {run_id} was lost{why} and the key's lock-delay holds it closed{opens}")
+        self.task_key = task_key
+        self.run_id = run_id
+        self.until = until
+        self.guard = guard
+
+
+Refusal = AlreadyRunning | RetryRequiresApproval | LockDelayed
 
 
 class StatusError(TaskGuardError):
@@ -262,10 +278,12 @@ def _loss(guard: Guard | None) -> str:
     return f"lease lost: the guard is {guard.state.value}: {guard.last_detail}"
 
 
-def conflict(outcome: Outcome, guard: Guard) -> AlreadyRunning | RetryRequiresApproval:
+def conflict(outcome: Outcome, guard: Guard) -> Refusal:
     """The exception for a refused acquisition."""
     if outcome is Outcome.ALREADY_RUNNING:
         return AlreadyRunning(guard.task_key, guard.run_id, guard.started_at, guard.holder, guard.fencing_token, guard)
+    if outcome is Outcome.LOCK_DELAYED:
+        return LockDelayed(guard.task_key, guard.run_id, guard.lock_delay_until, guard)
     return RetryRequiresApproval(guard.task_key, guard.run_id, guard.released_at, guard.last_detail, guard)
 
 

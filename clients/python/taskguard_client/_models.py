@@ -45,6 +45,8 @@ class Outcome(enum.StrEnum):
     ACQUIRED = "ACQUIRED"
     ALREADY_RUNNING = "ALREADY_RUNNING"
     RETRY_REQUIRES_APPROVAL = "RETRY_REQUIRES_APPROVAL"
+    #: The key's last run was lost and its rule's lock-delay has not passed (``Guard.lock_delay_until``).
+    LOCK_DELAYED = "LOCK_DELAYED"
 
 
 class EventType(enum.StrEnum):
@@ -61,6 +63,8 @@ class EventType(enum.StrEnum):
     RETRY_APPROVED = "RETRY_APPROVED"
     FORCE_RELEASED = "FORCE_RELEASED"
     RESUMED = "RESUMED"
+    #: A trigger refused with LOCK_DELAYED.
+    LOCK_DELAY_REFUSED = "LOCK_DELAY_REFUSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +97,32 @@ class Guard:
     approval_reason: str
     ttl: timedelta | None
     released_by: str
+    #: After a lost run, when the key's lock-delay ends (acquisitions get LOCK_DELAYED until then).
+    lock_delay_until: datetime | None = None
+    #: When the run's max hold ends it, whatever its renewals (the key's rule has a max_hold).
+    hold_until: datetime | None = None
+    #: The rule the key follows; only ``get_guard`` fills it in.
+    policy: KeyPolicy | None = None
 
     @property
     def running(self) -> bool:
         return self.state is GuardState.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """The rule a key follows on the sidecar (``taskguard.v1.KeyPolicy``): the first configured match, else default."""
+
+    rule: str
+    match: str
+    #: What an acquisition that does not choose gets when the key is taken: "reject" or "join".
+    on_conflict: str
+    #: After a FAILED run: "require_approval" or "reopen".
+    failure: str
+    abandoned_requires_approval: bool
+    expired_requires_approval: bool
+    lock_delay: timedelta | None
+    max_hold: timedelta | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +204,7 @@ _OUTCOMES: dict[int, Outcome] = {
     pb.ACQUIRE_OUTCOME_ACQUIRED: Outcome.ACQUIRED,
     pb.ACQUIRE_OUTCOME_ALREADY_RUNNING: Outcome.ALREADY_RUNNING,
     pb.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: Outcome.RETRY_REQUIRES_APPROVAL,
+    pb.ACQUIRE_OUTCOME_LOCK_DELAYED: Outcome.LOCK_DELAYED,
 }
 _EVENT_TYPES = {pb.GuardEventType.Value(f"GUARD_EVENT_TYPE_{kind.value}"): kind for kind in EventType}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -213,6 +240,22 @@ def guard_from_pb(message: pb.Guard) -> Guard:
         approval_reason=message.approval_reason,
         ttl=message.ttl.ToTimedelta() if message.HasField("ttl") else None,
         released_by=message.released_by,
+        lock_delay_until=_time(message.lock_delay_until) if message.HasField("lock_delay_until") else None,
+        hold_until=_time(message.hold_until) if message.HasField("hold_until") else None,
+        policy=_key_policy(message.policy) if message.HasField("policy") else None,
+    )
+
+
+def _key_policy(message: pb.KeyPolicy) -> KeyPolicy:
+    return KeyPolicy(
+        rule=message.rule,
+        match=message.match,
+        on_conflict=pb.OnConflict.Name(message.on_conflict).removeprefix("ON_CONFLICT_").lower(),
+        failure=pb.FailureHandling.Name(message.failure).removeprefix("FAILURE_HANDLING_").lower(),
+        abandoned_requires_approval=message.abandoned_requires_approval,
+        expired_requires_approval=message.expired_requires_approval,
+        lock_delay=message.lock_delay.ToTimedelta() if message.HasField("lock_delay") else None,
+        max_hold=message.max_hold.ToTimedelta() if message.HasField("max_hold") else None,
     )
 
 

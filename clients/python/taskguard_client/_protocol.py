@@ -25,9 +25,7 @@ from google.protobuf.message import Message
 from taskguard_client import _errors
 from taskguard_client._call import retry_secret
 from taskguard_client._errors import (
-    AlreadyRunning,
     DeadlineExceededError,
-    RetryRequiresApproval,
     StatusError,
     UnavailableError,
 )
@@ -270,7 +268,7 @@ class Conflict(RunFacts):
     def holder(self) -> str:
         return self.guard.holder
 
-    def error(self) -> AlreadyRunning | RetryRequiresApproval:
+    def error(self) -> _errors.Refusal:
         """The exception ``on_conflict="raise"`` would have raised."""
         return _errors.conflict(self.outcome, self.guard)
 

@@ -20,6 +20,7 @@ from taskguard_client import (
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
+    LockDelayed,
     NotFoundError,
     PermissionDeniedError,
     RetryRequiresApproval,
@@ -41,6 +42,7 @@ EXIT_RETRY_REQUIRES_APPROVAL = 76
 EXIT_PERMISSION_DENIED = 77  # EX_NOPERM
 EXIT_LEASE_LOST = 79
 EXIT_JOINED_RUN_FAILED = 80
+EXIT_LOCK_DELAYED = 81
 EXIT_CANNOT_EXECUTE = 126
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130
@@ -92,6 +94,8 @@ def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
         case RetryRequiresApproval():
             hint = f"taskguard approve-retry {error.task_key} --reason ..."
             message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
+        case LockDelayed():
+            message, code = str(error), EXIT_LOCK_DELAYED
         case _:
             message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
     warn(message)

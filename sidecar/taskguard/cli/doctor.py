@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from taskguard.config import Settings, runtime_dir
+from taskguard.config import Settings, describe_rule, runtime_dir
 from taskguard.front.listener import private_dir_problem
 from taskguard.store import backends
 from taskguard.store.sqlite import DATABASE_SUFFIXES, SCHEMA_VERSION
@@ -36,7 +36,13 @@ class Finding:
 
 
 def examine(settings: Settings) -> list[Finding]:
-    return [*_configuration(settings), *_database(settings), *_listener(settings), *_file_modes(settings)]
+    return [
+        *_configuration(settings),
+        *_rules(settings),
+        *_database(settings),
+        *_listener(settings),
+        *_file_modes(settings),
+    ]
 
 
 def _configuration(settings: Settings) -> Iterator[Finding]:
@@ -53,6 +59,12 @@ def _configuration(settings: Settings) -> Iterator[Finding]:
         f"resume grace {settings.resume_grace_s:g}s; operators by {', '.join(who) or 'nothing (no operator)'}"
         + ("; holder token required" if auth.holder_token else ""),
     )
+
+
+def _rules(settings: Settings) -> Iterator[Finding]:
+    """Each key rule in the order it is matched (first match wins), then the default rule."""
+    for rule in (*settings.rules, settings.default_rule):
+        yield Finding(True, f"rule {rule.name}", f"{rule.match!r}: {describe_rule(rule)}")
 
 
 def _database(settings: Settings) -> Iterator[Finding]:

@@ -24,7 +24,7 @@ from typing import Any
 from taskguard import __version__, config
 from taskguard.cli import run as cli_run
 from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
-from taskguard_client import Client, Guard, GuardEvent, GuardState, TaskGuardError, default_address
+from taskguard_client import Client, Guard, GuardEvent, GuardState, KeyPolicy, TaskGuardError, default_address
 
 EPILOG = """\
 The client commands talk to the sidecar at --addr; without it, at $TASKGUARD_ADDR, else at the
@@ -47,6 +47,8 @@ exit codes:
   79   run: the guard was lost while the command ran (force-released, expired, or not resumable after the
        sidecar went away); the command got SIGTERM, and stderr says when the guard was lost
   80   run --on-conflict wait: the run waited for did not succeed
+  81   run: the last run was lost (abandoned, expired, force-released) and the key's lock-delay keeps it
+       closed until the time stderr names (LOCK_DELAYED); also with skip and wait
   126  run: the command cannot be executed
   127  run: the command was not found (nothing was acquired)
   N    run: the command's exit status; 128+N when a signal N killed it (also when the sidecar could
@@ -97,7 +99,7 @@ def _json_value(value: Any) -> Any:
         return iso(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, Guard | GuardEvent):
+    if isinstance(value, Guard | GuardEvent | KeyPolicy):
         return {field.name: _json_value(getattr(value, field.name)) for field in fields(value)}
     if isinstance(value, dict):
         return {key: _json_value(item) for key, item in value.items()}
@@ -110,7 +112,11 @@ def guard_json(guard: Guard) -> dict[str, Any]:
 
 
 def _state_text(guard: Guard) -> str:
-    return f"{guard.state.value} (stale)" if guard.stale and guard.running else guard.state.value
+    if guard.stale and guard.running:
+        return f"{guard.state.value} (stale)"
+    if not guard.running and guard.lock_delay_until is not None and guard.lock_delay_until > datetime.now(UTC):
+        return f"{guard.state.value} (lock-delay)"
+    return guard.state.value
 
 
 def _table(guards: Sequence[Guard], now: datetime) -> str:

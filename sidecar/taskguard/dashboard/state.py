@@ -101,6 +101,9 @@ def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int |
         "labels": dict(guard.labels),
         "revision": guard.revision,
         "awaiting_approval": awaiting_approval,
+        # A lost run's key stays closed until then (its rule's lock-delay); the page shows it while it lasts.
+        "lock_delay_until": _iso(guard.lock_delay_until),
+        "hold_until": _iso(guard.hold_until),
     }
 
 
@@ -123,6 +126,7 @@ def event_document(event: GuardEvent) -> dict[str, Any]:
         "actor": event.actor,
         "reason": event.reason,
         "detail": guard.last_detail,
+        "lock_delay_until": _iso(guard.lock_delay_until),
     }
 
 

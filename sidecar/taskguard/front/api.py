@@ -137,7 +137,9 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
         call.span.guard(record)
         if record is None:
             raise Rejection(NO_SUCH_GUARD)
-        return self._render(record)
+        shown = self._render(record)
+        shown.policy.CopyFrom(wire.key_policy(self._engine.rule_for(record.task_key)))
+        return shown
 
     @answer
     async def ListGuards(

@@ -103,10 +103,10 @@ _GUARD_STATE_NAMES = {int(s): f"GUARD_STATE_{s.name}" for s in GuardState}
 _ON_CONFLICT_NAMES = {int(value): pb.OnConflict.Name(value) for value in pb.OnConflict.values()}
 
 
-def _on_conflict(value: int) -> ConflictPolicy:
-    """UNSPECIFIED means REJECT, as the proto says."""
+def _on_conflict(value: int) -> ConflictPolicy | None:
+    """UNSPECIFIED (None) leaves the choice to the key's rule, as the proto says."""
     _enum(value, "on_conflict", _ON_CONFLICT_NAMES)
-    return ConflictPolicy(value) if value != pb.ON_CONFLICT_UNSPECIFIED else ConflictPolicy.REJECT
+    return ConflictPolicy(value) if value != pb.ON_CONFLICT_UNSPECIFIED else None
 
 
 def run_status(value: int) -> RunStatus:
@@ -276,6 +276,26 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
         message.released_at.CopyFrom(_timestamp(record.released_at))
     if record.ttl_s is not None:
         message.ttl.FromNanoseconds(round(record.ttl_s * 1e9))
+    if record.lock_delay_until is not None:
+        message.lock_delay_until.CopyFrom(_timestamp(record.lock_delay_until))
+    if record.hold_until is not None:
+        message.hold_until.CopyFrom(_timestamp(record.hold_until))
+    return message
+
+
+def key_policy(rule: model.KeyRule) -> pb.KeyPolicy:
+    message = pb.KeyPolicy(
+        rule=rule.name,
+        match=rule.match,
+        on_conflict=cast(pb.OnConflict, int(rule.on_conflict)),
+        failure=cast(pb.FailureHandling, int(rule.failure)),
+        abandoned_requires_approval=rule.abandoned_requires_approval,
+        expired_requires_approval=rule.expired_requires_approval,
+    )
+    if rule.lock_delay_s > 0:
+        message.lock_delay.FromNanoseconds(round(rule.lock_delay_s * 1e9))
+    if rule.max_hold_s is not None:
+        message.max_hold.FromNanoseconds(round(rule.max_hold_s * 1e9))
     return message
 
 

@@ -14,10 +14,20 @@ key, never repeats).
     FAILED --ApproveRetry--> RETRY_APPROVED --Acquire--> RUNNING (exactly once)
 
 A key is *free* in SUCCEEDED, CANCELLED and RETRY_APPROVED, and in ABANDONED
-and EXPIRED unless the policy says those need approval too. FAILED always
-needs an approval. Acquiring a guard that is not free is refused with a
-normal outcome (ALREADY_RUNNING or RETRY_REQUIRES_APPROVAL) that names the
-run in the way; the refusal is counted on the guard (``duplicate_count``).
+and EXPIRED unless the key's rule says those need approval too. FAILED needs
+an approval unless the key's rule reopens failed keys. Acquiring a guard that
+is not free is refused with a normal outcome (ALREADY_RUNNING,
+RETRY_REQUIRES_APPROVAL or LOCK_DELAYED) that names the run in the way; the
+refusal is counted on the guard (``duplicate_count``).
+
+Per-key rules (``Policy.rule_for``, first match wins) set what the sidecar-wide
+policy leaves open: the conflict policy a caller gets when it does not choose,
+failure handling, which losses need approval, a *lock-delay* (after an
+involuntary loss, the key stays closed until ``lock_delay_deadline``, so a
+holder that did not notice its loss stops before anyone else starts) and a
+*max hold* (a run ends EXPIRED at ``hold_deadline`` whatever its renewals:
+every lease deadline is capped by it, so the sweeper and healing need nothing
+else to enforce it).
 
 ``decide(record, command, now, policy)`` is the whole machine, and ``RULES``
 (one table, state x command) says which rule answers each command in each
@@ -80,6 +90,7 @@ from taskguard.guard.model import (
     GuardState,
     Heartbeat,
     Instant,
+    KeyRule,
     Outcome,
     Policy,
     Rejected,
@@ -118,18 +129,17 @@ def fence_is_valid(record: GuardRecord | None, fencing_token: int, now: float) -
     )
 
 
-def heal(record: GuardRecord | None, now: Instant) -> tuple[GuardRecord | None, tuple[Event, ...]]:
-    """Turn a RUNNING guard whose TTL lapsed into EXPIRED (stale-lock healing)."""
+def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[GuardRecord | None, tuple[Event, ...]]:
+    """Turn a RUNNING guard whose TTL (or max hold) lapsed into EXPIRED (stale-lock healing)."""
     if record is None or not is_expired(record, now.monotonic):
         return record, ()
-    ttl = _seconds(record.ttl_s or 0.0)
-    expired = _ended(
-        record,
-        GuardState.EXPIRED,
-        RunStatus.UNSPECIFIED,
-        f"ttl of {ttl} lapsed without renewal or heartbeat",
-        record.expires_at or now.wall,
-    )
+    rule = policy.rule_for(record.task_key)
+    if record.hold_deadline is not None and now.monotonic >= record.hold_deadline:
+        why = f"held for the max_hold of {_seconds(rule.max_hold_s or 0.0)} (rule {rule.name!r})"
+    else:
+        why = f"ttl of {_seconds(record.ttl_s or 0.0)} lapsed without renewal or heartbeat"
+    ended_at = record.expires_at or now.wall
+    expired = _lost(_ended(record, GuardState.EXPIRED, RunStatus.UNSPECIFIED, why, ended_at), rule, now)
     return expired, (Event(EventType.EXPIRED, expired, now.wall),)
 
 
@@ -145,7 +155,21 @@ def _ended(
         released_at=at,
         released_by=released_by,
         expires_deadline=None,
+        hold_deadline=None,
     )
+
+
+def _lost(ended: GuardRecord, rule: KeyRule, now: Instant) -> GuardRecord:
+    """An involuntarily ended run: the key's lock-delay starts now."""
+    if rule.lock_delay_s <= 0:
+        return ended
+    deadline, until = now.after(rule.lock_delay_s)
+    return replace(ended, lock_delay_deadline=deadline, lock_delay_until=until)
+
+
+def lock_delayed(record: GuardRecord, now: float) -> bool:
+    """Whether the key is still closed by the lock-delay of its lost run."""
+    return not record.running and record.lock_delay_deadline is not None and now < record.lock_delay_deadline
 
 
 def heals_first(command: Command) -> bool:
@@ -154,7 +178,7 @@ def heals_first(command: Command) -> bool:
     return not isinstance(command, AwaitResume)
 
 
-def healing(record: GuardRecord | None, command: Command, now: Instant) -> Decision | None:
+def healing(record: GuardRecord | None, command: Command, now: Instant, policy: Policy) -> Decision | None:
     """The healing due before ``command`` is decided, as a decision of its own; None when there is none.
 
     The sweeper's Expire and Abandon name a run by its fencing token: they heal
@@ -164,7 +188,7 @@ def healing(record: GuardRecord | None, command: Command, now: Instant) -> Decis
         return None
     if isinstance(command, Expire | Abandon) and record.fencing_token != command.fencing_token:
         return None
-    healed, events = heal(record, now)
+    healed, events = heal(record, now, policy)
     if not events:
         return None
     return Decision(healed, events, GuardReply(healed))
@@ -249,7 +273,7 @@ def decide(record: GuardRecord | None, command: Command, now: Instant, policy: P
         raise ValueError("record and command name different task keys")
     if (bad := _invalid_argument(command, policy)) is not None:
         return Decision(None, (), bad)  # a bad argument changes nothing, not even by healing
-    healed = healing(record, command, now)
+    healed = healing(record, command, now, policy)
     current = healed.record if healed is not None else record
     cell = RULES[type(command)][current.state if current is not None else NO_GUARD]
     decision = (
@@ -290,7 +314,7 @@ def _acquire_ttl(cmd: Acquire, policy: Policy) -> float | None:
 
 
 def _start_run(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
-    started = _new_run(record, cmd, _acquire_ttl(cmd, policy), now)
+    started = _new_run(record, cmd, _acquire_ttl(cmd, policy), now, policy.rule_for(cmd.task_key))
     return Decision(
         started, (Event(EventType.ACQUIRED, started, now.wall),), AcquireReply(Outcome.ACQUIRED, started, fresh=True)
     )
@@ -299,12 +323,15 @@ def _start_run(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: P
 def _acquire_held(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     if current.run_id == cmd.run_id and _same_caller(current, cmd):
         return _acquire_again(current, cmd, _acquire_ttl(cmd, policy), now)
-    return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now)
+    return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now, policy)
 
 
 def _acquire_ended(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
-    if policy.requires_approval(current.state):
-        return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, now)
+    if policy.rule_for(cmd.task_key).requires_approval(current.state):
+        return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, now, policy)
+    if lock_delayed(current, now.monotonic):
+        # Also after an approval: approving says the task may run again, not that the lost holder stopped.
+        return _refuse(current, cmd, Outcome.LOCK_DELAYED, EventType.LOCK_DELAY_REFUSED, now, policy)
     if current.run_id != cmd.run_id:
         return _start_run(current, cmd, now, policy)
     # A free key, asked for by the run that just ended on it: a late retry of
@@ -328,8 +355,11 @@ def _same_caller(current: GuardRecord, cmd: Acquire) -> bool:
     return hmac.compare_digest(current.retry_key, cmd.retry_key)
 
 
-def _new_run(previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, now: Instant) -> GuardRecord:
-    deadline, expires_at = now.after(ttl_s) if ttl_s is not None else (None, None)
+def _new_run(
+    previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, now: Instant, rule: KeyRule
+) -> GuardRecord:
+    hold_deadline, hold_until = now.after(rule.max_hold_s) if rule.max_hold_s is not None else (None, None)
+    deadline, expires_at = _capped(now.after(ttl_s) if ttl_s is not None else (None, None), hold_deadline, hold_until)
     approved = previous is not None and previous.state is GuardState.RETRY_APPROVED
     return GuardRecord(
         task_key=cmd.task_key,
@@ -353,7 +383,21 @@ def _new_run(previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, no
         principal=cmd.principal,
         retry_key=cmd.retry_key,
         revision=previous.revision if previous else 0,
+        hold_until=hold_until,
+        hold_deadline=hold_deadline,
     )
+
+
+def _capped(
+    lease: tuple[float, datetime] | tuple[None, None], hold_deadline: float | None, hold_until: datetime | None
+) -> tuple[float, datetime] | tuple[None, None]:
+    """A lease's deadline, no later than its run's max hold: then the sweeper and healing enforce both."""
+    if hold_deadline is None or hold_until is None:
+        return lease
+    deadline, at = lease
+    if deadline is None or at is None or hold_deadline < deadline:
+        return hold_deadline, hold_until
+    return deadline, at
 
 
 def _acquire_again(current: GuardRecord, cmd: Acquire, ttl_s: float | None, now: Instant) -> Decision:
@@ -372,19 +416,35 @@ def _acquire_again(current: GuardRecord, cmd: Acquire, ttl_s: float | None, now:
     return Decision(None, (), AcquireReply(Outcome.ACQUIRED, current))
 
 
-def _refuse(current: GuardRecord, cmd: Acquire, outcome: Outcome, event_type: EventType, now: Instant) -> Decision:
-    """A refused trigger: counted on the guard, and (the caller's conflict policy) joined or not."""
+def _refuse(
+    current: GuardRecord, cmd: Acquire, outcome: Outcome, event_type: EventType, now: Instant, policy: Policy
+) -> Decision:
+    """A refused trigger: counted on the guard, and (the caller's or its key's conflict policy) joined or not."""
     counted = replace(current, duplicate_count=current.duplicate_count + 1)
     event = Event(event_type, counted, now.wall, trigger_run_id=cmd.run_id, trigger_holder=cmd.holder)
     # Only a running run can be waited for: a failed one waits for an approval, not for its end.
-    joined = cmd.on_conflict is ConflictPolicy.JOIN and outcome is Outcome.ALREADY_RUNNING
+    joined = conflict_policy(cmd, policy) is ConflictPolicy.JOIN and outcome is Outcome.ALREADY_RUNNING
     # A bare refusal need not be durable (healing before it makes it so: see _after).
     return Decision(counted, (event,), AcquireReply(outcome, counted, joined=joined), Durability.LAZY)
 
 
+def conflict_policy(cmd: Acquire, policy: Policy) -> ConflictPolicy:
+    """What ``cmd`` does on a conflict: its own choice, else its key's rule's.
+
+    Joining waits on a stream, so a unary caller whose key's rule says JOIN is
+    refused as with REJECT (the front refuses a unary call that asks to JOIN).
+    """
+    if cmd.on_conflict is not None:
+        return cmd.on_conflict
+    chosen = policy.rule_for(cmd.task_key).on_conflict
+    return chosen if cmd.stream_bound or chosen is not ConflictPolicy.JOIN else ConflictPolicy.REJECT
+
+
 def _touch(record: GuardRecord, now: Instant, ttl_s: float | None = None) -> GuardRecord:
     ttl = ttl_s if ttl_s is not None else record.ttl_s
-    deadline, expires_at = now.after(ttl) if ttl is not None else (None, None)
+    deadline, expires_at = _capped(
+        now.after(ttl) if ttl is not None else (None, None), record.hold_deadline, record.hold_until
+    )
     return replace(
         record,
         ttl_s=ttl,
@@ -537,7 +597,8 @@ def _release_again(current: GuardRecord, cmd: Release, now: Instant, policy: Pol
 def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: Policy) -> Decision:
     if not current.stream_bound or current.fencing_token != cmd.fencing_token:
         return _unchanged(current, cmd, now, policy)
-    waiting = replace(current, expires_at=None, expires_deadline=None)
+    # Its max hold, if it has one, still runs: a restart must not lengthen a run past it.
+    waiting = replace(current, expires_at=current.hold_until, expires_deadline=current.hold_deadline)
     # In memory only, like a heartbeat: after another restart the run waits again, from that restart.
     return Decision(waiting, (), GuardReply(waiting), Durability.VOLATILE)
 
@@ -545,7 +606,11 @@ def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: 
 def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -> Decision:
     if not current.stream_bound or current.fencing_token != cmd.fencing_token:
         return _unchanged(current, cmd, now, policy)
-    abandoned = _ended(current, GuardState.ABANDONED, RunStatus.UNSPECIFIED, cmd.reason, now.wall)
+    abandoned = _lost(
+        _ended(current, GuardState.ABANDONED, RunStatus.UNSPECIFIED, cmd.reason, now.wall),
+        policy.rule_for(cmd.task_key),
+        now,
+    )
     return Decision(
         abandoned, (Event(EventType.ABANDONED, abandoned, now.wall, reason=cmd.reason),), GuardReply(abandoned)
     )
@@ -555,7 +620,7 @@ def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -
 
 
 def _approve_retry(current: GuardRecord, cmd: ApproveRetry, now: Instant, policy: Policy) -> Decision:
-    if not policy.requires_approval(current.state):
+    if not policy.rule_for(cmd.task_key).requires_approval(current.state):
         return Decision(None, (), _NOT_AWAITING_APPROVAL.given(current))
     approved = replace(
         current,
@@ -568,8 +633,10 @@ def _approve_retry(current: GuardRecord, cmd: ApproveRetry, now: Instant, policy
 
 
 def _force_release(current: GuardRecord, cmd: ForceRelease, now: Instant, policy: Policy) -> Decision:
-    released = _ended(
-        current, GuardState.CANCELLED, RunStatus.CANCELLED, cmd.reason, now.wall, cmd.operator or "an operator"
+    released = _lost(
+        _ended(current, GuardState.CANCELLED, RunStatus.CANCELLED, cmd.reason, now.wall, cmd.operator or "an operator"),
+        policy.rule_for(cmd.task_key),
+        now,
     )
     event = Event(EventType.FORCE_RELEASED, released, now.wall, actor=released.released_by, reason=cmd.reason)
     return Decision(released, (event,), GuardReply(released))

@@ -10,7 +10,9 @@ Times: ``*_at`` fields are UTC wall time, for people; ``*_deadline`` and
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import fnmatch
+import functools
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 KEY_SEPARATOR = "::"
@@ -43,6 +45,8 @@ class Outcome(enum.IntEnum):
     ACQUIRED = 1
     ALREADY_RUNNING = 2
     RETRY_REQUIRES_APPROVAL = 3
+    # The last run was lost (abandoned, expired, force-released) and the key's lock-delay has not passed.
+    LOCK_DELAYED = 4
 
 
 class EventType(enum.IntEnum):
@@ -59,6 +63,7 @@ class EventType(enum.IntEnum):
     RETRY_APPROVED = 9
     FORCE_RELEASED = 10
     RESUMED = 11
+    LOCK_DELAY_REFUSED = 12
 
 
 # The events that end a run (its guard stops being held).
@@ -98,23 +103,71 @@ class Instant:
         return self.monotonic + seconds, self.wall + timedelta(seconds=seconds)
 
 
+class FailureHandling(enum.IntEnum):
+    """What a FAILED run leaves behind; values match ``taskguard.v1.FailureHandling``."""
+
+    # Nobody acquires the key again until an operator approves a retry (the default: no silent retries).
+    REQUIRE_APPROVAL = 1
+    # The key is free again at once, as after SUCCEEDED.
+    REOPEN = 2
+
+
 @dataclass(frozen=True, slots=True)
-class Policy:
-    default_ttl_s: float = 60.0
-    max_ttl_s: float = 24 * 3600.0
-    stale_after_s: float = 120.0
-    resume_grace_s: float = 15.0
+class KeyRule:
+    """The part of the policy a key's rule sets: what its guard does on conflicts, failures and losses.
+
+    ``match`` is a glob of task keys (``fnmatch``, case-sensitive: ``*`` also
+    spans ``:``), so a prefix is ``"agent:ops:*"``.
+    """
+
+    name: str = "default"
+    match: str = "*"
+    # What an Acquire that does not choose (ON_CONFLICT_UNSPECIFIED) gets.
+    on_conflict: ConflictPolicy = ConflictPolicy.REJECT
+    failure: FailureHandling = FailureHandling.REQUIRE_APPROVAL
     abandoned_requires_approval: bool = False
     expired_requires_approval: bool = False
+    # After an involuntary loss (ABANDONED, EXPIRED, force-released) the key stays closed this long, so a
+    # holder that lost its lease without noticing stops before the next run starts (Chubby's lock-delay).
+    lock_delay_s: float = 0.0
+    # A run ends EXPIRED this long after it started, whatever its renewals and heartbeats.
+    max_hold_s: float | None = None
+
+    def matches(self, task_key: str) -> bool:
+        return fnmatch.fnmatchcase(task_key, self.match)
 
     def requires_approval(self, state: GuardState) -> bool:
         if state is GuardState.FAILED:
-            return True
+            return self.failure is FailureHandling.REQUIRE_APPROVAL
         if state is GuardState.ABANDONED:
             return self.abandoned_requires_approval
         if state is GuardState.EXPIRED:
             return self.expired_requires_approval
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The sidecar's policy: limits for every key, and the ordered rules that set the rest per key."""
+
+    default_ttl_s: float = 60.0
+    max_ttl_s: float = 24 * 3600.0
+    stale_after_s: float = 120.0
+    resume_grace_s: float = 15.0
+    # First match wins; ``default_rule`` covers the keys no rule matches.
+    rules: tuple[KeyRule, ...] = ()
+    default_rule: KeyRule = field(default_factory=KeyRule)
+
+    def rule_for(self, task_key: str) -> KeyRule:
+        if not self.rules:
+            return self.default_rule
+        return _first_match(self.rules, self.default_rule, task_key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_match(rules: tuple[KeyRule, ...], default: KeyRule, task_key: str) -> KeyRule:
+    # Cached: every command asks, and a busy key asks often; globs are slow next to a dict hit.
+    return next((rule for rule in rules if rule.matches(task_key)), default)
 
 
 Labels = tuple[tuple[str, str], ...]
@@ -161,6 +214,12 @@ class GuardRecord:
     # What a retry must match besides the principal (see Acquire.retry_key).
     retry_key: str | None = ""
     revision: int = 0
+    # The key's lock-delay after this run was lost: closed until then (UTC for people, monotonic decides).
+    lock_delay_until: datetime | None = None
+    lock_delay_deadline: float | None = None
+    # The key's max_hold: the run ends EXPIRED then, whatever its renewals (UTC, and monotonic).
+    hold_until: datetime | None = None
+    hold_deadline: float | None = None
 
     @property
     def session_key(self) -> str:
@@ -197,7 +256,8 @@ class Acquire:
     # when such a caller sent none (it gets no run back); "" when the
     # principal is the caller's own.
     retry_key: str | None = ""
-    on_conflict: ConflictPolicy = ConflictPolicy.REJECT
+    # None: the key's rule chooses (``KeyRule.on_conflict``).
+    on_conflict: ConflictPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,7 @@ class Engine:
             record = await self._store.get(command.task_key)
             now = instant(self._clock)
             try:
-                if (healing := core.healing(record, command, now)) is not None:
+                if (healing := core.healing(record, command, now, self._policy)) is not None:
                     # Healing is a transition of its own, committed first: every
                     # commit then carries one state change, one event, one revision
                     # (which a store like etcd maps onto one transaction each).
@@ -219,6 +219,14 @@ class Engine:
     @property
     def resume_grace_s(self) -> float:
         return self._policy.resume_grace_s
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def rule_for(self, task_key: str) -> model.KeyRule:
+        """The rule ``task_key``'s guard follows (GetGuard shows it)."""
+        return self._policy.rule_for(task_key)
 
 
 def _restamp(reply: Reply, record: GuardRecord) -> Reply:

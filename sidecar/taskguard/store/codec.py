@@ -46,6 +46,8 @@ def record_to_doc(record: GuardRecord) -> dict[str, Any]:
         "principal": record.principal,
         "retry_key": record.retry_key,
         "revision": record.revision,
+        "lock_delay_until": _at(record.lock_delay_until),
+        "hold_until": _at(record.hold_until),
     }
 
 
@@ -53,6 +55,10 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
     heartbeat_at = _parse_at(doc["heartbeat_at"])
     started_at = _parse_at(doc["started_at"])
     expires_at = _parse_at(doc["expires_at"])
+    # Written since per-key rules; older documents have neither.
+    lock_delay_until = _parse_at(doc.get("lock_delay_until"))
+    hold_until = _parse_at(doc.get("hold_until"))
+    running = doc["state"] == GuardState.RUNNING.name
     assert heartbeat_at is not None and started_at is not None
     return GuardRecord(
         task_key=doc["task_key"],
@@ -84,6 +90,10 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
         # Runs stored before retry keys: their principal alone stood for the caller.
         retry_key=doc.get("retry_key", ""),
         revision=int(doc["revision"]),
+        lock_delay_until=lock_delay_until,
+        lock_delay_deadline=to_monotonic(lock_delay_until, now) if lock_delay_until is not None else None,
+        hold_until=hold_until,
+        hold_deadline=to_monotonic(hold_until, now) if hold_until is not None and running else None,
     )
 
 

@@ -269,12 +269,27 @@ class EtcdStore(IndexedStore):
                 mine = pending[0].record if pending is not None else self._index.get(record.task_key)
                 if mine is not None and mine.fencing_token == record.fencing_token:
                     deadline = mine.expires_deadline if record.running else None
-                    return replace(record, last_seen=mine.last_seen, expires_deadline=deadline)
+                    return replace(
+                        record,
+                        last_seen=mine.last_seen,
+                        expires_deadline=deadline,
+                        hold_deadline=mine.hold_deadline if record.running else None,
+                        lock_delay_deadline=mine.lock_delay_deadline,
+                    )
             deadline = None
             if _has_deadline(record) and host not in self._hosts:
                 assert record.ttl_s is not None
                 deadline = now.monotonic + record.ttl_s
-            return replace(record, last_seen=now.monotonic, expires_deadline=deadline)
+            # Another host's wall clock says nothing about ours. A run's max hold is kept by the sidecar that
+            # granted it; a lock-delay runs its whole length from when this copy learns of the loss (late,
+            # never early: its length is a difference of that host's own clock readings).
+            return replace(
+                record,
+                last_seen=now.monotonic,
+                expires_deadline=deadline,
+                hold_deadline=None,
+                lock_delay_deadline=_lock_delay_from(record, now),
+            )
 
         return localize
 
@@ -676,3 +691,9 @@ class EtcdStore(IndexedStore):
         if self._flushing is not None and not self._flushing.done():
             await self._flushing
         await self._flush_side_keys()
+
+
+def _lock_delay_from(record: GuardRecord, now: Instant) -> float | None:
+    if record.lock_delay_until is None or record.released_at is None:
+        return None
+    return now.monotonic + max(0.0, (record.lock_delay_until - record.released_at).total_seconds())

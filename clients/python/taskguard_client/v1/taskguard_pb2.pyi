@@ -35,12 +35,19 @@ class AcquireOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACQUIRE_OUTCOME_ACQUIRED: _ClassVar[AcquireOutcome]
     ACQUIRE_OUTCOME_ALREADY_RUNNING: _ClassVar[AcquireOutcome]
     ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: _ClassVar[AcquireOutcome]
+    ACQUIRE_OUTCOME_LOCK_DELAYED: _ClassVar[AcquireOutcome]
 
 class OnConflict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ON_CONFLICT_UNSPECIFIED: _ClassVar[OnConflict]
     ON_CONFLICT_REJECT: _ClassVar[OnConflict]
     ON_CONFLICT_JOIN: _ClassVar[OnConflict]
+
+class FailureHandling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_HANDLING_UNSPECIFIED: _ClassVar[FailureHandling]
+    FAILURE_HANDLING_REQUIRE_APPROVAL: _ClassVar[FailureHandling]
+    FAILURE_HANDLING_REOPEN: _ClassVar[FailureHandling]
 
 class HoldEvent(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -65,6 +72,7 @@ class GuardEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GUARD_EVENT_TYPE_RETRY_APPROVED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_FORCE_RELEASED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_RESUMED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: _ClassVar[GuardEventType]
 GUARD_STATE_UNSPECIFIED: GuardState
 GUARD_STATE_RUNNING: GuardState
 GUARD_STATE_SUCCEEDED: GuardState
@@ -81,9 +89,13 @@ ACQUIRE_OUTCOME_UNSPECIFIED: AcquireOutcome
 ACQUIRE_OUTCOME_ACQUIRED: AcquireOutcome
 ACQUIRE_OUTCOME_ALREADY_RUNNING: AcquireOutcome
 ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: AcquireOutcome
+ACQUIRE_OUTCOME_LOCK_DELAYED: AcquireOutcome
 ON_CONFLICT_UNSPECIFIED: OnConflict
 ON_CONFLICT_REJECT: OnConflict
 ON_CONFLICT_JOIN: OnConflict
+FAILURE_HANDLING_UNSPECIFIED: FailureHandling
+FAILURE_HANDLING_REQUIRE_APPROVAL: FailureHandling
+FAILURE_HANDLING_REOPEN: FailureHandling
 HOLD_EVENT_UNSPECIFIED: HoldEvent
 HOLD_EVENT_ACQUIRE_RESULT: HoldEvent
 HOLD_EVENT_HEARTBEAT_ACK: HoldEvent
@@ -102,9 +114,10 @@ GUARD_EVENT_TYPE_ABANDONED: GuardEventType
 GUARD_EVENT_TYPE_RETRY_APPROVED: GuardEventType
 GUARD_EVENT_TYPE_FORCE_RELEASED: GuardEventType
 GUARD_EVENT_TYPE_RESUMED: GuardEventType
+GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: GuardEventType
 
 class Guard(_message.Message):
-    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by")
+    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +148,9 @@ class Guard(_message.Message):
     APPROVAL_REASON_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     RELEASED_BY_FIELD_NUMBER: _ClassVar[int]
+    LOCK_DELAY_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    HOLD_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     session_key: str
     task_name: str
@@ -158,7 +174,30 @@ class Guard(_message.Message):
     approval_reason: str
     ttl: _duration_pb2.Duration
     released_by: str
-    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ...) -> None: ...
+    lock_delay_until: _timestamp_pb2.Timestamp
+    hold_until: _timestamp_pb2.Timestamp
+    policy: KeyPolicy
+    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ...) -> None: ...
+
+class KeyPolicy(_message.Message):
+    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_REQUIRES_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_REQUIRES_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    LOCK_DELAY_FIELD_NUMBER: _ClassVar[int]
+    MAX_HOLD_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    match: str
+    on_conflict: OnConflict
+    failure: FailureHandling
+    abandoned_requires_approval: bool
+    expired_requires_approval: bool
+    lock_delay: _duration_pb2.Duration
+    max_hold: _duration_pb2.Duration
+    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
     __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret")

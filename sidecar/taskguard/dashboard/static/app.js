@@ -27,7 +27,7 @@
   const RECONNECT_MS = 1000;
   const NAME_KEY = "taskguard.operatorName";
   const APPROVABLE = new Set(["FAILED", "ABANDONED", "EXPIRED"]);
-  const REFUSALS = new Set(["DUPLICATE_REFUSED", "RETRY_REFUSED"]);
+  const REFUSALS = new Set(["DUPLICATE_REFUSED", "RETRY_REFUSED", "LOCK_DELAY_REFUSED"]);
   const COLUMNS = 9;
   const C = { key: 0, state: 1, holder: 2, age: 3, expires: 4, dups: 5, run: 6, started: 7, token: 8 };
   const CELL_CLASSES = ["c-key", "c-state state", "c-holder", "c-age", "c-expires", "c-dups num", "c-run opt",
@@ -447,7 +447,8 @@
 
   // "FAILED" plus its badges; a screen reader reads "FAILED, awaiting approval", not "FAILEDawaiting approval".
   function setState(row, guard, stale) {
-    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}`;
+    const delayed = lockDelayed(guard);
+    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}`;
     if (row._text[C.state] === mark) return;
     row._text[C.state] = mark;
     const cell = row.cells[C.state];
@@ -455,12 +456,19 @@
     const parts = [guard.state];
     if (guard.awaiting_approval) parts.push(separator(), tag("tag-awaiting", "awaiting approval"));
     if (stale) parts.push(separator(), tag("tag-stale", "stale"));
+    if (delayed) parts.push(separator(), tag("tag-stale", "lock-delay"));
     cell.replaceChildren(...parts);
     cell.title = stateText(guard, stale);
   }
 
+  // A lost run's key that its rule's lock-delay still keeps closed (the sidecar refuses it with LOCK_DELAYED).
+  function lockDelayed(guard) {
+    return guard.state !== "RUNNING" && Boolean(guard.lock_delay_until) && Date.parse(guard.lock_delay_until) > Date.now();
+  }
+
   function stateText(guard, stale) {
-    return `${guard.state}${guard.awaiting_approval ? ", awaiting approval" : ""}${stale ? ", stale" : ""}`;
+    const delay = lockDelayed(guard) ? `, lock-delay until ${guard.lock_delay_until}` : "";
+    return `${guard.state}${guard.awaiting_approval ? ", awaiting approval" : ""}${stale ? ", stale" : ""}${delay}`;
   }
 
   function separator() {
@@ -516,6 +524,8 @@
         return `refused ${run(event.trigger_run_id, event.trigger_holder)}; winner ${run(event.run_id, event.holder)}; ${event.duplicate_count} refused`;
       case "RETRY_REFUSED":
         return `refused ${run(event.trigger_run_id, event.trigger_holder)}: run ${short(event.run_id)} ended ${event.state}, a retry needs approval`;
+      case "LOCK_DELAY_REFUSED":
+        return `refused ${run(event.trigger_run_id, event.trigger_holder)}: run ${short(event.run_id)} was lost (${event.state}); lock-delay until ${event.lock_delay_until || "-"}`;
       case "RELEASED":
         return `run ${short(event.run_id)} ${event.state}${event.detail ? `: ${event.detail}` : ""}`;
       case "EXPIRED":

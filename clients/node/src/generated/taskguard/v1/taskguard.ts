@@ -186,6 +186,13 @@ export const AcquireOutcome = {
   ACQUIRE_OUTCOME_ACQUIRED: "ACQUIRE_OUTCOME_ACQUIRED",
   ACQUIRE_OUTCOME_ALREADY_RUNNING: "ACQUIRE_OUTCOME_ALREADY_RUNNING",
   ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: "ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL",
+  /**
+   * ACQUIRE_OUTCOME_LOCK_DELAYED - The key's last run was lost (abandoned, expired or force-released) and
+   * its rule's lock_delay has not passed: Guard.lock_delay_until says when
+   * the key opens. A holder that lost its lease without noticing has that
+   * long to stop (Chubby's and Consul's lock-delay).
+   */
+  ACQUIRE_OUTCOME_LOCK_DELAYED: "ACQUIRE_OUTCOME_LOCK_DELAYED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -196,6 +203,7 @@ export namespace AcquireOutcome {
   export type ACQUIRE_OUTCOME_ACQUIRED = typeof AcquireOutcome.ACQUIRE_OUTCOME_ACQUIRED;
   export type ACQUIRE_OUTCOME_ALREADY_RUNNING = typeof AcquireOutcome.ACQUIRE_OUTCOME_ALREADY_RUNNING;
   export type ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL = typeof AcquireOutcome.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL;
+  export type ACQUIRE_OUTCOME_LOCK_DELAYED = typeof AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED;
   export type UNRECOGNIZED = typeof AcquireOutcome.UNRECOGNIZED;
 }
 
@@ -213,6 +221,9 @@ export function acquireOutcomeFromJSON(object: any): AcquireOutcome {
     case 3:
     case "ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL":
       return AcquireOutcome.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL;
+    case 4:
+    case "ACQUIRE_OUTCOME_LOCK_DELAYED":
+      return AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -230,6 +241,8 @@ export function acquireOutcomeToNumber(object: AcquireOutcome): number {
       return 2;
     case AcquireOutcome.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL:
       return 3;
+    case AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED:
+      return 4;
     case AcquireOutcome.UNRECOGNIZED:
     default:
       return -1;
@@ -237,7 +250,10 @@ export function acquireOutcomeToNumber(object: AcquireOutcome): number {
 }
 
 export const OnConflict = {
-  /** ON_CONFLICT_UNSPECIFIED - Same as ON_CONFLICT_REJECT. */
+  /**
+   * ON_CONFLICT_UNSPECIFIED - The key's rule chooses (KeyPolicy.on_conflict; REJECT unless configured).
+   * A unary Acquire whose key's rule says JOIN is answered as with REJECT.
+   */
   ON_CONFLICT_UNSPECIFIED: "ON_CONFLICT_UNSPECIFIED",
   /** ON_CONFLICT_REJECT - A refused caller gets its answer and, on Hold, the stream ends. */
   ON_CONFLICT_REJECT: "ON_CONFLICT_REJECT",
@@ -285,6 +301,56 @@ export function onConflictToNumber(object: OnConflict): number {
     case OnConflict.ON_CONFLICT_JOIN:
       return 2;
     case OnConflict.UNRECOGNIZED:
+    default:
+      return -1;
+  }
+}
+
+export const FailureHandling = {
+  FAILURE_HANDLING_UNSPECIFIED: "FAILURE_HANDLING_UNSPECIFIED",
+  /** FAILURE_HANDLING_REQUIRE_APPROVAL - A FAILED key is refused with RETRY_REQUIRES_APPROVAL until ApproveRetry. */
+  FAILURE_HANDLING_REQUIRE_APPROVAL: "FAILURE_HANDLING_REQUIRE_APPROVAL",
+  /** FAILURE_HANDLING_REOPEN - A FAILED key is free again at once. */
+  FAILURE_HANDLING_REOPEN: "FAILURE_HANDLING_REOPEN",
+  UNRECOGNIZED: "UNRECOGNIZED",
+} as const;
+
+export type FailureHandling = typeof FailureHandling[keyof typeof FailureHandling];
+
+export namespace FailureHandling {
+  export type FAILURE_HANDLING_UNSPECIFIED = typeof FailureHandling.FAILURE_HANDLING_UNSPECIFIED;
+  export type FAILURE_HANDLING_REQUIRE_APPROVAL = typeof FailureHandling.FAILURE_HANDLING_REQUIRE_APPROVAL;
+  export type FAILURE_HANDLING_REOPEN = typeof FailureHandling.FAILURE_HANDLING_REOPEN;
+  export type UNRECOGNIZED = typeof FailureHandling.UNRECOGNIZED;
+}
+
+export function failureHandlingFromJSON(object: any): FailureHandling {
+  switch (object) {
+    case 0:
+    case "FAILURE_HANDLING_UNSPECIFIED":
+      return FailureHandling.FAILURE_HANDLING_UNSPECIFIED;
+    case 1:
+    case "FAILURE_HANDLING_REQUIRE_APPROVAL":
+      return FailureHandling.FAILURE_HANDLING_REQUIRE_APPROVAL;
+    case 2:
+    case "FAILURE_HANDLING_REOPEN":
+      return FailureHandling.FAILURE_HANDLING_REOPEN;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return FailureHandling.UNRECOGNIZED;
+  }
+}
+
+export function failureHandlingToNumber(object: FailureHandling): number {
+  switch (object) {
+    case FailureHandling.FAILURE_HANDLING_UNSPECIFIED:
+      return 0;
+    case FailureHandling.FAILURE_HANDLING_REQUIRE_APPROVAL:
+      return 1;
+    case FailureHandling.FAILURE_HANDLING_REOPEN:
+      return 2;
+    case FailureHandling.UNRECOGNIZED:
     default:
       return -1;
   }
@@ -381,6 +447,8 @@ export const GuardEventType = {
   GUARD_EVENT_TYPE_FORCE_RELEASED: "GUARD_EVENT_TYPE_FORCE_RELEASED",
   /** GUARD_EVENT_TYPE_RESUMED - A stream-bound lease was re-attached to a Hold stream. */
   GUARD_EVENT_TYPE_RESUMED: "GUARD_EVENT_TYPE_RESUMED",
+  /** GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED - A trigger refused with LOCK_DELAYED. */
+  GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: "GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -399,6 +467,7 @@ export namespace GuardEventType {
   export type GUARD_EVENT_TYPE_RETRY_APPROVED = typeof GuardEventType.GUARD_EVENT_TYPE_RETRY_APPROVED;
   export type GUARD_EVENT_TYPE_FORCE_RELEASED = typeof GuardEventType.GUARD_EVENT_TYPE_FORCE_RELEASED;
   export type GUARD_EVENT_TYPE_RESUMED = typeof GuardEventType.GUARD_EVENT_TYPE_RESUMED;
+  export type GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED = typeof GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED;
   export type UNRECOGNIZED = typeof GuardEventType.UNRECOGNIZED;
 }
 
@@ -440,6 +509,9 @@ export function guardEventTypeFromJSON(object: any): GuardEventType {
     case 11:
     case "GUARD_EVENT_TYPE_RESUMED":
       return GuardEventType.GUARD_EVENT_TYPE_RESUMED;
+    case 12:
+    case "GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED":
+      return GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -473,6 +545,8 @@ export function guardEventTypeToNumber(object: GuardEventType): number {
       return 10;
     case GuardEventType.GUARD_EVENT_TYPE_RESUMED:
       return 11;
+    case GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED:
+      return 12;
     case GuardEventType.UNRECOGNIZED:
     default:
       return -1;
@@ -532,11 +606,49 @@ export interface Guard {
     | undefined;
   /** The operator who force-released the last run; empty otherwise. */
   releasedBy: string;
+  /**
+   * Set after a lost run when the key's rule has a lock_delay: acquisitions
+   * are refused with LOCK_DELAYED until then.
+   */
+  lockDelayUntil?:
+    | Date
+    | undefined;
+  /**
+   * Set when the key's rule has a max_hold: the run ends EXPIRED then, however
+   * often it renews or heartbeats (expires_at is never later than this).
+   */
+  holdUntil?:
+    | Date
+    | undefined;
+  /** The rule this key follows. Only GetGuard fills it in. */
+  policy?: KeyPolicy | undefined;
 }
 
 export interface Guard_LabelsEntry {
   key: string;
   value: string;
+}
+
+/**
+ * A key's effective policy: the first of the server's configured rules whose
+ * glob matches the key, else the default rule.
+ */
+export interface KeyPolicy {
+  /** The rule's name ("default" for the default rule). */
+  rule: string;
+  /** The rule's glob of task keys. */
+  match: string;
+  /** What an Acquire with ON_CONFLICT_UNSPECIFIED gets. */
+  onConflict: OnConflict;
+  failure: FailureHandling;
+  abandonedRequiresApproval: boolean;
+  expiredRequiresApproval: boolean;
+  /** Unset: no lock-delay. */
+  lockDelay?:
+    | Duration
+    | undefined;
+  /** Unset: no cap on how long a run may hold the key. */
+  maxHold?: Duration | undefined;
 }
 
 export interface AcquireRequest {
@@ -765,6 +877,9 @@ function createBaseGuard(): Guard {
     approvalReason: "",
     ttl: undefined,
     releasedBy: "",
+    lockDelayUntil: undefined,
+    holdUntil: undefined,
+    policy: undefined,
   };
 }
 
@@ -838,6 +953,15 @@ export const Guard: MessageFns<Guard> = {
     }
     if (message.releasedBy !== "") {
       writer.uint32(186).string(message.releasedBy);
+    }
+    if (message.lockDelayUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.lockDelayUntil), writer.uint32(194).fork()).join();
+    }
+    if (message.holdUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.holdUntil), writer.uint32(202).fork()).join();
+    }
+    if (message.policy !== undefined) {
+      KeyPolicy.encode(message.policy, writer.uint32(210).fork()).join();
     }
     return writer;
   },
@@ -1042,6 +1166,30 @@ export const Guard: MessageFns<Guard> = {
             message.releasedBy = reader.string();
             continue;
           }
+          case 24: {
+            if (tag !== 194) {
+              break;
+            }
+
+            message.lockDelayUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 25: {
+            if (tag !== 202) {
+              break;
+            }
+
+            message.holdUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 26: {
+            if (tag !== 210) {
+              break;
+            }
+
+            message.policy = KeyPolicy.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1090,6 +1238,11 @@ export const Guard: MessageFns<Guard> = {
     message.approvalReason = object.approvalReason ?? "";
     message.ttl = (object.ttl !== undefined && object.ttl !== null) ? Duration.fromPartial(object.ttl) : undefined;
     message.releasedBy = object.releasedBy ?? "";
+    message.lockDelayUntil = object.lockDelayUntil ?? undefined;
+    message.holdUntil = object.holdUntil ?? undefined;
+    message.policy = (object.policy !== undefined && object.policy !== null)
+      ? KeyPolicy.fromPartial(object.policy)
+      : undefined;
     return message;
   },
 };
@@ -1157,6 +1310,158 @@ export const Guard_LabelsEntry: MessageFns<Guard_LabelsEntry> = {
     const message = createBaseGuard_LabelsEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseKeyPolicy(): KeyPolicy {
+  return {
+    rule: "",
+    match: "",
+    onConflict: OnConflict.ON_CONFLICT_UNSPECIFIED,
+    failure: FailureHandling.FAILURE_HANDLING_UNSPECIFIED,
+    abandonedRequiresApproval: false,
+    expiredRequiresApproval: false,
+    lockDelay: undefined,
+    maxHold: undefined,
+  };
+}
+
+export const KeyPolicy: MessageFns<KeyPolicy> = {
+  encode(message: KeyPolicy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.rule !== "") {
+      writer.uint32(10).string(message.rule);
+    }
+    if (message.match !== "") {
+      writer.uint32(18).string(message.match);
+    }
+    if (message.onConflict !== OnConflict.ON_CONFLICT_UNSPECIFIED) {
+      writer.uint32(24).int32(onConflictToNumber(message.onConflict));
+    }
+    if (message.failure !== FailureHandling.FAILURE_HANDLING_UNSPECIFIED) {
+      writer.uint32(32).int32(failureHandlingToNumber(message.failure));
+    }
+    if (message.abandonedRequiresApproval !== false) {
+      writer.uint32(40).bool(message.abandonedRequiresApproval);
+    }
+    if (message.expiredRequiresApproval !== false) {
+      writer.uint32(48).bool(message.expiredRequiresApproval);
+    }
+    if (message.lockDelay !== undefined) {
+      Duration.encode(message.lockDelay, writer.uint32(58).fork()).join();
+    }
+    if (message.maxHold !== undefined) {
+      Duration.encode(message.maxHold, writer.uint32(66).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeyPolicy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeyPolicy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.rule = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.match = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.onConflict = onConflictFromJSON(reader.int32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.failure = failureHandlingFromJSON(reader.int32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.abandonedRequiresApproval = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.expiredRequiresApproval = reader.bool();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.lockDelay = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.maxHold = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<KeyPolicy>, I>>(base?: I): KeyPolicy {
+    return KeyPolicy.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<KeyPolicy>, I>>(object: I): KeyPolicy {
+    const message = createBaseKeyPolicy();
+    message.rule = object.rule ?? "";
+    message.match = object.match ?? "";
+    message.onConflict = object.onConflict ?? OnConflict.ON_CONFLICT_UNSPECIFIED;
+    message.failure = object.failure ?? FailureHandling.FAILURE_HANDLING_UNSPECIFIED;
+    message.abandonedRequiresApproval = object.abandonedRequiresApproval ?? false;
+    message.expiredRequiresApproval = object.expiredRequiresApproval ?? false;
+    message.lockDelay = (object.lockDelay !== undefined && object.lockDelay !== null)
+      ? Duration.fromPartial(object.lockDelay)
+      : undefined;
+    message.maxHold = (object.maxHold !== undefined && object.maxHold !== null)
+      ? Duration.fromPartial(object.maxHold)
+      : undefined;
     return message;
   },
 };
