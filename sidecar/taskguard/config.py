@@ -109,6 +109,8 @@ class Settings:
     failure: FailureHandling = _RULE.failure
     lock_delay_s: float = _RULE.lock_delay_s
     max_hold_s: float | None = _RULE.max_hold_s
+    max_queue: int = _RULE.max_queue
+    max_wait_s: float | None = _RULE.max_wait_s
     # Per-key rules, from the config file's [[rules]] tables only: first match wins.
     rules: tuple[KeyRule, ...] = ()
     event_retention_count: int = 100_000
@@ -279,14 +281,14 @@ def _read_secret(path: Path | None, setting: str) -> str:
 
 
 def _parse_on_conflict(value: Any) -> ConflictPolicy:
-    return ConflictPolicy[str(value).strip().upper()]
+    return ConflictPolicy[str(value).strip().upper().replace("-", "_")]
 
 
 def _parse_failure(value: Any) -> FailureHandling:
     return FailureHandling[str(value).strip().upper()]
 
 
-def _parse_max_hold(value: Any) -> float | None:
+def _parse_optional_duration(value: Any) -> float | None:
     # 0 and "none" switch it off, so a rule can undo the default rule's.
     if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
         return None
@@ -344,7 +346,7 @@ _RULES: dict[str, _Rule] = {
     "on_conflict": _Rule(
         _parse_on_conflict,
         lambda v: True,
-        "must be reject or join",
+        "must be reject, join, queue or keep-newest",
         "what an acquisition that does not choose gets when the key is taken (join: Hold streams only)",
     ),
     "failure": _Rule(
@@ -360,10 +362,22 @@ _RULES: dict[str, _Rule] = {
         "after an abandoned, expired or force-released run the key stays closed this long",
     ),
     "max_hold_s": _Rule(
-        _parse_max_hold,
+        _parse_optional_duration,
         lambda v: v is None or v > 0,
         "must be a duration > 0, or none",
         "a run ends EXPIRED this long after it started, whatever its renewals",
+    ),
+    "max_queue": _Rule(
+        _parse_int,
+        _non_negative,
+        "must be a whole number >= 0",
+        "callers that may wait in a key's queue (queue, keep-newest); 0: none",
+    ),
+    "max_wait_s": _Rule(
+        _parse_optional_duration,
+        lambda v: v is None or v > 0,
+        "must be a duration > 0, or none",
+        "a waiter leaves a key's queue after this long",
     ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
@@ -468,6 +482,8 @@ _RULE_SETTINGS = (
     "expired_requires_approval",
     "lock_delay_s",
     "max_hold_s",
+    "max_queue",
+    "max_wait_s",
 )
 
 
@@ -487,9 +503,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting (all default to None: unset, so lower sources show through)."""
     parser.add_argument("--config", type=Path, help="TOML file with settings (env: TASKGUARD_CONFIG)")
     for name, rule in _RULES.items():
-        if rule.parse is _parse_max_hold:
+        if rule.parse is _parse_optional_duration:
             parser.add_argument(
-                _flag(name), dest=name, default=None, help=f"{rule.help}; none: no cap (env: {_env_name(name)})"
+                _flag(name), dest=name, default=None, help=f"{rule.help}; none: no bound (env: {_env_name(name)})"
             )
         elif rule.parse is _parse_bool:
             parser.add_argument(
@@ -586,6 +602,8 @@ def describe_rule(rule: KeyRule) -> str:
         f"{' and '.join(losses)} runs need approve-retry" if losses else "lost runs reopen the key",
         f"lock-delay {rule.lock_delay_s:g}s" if rule.lock_delay_s > 0 else "no lock-delay",
         f"max hold {rule.max_hold_s:g}s" if rule.max_hold_s is not None else "no max hold",
+        f"queue of at most {rule.max_queue}"
+        + (f", waiting at most {rule.max_wait_s:g}s" if rule.max_wait_s is not None else ""),
     ]
     return ", ".join(parts)
 

@@ -27,8 +27,9 @@ async def test_doctor_reports_a_healthy_sidecar_and_its_database(sidecar: Sideca
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ok   config: valid; listen " + sidecar.address)
-    assert "integrity ok, schema version" in lines[1] and "1 guards (1 running)" in lines[1]
-    assert "a sidecar is serving there (SERVING)" in lines[2]
+    assert lines[1].startswith("ok   rule default: '*': on conflict reject")
+    assert "integrity ok, schema version" in lines[2] and "1 guards (1 running)" in lines[2]
+    assert "a sidecar is serving there (SERVING)" in lines[3]
     assert sidecar.db.read_bytes() == before
 
 

@@ -9,15 +9,16 @@ sidecar does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpc import aio
 
 from taskguard.front import wire
 from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
-from taskguard.guard.model import GuardRecord, Rejection
+from taskguard.guard.model import GuardRecord, Outcome, Rejection
 from taskguard.runtime.leases import HoldSession
+from taskguard.runtime.turns import TurnNews
 from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 
@@ -91,11 +92,59 @@ class HoldStream:
                 guard=self._render(reply.guard),
                 lease_id=reply.lease_id,
                 event=pb.HOLD_EVENT_ACQUIRE_RESULT,
+                position=reply.position,
             )
         )
+        if reply.outcome is Outcome.QUEUED and not await self._wait_turn():
+            return  # superseded, or its max_wait passed: answered, and the stream ends
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         await self._follow_run(session.ended)
+
+    async def _wait_turn(self) -> bool:
+        """Tell the waiter of each change of its place until its turn comes (True) or it must go (False).
+
+        Nothing is read meanwhile: a waiter that goes away cancels the call, which ends the wait (and the
+        session leaves the queue as the stream closes).
+        """
+        turn = self._session.turn
+        assert turn is not None
+        while True:
+            news = await self._unless_draining(turn.news())
+            if news.outcome is Outcome.QUEUED:
+                await self._context.write(
+                    pb.HoldResponse(
+                        outcome=wire.outcome(news.outcome),
+                        guard=self._render(news.guard),
+                        event=pb.HOLD_EVENT_QUEUE_POSITION,
+                        position=news.position,
+                    )
+                )
+                continue
+            guard = await self._session.take_turn(news.guard) if news.outcome is Outcome.ACQUIRED else news.guard
+            self._call.span.outcome(news.outcome, guard, turn.run_id)
+            await self._context.write(
+                pb.HoldResponse(
+                    outcome=wire.outcome(news.outcome),
+                    guard=self._render(guard),
+                    lease_id=guard.lease_id if news.outcome is Outcome.ACQUIRED else "",
+                    event=pb.HOLD_EVENT_ACQUIRE_RESULT,
+                    superseded_by=news.superseded_by,
+                )
+            )
+            return news.outcome is Outcome.ACQUIRED
+
+    async def _unless_draining(self, waiting: Coroutine[Any, Any, TurnNews]) -> TurnNews:
+        task = asyncio.ensure_future(waiting)
+        either: set[asyncio.Future[Any]] = {task, self._draining}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise Draining()
+        return task.result()
 
     async def _follow_run(self, ended: asyncio.Future[GuardRecord]) -> None:
         """Serve heartbeats and the release until the stream, the run or the sidecar ends.
