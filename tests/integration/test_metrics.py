@@ -25,9 +25,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from taskguard.clock import ManualClock
 from taskguard.telemetry import ACQUIRE_BUCKETS_S, RUN_BUCKETS_S
 from taskguard_client import AsyncClient, Conflict, Lease, Outcome, RunStatus
-from tests.support import ROOT, SidecarProcess
+from tests.conftest import InProcessFactory
+from tests.support import ROOT, InProcess, SidecarProcess
 
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = '[[rules]]\nname = "careful"\nmatch = "careful:*"\nlock_delay = "1h"\n'
@@ -310,3 +312,49 @@ def test_the_drift_check_sees_a_metric_the_sidecar_does_not_export() -> None:
     assert _metric_names("histogram_quantile(0.99, sum by (le) (rate(taskguard_x_bucket[5m])))") == {
         "taskguard_x_bucket"
     }
+
+
+# --- in-process sidecars: a clock the test moves, and a restart ---------------------------------------
+
+
+async def _scrape_in_process(harness: InProcess) -> Scrape:
+    metrics = harness.sidecar.metrics
+    assert metrics is not None
+    token = harness.sidecar.settings.metrics_token_path.read_text().strip()
+    status, _, body = await asyncio.to_thread(http_get, metrics.url, token)
+    assert status == 200, body
+    families = list(text_string_to_metric_families(body))
+    return Scrape([sample for family in families for sample in family.samples], {f.name: f.type for f in families})
+
+
+async def test_the_stale_gauge_counts_running_guards_silent_for_stale_after(
+    in_process_factory: InProcessFactory, key: str
+) -> None:
+    harness = await in_process_factory(ManualClock(), metrics_listen="127.0.0.1:0", stale_after_s=30.0)
+    async with AsyncClient(harness.address) as client:
+        await client.acquire(f"{key}-quiet", ttl=3600)
+        busy = await client.acquire(f"{key}-busy", ttl=3600)
+        fresh = await _scrape_in_process(harness)
+        await harness.advance(31)
+        await client.renew(busy.lease_id)
+        silent = await _scrape_in_process(harness)
+
+    assert (fresh.value("taskguard_guards_running"), fresh.value("taskguard_guards_stale")) == (2, 0)
+    assert (silent.value("taskguard_guards_running"), silent.value("taskguard_guards_stale")) == (2, 1)
+
+
+async def test_guards_awaiting_approval_are_counted_after_a_restart(
+    in_process_factory: InProcessFactory, key: str
+) -> None:
+    first = await in_process_factory(metrics_listen="127.0.0.1:0")
+    async with AsyncClient(first.address) as client:
+        for name in ("a", "b"):
+            lease = await client.acquire(f"{key}-{name}")
+            await client.release(lease.lease_id, RunStatus.FAILED, "boom")
+        await client.approve_retry(f"{key}-b", "ops", "fixed")
+    assert (await _scrape_in_process(first)).value("taskguard_guards_awaiting_approval") == 1
+    await first.close()
+
+    # A new sidecar on the same database knows of them only from its store.
+    again = await in_process_factory(metrics_listen="127.0.0.1:0")
+    assert (await _scrape_in_process(again)).value("taskguard_guards_awaiting_approval") == 1
