@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -358,3 +362,84 @@ async def test_guards_awaiting_approval_are_counted_after_a_restart(
     # A new sidecar on the same database knows of them only from its store.
     again = await in_process_factory(metrics_listen="127.0.0.1:0")
     assert (await _scrape_in_process(again)).value("taskguard_guards_awaiting_approval") == 1
+
+
+# --- a real Prometheus scrapes it --------------------------------------------------------------------
+
+PROMETHEUS = ROOT / ".cache" / "prometheus" / "usr" / "bin" / "prometheus"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _prometheus_api(base: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{base}/api/v1/{path}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+@pytest.mark.slow
+def test_prometheus_scrapes_it_with_the_sample_job_and_loads_the_alert_rules(
+    metered: SidecarProcess, token: str, tmp_path: Path
+) -> None:
+    """Debian's Prometheus (unpacked by .ci/dev.py) on deploy/monitoring/prometheus.yml, pointed at this sidecar."""
+    if not PROMETHEUS.exists():
+        if os.environ.get("CI"):
+            pytest.fail("Prometheus is missing: .ci/dev.py setup unpacks it into .cache/prometheus")
+        pytest.skip("Prometheus is missing: run python3 .ci/dev.py setup")
+    token_copy = tmp_path / "taskguard-metrics.token"
+    token_copy.write_text(token + "\n")
+    token_copy.chmod(0o600)
+    sample = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    sample["global"]["scrape_interval"] = "1s"
+    sample["rule_files"] = [str(MONITORING / "alerts.yml")]
+    (job,) = sample["scrape_configs"]
+    job["authorization"]["credentials_file"] = str(token_copy)
+    job["static_configs"] = [{"targets": [metered.metrics_url.removeprefix("http://").removesuffix("/metrics")]}]
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(sample))
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [
+        str(PROMETHEUS),
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        prometheus = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        target: dict[str, Any] = {}
+        while time.monotonic() < deadline and target.get("health") != "up":
+            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                targets = _prometheus_api(base, "targets")["activeTargets"]
+            except OSError:
+                targets = []  # not listening yet
+            target = targets[0] if targets else {}
+            if target.get("health") != "up":
+                time.sleep(0.2)  # the next scrape comes each second; this only paces the polling
+        assert target.get("health") == "up", (target, (tmp_path / "prometheus.log").read_text())
+        assert target["labels"]["job"] == "taskguard"
+
+        running = _prometheus_api(base, "query?query=taskguard_guards_running")["result"]
+        assert [float(series["value"][1]) for series in running] == [
+            scrape(metered, token).value("taskguard_guards_running")
+        ]
+        rules = [rule for group in _prometheus_api(base, "rules")["groups"] for rule in group["rules"]]
+        assert {rule["name"] for rule in rules} == {
+            "TaskGuardSidecarDown",
+            "TaskGuardSidecarMissing",
+            "TaskGuardGuardsAwaitingApproval",
+            "TaskGuardStaleGuards",
+        }
+        assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)

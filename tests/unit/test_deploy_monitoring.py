@@ -76,3 +76,21 @@ def test_the_grafana_dashboard_is_one_prometheus_dashboard_with_distinct_panels(
         assert panel["targets"] and all('job="taskguard"' in target["expr"] for target in panel["targets"])
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}
     assert variables == {"datasource", "instance"}
+
+
+def test_the_sample_scrape_job_is_a_valid_prometheus_config(promtool: Path, tmp_path: Path) -> None:
+    sample = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    (job,) = sample["scrape_configs"]
+    assert job["job_name"] == "taskguard"  # what the alert rules and the dashboard select
+    assert job["authorization"]["type"] == "Bearer"
+    # promtool checks that the token file exists: a stand-in for the sidecar's, and the rules by their path.
+    token = tmp_path / "taskguard-metrics.token"
+    token.write_text("x" * 32 + "\n")
+    job["authorization"]["credentials_file"] = str(token)
+    sample["rule_files"] = [str(MONITORING / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(sample))
+
+    checked = _promtool(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
+
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in checked.stdout
