@@ -221,6 +221,13 @@ class Telemetry:
             description="time to answer an Acquire or Hold acquisition (the wait for the guard), by outcome",
             explicit_bucket_boundaries_advisory=ACQUIRE_BUCKETS_S,
         )
+        self._join_wait = meter.create_histogram(
+            "taskguard.join.wait.duration",
+            unit="s",
+            description="how long a joined Hold stream (on_conflict JOIN) waited for the winner's run to end, by how "
+            "that run ended",
+            explicit_bucket_boundaries_advisory=RUN_BUCKETS_S,
+        )
         self._run_duration = meter.create_histogram(
             "taskguard.run.duration",
             unit="s",
@@ -302,6 +309,11 @@ class Telemetry:
         carrier: dict[str, str] = {}
         _W3C.inject(carrier, context=otel_context.get_current())
         return carrier.get("traceparent", "")
+
+    def joined(self, waited_s: float, final: GuardRecord) -> None:
+        """A joined Hold stream heard the winner's run end after waiting ``waited_s``."""
+        if self.enabled:
+            self._join_wait.record(waited_s, {"taskguard.state": final.state.name})
 
     # --- committed events -------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from prometheus_client.samples import Sample
 from taskguard.clock import ManualClock
 from taskguard.telemetry import ACQUIRE_BUCKETS_S, RUN_BUCKETS_S
 from taskguard_client import AsyncClient, Conflict, Lease, Outcome, RunStatus
+from taskguard_client.v1 import taskguard_pb2 as pb
 from tests.conftest import InProcessFactory
 from tests.support import ROOT, InProcess, SidecarProcess
 
@@ -443,3 +444,22 @@ def test_prometheus_scrapes_it_with_the_sample_job_and_loads_the_alert_rules(
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
+
+
+async def test_a_joined_hold_streams_wait_for_the_winner_is_a_histogram_in_seconds(
+    in_process_factory: InProcessFactory, key: str
+) -> None:
+    harness = await in_process_factory(metrics_listen="127.0.0.1:0")
+    async with AsyncClient(harness.address) as client:
+        winner = await client.acquire(key)
+        join = harness.stub.Hold()
+        await join.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, on_conflict=pb.ON_CONFLICT_JOIN)))
+        assert (await asyncio.wait_for(join.read(), 10)).outcome == pb.ACQUIRE_OUTCOME_ALREADY_RUNNING
+        await client.release(winner.lease_id, RunStatus.FAILED, "exit 2")
+        assert (await asyncio.wait_for(join.read(), 10)).event == pb.HOLD_EVENT_WINNER_FINISHED
+    scraped = await _scrape_in_process(harness)
+
+    assert scraped.types["taskguard_join_wait_duration_seconds"] == "histogram"
+    assert scraped.value("taskguard_join_wait_duration_seconds_count", taskguard_state="FAILED") == 1
+    bounds = {float(s.labels["le"]) for s in scraped.samples if s.name == "taskguard_join_wait_duration_seconds_bucket"}
+    assert bounds == {*RUN_BUCKETS_S, float("inf")}

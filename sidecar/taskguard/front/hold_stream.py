@@ -9,6 +9,7 @@ sidecar does.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,8 @@ class HoldStream:
         self._telemetry = telemetry
         self._draining = draining
         self._first_message_timeout_s = first_message_timeout_s
+        # When the acquisition was answered: a joined stream waits for the winner's run from then on.
+        self._answered_at = 0.0
 
     async def serve(self) -> None:
         try:
@@ -93,6 +96,7 @@ class HoldStream:
                 event=pb.HOLD_EVENT_ACQUIRE_RESULT,
             )
         )
+        self._answered_at = time.perf_counter()
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         await self._follow_run(session.ended)
@@ -143,6 +147,7 @@ class HoldStream:
     async def _run_ended(self, final: GuardRecord) -> None:
         held = self._session.held
         if held is None:
+            self._telemetry.joined(time.perf_counter() - self._answered_at, final)
             await self._context.write(
                 pb.HoldResponse(
                     outcome=pb.ACQUIRE_OUTCOME_ALREADY_RUNNING,
