@@ -82,6 +82,8 @@ _REFUSALS = {
     EventType.RETRY_REFUSED: Outcome.RETRY_REQUIRES_APPROVAL,
     EventType.LOCK_DELAY_REFUSED: Outcome.LOCK_DELAYED,
 }
+# Events that leave the guard's state as it was (a refusal storm costs no rule lookups).
+_SAME_STATE = frozenset({*_REFUSALS, EventType.RENEWED})
 # Seconds, not the SDK's default bounds (0 to 10000, meant for milliseconds): an acquisition takes about
 # a commit (a millisecond or so, seconds when the store struggles), a run seconds to a day.
 ACQUIRE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -327,9 +329,11 @@ class Telemetry:
                 self._refusals.add(1, {"taskguard.outcome": refused.name})
             if event.type in RUN_ENDS:
                 self._end_run(event.guard)
-            self._note_approval(event.guard)
             if self._scanning is not None:
                 self._scanning.add(event.task_key)
+                self._note_approval(event.guard)
+            elif event.type not in _SAME_STATE:
+                self._note_approval(event.guard)
 
     def _note_approval(self, record: GuardRecord) -> None:
         assert self._rule_for is not None
@@ -355,6 +359,8 @@ class Telemetry:
                 if len(page) < _SCAN_PAGE:
                     return
                 after = page[-1].task_key
+        except Exception as error:
+            log.warning("reading the guards awaiting approval failed; the gauge counts only later changes: %s", error)
         finally:
             self._scanning = None
 
@@ -407,15 +413,25 @@ class Telemetry:
         self._store_size = self._store_bytes()
 
     async def refresh(self) -> None:
-        """Bring every gauge up to date, for a scrape about to read them (the start's scan included)."""
+        """Bring every gauge up to date, for a scrape about to read them (the start's scan included).
+
+        A store that cannot be read now (etcd out of reach) leaves the gauges as last counted, and says so in
+        the log: the counters are true all the same, and a scrape that failed would look like a dead sidecar.
+        """
         if self._loading is not None:
             await asyncio.shield(self._loading)
         if self._engine is not None:
-            await self.refresh_gauges(self._engine)
+            await self._refresh_or_log(self._engine)
+
+    async def _refresh_or_log(self, engine: Guards) -> None:
+        try:
+            await self.refresh_gauges(engine)
+        except Exception as error:
+            log.warning("counting guards for the gauges failed; they keep their last values: %s", error)
 
     async def _refresh_gauges(self, engine: Guards) -> None:
         while True:
-            await self.refresh_gauges(engine)
+            await self._refresh_or_log(engine)
             await asyncio.sleep(_GAUGE_REFRESH_S)
 
 
