@@ -196,7 +196,7 @@ class Telemetry:
         if settings.prometheus:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
-            self.prometheus_registry = CollectorRegistry(auto_describe=True)
+            self.prometheus_registry = CollectorRegistry()
             # No otel_scope_* labels: one scope, and three labels more on every series would only cost.
             readers.append(PrometheusMetricReader(registry=self.prometheus_registry, scope_info_enabled=False))
         self._meter_provider = MeterProvider(resource=resource, metric_readers=readers)
