@@ -191,8 +191,10 @@ def setup_promtool() -> None:
         raise SystemExit("dev.py: promtool is missing and this is no Debian (apt-get download prometheus)")
     downloads = PROMETHEUS_CACHE.parent / "prometheus-deb"
     shutil.rmtree(downloads, ignore_errors=True)
-    downloads.mkdir(parents=True)
-    downloads.chmod(0o777)  # apt's sandbox user writes the download here
+    downloads.mkdir(mode=0o700, parents=True)
+    # apt downloads as its sandbox user when that user may write the folder (else as root, with a warning).
+    with contextlib.suppress(LookupError, OSError):
+        shutil.chown(downloads, user="_apt")
     try:
         command = ("apt-get", "download", "-q", "prometheus")
         if subprocess.run(command, cwd=downloads).returncode != 0:
