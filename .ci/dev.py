@@ -15,7 +15,9 @@ The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
 installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
 The dashboard's browser tests drive Debian's chromium and the etcd store's tests
 start Debian's etcd: when either is missing it is installed with apt-get (test
-and setup only).
+and setup only). The Prometheus alert rules in deploy/ are checked with Debian's
+promtool, unpacked from the prometheus package into .cache/prometheus/ (no
+service installed or started).
 """
 
 from __future__ import annotations
@@ -175,6 +177,36 @@ def setup_system_packages() -> None:
             policy.unlink()
 
 
+# promtool (tests/unit/test_deploy_prometheus.py) from Debian's prometheus package, unpacked, not installed:
+# installing it would start a Prometheus server as a service. The tests look for it here.
+PROMETHEUS_CACHE = ROOT / ".cache" / "prometheus"
+PROMTOOL = PROMETHEUS_CACHE / "usr" / "bin" / "promtool"
+
+
+def setup_promtool() -> None:
+    """apt-get download prometheus, then dpkg-deb -x it into .cache/prometheus (once)."""
+    if PROMTOOL.exists():
+        return
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise SystemExit("dev.py: promtool is missing and this is no Debian (apt-get download prometheus)")
+    downloads = PROMETHEUS_CACHE.parent / "prometheus-deb"
+    shutil.rmtree(downloads, ignore_errors=True)
+    downloads.mkdir(mode=0o700, parents=True)
+    # apt downloads as its sandbox user when that user may write the folder (else as root, with a warning).
+    with contextlib.suppress(LookupError, OSError):
+        shutil.chown(downloads, user="_apt")
+    try:
+        command = ("apt-get", "download", "-q", "prometheus")
+        if subprocess.run(command, cwd=downloads).returncode != 0:
+            # Fresh machines may have no package lists yet.
+            _run("apt-get", "update", "-q", env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            _run(*command, cwd=downloads)
+        (package,) = downloads.glob("prometheus_*.deb")
+        _run("dpkg-deb", "-x", package, PROMETHEUS_CACHE)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -290,6 +322,7 @@ def main(argv: list[str]) -> int:
         setup_node()
         setup_openclaw()
         setup_system_packages()
+        setup_promtool()
         if argv[0] == "test":
             return test(argv[1:])
         return 0

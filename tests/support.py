@@ -38,6 +38,8 @@ class SidecarProcess:
     starts: int = 0
     listening_on: str = ""
     health_address: str = ""
+    # Where it serves /metrics (``metrics on URL`` in its start line), when started with --metrics-listen.
+    metrics_url: str = ""
     log_paths: list[Path] = field(default_factory=list)
 
     @property
@@ -93,6 +95,8 @@ class SidecarProcess:
             text = line.decode()
             self.listening_on = text.split("listening on ", 1)[1].split(" ", 1)[0]
             self.health_address = text.split("health only on ", 1)[1].rstrip(")\n") if "health only on" in text else ""
+            metrics = text.split("metrics on ", 1)[1] if "metrics on " in text else ""
+            self.metrics_url = metrics.split(";", 1)[0].split(")", 1)[0].strip()
         finally:
             selector.close()
 

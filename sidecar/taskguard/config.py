@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import math
 import os
 import re
@@ -26,25 +25,14 @@ from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s
 from taskguard.store.retention import Retention
 from taskguard.telemetry import TelemetrySettings
+from taskguard.webaccess import is_loopback, parse_listen
 
 ENV_PREFIX = "TASKGUARD_"
+METRICS_TOKEN_NAME = "metrics.token"
 
 
 class ConfigError(Exception):
     pass
-
-
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tcp_host(settings: Settings) -> str:
@@ -58,6 +46,20 @@ def tcp_host(settings: Settings) -> str:
             "unless allow_remote is set"
         )
     return host
+
+
+def metrics_address(settings: Settings) -> tuple[str, int]:
+    """``metrics_listen`` as (host, port); ConfigError unless it is host:port and loopback (or allow_remote)."""
+    try:
+        return parse_listen(
+            settings.metrics_listen,
+            settings.allow_remote,
+            setting="metrics_listen",
+            why="/metrics is plain HTTP",
+            remedy="it listens on loopback unless allow_remote is set",
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -129,6 +131,10 @@ class Settings:
     # A second, health-only listener (grpc.health.v1 and nothing else) for
     # probes that cannot reach a unix socket, such as the kubelet's.
     health_listen: str = ""
+    # /metrics in the Prometheus text format, over plain HTTP: loopback unless allow_remote, and only for
+    # whoever presents the token in metrics_token_file (default: metrics.token beside the database).
+    metrics_listen: str = ""
+    metrics_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -174,7 +180,14 @@ class Settings:
     def telemetry(self) -> TelemetrySettings:
         if self.telemetry_overrides is not None:
             return self.telemetry_overrides
-        return TelemetrySettings(otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console)
+        return TelemetrySettings(
+            otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console, prometheus=bool(self.metrics_listen)
+        )
+
+    @property
+    def metrics_token_path(self) -> Path:
+        """Where the /metrics token is (created there, mode 0600, when missing)."""
+        return self.metrics_token_file or self.db.parent / METRICS_TOKEN_NAME
 
     @property
     def auth(self) -> AuthSettings:
@@ -417,6 +430,18 @@ _RULES: dict[str, _Rule] = {
         "must be host:port",
         "extra TCP listener serving only the gRPC health service (for kubelet probes)",
     ),
+    "metrics_listen": _Rule(
+        str,
+        lambda v: not v or (":" in v and v.rpartition(":")[2].isdigit()),
+        "must be host:port",
+        "serve /metrics (Prometheus text format) on this TCP address; loopback unless allow_remote",
+    ),
+    "metrics_token_file": _Rule(
+        _parse_path,
+        lambda v: True,
+        "must be a file path",
+        f"file holding the token a scrape must present (default: {METRICS_TOKEN_NAME} beside the database)",
+    ),
     "tls_cert": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS certificate chain (PEM) for TCP"),
     "tls_key": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS private key (PEM)"),
     "tls_client_ca": _Rule(
@@ -559,6 +584,8 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             raise ConfigError(f"{path}: no such file (TLS)")
     if not settings.listen.startswith("unix:"):
         tcp_host(settings)
+    if settings.metrics_listen:
+        metrics_address(settings)
     _ = settings.auth  # reads the token files now, so a missing one fails at start
     if backends.backend_of(settings).shared:
         _check_etcd_timing(settings)

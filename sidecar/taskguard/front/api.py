@@ -15,7 +15,7 @@ from grpc import aio
 from taskguard.front import wire
 from taskguard.front.auth import Authorizer
 from taskguard.front.hold_stream import HoldStream
-from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant
+from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant, waited
 from taskguard.front.watch_stream import serve_watch
 from taskguard.guard import model
 from taskguard.guard.model import NO_SUCH_GUARD, GuardRecord, Outcome, Rejection
@@ -83,6 +83,8 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
                 else:
                     turn.settle()
             finally:
+                if turn.queued_at is not None and not turn.settled:
+                    waited(self.telemetry, turn, "LEFT")
                 turn.close("the waiter's Acquire call ended before its turn came")
         return pb.AcquireResponse(
             outcome=wire.outcome(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id
@@ -90,6 +92,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
 
     async def _wait_turn(self, turn: Turn, call: Call, run_id: str) -> model.AcquireReply:
         news = await turn.outcome()
+        waited(self.telemetry, turn, news.outcome.name)
         if news.outcome is Outcome.ACQUIRED:
             held = await turn.claim(news.guard)
             turn.settle()

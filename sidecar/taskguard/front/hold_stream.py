@@ -9,13 +9,14 @@ sidecar does.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpc import aio
 
 from taskguard.front import wire
-from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
+from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id, waited
 from taskguard.guard.model import GuardRecord, Outcome, Rejection
 from taskguard.runtime.leases import HoldSession
 from taskguard.runtime.turns import TurnNews
@@ -49,6 +50,8 @@ class HoldStream:
         self._telemetry = telemetry
         self._draining = draining
         self._first_message_timeout_s = first_message_timeout_s
+        # When the acquisition was answered: a joined stream waits for the winner's run from then on.
+        self._answered_at = 0.0
 
     async def serve(self) -> None:
         try:
@@ -59,6 +62,8 @@ class HoldStream:
             self._session.leave_for_resume(_REJECTED)
             raise
         finally:
+            if self._session.turn is not None and not self._session.turn.settled:
+                waited(self._telemetry, self._session.turn, "LEFT")
             self._session.close(_DROPPED)
 
     async def _open(self) -> None:
@@ -95,6 +100,7 @@ class HoldStream:
                 position=reply.position,
             )
         )
+        self._answered_at = time.perf_counter()
         if reply.outcome is Outcome.QUEUED and not await self._wait_turn():
             return  # superseded, or its max_wait passed: answered, and the stream ends
         if session.ended is None:
@@ -121,6 +127,7 @@ class HoldStream:
                     )
                 )
                 continue
+            waited(self._telemetry, turn, news.outcome.name)
             guard = await self._session.take_turn(news.guard) if news.outcome is Outcome.ACQUIRED else news.guard
             self._call.span.outcome(news.outcome, guard, turn.run_id)
             await self._context.write(
@@ -192,6 +199,7 @@ class HoldStream:
     async def _run_ended(self, final: GuardRecord) -> None:
         held = self._session.held
         if held is None:
+            self._telemetry.joined(time.perf_counter() - self._answered_at, final)
             await self._context.write(
                 pb.HoldResponse(
                     outcome=pb.ACQUIRE_OUTCOME_ALREADY_RUNNING,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from taskguard.guard.model import (
@@ -63,6 +64,9 @@ class Turn:
         self._position = 0
         self._state: GuardState | None = None
         self._settled = False
+        # Set once queued: when, and behind which run (telemetry's wait span starts there and links to it).
+        self.ahead: GuardRecord | None = None
+        self.queued_at: datetime | None = None
 
     @property
     def run_id(self) -> str:
@@ -71,6 +75,17 @@ class Turn:
     def queued(self, reply: AcquireReply) -> None:
         """The acquisition was answered QUEUED: where the waiter stands now."""
         self._position, self._state = reply.position, _holding_up(reply.guard)
+        self.ahead = reply.guard
+        self.queued_at = reply.guard.waiters[reply.position - 1].queued_at
+
+    @property
+    def acquire(self) -> Acquire:
+        return self._acquire
+
+    @property
+    def settled(self) -> bool:
+        """Whether the waiter heard a final answer (or the call is over)."""
+        return self._settled
 
     async def news(self) -> TurnNews:
         """The next thing this waiter must hear (a final one settles the turn)."""
