@@ -5,6 +5,7 @@
     python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node tests (client, examples)
     python3 .ci/dev.py setup                     set up only
     python3 .ci/dev.py bench [bench flags...]    set up, then the benchmark against etcd and Redis (bench/run.py)
+    python3 .ci/dev.py dist [--outdir DIR]       set up, then build the Python wheels and sdists into dist/
 
 Needs nothing but python3 (3.11+): the virtual environment, the Python
 packages and the tools the tests use are installed here, and again only when
@@ -20,6 +21,7 @@ and setup only).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -175,6 +177,28 @@ def setup_system_packages() -> None:
             policy.unlink()
 
 
+# The two Python distributions, each a folder with its pyproject.toml: the client first (the sidecar needs it).
+DISTRIBUTIONS = (ROOT / "clients" / "python", ROOT)
+DIST = ROOT / "dist"
+
+
+def dist(arguments: list[str]) -> int:
+    """Wheels and sdists of both distributions with PyPA's build: isolated, and each wheel built from its sdist,
+    so a file the sdist lacks is missing from the wheel too and fails the packaging test instead of a user."""
+    parser = argparse.ArgumentParser(prog="python3 .ci/dev.py dist")
+    parser.add_argument("--outdir", type=Path, default=DIST, help="where the wheels and sdists go (default: dist/)")
+    outdir: Path = parser.parse_args(arguments).outdir.resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    # An older version left there would make `pip install dist/*.whl` see two of a distribution.
+    for old in outdir.glob("taskguard_sidecar*"):
+        old.unlink()
+    for folder in DISTRIBUTIONS:
+        _run(BIN / "python", "-m", "build", "--quiet", "--outdir", outdir, folder)
+    for built in sorted(outdir.glob("taskguard_sidecar*")):
+        print(built)
+    return 0
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -278,7 +302,7 @@ def test_node() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "test", "setup", "bench"):
+    if not argv or argv[0] not in ("serve", "test", "setup", "bench", "dist"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -287,6 +311,8 @@ def main(argv: list[str]) -> int:
             return serve(argv[1:])
         if argv[0] == "bench":
             return bench(argv[1:])
+        if argv[0] == "dist":
+            return dist(argv[1:])
         setup_node()
         setup_openclaw()
         setup_system_packages()
