@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 import venv
 from collections.abc import Sequence
@@ -192,11 +193,30 @@ def dist(arguments: list[str]) -> int:
     # An older version left there would make `pip install dist/*.whl` see two of a distribution.
     for old in outdir.glob("taskguard_sidecar*"):
         old.unlink()
-    for folder in DISTRIBUTIONS:
-        _run(BIN / "python", "-m", "build", "--quiet", "--outdir", outdir, folder)
+    with tempfile.TemporaryDirectory(prefix="taskguard-dist-") as scratch:
+        source = _clean_copy(Path(scratch))
+        for folder in DISTRIBUTIONS:
+            _run(BIN / "python", "-m", "build", "--quiet", "--outdir", outdir, source / folder.relative_to(ROOT))
     for built in sorted(outdir.glob("taskguard_sidecar*")):
         print(built)
     return 0
+
+
+def _clean_copy(into: Path) -> Path:
+    """The files git knows of (tracked, or new and not ignored), copied: setuptools adds to an sdist whatever an
+    egg-info left in the tree lists (`pip install -e` makes one), so a build from the checkout could hide a
+    package-data rule that misses a file."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # not one deleted from the work tree but still in the index
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, into / name)
+    return into
 
 
 def serve(arguments: list[str]) -> int:
