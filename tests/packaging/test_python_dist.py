@@ -87,12 +87,27 @@ def _canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def _new_venv(root: Path, python: str | Path = sys.executable) -> Venv:
+def _new_venv(root: Path, python: str | Path = sys.executable, with_pip: bool = False) -> Venv:
     if Path(python) == Path(sys.executable):
-        venv.EnvBuilder(with_pip=False, clear=True).create(root)
+        venv.EnvBuilder(with_pip=with_pip, clear=True).create(root)
     else:
-        _run(python, "-m", "venv", "--without-pip", root)
+        _run(python, "-m", "venv", *([] if with_pip else ["--without-pip"]), root)
     return Venv(root)
+
+
+def _readme_line(tool: str) -> str:
+    """The README's first-screen Python install line that runs ``tool``, without its comment."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- install-python: begin -->", 1)[1].split("<!-- install-python: end -->", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith(f"{tool} install ")]
+    assert len(lines) == 1, block
+    return lines[0]
+
+
+def _shell(line: str, cwd: Path, path_first: Path, env: dict[str, str] | None = None) -> str:
+    """``line`` as a user types it, in ``cwd``, with ``path_first`` first on PATH."""
+    env = env or _env()
+    return _run("bash", "-c", line, cwd=cwd, env={**env, "PATH": f"{path_first}{os.pathsep}{env.get('PATH', '')}"})
 
 
 @dataclass(frozen=True)
@@ -104,7 +119,7 @@ class Artifacts:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
-    folder = tmp_path_factory.mktemp("dist")
+    folder = tmp_path_factory.mktemp("artifacts") / "dist"  # the README's lines name it so
     _run(sys.executable, ROOT / ".ci" / "dev.py", "dist", "--outdir", folder, cwd=ROOT)
     stems = {name: f"{name.replace('-', '_')}-{VERSIONS[name]}" for name in PACKAGES}
     return Artifacts(
@@ -234,16 +249,16 @@ def _oldest_python(requires_python: str) -> tuple[str | Path, str]:
 def test_the_client_wheel_alone_brings_only_grpcio_and_protobuf_and_holds_on_the_oldest_python(
     artifacts: Artifacts, served: SidecarProcess, tmp_path: Path
 ) -> None:
-    wheel = artifacts.wheels[CLIENT]
-    python, oldest = _oldest_python(_metadata(wheel)["Requires-Python"])
-    client_only = _new_venv(tmp_path / "client", python)
-    client_only.install(wheel)
+    python, oldest = _oldest_python(_metadata(artifacts.wheels[CLIENT])["Requires-Python"])
+    client_only = _new_venv(tmp_path / "client", python, with_pip=True)
+    own = set(client_only.distributions())  # pip (and setuptools, on 3.11): the venv's, not the client's
+    _shell(_readme_line("pip"), artifacts.folder.parent, client_only.root / "bin")
     installed = client_only.distributions()
     # What grpcio and protobuf need in turn is theirs to choose; nothing else may come with the client.
     wanted = {CLIENT, "grpcio", "protobuf"}
     for name in ("grpcio", "protobuf"):
         wanted |= {_canonical(r.name) for r in _runtime_requirements(installed[name])}
-    assert {"grpcio", "protobuf"} <= set(installed) <= wanted, sorted(installed)
+    assert {CLIENT, "grpcio", "protobuf"} <= set(installed) - own <= wanted, sorted(installed)
     key = f"packaging-{uuid.uuid4().hex[:8]}::client-only"
     answer = client_only.run_python(
         "import sys, taskguard_client\n"
@@ -263,8 +278,8 @@ def test_pipx_installs_the_sidecar_wheel_with_the_client_beside_it(
 ) -> None:
     home, bin_dir = tmp_path / "pipx", tmp_path / "bin"
     env = {**_env(), "PIPX_HOME": str(home), "PIPX_BIN_DIR": str(bin_dir), "PIPX_MAN_DIR": str(tmp_path / "man")}
-    wheel = artifacts.wheels[SIDECAR]
-    _run(sys.executable, "-m", "pipx", "install", wheel, "--pip-args", f"--find-links {artifacts.folder}", env=env)
+    # The README's line, typed in the folder that holds dist/, with the dev venv's pipx.
+    _shell(_readme_line("pipx"), artifacts.folder.parent, Path(sys.executable).parent, env)
     taskguard_command = bin_dir / "taskguard"
     assert _run(taskguard_command, "--version", cwd=tmp_path) == (
         f"{SIDECAR} {VERSIONS[SIDECAR]}, {CLIENT} {VERSIONS[CLIENT]}\n"
