@@ -1,8 +1,9 @@
 """The wheels `.ci/dev.py dist` builds work where users put them: a fresh venv, a client-only venv, pipx.
 
-The artifacts are built once for the module, and each install goes into a venv of its own made without pip
-(this interpreter's pip installs into it with ``--python``, through pip's usual cache). Nothing of the checkout
-is on the installed programs' path: they run isolated (``-I``) from their own folder.
+The artifacts are built once for the module, and each install goes into a place of its own, through pip's usual
+cache: the sidecar's venv is made without pip (this interpreter's pip installs into it with ``--python``); the
+client's venv and pipx run the README's lines as typed. Nothing of the checkout is on the installed programs'
+path: they run from their own folders, the interpreters isolated (``-I``).
 """
 
 from __future__ import annotations
@@ -284,5 +285,7 @@ def test_pipx_installs_the_sidecar_wheel_with_the_client_beside_it(
     assert _run(taskguard_command, "--version", cwd=tmp_path) == (
         f"{SIDECAR} {VERSIONS[SIDECAR]}, {CLIENT} {VERSIONS[CLIENT]}\n"
     )
-    listed = json.loads(_run(taskguard_command, "ls", "--addr", served.address, "--json", cwd=tmp_path))
-    assert isinstance(listed, list)
+    key = f"packaging-{uuid.uuid4().hex[:8]}::pipx"
+    _run(taskguard_command, "run", key, "--addr", served.address, "--", "true", cwd=tmp_path)
+    guard = json.loads(_run(taskguard_command, "get", key, "--addr", served.address, "--json", cwd=tmp_path))
+    assert guard["state"] == "SUCCEEDED"
