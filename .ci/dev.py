@@ -5,6 +5,7 @@
     python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node tests (client, examples)
     python3 .ci/dev.py setup                     set up only
     python3 .ci/dev.py bench [bench flags...]    set up, then the benchmark against etcd and Redis (bench/run.py)
+    python3 .ci/dev.py dist [--outdir DIR]       set up, then build the Python wheels and sdists into dist/
 
 Needs nothing but python3 (3.11+): the virtual environment, the Python
 packages and the tools the tests use are installed here, and again only when
@@ -22,6 +23,7 @@ service installed or started).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -29,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 import venv
 from collections.abc import Sequence
@@ -207,6 +210,47 @@ def setup_promtool() -> None:
         shutil.rmtree(downloads, ignore_errors=True)
 
 
+# The two Python distributions, each a folder with its pyproject.toml: the client first (the sidecar needs it).
+DISTRIBUTIONS = (ROOT / "clients" / "python", ROOT)
+DIST = ROOT / "dist"
+
+
+def dist(arguments: list[str]) -> int:
+    """Wheels and sdists of both distributions with PyPA's build: isolated, and each wheel built from its sdist,
+    so a file the sdist lacks is missing from the wheel too and fails the packaging test instead of a user."""
+    parser = argparse.ArgumentParser(prog="python3 .ci/dev.py dist")
+    parser.add_argument("--outdir", type=Path, default=DIST, help="where the wheels and sdists go (default: dist/)")
+    outdir: Path = parser.parse_args(arguments).outdir.resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    # An older version left there would make `pip install dist/*.whl` see two of a distribution.
+    for old in outdir.glob("taskguard_sidecar*"):
+        old.unlink()
+    with tempfile.TemporaryDirectory(prefix="taskguard-dist-") as scratch:
+        source = _clean_copy(Path(scratch))
+        for folder in DISTRIBUTIONS:
+            _run(BIN / "python", "-m", "build", "--quiet", "--outdir", outdir, source / folder.relative_to(ROOT))
+    for built in sorted(outdir.glob("taskguard_sidecar*")):
+        print(built)
+    return 0
+
+
+def _clean_copy(into: Path) -> Path:
+    """The files git knows of (tracked, or new and not ignored), copied: setuptools adds to an sdist whatever an
+    egg-info left in the tree lists (`pip install -e` makes one), so a build from the checkout could hide a
+    package-data rule that misses a file."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # not one deleted from the work tree but still in the index
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, into / name)
+    return into
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -310,7 +354,7 @@ def test_node() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "test", "setup", "bench"):
+    if not argv or argv[0] not in ("serve", "test", "setup", "bench", "dist"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -319,6 +363,8 @@ def main(argv: list[str]) -> int:
             return serve(argv[1:])
         if argv[0] == "bench":
             return bench(argv[1:])
+        if argv[0] == "dist":
+            return dist(argv[1:])
         setup_node()
         setup_openclaw()
         setup_system_packages()

@@ -30,10 +30,14 @@ START_TIMEOUT_S = 20.0
 
 @dataclass
 class SidecarProcess:
-    """``python -m taskguard serve`` on a unix socket in ``workdir``, with a real SQLite file."""
+    """``python -m taskguard serve`` on a unix socket in ``workdir``, with a real SQLite file.
+
+    ``command`` is what runs ``taskguard``: this checkout's by default, or an installed one's script."""
 
     workdir: Path
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] = (sys.executable, "-m", "taskguard")
+    cwd: Path = ROOT
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     listening_on: str = ""
@@ -61,9 +65,7 @@ class SidecarProcess:
         log_path = self.workdir / f"sidecar-{self.starts}.log"
         self.log_paths.append(log_path)
         command = [
-            sys.executable,
-            "-m",
-            "taskguard",
+            *self.command,
             "serve",
             "--listen",
             f"unix:{self.socket}",
@@ -73,7 +75,7 @@ class SidecarProcess:
             *extra,
         ]
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=self.cwd)
         self._wait_for_listening()
 
     def _wait_for_listening(self) -> None:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
+import taskguard_client
 from taskguard import __version__, config
 from taskguard.cli import run as cli_run
 from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
@@ -336,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"taskguard {__version__}")
+    # Both: the client's package carries the API stubs the sidecar serves.
+    versions = f"taskguard-sidecar {__version__}, taskguard-sidecar-client {taskguard_client.__version__}"
+    parser.add_argument("--version", action="version", version=versions)
     _connection(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
