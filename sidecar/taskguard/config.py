@@ -113,6 +113,8 @@ class Settings:
     max_hold_s: float | None = _RULE.max_hold_s
     max_queue: int = _RULE.max_queue
     max_wait_s: float | None = _RULE.max_wait_s
+    allow_supersede: bool = _RULE.allow_supersede
+    supersede_grace_s: float = _RULE.supersede_grace_s
     # Per-key rules, from the config file's [[rules]] tables only: first match wins.
     rules: tuple[KeyRule, ...] = ()
     event_retention_count: int = 100_000
@@ -359,7 +361,7 @@ _RULES: dict[str, _Rule] = {
     "on_conflict": _Rule(
         _parse_on_conflict,
         lambda v: True,
-        "must be reject, join, queue or keep-newest",
+        "must be reject, join, queue, keep-newest or supersede",
         "what an acquisition that does not choose gets when the key is taken (join: Hold streams only)",
     ),
     "failure": _Rule(
@@ -391,6 +393,18 @@ _RULES: dict[str, _Rule] = {
         lambda v: v is None or v > 0,
         "must be a duration > 0, or none",
         "a waiter leaves a key's queue after this long",
+    ),
+    "allow_supersede": _Rule(
+        _parse_bool,
+        lambda v: True,
+        "must be true or false",
+        "on_conflict supersede may ask a key's running run to stop",
+    ),
+    "supersede_grace_s": _Rule(
+        parse_duration_s,
+        _non_negative,
+        "must be a duration >= 0",
+        "a superseded run that has not released after this long is force-released",
     ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
@@ -509,6 +523,8 @@ _RULE_SETTINGS = (
     "max_hold_s",
     "max_queue",
     "max_wait_s",
+    "allow_supersede",
+    "supersede_grace_s",
 )
 
 
@@ -631,6 +647,7 @@ def describe_rule(rule: KeyRule) -> str:
         f"max hold {rule.max_hold_s:g}s" if rule.max_hold_s is not None else "no max hold",
         f"queue of at most {rule.max_queue}"
         + (f", waiting at most {rule.max_wait_s:g}s" if rule.max_wait_s is not None else ""),
+        f"supersede allowed (grace {rule.supersede_grace_s:g}s)" if rule.allow_supersede else "no supersede",
     ]
     return ", ".join(parts)
 

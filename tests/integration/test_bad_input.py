@@ -48,7 +48,7 @@ CASES: dict[str, tuple[Call, str]] = {
     "unknown on_conflict": (
         _acquire(task_key="k::t", on_conflict=7),
         "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN, ON_CONFLICT_QUEUE,"
-        " ON_CONFLICT_KEEP_NEWEST (got 7)",
+        " ON_CONFLICT_KEEP_NEWEST, ON_CONFLICT_SUPERSEDE (got 7)",
     ),
     "join on a unary acquire": (
         _acquire(task_key="k::t", on_conflict=pb.ON_CONFLICT_JOIN),

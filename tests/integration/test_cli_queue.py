@@ -113,3 +113,53 @@ async def test_keep_newest_runs_the_latest_follow_up_once_and_the_replaced_one_e
         guard = await client.get(key)
     assert log.read_text().splitlines() == ["start newer 2", "end newer 2"]
     assert guard.run_id == "newer" and guard.state.value == "SUCCEEDED"
+
+
+TERM_REPORTER = (
+    "import os, signal, sys\n"
+    "signal.signal(signal.SIGTERM, lambda *_: (print('got SIGTERM', flush=True), sys.exit(0)))\n"
+    "print('ready', flush=True)\n"
+    "signal.pause()\n"
+)
+
+
+async def test_supersede_sends_sigterm_to_the_running_command_which_releases_cancelled(workdir: Path, key: str) -> None:
+    config = workdir / "taskguard.toml"
+    config.write_text('allow_supersede = true\nsupersede_grace = "60s"\n')
+    sidecar = SidecarProcess(workdir, ("--config", str(config)))
+    sidecar.start()
+    log = workdir / "runs.log"
+    try:
+        older = await _run(sidecar.address, log, key, "--run-id", "older", "--", sys.executable, "-c", TERM_REPORTER)
+        assert older.stdout is not None
+        assert await asyncio.wait_for(older.stdout.readline(), TIMEOUT_S) == b"ready\n"
+
+        newer = await _run(
+            sidecar.address,
+            log,
+            key,
+            "--run-id",
+            "newer",
+            "--on-conflict",
+            "supersede",
+            "--",
+            sys.executable,
+            "-c",
+            TASK,
+        )
+        assert await asyncio.wait_for(older.stdout.readline(), TIMEOUT_S) == b"got SIGTERM\n"
+        _, older_err = await asyncio.wait_for(older.communicate(b""), TIMEOUT_S)
+        assert b"superseded by run newer; sending SIGTERM" in older_err
+        await asyncio.wait_for(newer.communicate(b""), TIMEOUT_S)
+        assert newer.returncode == 0
+
+        async with AsyncClient(sidecar.address) as client, client.watch(key, start_revision=1) as events:
+            async for event in events:
+                if event.type is EventType.RELEASED and event.guard.run_id == "older":
+                    released = event.guard
+                    break
+        assert released.state.value == "CANCELLED"
+        assert released.last_detail.startswith("superseded by run newer: SIGTERM forwarded to the command")
+        assert log.read_text().splitlines() == ["start newer 2", "end newer 2"]
+    finally:
+        sidecar.close()

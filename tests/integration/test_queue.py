@@ -311,3 +311,75 @@ async def test_waiters_are_told_to_ask_again_after_a_sidecar_restart_and_a_retry
             pass
         assert answer.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED and answer.guard.run_id == "waiting"
         retried.cancel()  # type: ignore[attr-defined]
+
+
+SUPERSEDE_RULES = (KeyRule(name="redo", match="redo:*", allow_supersede=True, supersede_grace_s=30.0),)
+
+
+@pytest.fixture
+async def redo(in_process_factory: object) -> InProcess:
+    harness: InProcess = await in_process_factory(ManualClock(), rules=SUPERSEDE_RULES)  # type: ignore[operator]
+    return harness
+
+
+async def test_supersede_tells_the_holder_to_stop_and_takes_the_key_when_it_releases(redo: InProcess, key: str) -> None:
+    task_key = f"redo:{key}"
+    async with AsyncClient(redo.address) as client:
+        places = Places()
+
+        async def newer() -> tuple[str, int]:
+            async with client.hold(task_key, run_id="newer", on_conflict="supersede", on_queued=places) as lease:
+                return lease.run_id, lease.fencing_token
+
+        async with client.hold(task_key, run_id="older") as held:
+            taking_over = asyncio.create_task(newer())
+            stopping = await asyncio.wait_for(held.wait_stop_requested(), 10)
+            assert held.stop_requested and held.stop_requested_by == "newer"
+            assert stopping.stop_at is not None
+            await places.reach(1)
+            await held.release(RunStatus.CANCELLED, "stopping for the newer one")
+        assert await asyncio.wait_for(taking_over, 10) == ("newer", 2)
+    events = await watch_until(
+        redo.stub,
+        lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_RELEASED and e.guard.run_id == "older" for e in seen),
+        key_prefix=task_key,
+        start_revision=1,
+    )
+    released = next(e for e in events if e.type == pb.GUARD_EVENT_TYPE_RELEASED and e.guard.run_id == "older")
+    assert released.guard.last_detail == "superseded by run newer: stopping for the newer one"
+
+
+async def test_a_superseded_unary_holder_sees_it_on_renew_and_is_force_released_after_the_grace(
+    redo: InProcess, key: str
+) -> None:
+    task_key = f"redo:{key}"
+    held = await acquire(redo.stub, task_key, ttl_s=600)
+    call = await _hold_queue(redo.stub, task_key, "newer", on_conflict=pb.ON_CONFLICT_SUPERSEDE)
+    assert (await call.read()).position == 1  # type: ignore[attr-defined]
+
+    renewed = await redo.stub.Renew(pb.RenewRequest(lease_id=held.lease_id))
+    assert renewed.guard.stop_requested_by == "newer" and renewed.guard.HasField("stop_at")
+    fence = pb.CheckFenceRequest(task_key=task_key, fencing_token=held.guard.fencing_token)
+    assert (await redo.stub.CheckFence(fence)).valid
+
+    await redo.advance(30)
+
+    while (answer := await call.read()).outcome == pb.ACQUIRE_OUTCOME_QUEUED:  # type: ignore[attr-defined]
+        pass
+    assert answer.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED and answer.guard.run_id == "newer"
+    assert not (await redo.stub.CheckFence(fence)).valid
+    with pytest.raises(aio.AioRpcError) as lost:
+        await redo.stub.Renew(pb.RenewRequest(lease_id=held.lease_id))
+    assert lost.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    call.cancel()  # type: ignore[attr-defined]
+
+
+async def test_supersede_where_the_rule_does_not_allow_it_is_permission_denied(redo: InProcess, key: str) -> None:
+    await acquire(redo.stub, key, ttl_s=60)
+    request = pb.AcquireRequest(task_key=key, on_conflict=pb.ON_CONFLICT_SUPERSEDE)
+    with pytest.raises(aio.AioRpcError) as refused:
+        await redo.stub.Acquire(request)
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == (
+        "on_conflict: SUPERSEDE is not allowed for this key (its rule 'default' does not set allow_supersede)"
+    )

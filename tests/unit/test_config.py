@@ -320,7 +320,7 @@ def test_an_unknown_toml_key_is_rejected_listing_the_known_ones(tmp_path: Path) 
 def test_a_toml_table_is_an_unknown_setting(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
-        match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, db, default_ttl, etcd_ca, ",
+        match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, allow_supersede, db, default_ttl, ",
     ):
         load(tmp_path, toml='[server]\nlisten = "unix:/tmp/x.sock"\n')
 
@@ -369,6 +369,8 @@ EVERY_SETTING = [
     ("max_hold", '"2h"', "2h"),
     ("max_queue", "12", "12"),
     ("max_wait", '"90s"', "90s"),
+    ("allow_supersede", "true", "true"),
+    ("supersede_grace", '"45s"', "45s"),
     ("event_retention_count", "5", "5"),
     ("event_retention_age", '"6h"', "6h"),
     ("watch_buffer", "7", "7"),
@@ -409,7 +411,13 @@ EVERY_SETTING = [
 
 def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_path: Path) -> None:
     assert sorted(name for name, _, _ in EVERY_SETTING) == TOML_NAMES
-    booleans = {"abandoned_requires_approval", "expired_requires_approval", "telemetry_console", "allow_remote"}
+    booleans = {
+        "abandoned_requires_approval",
+        "expired_requires_approval",
+        "telemetry_console",
+        "allow_remote",
+        "allow_supersede",
+    }
     files = Path("/tmp/tg-config-test")
     files.mkdir(exist_ok=True)
     for name in ("cert.pem", "key.pem", "ca.pem", "op.token", "holder.token"):
@@ -440,6 +448,8 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         max_hold_s=7200.0,
         max_queue=12,
         max_wait_s=90.0,
+        allow_supersede=True,
+        supersede_grace_s=45.0,
         event_retention_count=5,
         event_retention_age_s=21600.0,
         watch_buffer=7,

@@ -225,6 +225,8 @@ def scenarios(draw: st.DrawFn) -> tuple[Policy, list[tuple[Command, float]]]:
         failure=draw(st.sampled_from(FailureHandling)),
         lock_delay_s=draw(st.sampled_from([0.0, 5.0])),
         max_wait_s=draw(st.sampled_from([None, 7.0])),
+        allow_supersede=draw(st.booleans()),
+        supersede_grace_s=draw(st.sampled_from([0.0, 3.0])),
     )
     policy = Policy(resume_grace_s=GRACE, rules=(rule,))
     commands: list[tuple[Command, float]] = []
@@ -238,6 +240,7 @@ def scenarios(draw: st.DrawFn) -> tuple[Policy, list[tuple[Command, float]]]:
                 [
                     replace(acquire(run, stream_bound=True, ttl_s=None), on_conflict=ConflictPolicy.QUEUE),
                     replace(acquire(run, stream_bound=True, ttl_s=None), on_conflict=ConflictPolicy.KEEP_NEWEST),
+                    replace(acquire(run, stream_bound=True, ttl_s=None), on_conflict=ConflictPolicy.SUPERSEDE),
                     acquire(run),
                     Release(KEY, lease, RunStatus.SUCCEEDED),
                     Release(KEY, lease, RunStatus.FAILED),
@@ -270,6 +273,8 @@ def test_queues_admit_in_order_within_bounds_and_never_past_an_approval(
         assert len(record.waiters) <= rule.max_queue
         assert len({w.run_id for w in record.waiters}) == len(record.waiters)
         assert sum(1 for w in record.waiters if w.keep_newest) <= 1
+        assert sum(1 for w in record.waiters if w.superseding) <= 1
+        assert not any(w.superseding for w in record.waiters[1:])  # a superseder is first in line
         for event in events:
             if event.type is EventType.ACQUIRED:
                 assert event.guard.fencing_token > last_token
@@ -284,3 +289,70 @@ def test_queues_admit_in_order_within_bounds_and_never_past_an_approval(
             # A key waiting for an approval admits no one before it is given.
             if not isinstance(command, ApproveRetry):
                 assert not (record.running and record.fencing_token > before.fencing_token)
+
+
+# --- supersede ---------------------------------------------------------------------------
+
+SUPERSEDING = queue_policy(allow_supersede=True, supersede_grace_s=20.0, lock_delay_s=5.0)
+
+
+def superseding(run_id: str) -> Acquire:
+    return replace(acquire(run_id, stream_bound=True, ttl_s=None), on_conflict=ConflictPolicy.SUPERSEDE)
+
+
+def test_supersede_is_refused_where_the_rule_does_not_allow_it() -> None:
+    record, _ = run_all([(acquire("a"), 0)])
+    _, events, decision = settle(record, superseding("b"), at(1))
+
+    assert events == [] and decision.record is None
+    assert isinstance(decision.reply, Rejected)
+    assert decision.reply.kind.name == "PERMISSION_DENIED" and decision.reply.field == "on_conflict"
+    assert "rule 'q' does not set allow_supersede" in decision.reply.rule
+
+
+def test_supersede_asks_the_running_run_to_stop_and_waits_first_in_line() -> None:
+    record, _ = run_all([(acquire("a"), 0), (waiting("queued"), 1)], SUPERSEDING)
+    record, events, decision = settle(record, superseding("newer"), at(2), SUPERSEDING)
+
+    assert record is not None and record.running and record.run_id == "a"
+    assert (record.stop_requested_by, record.stop_deadline) == ("newer", at(22).monotonic)
+    assert [w.run_id for w in record.waiters] == ["newer", "queued"]
+    assert [e.type for e in events] == [EventType.STOP_REQUESTED, EventType.QUEUED]
+    assert isinstance(decision.reply, AcquireReply) and decision.reply.position == 1
+    # The old run's release names the run it made way for, and the superseder's turn comes.
+    record, events, _ = settle(record, Release(KEY, "lease-a", RunStatus.CANCELLED, "SIGTERM"), at(3), SUPERSEDING)
+    assert [e.type for e in events] == [EventType.RELEASED, EventType.ACQUIRED]
+    assert events[0].guard.last_detail == "superseded by run newer: SIGTERM"
+    assert record is not None and record.run_id == "newer" and [w.run_id for w in record.waiters] == ["queued"]
+
+
+def test_a_superseded_run_that_does_not_stop_is_force_released_after_the_grace() -> None:
+    record, _ = run_all([(acquire("a", ttl_s=600), 0), (superseding("newer"), 1)], SUPERSEDING)
+    assert record is not None and core.next_deadline(record) == at(21).monotonic
+
+    record, events, _ = settle(record, Expire(KEY, 1), at(21), SUPERSEDING)
+
+    assert [e.type for e in events] == [EventType.FORCE_RELEASED]
+    assert (
+        record is not None
+        and record.state is GuardState.CANCELLED
+        and not core.fence_is_valid(record, 1, at(21).monotonic)
+    )
+    assert "did not stop within the supersede_grace of 20s" in record.last_detail
+    assert record.released_by == "run newer (supersede)"
+    # Its lock-delay holds the key, as after any force-release; then the superseder's turn comes.
+    record, events, _ = settle(record, Expire(KEY, 1), at(26), SUPERSEDING)
+    assert record is not None and record.run_id == "newer" and record.running
+
+
+def test_a_newer_superseder_replaces_the_waiting_one_and_the_grace_does_not_start_again() -> None:
+    record, _ = run_all([(acquire("a", ttl_s=600), 0), (superseding("first"), 1)], SUPERSEDING)
+    record, events, _ = settle(record, superseding("second"), at(10), SUPERSEDING)
+
+    assert record is not None and [w.run_id for w in record.waiters] == ["second"]
+    assert (record.stop_requested_by, record.stop_deadline) == ("second", at(21).monotonic)
+    assert [(e.type, e.waiter_run_id) for e in events] == [
+        (EventType.SUPERSEDED, "first"),
+        (EventType.STOP_REQUESTED, ""),
+        (EventType.QUEUED, "second"),
+    ]

@@ -364,7 +364,7 @@ def test_an_unknown_on_conflict_is_rejected_naming_the_field() -> None:
 
     assert bad_request(refused) == (
         "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN, "
-        "ON_CONFLICT_QUEUE, ON_CONFLICT_KEEP_NEWEST (got 99)"
+        "ON_CONFLICT_QUEUE, ON_CONFLICT_KEEP_NEWEST, ON_CONFLICT_SUPERSEDE (got 99)"
     )
 
 

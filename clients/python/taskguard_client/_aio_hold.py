@@ -34,6 +34,7 @@ class AsyncHold(HoldState):
         self._write_lock = asyncio.Lock()
         self._streaming = asyncio.Event()
         self._lost_event = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def wait_lost(self) -> LeaseLost:
@@ -41,6 +42,16 @@ class AsyncHold(HoldState):
         await self._lost_event.wait()
         assert self._lost is not None
         return self._lost
+
+    async def wait_stop_requested(self) -> Guard:
+        """Wait until a newer trigger supersedes this run (``on_conflict="supersede"``); returns the guard, whose
+        ``stop_requested_by`` names it and ``stop_at`` says when the run is force-released unless it ends first."""
+        await self._stop_event.wait()
+        assert self._stop_request is not None
+        return self._stop_request
+
+    def _stop_heard(self) -> None:
+        self._stop_event.set()
 
     async def release(self, status: RunStatus | str = RunStatus.SUCCEEDED, detail: str = "") -> Guard:
         """End the run now (leaving the block then releases nothing); returns the released guard."""

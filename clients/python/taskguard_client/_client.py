@@ -103,7 +103,7 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise", "queue", "keep-newest"] = "raise",
+        on_conflict: Literal["raise", "queue", "keep-newest", "supersede"] = "raise",
         *,
         max_wait: float | timedelta | None = None,
         on_queued: Callable[[int, Guard], None] | None = None,
@@ -148,7 +148,9 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         with a ``Conflict`` whose ``joined`` is true and whose ``guard`` is the winner's final snapshot;
         ``"queue"`` waits in the key's FIFO queue (``on_queued(position, guard)`` hears each change of its
         place) and enters when its turn comes, or raises ``QueueFull``/``WaitTimedOut`` (after ``max_wait``);
-        ``"keep-newest"`` waits the same way, but a newer keep-newest trigger replaces it (``Superseded``).
+        ``"keep-newest"`` waits the same way, but a newer keep-newest trigger replaces it (``Superseded``);
+        ``"supersede"`` asks the running run to stop (where the key's rule allows it) and waits first in line. A
+        held run that is superseded learns it from ``hold.stop_requested`` / ``wait_stop_requested()``.
         """
         request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict, max_wait)
         return self._hold_context(self._connection, request, _ttl_s(ttl), on_conflict, on_queued)

@@ -115,6 +115,7 @@ class HoldState(RunFacts):
         self._release_answer: Answer | None = None
         #: Told ``(position, guard)`` each time a queued hold's place changes (``on_conflict="queue"``).
         self.on_queued: Callable[[int, Guard], None] | None = None
+        self._stop_request: Guard | None = None
 
     @property
     def lease(self) -> Lease:
@@ -143,6 +144,19 @@ class HoldState(RunFacts):
     @property
     def lost_reason(self) -> str | None:
         return str(self._lost) if self._lost is not None else None
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a newer trigger superseded this run (``on_conflict="supersede"``): stop, and leave the block."""
+        return self._stop_request is not None
+
+    @property
+    def stop_requested_by(self) -> str:
+        """The run that superseded this one ("" when none did)."""
+        return self._stop_request.stop_requested_by if self._stop_request is not None else ""
+
+    def _stop_heard(self) -> None:
+        """The drivers wake whoever waits for a stop request."""
 
     @property
     def released(self) -> Guard | None:
@@ -191,6 +205,9 @@ class HoldState(RunFacts):
             self._guard = guard
         if response.event == pb.HOLD_EVENT_LOST:
             self._lost_guard = guard
+        elif response.event == pb.HOLD_EVENT_STOP_REQUESTED and guard is not None:
+            self._stop_request = guard
+            self._stop_heard()
         elif response.event == pb.HOLD_EVENT_RELEASED and guard is not None:
             self._released = guard
             answer = self._release_answer

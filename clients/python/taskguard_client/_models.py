@@ -77,6 +77,7 @@ class EventType(enum.StrEnum):
     DEQUEUED = "DEQUEUED"
     SUPERSEDED = "SUPERSEDED"
     QUEUE_FULL_REFUSED = "QUEUE_FULL_REFUSED"
+    STOP_REQUESTED = "STOP_REQUESTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,9 @@ class Guard:
     policy: KeyPolicy | None = None
     #: Callers waiting for the key, first in line first.
     waiters: tuple[Waiter, ...] = ()
+    #: RUNNING and superseded (``on_conflict="supersede"``): the newer run, and when this one is force-released.
+    stop_requested_by: str = ""
+    stop_at: datetime | None = None
 
     @property
     def running(self) -> bool:
@@ -140,6 +144,8 @@ class KeyPolicy:
     max_hold: timedelta | None
     max_queue: int = 0
     max_wait: timedelta | None = None
+    allow_supersede: bool = False
+    supersede_grace: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +158,8 @@ class Waiter:
     #: When its max_wait ends it; None without one.
     wait_until: datetime | None
     keep_newest: bool
+    #: First in line, for the run it asked to stop (``supersede``).
+    superseding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +278,8 @@ def guard_from_pb(message: pb.Guard) -> Guard:
         hold_until=_time(message.hold_until) if message.HasField("hold_until") else None,
         policy=_key_policy(message.policy) if message.HasField("policy") else None,
         waiters=tuple(_waiter(waiter) for waiter in message.waiters),
+        stop_requested_by=message.stop_requested_by,
+        stop_at=_time(message.stop_at) if message.HasField("stop_at") else None,
     )
 
 
@@ -280,6 +290,7 @@ def _waiter(message: pb.Waiter) -> Waiter:
         queued_at=_time(message.queued_at) if message.HasField("queued_at") else None,
         wait_until=_time(message.wait_until) if message.HasField("wait_until") else None,
         keep_newest=message.keep_newest,
+        superseding=message.superseding,
     )
 
 
@@ -295,6 +306,8 @@ def _key_policy(message: pb.KeyPolicy) -> KeyPolicy:
         max_hold=message.max_hold.ToTimedelta() if message.HasField("max_hold") else None,
         max_queue=message.max_queue,
         max_wait=message.max_wait.ToTimedelta() if message.HasField("max_wait") else None,
+        allow_supersede=message.allow_supersede,
+        supersede_grace=message.supersede_grace.ToTimedelta() if message.HasField("supersede_grace") else None,
     )
 
 

@@ -50,7 +50,7 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 _T = TypeVar("_T")
 _Connection = TypeVar("_Connection")
 
-OnConflict = Literal["raise", "return", "join", "queue", "keep-newest"]
+OnConflict = Literal["raise", "return", "join", "queue", "keep-newest", "supersede"]
 # What each asks the sidecar for (the rest is what the client does with a refusal).
 _ON_CONFLICT_PB = {
     "raise": pb.ON_CONFLICT_REJECT,
@@ -58,6 +58,7 @@ _ON_CONFLICT_PB = {
     "join": pb.ON_CONFLICT_JOIN,
     "queue": pb.ON_CONFLICT_QUEUE,
     "keep-newest": pb.ON_CONFLICT_KEEP_NEWEST,
+    "supersede": pb.ON_CONFLICT_SUPERSEDE,
 }
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -178,7 +179,7 @@ def acquire_request(
 ) -> pb.AcquireRequest:
     if on_conflict not in _ON_CONFLICT_PB:
         raise ValueError(
-            f"on_conflict must be 'raise', 'return', 'join', 'queue' or 'keep-newest', not {on_conflict!r}"
+            f"on_conflict must be 'raise', 'return', 'join', 'queue', 'keep-newest' or 'supersede', not {on_conflict!r}"
         )
     # Made before the first attempt, so that every retry names the same run.
     run_id = run_id or str(uuid.uuid4())

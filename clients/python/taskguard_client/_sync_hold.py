@@ -77,6 +77,17 @@ class Hold(HoldState):
         self._changed = threading.Condition()
         self._streaming = False
         self._reader: threading.Thread | None = None
+        self._stop_event = threading.Event()
+
+    def wait_stop_requested(self, timeout: float | None = None) -> Guard | None:
+        """Block until a newer trigger supersedes this run (``on_conflict="supersede"``), at most ``timeout``
+        seconds; the guard (``stop_requested_by`` names the newer run), or None if it did not happen."""
+        if not self._stop_event.wait(timeout):
+            return None
+        return self._stop_request
+
+    def _stop_heard(self) -> None:
+        self._stop_event.set()
 
     def wait_lost(self, timeout: float | None = None) -> LeaseLost | None:
         """Wait until the guard is taken away (or ``timeout`` seconds passed: None)."""

@@ -402,12 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--holder", metavar="H", help="shown to runs refused meanwhile (default: host, pid and command)")
     run.add_argument(
         "--on-conflict",
-        choices=("fail", "skip", "join", "wait", "queue", "keep-newest"),
+        choices=("fail", "skip", "join", "wait", "queue", "keep-newest", "supersede"),
         default="fail",
         help="when another run holds the guard: exit 75 (fail); exit 0 (skip); wait for it to end and exit 0 if"
         " it succeeded (join, or its old name wait); wait in the key's FIFO queue and run CMD when its turn"
         " comes (queue); the same, but a newer keep-newest trigger takes this one's place, which exits 84"
-        " (keep-newest). Queued positions go to stderr",
+        " (keep-newest); ask the running run to stop and run CMD first when it has, where the key's rule allows"
+        " it (supersede; a superseded run's CMD gets SIGTERM). Queued positions go to stderr",
     )
     run.add_argument(
         "--max-wait",

@@ -27,7 +27,11 @@ the guard.
   if it succeeded, else 80. ``--on-conflict queue`` waits in the key's FIFO
   queue (each change of place on stderr) and runs CMD when its turn comes;
   ``keep-newest`` too, but a newer keep-newest trigger takes its place (84).
-  A full queue exits 82; a ``--max-wait`` that passes, 83.
+  ``--on-conflict supersede`` asks the running run to stop (where the key's
+  rule allows it) and runs CMD when it has. A full queue exits 82; a
+  ``--max-wait`` that passes, 83.
+* A run superseded by a newer trigger gets SIGTERM forwarded to CMD, and is
+  released CANCELLED once CMD has exited.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ _ON_CONFLICT: dict[str, OnConflict] = {
     "wait": "join",
     "queue": "queue",
     "keep-newest": "keep-newest",
+    "supersede": "supersede",
 }
 
 
@@ -187,10 +192,21 @@ async def _supervise(held: AsyncHold, command: Sequence[str]) -> int:
                 process.send_signal(signum)
         exited = asyncio.ensure_future(process.wait())
         lost = asyncio.ensure_future(held.wait_lost())
+        superseded = asyncio.ensure_future(held.wait_stop_requested())
+
+        def stop_for_newer(_: object) -> None:
+            if superseded.cancelled():
+                return
+            warn(f"{held.task_key}: superseded by run {held.stop_requested_by}; sending SIGTERM to {command[0]}")
+            # As if SIGTERM had come to this process: the run then ends CANCELLED once CMD has exited.
+            forward(signal.SIGTERM)
+
+        superseded.add_done_callback(stop_for_newer)
         try:
             await asyncio.wait({exited, lost}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
+            superseded.cancel()
         if not exited.done():
             loss = lost.result()
             warn(

@@ -52,6 +52,8 @@ class HoldStream:
         self._first_message_timeout_s = first_message_timeout_s
         # When the acquisition was answered: a joined stream waits for the winner's run from then on.
         self._answered_at = 0.0
+        self._writing = asyncio.Lock()
+        self._telling: asyncio.Future[None] | None = None
 
     async def serve(self) -> None:
         try:
@@ -170,6 +172,9 @@ class HoldStream:
 
         ended.add_done_callback(interrupt)
         self._draining.add_done_callback(interrupt)
+        # A stop request is told while the handler waits in read() (a read that was cancelled cannot go on),
+        # by a task made only then: a task per held stream would cost its memory 10,000 times over.
+        self._session.stop_requested.add_done_callback(self._stop_requested)
         try:
             while True:
                 if self._draining.done():
@@ -193,8 +198,25 @@ class HoldStream:
                 if await self._step(message):
                     return
         finally:
+            self._session.stop_requested.remove_done_callback(self._stop_requested)
+            if self._telling is not None:
+                self._telling.cancel()
             ended.remove_done_callback(interrupt)
             self._draining.remove_done_callback(interrupt)
+
+    def _stop_requested(self, request: asyncio.Future[GuardRecord]) -> None:
+        if not request.cancelled():
+            self._telling = asyncio.ensure_future(self._tell_stop_requested(request.result()))
+
+    async def _tell_stop_requested(self, superseded: GuardRecord) -> None:
+        """A newer trigger superseded the run (SUPERSEDE): the holder should stop, and release."""
+        await self._send(pb.HoldResponse(guard=self._render(superseded), event=pb.HOLD_EVENT_STOP_REQUESTED))
+        self._session.next_stop_request().add_done_callback(self._stop_requested)
+
+    async def _send(self, response: pb.HoldResponse) -> None:
+        # One write at a time: stop requests are written beside the handler's own answers.
+        async with self._writing:
+            await self._context.write(response)
 
     async def _run_ended(self, final: GuardRecord) -> None:
         held = self._session.held
@@ -208,7 +230,7 @@ class HoldStream:
                 )
             )
             return
-        await self._context.write(pb.HoldResponse(guard=self._render(final), event=pb.HOLD_EVENT_LOST))
+        await self._send(pb.HoldResponse(guard=self._render(final), event=pb.HOLD_EVENT_LOST))
         raise Rejection(self._session.why_lost(final))
 
     async def _step(self, message: pb.HoldRequest) -> bool:
@@ -218,12 +240,12 @@ class HoldStream:
             raise wire.BadRequest("request", "a joined Hold stream only waits; send nothing")
         if which == "heartbeat":
             record = expect(await self._session.heartbeat())
-            await self._context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_HEARTBEAT_ACK))
+            await self._send(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_HEARTBEAT_ACK))
             return False
         if which == "release":
             status = wire.run_status(message.release.status)
             detail = wire.release_detail(message.release.detail)
             record = expect(await self._session.release(status, detail))
-            await self._context.write(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_RELEASED))
+            await self._send(pb.HoldResponse(guard=self._render(record), event=pb.HOLD_EVENT_RELEASED))
             return True
         raise wire.BadRequest("request", "after the first message a Hold stream takes only heartbeat or release")

@@ -47,6 +47,7 @@ _REJECTION_STATUS = {
     RejectionKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     RejectionKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     RejectionKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    RejectionKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -284,6 +284,10 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
         message.hold_until.CopyFrom(_timestamp(record.hold_until))
     for waiting in record.waiters:
         message.waiters.append(waiter(waiting))
+    if record.running and record.stop_requested_by:
+        message.stop_requested_by = record.stop_requested_by
+        if record.stop_until is not None:
+            message.stop_at.CopyFrom(_timestamp(record.stop_until))
     return message
 
 
@@ -293,6 +297,7 @@ def waiter(waiting: model.Waiter) -> pb.Waiter:
         holder=waiting.acquire.holder,
         queued_at=_timestamp(waiting.queued_at),
         keep_newest=waiting.keep_newest,
+        superseding=waiting.superseding,
     )
     if waiting.wait_until is not None:
         message.wait_until.CopyFrom(_timestamp(waiting.wait_until))
@@ -315,6 +320,8 @@ def key_policy(rule: model.KeyRule) -> pb.KeyPolicy:
     message.max_queue = rule.max_queue
     if rule.max_wait_s is not None:
         message.max_wait.FromNanoseconds(round(rule.max_wait_s * 1e9))
+    message.allow_supersede = rule.allow_supersede
+    message.supersede_grace.FromNanoseconds(round(rule.supersede_grace_s * 1e9))
     return message
 
 

@@ -39,6 +39,9 @@ takes it up (``Claim``), and ends CANCELLED, as no loss, if no call does within
 the resume grace. A waiter leaves when its call ends (``Leave``) or its
 ``max_wait`` passes (healing). A key that needs an approval or is lock-delayed
 keeps its queue waiting; a caller that does not wait cannot jump it.
+SUPERSEDE (where the rule allows it) asks the running run to stop
+(``stop_requested_by``) and waits first in line; the run is force-released if
+it has not released by ``stop_deadline``.
 
 ``decide(record, command, now, policy)`` is the whole machine, and ``RULES``
 (one table, state x command) says which rule answers each command in each
@@ -155,9 +158,27 @@ def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[Guar
         record = _lapsed(record, now, policy)
         lapsed = EventType.EXPIRED if record.state is GuardState.EXPIRED else EventType.RELEASED
         events.append(Event(lapsed, record, now.wall))
+    elif record.running and record.stop_deadline is not None and now.monotonic >= record.stop_deadline:
+        record = _not_stopped(record, now, policy)
+        events.append(
+            Event(EventType.FORCE_RELEASED, record, now.wall, actor=record.released_by, reason=record.last_detail)
+        )
     record, left = _drop_lapsed_waiters(record, now)
     record, admitted = _serve_queue(record, now, policy)
     return record, (*events, *left, *admitted)
+
+
+def _not_stopped(record: GuardRecord, now: Instant, policy: Policy) -> GuardRecord:
+    """A superseded run that did not stop within its grace: force-released, its fence no longer valid."""
+    rule = policy.rule_for(record.task_key)
+    why = (
+        f"superseded by run {record.stop_requested_by}; it did not stop within the supersede_grace of "
+        f"{_seconds(rule.supersede_grace_s)} (rule {rule.name!r})"
+    )
+    ended = _ended(
+        record, GuardState.CANCELLED, RunStatus.CANCELLED, why, now.wall, f"run {record.stop_requested_by} (supersede)"
+    )
+    return _lost(ended, rule, now)
 
 
 def _lapsed(record: GuardRecord, now: Instant, policy: Policy) -> GuardRecord:
@@ -187,6 +208,8 @@ def _ended(
         released_by=released_by,
         expires_deadline=None,
         hold_deadline=None,
+        stop_deadline=None,
+        stop_until=None,
     )
 
 
@@ -210,6 +233,8 @@ def next_deadline(record: GuardRecord) -> float | None:
         deadlines.append(record.expires_deadline)
     if record.waiters and not record.running and record.lock_delay_deadline is not None:
         deadlines.append(record.lock_delay_deadline)
+    if record.running and record.stop_deadline is not None:
+        deadlines.append(record.stop_deadline)
     return min(deadlines, default=None)
 
 
@@ -381,7 +406,9 @@ def _refuse_or_wait(
     """A key ``cmd`` cannot have now: a waiting caller joins its queue (or is already in it), others are refused."""
     if (waiting := _waiting(current, cmd)) is not None:
         return _requeue(current, waiting, cmd, now)
-    if (chosen := conflict_policy(cmd, policy)) in WAITING_POLICIES:
+    if (chosen := conflict_policy(cmd, policy)) is ConflictPolicy.SUPERSEDE:
+        return _supersede(current, cmd, now, policy)
+    if chosen in WAITING_POLICIES:
         return _enqueue(current, cmd, chosen is ConflictPolicy.KEEP_NEWEST, now, policy)
     return _refuse(current, cmd, outcome, event_type, now, policy)
 
@@ -641,7 +668,11 @@ def _resume(current: GuardRecord, cmd: Resume, now: Instant, policy: Policy) -> 
 def _release(current: GuardRecord, cmd: Release, now: Instant, policy: Policy) -> Decision:
     if (lost := _held(current, cmd)) is not None:
         return lost
-    released = _ended(current, _RELEASED_STATE[cmd.status], cmd.status, cmd.detail, now.wall)
+    detail = cmd.detail
+    if current.stop_requested_by:
+        # Whatever the holder said, the run's end names the run it made way for.
+        detail = f"superseded by run {current.stop_requested_by}" + (f": {detail}" if detail else "")
+    released = _ended(current, _RELEASED_STATE[cmd.status], cmd.status, detail, now.wall)
     return Decision(released, (Event(EventType.RELEASED, released, now.wall),), GuardReply(released))
 
 
@@ -728,9 +759,7 @@ def _enqueue(current: GuardRecord, cmd: Acquire, keep_newest: bool, now: Instant
     staying = tuple(waiter for waiter in current.waiters if waiter not in replaced)
     if len(staying) >= rule.max_queue:
         return _refuse(current, cmd, Outcome.QUEUE_FULL, EventType.QUEUE_FULL_REFUSED, now, policy)
-    bounds = [bound for bound in (cmd.max_wait_s, rule.max_wait_s) if bound is not None]
-    deadline, until = now.after(min(bounds)) if bounds else (None, None)
-    waiter = Waiter(cmd, now.wall, keep_newest, wait_until=until, wait_deadline=deadline)
+    waiter = Waiter(cmd, now.wall, keep_newest, **_wait_bound(cmd, rule, now))
     queued = replace(current, waiters=(*staying, waiter), duplicate_count=current.duplicate_count + 1)
     superseded = tuple(
         Event(
@@ -754,6 +783,51 @@ def _enqueue(current: GuardRecord, cmd: Acquire, keep_newest: bool, now: Instant
     )
     # Durable before the caller hears it: a release decided by another sidecar of a shared store serves it.
     return Decision(queued, (*superseded, joined), AcquireReply(Outcome.QUEUED, queued, position=len(queued.waiters)))
+
+
+def _supersede(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
+    """Cancel-in-progress: ask the running run to stop and wait first in line (replacing an earlier superseder)."""
+    rule = policy.rule_for(cmd.task_key)
+    if not rule.allow_supersede:
+        why = f"SUPERSEDE is not allowed for this key (its rule {rule.name!r} does not set allow_supersede)"
+        return Decision(None, (), Rejected(RejectionKind.PERMISSION_DENIED, "on_conflict", why))
+    replaced = tuple(waiter for waiter in current.waiters if waiter.superseding)
+    staying = tuple(waiter for waiter in current.waiters if not waiter.superseding)
+    if len(staying) >= rule.max_queue:
+        return _refuse(current, cmd, Outcome.QUEUE_FULL, EventType.QUEUE_FULL_REFUSED, now, policy)
+    waiter = Waiter(cmd, now.wall, superseding=True, **_wait_bound(cmd, rule, now))
+    queued = replace(current, waiters=(waiter, *staying), duplicate_count=current.duplicate_count + 1)
+    why = f"superseded by the newer trigger of run {cmd.run_id}"
+
+    def event(kind: EventType, record: GuardRecord, waiter_run_id: str = "") -> Event:
+        return Event(
+            kind,
+            record,
+            now.wall,
+            trigger_run_id=cmd.run_id,
+            trigger_holder=cmd.holder,
+            reason=why,
+            waiter_run_id=waiter_run_id,
+        )
+
+    events = [event(EventType.SUPERSEDED, queued, old.run_id) for old in replaced]
+    if current.running:
+        # An earlier superseder's request already runs: the run's grace does not start again.
+        stop = (current.stop_deadline, current.stop_until) if current.stop_deadline is not None else None
+        deadline, until = stop or now.after(rule.supersede_grace_s)
+        queued = replace(queued, stop_requested_by=cmd.run_id, stop_deadline=deadline, stop_until=until)
+        events.append(event(EventType.STOP_REQUESTED, queued))
+    events.append(event(EventType.QUEUED, queued, cmd.run_id))
+    return Decision(queued, tuple(events), AcquireReply(Outcome.QUEUED, queued, position=1))
+
+
+def _wait_bound(cmd: Acquire, rule: KeyRule, now: Instant) -> dict[str, Any]:
+    """When a waiter gives up: the sooner of its own max_wait and its key's."""
+    bounds = [bound for bound in (cmd.max_wait_s, rule.max_wait_s) if bound is not None]
+    if not bounds:
+        return {}
+    deadline, until = now.after(min(bounds))
+    return {"wait_deadline": deadline, "wait_until": until}
 
 
 def _drop_lapsed_waiters(record: GuardRecord, now: Instant) -> tuple[GuardRecord, tuple[Event, ...]]:

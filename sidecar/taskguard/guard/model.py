@@ -80,6 +80,8 @@ class EventType(enum.IntEnum):
     SUPERSEDED = 15
     # A trigger refused with QUEUE_FULL.
     QUEUE_FULL_REFUSED = 16
+    # SUPERSEDE: the running run was asked to stop for a newer trigger (``trigger_run_id``).
+    STOP_REQUESTED = 17
 
 
 # The events that end a run (its guard stops being held).
@@ -102,9 +104,12 @@ class ConflictPolicy(enum.IntEnum):
     QUEUE = 3
     # As QUEUE, but the key keeps at most one such waiter: a newer trigger replaces it (debounce).
     KEEP_NEWEST = 4
+    # Cancel-in-progress: the running run is asked to stop (force-released after the key's supersede_grace)
+    # and the caller is first in line; only where the key's rule allows it.
+    SUPERSEDE = 5
 
 
-WAITING_POLICIES = frozenset({ConflictPolicy.QUEUE, ConflictPolicy.KEEP_NEWEST})
+WAITING_POLICIES = frozenset({ConflictPolicy.QUEUE, ConflictPolicy.KEEP_NEWEST, ConflictPolicy.SUPERSEDE})
 
 
 class RejectionKind(enum.Enum):
@@ -113,6 +118,7 @@ class RejectionKind(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
     FAILED_PRECONDITION = "failed_precondition"
+    PERMISSION_DENIED = "permission_denied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +164,10 @@ class KeyRule:
     # QUEUE and KEEP_NEWEST: at most this many waiters; a waiter leaves after max_wait (None: no bound).
     max_queue: int = 64
     max_wait_s: float | None = None
+    # SUPERSEDE: whether a caller may ask the running run to stop, and how long that run has to stop by itself
+    # before it is force-released (its fence invalidated).
+    allow_supersede: bool = False
+    supersede_grace_s: float = 30.0
 
     def matches(self, task_key: str) -> bool:
         return fnmatch.fnmatchcase(task_key, self.match)
@@ -214,6 +224,8 @@ class Waiter:
     acquire: Acquire
     queued_at: datetime
     keep_newest: bool = False
+    # SUPERSEDE: first in line, for the run it asked to stop.
+    superseding: bool = False
     # Its max_wait: it leaves the queue then (UTC for people, monotonic decides).
     wait_until: datetime | None = None
     wait_deadline: float | None = None
@@ -267,6 +279,10 @@ class GuardRecord:
     # False while a run admitted from the queue has not been taken up by its waiter's call: if the call is
     # gone (a sidecar that died with it), the run ends CANCELLED after the resume grace, as no loss.
     claimed: bool = True
+    # SUPERSEDE: the run that asked this one to stop, and when it is force-released if it has not (UTC, monotonic).
+    stop_requested_by: str = ""
+    stop_until: datetime | None = None
+    stop_deadline: float | None = None
 
     def position(self, run_id: str) -> int:
         """``run_id``'s place in the queue, from 1; 0 when it is not waiting."""

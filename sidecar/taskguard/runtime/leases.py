@@ -23,7 +23,7 @@ import contextlib
 import heapq
 import logging
 from collections import Counter
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from taskguard.guard import core, model
@@ -284,6 +284,9 @@ class HoldSession:
         self.ended: asyncio.Future[GuardRecord] | None = None
         # While the session waits in its key's queue.
         self.turn: Turn | None = None
+        # Resolves with the guard when a newer trigger asks the held run to stop (SUPERSEDE).
+        self.stop_requested: asyncio.Future[GuardRecord] = asyncio.get_running_loop().create_future()
+        self._stop_following: Callable[[], None] | None = None
         self._released = False
 
     async def acquire(self, command: Acquire) -> Result:
@@ -321,10 +324,30 @@ class HoldSession:
         if reply.outcome is Outcome.ACQUIRED:
             self.held = reply.guard
             self._keeper.attach(reply.guard, self)
+            self._follow_stop_requests(reply.guard)
         elif not reply.joined:
             return
         self.ended = self._hub.run_ended(reply.guard)
         self._hub.check_run(await self._engine.get(reply.guard.task_key))
+
+    def _follow_stop_requests(self, held: GuardRecord) -> None:
+        """Hear when a newer trigger supersedes the held run (SUPERSEDE), to tell the holder."""
+        if self._stop_following is not None:
+            return
+
+        def heard(event: model.Event) -> None:
+            if event.type is EventType.STOP_REQUESTED and event.guard.fencing_token == held.fencing_token:
+                if not self.stop_requested.done():
+                    self.stop_requested.set_result(event.guard)
+
+        self._stop_following = self._hub.follow(held.task_key, heard)
+        if held.stop_requested_by and not self.stop_requested.done():
+            self.stop_requested.set_result(held)  # asked before this stream took the run up (a resume)
+
+    def next_stop_request(self) -> asyncio.Future[GuardRecord]:
+        """The holder was told of a stop request: wait for the next one (a newer superseder)."""
+        self.stop_requested = asyncio.get_running_loop().create_future()
+        return self.stop_requested
 
     async def heartbeat(self) -> Result:
         held = self._require_held()
@@ -365,6 +388,10 @@ class HoldSession:
         """The stream is over; abandon the run unless it was released, lost or left for a resume already."""
         if self.turn is not None:
             self.turn.close("the waiter's Hold stream ended before its turn came")
+        if self._stop_following is not None:
+            self._stop_following()
+        if not self.stop_requested.done():
+            self.stop_requested.cancel()
         if self.ended is not None and not self.ended.done():
             self.ended.cancel()
         if self.held is not None and not self._released:

@@ -60,6 +60,8 @@ def record_to_doc(record: GuardRecord) -> dict[str, Any]:
         "hold_until": _at(record.hold_until),
         "waiters": [_waiter_to_doc(waiter) for waiter in record.waiters],
         "claimed": record.claimed,
+        "stop_requested_by": record.stop_requested_by,
+        "stop_until": _at(record.stop_until),
     }
 
 
@@ -79,6 +81,7 @@ def _waiter_to_doc(waiter: Waiter) -> dict[str, Any]:
         "max_wait_s": cmd.max_wait_s,
         "queued_at": _at(waiter.queued_at),
         "keep_newest": waiter.keep_newest,
+        "superseding": waiter.superseding,
         "wait_until": _at(waiter.wait_until),
     }
 
@@ -106,6 +109,7 @@ def _waiter_from_doc(task_key: str, doc: dict[str, Any], now: Instant) -> Waiter
         acquire,
         queued_at,
         keep_newest=bool(doc["keep_newest"]),
+        superseding=bool(doc.get("superseding", False)),
         wait_until=wait_until,
         wait_deadline=to_monotonic(wait_until, now) if wait_until is not None else None,
     )
@@ -118,6 +122,7 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
     # Written since per-key rules; older documents have neither.
     lock_delay_until = _parse_at(doc.get("lock_delay_until"))
     hold_until = _parse_at(doc.get("hold_until"))
+    stop_until = _parse_at(doc.get("stop_until"))
     running = doc["state"] == GuardState.RUNNING.name
     assert heartbeat_at is not None and started_at is not None
     return GuardRecord(
@@ -157,6 +162,9 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
         # Written since queues; older documents have none.
         waiters=tuple(_waiter_from_doc(doc["task_key"], waiter, now) for waiter in doc.get("waiters", ())),
         claimed=bool(doc.get("claimed", True)),
+        stop_requested_by=doc.get("stop_requested_by", ""),
+        stop_until=stop_until,
+        stop_deadline=to_monotonic(stop_until, now) if stop_until is not None and running else None,
     )
 
 

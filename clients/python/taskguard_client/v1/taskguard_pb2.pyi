@@ -48,6 +48,7 @@ class OnConflict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ON_CONFLICT_JOIN: _ClassVar[OnConflict]
     ON_CONFLICT_QUEUE: _ClassVar[OnConflict]
     ON_CONFLICT_KEEP_NEWEST: _ClassVar[OnConflict]
+    ON_CONFLICT_SUPERSEDE: _ClassVar[OnConflict]
 
 class FailureHandling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +65,7 @@ class HoldEvent(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLD_EVENT_LOST: _ClassVar[HoldEvent]
     HOLD_EVENT_WINNER_FINISHED: _ClassVar[HoldEvent]
     HOLD_EVENT_QUEUE_POSITION: _ClassVar[HoldEvent]
+    HOLD_EVENT_STOP_REQUESTED: _ClassVar[HoldEvent]
 
 class GuardEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -84,6 +86,7 @@ class GuardEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GUARD_EVENT_TYPE_DEQUEUED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_SUPERSEDED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_STOP_REQUESTED: _ClassVar[GuardEventType]
 GUARD_STATE_UNSPECIFIED: GuardState
 GUARD_STATE_RUNNING: GuardState
 GUARD_STATE_SUCCEEDED: GuardState
@@ -110,6 +113,7 @@ ON_CONFLICT_REJECT: OnConflict
 ON_CONFLICT_JOIN: OnConflict
 ON_CONFLICT_QUEUE: OnConflict
 ON_CONFLICT_KEEP_NEWEST: OnConflict
+ON_CONFLICT_SUPERSEDE: OnConflict
 FAILURE_HANDLING_UNSPECIFIED: FailureHandling
 FAILURE_HANDLING_REQUIRE_APPROVAL: FailureHandling
 FAILURE_HANDLING_REOPEN: FailureHandling
@@ -120,6 +124,7 @@ HOLD_EVENT_RELEASED: HoldEvent
 HOLD_EVENT_LOST: HoldEvent
 HOLD_EVENT_WINNER_FINISHED: HoldEvent
 HOLD_EVENT_QUEUE_POSITION: HoldEvent
+HOLD_EVENT_STOP_REQUESTED: HoldEvent
 GUARD_EVENT_TYPE_UNSPECIFIED: GuardEventType
 GUARD_EVENT_TYPE_SNAPSHOT: GuardEventType
 GUARD_EVENT_TYPE_ACQUIRED: GuardEventType
@@ -137,23 +142,26 @@ GUARD_EVENT_TYPE_QUEUED: GuardEventType
 GUARD_EVENT_TYPE_DEQUEUED: GuardEventType
 GUARD_EVENT_TYPE_SUPERSEDED: GuardEventType
 GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: GuardEventType
+GUARD_EVENT_TYPE_STOP_REQUESTED: GuardEventType
 
 class Waiter(_message.Message):
-    __slots__ = ("run_id", "holder", "queued_at", "wait_until", "keep_newest")
+    __slots__ = ("run_id", "holder", "queued_at", "wait_until", "keep_newest", "superseding")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     QUEUED_AT_FIELD_NUMBER: _ClassVar[int]
     WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
     KEEP_NEWEST_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDING_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     holder: str
     queued_at: _timestamp_pb2.Timestamp
     wait_until: _timestamp_pb2.Timestamp
     keep_newest: bool
-    def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_newest: _Optional[bool] = ...) -> None: ...
+    superseding: bool
+    def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_newest: _Optional[bool] = ..., superseding: _Optional[bool] = ...) -> None: ...
 
 class Guard(_message.Message):
-    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy", "waiters")
+    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy", "waiters", "stop_requested_by", "stop_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +196,8 @@ class Guard(_message.Message):
     HOLD_UNTIL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WAITERS_FIELD_NUMBER: _ClassVar[int]
+    STOP_REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     session_key: str
     task_name: str
@@ -215,10 +225,12 @@ class Guard(_message.Message):
     hold_until: _timestamp_pb2.Timestamp
     policy: KeyPolicy
     waiters: _containers.RepeatedCompositeFieldContainer[Waiter]
-    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ...) -> None: ...
+    stop_requested_by: str
+    stop_at: _timestamp_pb2.Timestamp
+    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., stop_requested_by: _Optional[str] = ..., stop_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class KeyPolicy(_message.Message):
-    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold", "max_queue", "max_wait")
+    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold", "max_queue", "max_wait", "allow_supersede", "supersede_grace")
     RULE_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +241,8 @@ class KeyPolicy(_message.Message):
     MAX_HOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SUPERSEDE_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDE_GRACE_FIELD_NUMBER: _ClassVar[int]
     rule: str
     match: str
     on_conflict: OnConflict
@@ -239,7 +253,9 @@ class KeyPolicy(_message.Message):
     max_hold: _duration_pb2.Duration
     max_queue: int
     max_wait: _duration_pb2.Duration
-    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    allow_supersede: bool
+    supersede_grace: _duration_pb2.Duration
+    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., allow_supersede: _Optional[bool] = ..., supersede_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
     __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret", "max_wait")

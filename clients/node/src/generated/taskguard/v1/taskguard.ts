@@ -318,6 +318,18 @@ export const OnConflict = {
    * follow-ups while a task runs lead to one more run, the latest).
    */
   ON_CONFLICT_KEEP_NEWEST: "ON_CONFLICT_KEEP_NEWEST",
+  /**
+   * ON_CONFLICT_SUPERSEDE - Cancel-in-progress, where the key's rule sets allow_supersede (else
+   * PERMISSION_DENIED): the running run is asked to stop (its Hold stream
+   * gets HOLD_EVENT_STOP_REQUESTED; a unary holder sees
+   * Guard.stop_requested_by on its next Renew) and the caller waits first in
+   * line, as with QUEUE. When the old run releases, its detail names the
+   * superseding run; if it has not released within the rule's
+   * supersede_grace (Guard.stop_at), it is force-released (CANCELLED, its
+   * fencing token no longer valid) and the caller's turn comes. A newer
+   * SUPERSEDE replaces a waiting one, which is answered SUPERSEDED.
+   */
+  ON_CONFLICT_SUPERSEDE: "ON_CONFLICT_SUPERSEDE",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -329,6 +341,7 @@ export namespace OnConflict {
   export type ON_CONFLICT_JOIN = typeof OnConflict.ON_CONFLICT_JOIN;
   export type ON_CONFLICT_QUEUE = typeof OnConflict.ON_CONFLICT_QUEUE;
   export type ON_CONFLICT_KEEP_NEWEST = typeof OnConflict.ON_CONFLICT_KEEP_NEWEST;
+  export type ON_CONFLICT_SUPERSEDE = typeof OnConflict.ON_CONFLICT_SUPERSEDE;
   export type UNRECOGNIZED = typeof OnConflict.UNRECOGNIZED;
 }
 
@@ -349,6 +362,9 @@ export function onConflictFromJSON(object: any): OnConflict {
     case 4:
     case "ON_CONFLICT_KEEP_NEWEST":
       return OnConflict.ON_CONFLICT_KEEP_NEWEST;
+    case 5:
+    case "ON_CONFLICT_SUPERSEDE":
+      return OnConflict.ON_CONFLICT_SUPERSEDE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -368,6 +384,8 @@ export function onConflictToNumber(object: OnConflict): number {
       return 3;
     case OnConflict.ON_CONFLICT_KEEP_NEWEST:
       return 4;
+    case OnConflict.ON_CONFLICT_SUPERSEDE:
+      return 5;
     case OnConflict.UNRECOGNIZED:
     default:
       return -1;
@@ -447,6 +465,12 @@ export const HoldEvent = {
    * stream goes on as any holder's. SUPERSEDED or WAIT_TIMED_OUT end it.
    */
   HOLD_EVENT_QUEUE_POSITION: "HOLD_EVENT_QUEUE_POSITION",
+  /**
+   * HOLD_EVENT_STOP_REQUESTED - To a holder: a newer trigger superseded this run (ON_CONFLICT_SUPERSEDE).
+   * guard.stop_requested_by names it and guard.stop_at says when the run is
+   * force-released unless it releases first. The stream goes on.
+   */
+  HOLD_EVENT_STOP_REQUESTED: "HOLD_EVENT_STOP_REQUESTED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -460,6 +484,7 @@ export namespace HoldEvent {
   export type HOLD_EVENT_LOST = typeof HoldEvent.HOLD_EVENT_LOST;
   export type HOLD_EVENT_WINNER_FINISHED = typeof HoldEvent.HOLD_EVENT_WINNER_FINISHED;
   export type HOLD_EVENT_QUEUE_POSITION = typeof HoldEvent.HOLD_EVENT_QUEUE_POSITION;
+  export type HOLD_EVENT_STOP_REQUESTED = typeof HoldEvent.HOLD_EVENT_STOP_REQUESTED;
   export type UNRECOGNIZED = typeof HoldEvent.UNRECOGNIZED;
 }
 
@@ -486,6 +511,9 @@ export function holdEventFromJSON(object: any): HoldEvent {
     case 6:
     case "HOLD_EVENT_QUEUE_POSITION":
       return HoldEvent.HOLD_EVENT_QUEUE_POSITION;
+    case 7:
+    case "HOLD_EVENT_STOP_REQUESTED":
+      return HoldEvent.HOLD_EVENT_STOP_REQUESTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -509,6 +537,8 @@ export function holdEventToNumber(object: HoldEvent): number {
       return 5;
     case HoldEvent.HOLD_EVENT_QUEUE_POSITION:
       return 6;
+    case HoldEvent.HOLD_EVENT_STOP_REQUESTED:
+      return 7;
     case HoldEvent.UNRECOGNIZED:
     default:
       return -1;
@@ -543,6 +573,8 @@ export const GuardEventType = {
   GUARD_EVENT_TYPE_SUPERSEDED: "GUARD_EVENT_TYPE_SUPERSEDED",
   /** GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED - A trigger refused with QUEUE_FULL. */
   GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: "GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED",
+  /** GUARD_EVENT_TYPE_STOP_REQUESTED - The running run was asked to stop for trigger_run_id (SUPERSEDE). */
+  GUARD_EVENT_TYPE_STOP_REQUESTED: "GUARD_EVENT_TYPE_STOP_REQUESTED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -566,6 +598,7 @@ export namespace GuardEventType {
   export type GUARD_EVENT_TYPE_DEQUEUED = typeof GuardEventType.GUARD_EVENT_TYPE_DEQUEUED;
   export type GUARD_EVENT_TYPE_SUPERSEDED = typeof GuardEventType.GUARD_EVENT_TYPE_SUPERSEDED;
   export type GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED = typeof GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED;
+  export type GUARD_EVENT_TYPE_STOP_REQUESTED = typeof GuardEventType.GUARD_EVENT_TYPE_STOP_REQUESTED;
   export type UNRECOGNIZED = typeof GuardEventType.UNRECOGNIZED;
 }
 
@@ -622,6 +655,9 @@ export function guardEventTypeFromJSON(object: any): GuardEventType {
     case 16:
     case "GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED":
       return GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED;
+    case 17:
+    case "GUARD_EVENT_TYPE_STOP_REQUESTED":
+      return GuardEventType.GUARD_EVENT_TYPE_STOP_REQUESTED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -665,6 +701,8 @@ export function guardEventTypeToNumber(object: GuardEventType): number {
       return 15;
     case GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED:
       return 16;
+    case GuardEventType.GUARD_EVENT_TYPE_STOP_REQUESTED:
+      return 17;
     case GuardEventType.UNRECOGNIZED:
     default:
       return -1;
@@ -681,6 +719,8 @@ export interface Waiter {
   /** When its max_wait ends; unset without one. */
   waitUntil?: Date | undefined;
   keepNewest: boolean;
+  /** ON_CONFLICT_SUPERSEDE: first in line, for the run it asked to stop. */
+  superseding: boolean;
 }
 
 export interface Guard {
@@ -759,6 +799,12 @@ export interface Guard {
    * ON_CONFLICT_KEEP_NEWEST).
    */
   waiters: Waiter[];
+  /**
+   * RUNNING and asked to stop (ON_CONFLICT_SUPERSEDE): the run that asked,
+   * and when this run is force-released if it has not released by then.
+   */
+  stopRequestedBy: string;
+  stopAt?: Date | undefined;
 }
 
 export interface Guard_LabelsEntry {
@@ -791,7 +837,15 @@ export interface KeyPolicy {
   /** The most waiters its queue takes. */
   maxQueue: number;
   /** Unset: a waiter waits as long as its own max_wait (or call) allows. */
-  maxWait?: Duration | undefined;
+  maxWait?:
+    | Duration
+    | undefined;
+  /**
+   * Whether ON_CONFLICT_SUPERSEDE may ask a running run to stop, and how
+   * long that run then has before it is force-released.
+   */
+  allowSupersede: boolean;
+  supersedeGrace?: Duration | undefined;
 }
 
 export interface AcquireRequest {
@@ -1010,7 +1064,7 @@ export interface GuardEventBatch {
 }
 
 function createBaseWaiter(): Waiter {
-  return { runId: "", holder: "", queuedAt: undefined, waitUntil: undefined, keepNewest: false };
+  return { runId: "", holder: "", queuedAt: undefined, waitUntil: undefined, keepNewest: false, superseding: false };
 }
 
 export const Waiter: MessageFns<Waiter> = {
@@ -1029,6 +1083,9 @@ export const Waiter: MessageFns<Waiter> = {
     }
     if (message.keepNewest !== false) {
       writer.uint32(40).bool(message.keepNewest);
+    }
+    if (message.superseding !== false) {
+      writer.uint32(48).bool(message.superseding);
     }
     return writer;
   },
@@ -1086,6 +1143,14 @@ export const Waiter: MessageFns<Waiter> = {
             message.keepNewest = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.superseding = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1108,6 +1173,7 @@ export const Waiter: MessageFns<Waiter> = {
     message.queuedAt = object.queuedAt ?? undefined;
     message.waitUntil = object.waitUntil ?? undefined;
     message.keepNewest = object.keepNewest ?? false;
+    message.superseding = object.superseding ?? false;
     return message;
   },
 };
@@ -1141,6 +1207,8 @@ function createBaseGuard(): Guard {
     holdUntil: undefined,
     policy: undefined,
     waiters: [],
+    stopRequestedBy: "",
+    stopAt: undefined,
   };
 }
 
@@ -1226,6 +1294,12 @@ export const Guard: MessageFns<Guard> = {
     }
     for (const v of message.waiters) {
       Waiter.encode(v!, writer.uint32(218).fork()).join();
+    }
+    if (message.stopRequestedBy !== "") {
+      writer.uint32(226).string(message.stopRequestedBy);
+    }
+    if (message.stopAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.stopAt), writer.uint32(234).fork()).join();
     }
     return writer;
   },
@@ -1462,6 +1536,22 @@ export const Guard: MessageFns<Guard> = {
             message.waiters.push(Waiter.decode(reader, reader.uint32()));
             continue;
           }
+          case 28: {
+            if (tag !== 226) {
+              break;
+            }
+
+            message.stopRequestedBy = reader.string();
+            continue;
+          }
+          case 29: {
+            if (tag !== 234) {
+              break;
+            }
+
+            message.stopAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1516,6 +1606,8 @@ export const Guard: MessageFns<Guard> = {
       ? KeyPolicy.fromPartial(object.policy)
       : undefined;
     message.waiters = object.waiters?.map((e) => Waiter.fromPartial(e)) || [];
+    message.stopRequestedBy = object.stopRequestedBy ?? "";
+    message.stopAt = object.stopAt ?? undefined;
     return message;
   },
 };
@@ -1599,6 +1691,8 @@ function createBaseKeyPolicy(): KeyPolicy {
     maxHold: undefined,
     maxQueue: 0,
     maxWait: undefined,
+    allowSupersede: false,
+    supersedeGrace: undefined,
   };
 }
 
@@ -1633,6 +1727,12 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     }
     if (message.maxWait !== undefined) {
       Duration.encode(message.maxWait, writer.uint32(82).fork()).join();
+    }
+    if (message.allowSupersede !== false) {
+      writer.uint32(88).bool(message.allowSupersede);
+    }
+    if (message.supersedeGrace !== undefined) {
+      Duration.encode(message.supersedeGrace, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -1730,6 +1830,22 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
             message.maxWait = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.allowSupersede = reader.bool();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.supersedeGrace = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1762,6 +1878,10 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     message.maxQueue = object.maxQueue ?? 0;
     message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
       ? Duration.fromPartial(object.maxWait)
+      : undefined;
+    message.allowSupersede = object.allowSupersede ?? false;
+    message.supersedeGrace = (object.supersedeGrace !== undefined && object.supersedeGrace !== null)
+      ? Duration.fromPartial(object.supersedeGrace)
       : undefined;
     return message;
   },
