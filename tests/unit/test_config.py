@@ -320,7 +320,7 @@ def test_an_unknown_toml_key_is_rejected_listing_the_known_ones(tmp_path: Path) 
 def test_a_toml_table_is_an_unknown_setting(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
-        match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, allow_supersede, db, default_ttl, ",
+        match="unknown setting 'server'; known: abandoned_requires_approval, allow_remote, allow_supersede, db, ",
     ):
         load(tmp_path, toml='[server]\nlisten = "unix:/tmp/x.sock"\n')
 

@@ -87,8 +87,8 @@ def test_a_rule_can_undo_the_default_rules_max_hold(tmp_path: Path) -> None:
         (
             'match = "x*"\nmax_ttl = "1h"',
             "rules[0] ({source}): unknown setting 'max_ttl'; a rule may set match, name, abandoned_requires_approval, "
-            "allow_supersede, expired_requires_approval, failure, lock_delay, max_hold, max_queue, max_wait, on_conflict, "
-            "supersede_grace",
+            "allow_supersede, expired_requires_approval, failure, lock_delay, max_hold, max_queue, max_wait, "
+            "on_conflict, supersede_grace",
         ),
         (
             'name = "no-match"',
