@@ -13,9 +13,9 @@ extra) inside .venv; the Node client's packages are installed with `npm ci`
 into clients/node/node_modules, again only when package-lock.json changes.
 The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
 installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
-The dashboard's browser tests drive Debian's chromium and the etcd store's tests
-start Debian's etcd: when either is missing it is installed with apt-get (test
-and setup only).
+The dashboard's browser tests drive Debian's chromium, the etcd store's tests
+start Debian's etcd and the completion tests run Debian's zsh and fish: when one
+is missing it is installed with apt-get (test and setup only).
 """
 
 from __future__ import annotations
@@ -148,11 +148,13 @@ def setup_openclaw() -> None:
 SYSTEM_PACKAGES = {
     Path("/usr/bin/chromium"): ("chromium", "fonts-liberation"),  # the dashboard's browser tests
     Path("/usr/bin/etcd"): ("etcd-server",),  # the etcd store's tests
+    Path("/usr/bin/zsh"): ("zsh",),  # taskguard completion's tests complete in a real zsh and fish
+    Path("/usr/bin/fish"): ("fish",),
 }
 
 
 def setup_system_packages() -> None:
-    """apt-get install what the tests need and the machine lacks (Debian's chromium and etcd-server)."""
+    """apt-get install what the tests need and the machine lacks (Debian's chromium, etcd-server, zsh, fish)."""
     missing = [package for binary, packages in SYSTEM_PACKAGES.items() if not binary.exists() for package in packages]
     if not missing:
         return
