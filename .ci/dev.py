@@ -14,11 +14,12 @@ extra) inside .venv; the Node client's packages are installed with `npm ci`
 into clients/node/node_modules, again only when package-lock.json changes.
 The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
 installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
-The dashboard's browser tests drive Debian's chromium and the etcd store's tests
-start Debian's etcd: when either is missing it is installed with apt-get (test
-and setup only). The Prometheus alert rules in deploy/ are checked with Debian's
-promtool, unpacked from the prometheus package into .cache/prometheus/ (no
-service installed or started).
+The dashboard's browser tests drive Debian's chromium, the etcd store's tests
+start Debian's etcd, the completion tests run Debian's zsh and fish, and the
+container test Debian's buildah, podman, runc and mmdebstrap: when one is
+missing it is installed with apt-get (test and setup only). The Prometheus alert
+rules in deploy/ are checked with Debian's promtool, unpacked from the prometheus
+package into .cache/prometheus/ (no service installed or started).
 """
 
 from __future__ import annotations
@@ -153,11 +154,19 @@ def setup_openclaw() -> None:
 SYSTEM_PACKAGES = {
     Path("/usr/bin/chromium"): ("chromium", "fonts-liberation"),  # the dashboard's browser tests
     Path("/usr/bin/etcd"): ("etcd-server",),  # the etcd store's tests
+    Path("/usr/bin/zsh"): ("zsh",),  # taskguard completion's tests complete in a real zsh and fish
+    Path("/usr/bin/fish"): ("fish",),
+    # tests/integration/test_container.py builds deploy/container/Containerfile and runs the image
+    # (runc: crun refuses a hybrid cgroup hierarchy; mmdebstrap makes the stand-in base image).
+    Path("/usr/bin/buildah"): ("buildah",),
+    Path("/usr/bin/podman"): ("podman",),
+    Path("/usr/sbin/runc"): ("runc",),
+    Path("/usr/bin/mmdebstrap"): ("mmdebstrap",),
 }
 
 
 def setup_system_packages() -> None:
-    """apt-get install what the tests need and the machine lacks (Debian's chromium and etcd-server)."""
+    """apt-get install what the tests need and the machine lacks (SYSTEM_PACKAGES, all Debian's)."""
     missing = [package for binary, packages in SYSTEM_PACKAGES.items() if not binary.exists() for package in packages]
     if not missing:
         return

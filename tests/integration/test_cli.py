@@ -140,7 +140,7 @@ async def test_ls_json_is_one_document_and_the_table_shows_the_guard(
         1,
     )
     assert guard["started_at"].endswith("Z") and guard["ttl"] == 60.0
-    code, out, _ = await taskguard(address, "ls", "--prefix", key, "--state", "running", "failed")
+    code, out, _ = await taskguard(address, "ls", "--prefix", key, "--state", "running", "failed", "--wide")
     header, row = out.splitlines()
     assert header.split()[:3] == ["KEY", "STATE", "RUN"] and "EXPIRES" in header and "DUPS" in header
     assert row.split()[:4] == [key, "RUNNING", lease.run_id, "host-1"]

@@ -221,7 +221,7 @@ async def test_the_cli_escapes_hostile_text_stored_in_the_database(
     _plant(sidecar.db, failed, holder=HOSTILE, last_detail=f"exit code 3 {HOSTILE}")
     await asyncio.to_thread(sidecar.start)
 
-    code, out, err = await _taskguard(sidecar.address, "ls", "--prefix", key)
+    code, out, err = await _taskguard(sidecar.address, "ls", "--prefix", key, "--wide")
     assert code == 0, err
     _inert(out)
     lines = out.splitlines()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import dockerfile
 import pytest
 import yaml
 
@@ -100,3 +101,32 @@ def test_the_container_file_starts_the_sidecar_as_non_root_with_a_health_port() 
     assert '"--health-listen", "0.0.0.0:8081"' in text and "EXPOSE 8081" in text
     manifest_image_user = _manifest()["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
     assert manifest_image_user == 10001
+
+
+# Every instruction a Containerfile may have (the Dockerfile reference; buildah and podman take the same).
+INSTRUCTIONS = {
+    "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+    "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
+}  # fmt: skip
+
+
+def test_the_container_file_parses_and_copies_only_what_the_checkout_has() -> None:
+    """What a build checks first, without a builder: tests/integration/test_container.py builds and runs it."""
+    commands = dockerfile.parse_file(str(DEPLOY / "container" / "Containerfile"))
+    assert {command.cmd.upper() for command in commands} <= INSTRUCTIONS, [command.cmd for command in commands]
+    first = next(command for command in commands if command.cmd.upper() != "ARG")
+    assert first.cmd.upper() == "FROM", first.original
+    stages = [command.value[2] for command in commands if command.cmd.upper() == "FROM" and len(command.value) == 3]
+    for command in commands:
+        if command.cmd.upper() in ("ENTRYPOINT", "CMD", "VOLUME"):
+            assert command.json, f"{command.original!r} is not in exec (JSON) form: signals would go to a shell"
+        if command.cmd.upper() not in ("COPY", "ADD"):
+            continue
+        source_stage = [flag.split("=", 1)[1] for flag in command.flags if flag.startswith("--from=")]
+        if source_stage:
+            assert source_stage[0] in stages, command.original
+            continue
+        *sources, _ = command.value
+        for source in sources:
+            assert (ROOT / source).exists(), f"line {command.start_line}: {source} is not in the checkout"
+            assert not Path(source).is_absolute() and ".." not in Path(source).parts, source

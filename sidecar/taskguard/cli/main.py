@@ -21,9 +21,12 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
+import shtab
+
 import taskguard_client
 from taskguard import __version__, config
 from taskguard.cli import run as cli_run
+from taskguard.cli import table
 from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
 from taskguard_client import Client, Guard, GuardEvent, GuardState, KeyPolicy, TaskGuardError, Waiter, default_address
 
@@ -125,8 +128,24 @@ def _state_text(guard: Guard) -> str:
     return guard.state.value
 
 
-def _table(guards: Sequence[Guard], now: datetime) -> str:
-    headers = ("KEY", "STATE", "RUN ID", "HOLDER", "STARTED", "AGE", "EXPIRES", "TOKEN", "DUPS")
+# Wide to narrow: when the table is too wide, the highest drop rank leaves first; key, state, holder, age and
+# expiry always stay (the key and holder are shortened instead).
+_COLUMNS = (
+    table.Column("KEY", shorten="key"),
+    table.Column("STATE"),
+    table.Column("RUN ID", drop_rank=3),
+    table.Column("HOLDER", shorten="end"),
+    table.Column("STARTED", drop_rank=4),
+    table.Column("AGE"),
+    table.Column("EXPIRES"),
+    # Callers waiting in the key's queue (on_conflict queue, keep-newest, supersede).
+    table.Column("QUEUE"),
+    table.Column("TOKEN", drop_rank=1),
+    table.Column("DUPS", drop_rank=2),
+)
+
+
+def _table(guards: Sequence[Guard], now: datetime, width: int | None) -> str:
     rows = [
         tuple(
             shown(cell)
@@ -138,17 +157,14 @@ def _table(guards: Sequence[Guard], now: datetime) -> str:
                 iso(guard.started_at),
                 _span(now - guard.started_at),
                 _expires(guard, now),
+                str(len(guard.waiters)),
                 str(guard.fencing_token),
                 str(guard.duplicate_count),
             )
         )
         for guard in guards
     ]
-    widths = [max(len(row[column]) for row in (headers, *rows)) for column in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in (headers, *rows)
-    )
+    return table.fit(_COLUMNS, rows, width)
 
 
 def _expires(guard: Guard, now: datetime) -> str:
@@ -213,7 +229,7 @@ def _ls(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print(json.dumps([guard_json(guard) for guard in guards], indent=2))
     elif guards:
-        _print(_table(guards, datetime.now(UTC)))
+        _print(_table(guards, datetime.now(UTC), None if args.wide else table.output_width()))
     else:
         print("no guards", file=sys.stderr)
     return EXIT_OK
@@ -319,38 +335,94 @@ def _connection(parser: argparse.ArgumentParser, defaults: bool) -> None:
         help="deadline of each call to the sidecar, such as 10s or 500ms (default: 10s)",
     )
     unset = None if defaults else argparse.SUPPRESS
-    parser.add_argument(
-        "--token-file",
-        default=unset,
-        metavar="FILE",
-        help="file with the bearer token to present (default: $TASKGUARD_TOKEN_FILE, or $TASKGUARD_TOKEN itself)",
+    _complete_files(
+        parser.add_argument(
+            "--token-file",
+            default=unset,
+            metavar="FILE",
+            help="file with the bearer token to present (default: $TASKGUARD_TOKEN_FILE, or $TASKGUARD_TOKEN itself)",
+        ),
+        parser.add_argument(
+            "--tls-ca", default=unset, metavar="PEM", help="CA that signed the sidecar's certificate (TLS)"
+        ),
+        parser.add_argument("--tls-cert", default=unset, metavar="PEM", help="client certificate for mTLS"),
+        parser.add_argument("--tls-key", default=unset, metavar="PEM", help="client private key for mTLS"),
     )
-    parser.add_argument("--tls-ca", default=unset, metavar="PEM", help="CA that signed the sidecar's certificate (TLS)")
-    parser.add_argument("--tls-cert", default=unset, metavar="PEM", help="client certificate for mTLS")
-    parser.add_argument("--tls-key", default=unset, metavar="PEM", help="client private key for mTLS")
+
+
+# The headings `taskguard --help` lists the commands under, in this order; every command is under one.
+COMMAND_GROUPS = (
+    ("Guards", ("ls", "get", "watch")),
+    ("Runs", ("run", "check-fence")),
+    ("Operators", ("approve-retry", "force-release", "dashboard")),
+    ("Sidecar", ("serve", "doctor")),
+    ("Shell", ("completion",)),
+)
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+class _GroupedHelp(argparse.RawDescriptionHelpFormatter):
+    """argparse lists subcommands in one block; the main parser's description lists them by COMMAND_GROUPS."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # The subcommands stay on the parser (shtab completes them from there); only their block is left out.
+        if isinstance(action, argparse._SubParsersAction):
+            return ""
+        return super()._format_action(action)
+
+
+def _grouped_commands(helps: dict[str, str]) -> str:
+    grouped = [name for _, names in COMMAND_GROUPS for name in names]
+    if sorted(grouped) != sorted(helps):
+        raise RuntimeError(f"COMMAND_GROUPS {sorted(grouped)} do not match the commands {sorted(helps)}")
+    width = max(len(name) for name in helps) + 2
+    sections = [
+        f"{title}:\n" + "\n".join(f"  {name.ljust(width)}{helps[name]}" for name in names)
+        for title, names in COMMAND_GROUPS
+    ]
+    return "\n\n".join(sections) + "\n\nRun `taskguard COMMAND --help` for a command's options."
+
+
+def _completion(args: argparse.Namespace) -> int:
+    # shtab writes the script from the parser itself, so every command and option is in it as it is now.
+    try:
+        _print(shtab.complete(build_parser(), shell=args.shell))
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def _complete_files(*actions: argparse.Action) -> None:
+    for action in actions:
+        action.complete = shtab.FILE  # type: ignore[attr-defined]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskguard",
-        description="Task Guard sidecar and tools",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_GroupedHelp,
     )
     # Both: the client's package carries the API stubs the sidecar serves.
     versions = f"taskguard-sidecar {__version__}, taskguard-sidecar-client {taskguard_client.__version__}"
     parser.add_argument("--version", action="version", version=versions)
     _connection(parser, defaults=True)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the sidecar")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps: dict[str, str] = {}
+
+    def command(name: str, help: str, **options: Any) -> argparse.ArgumentParser:
+        helps[name] = help  # for the grouped listing
+        return subparsers.add_parser(name, help=help, **options)
+
+    serve = command("serve", help="run the sidecar")
     config.add_arguments(serve)
     serve.set_defaults(run=_serve)
-    check = commands.add_parser("doctor", help="check the configuration, the database and the listener; change nothing")
+    check = command("doctor", help="check the configuration, the database and the listener; change nothing")
     config.add_arguments(check)
     check.set_defaults(run=_doctor)
 
     def client_command(name: str, help: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, epilog=EPILOG)
+        sub = command(name, help=help, description=help, epilog=EPILOG)
         sub.formatter_class = argparse.RawDescriptionHelpFormatter
         _connection(sub, defaults=False)
         sub.set_defaults(run=run)
@@ -361,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--state", type=_state, nargs="+", action="extend", metavar="S", help="only guards in these states")
     ls.add_argument("--stale", action="store_true", help="only stale guards (abandoned, expired, or silent)")
     ls.add_argument("--json", action="store_true", help="print one JSON list")
+    ls.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column, every key in full (default: fit $COLUMNS, else the terminal, else 80 columns, by"
+        " leaving out STARTED, RUN ID, DUPS and TOKEN in that order, then shortening holders and keys with …)",
+    )
 
     get = client_command("get", "show one guard", _client_command(_get))
     get.add_argument("key", help="the task key, <session_key>::<task_name>")
@@ -441,6 +519,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="D",
         help="mark RUNNING guards silent this long stale, like the sidecar's stale_after (default: 120s)",
     )
+
+    completion = command(
+        "completion",
+        help="print the shell completion script: taskguard completion bash|zsh|fish",
+        # One line: fish shows a command's description beside it when completing.
+        description="Print the completion script for SHELL on stdout.",
+        epilog="Install it where each shell looks for one, for example:\n"
+        "  bash: taskguard completion bash > ~/.local/share/bash-completion/completions/taskguard\n"
+        "  zsh:  taskguard completion zsh > ~/.zfunc/_taskguard   (with ~/.zfunc on $fpath, before compinit)\n"
+        "  fish: taskguard completion fish > ~/.config/fish/completions/taskguard.fish\n"
+        "The script is made from this taskguard's commands: make it again after an upgrade.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    completion.add_argument("shell", choices=COMPLETION_SHELLS, metavar="SHELL", help="bash, zsh or fish")
+    completion.set_defaults(run=_completion)
+    parser.description = "Task Guard sidecar and tools\n\n" + _grouped_commands(helps)
     return parser
 
 
