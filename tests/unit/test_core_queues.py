@@ -356,3 +356,14 @@ def test_a_newer_superseder_replaces_the_waiting_one_and_the_grace_does_not_star
         (EventType.STOP_REQUESTED, ""),
         (EventType.QUEUED, "second"),
     ]
+
+
+def test_a_waiters_run_id_names_one_caller() -> None:
+    record, _ = run_all([(acquire("a"), 0), (waiting("b"), 1)])
+    impostor = replace(waiting("b"), principal="uid:666", lease_id="lease-impostor")
+
+    _, events, decision = settle(record, impostor, at(2))
+
+    assert events == [] and isinstance(decision.reply, Rejected) and decision.reply.field == "run_id"
+    _, _, as_the_running_run = settle(record, replace(waiting("a"), principal="uid:666"), at(2))
+    assert isinstance(as_the_running_run.reply, Rejected)

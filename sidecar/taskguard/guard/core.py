@@ -406,7 +406,10 @@ def _refuse_or_wait(
     """A key ``cmd`` cannot have now: a waiting caller joins its queue (or is already in it), others are refused."""
     if (waiting := _waiting(current, cmd)) is not None:
         return _requeue(current, waiting, cmd, now)
-    if (chosen := conflict_policy(cmd, policy)) is ConflictPolicy.SUPERSEDE:
+    chosen = conflict_policy(cmd, policy)
+    if chosen in WAITING_POLICIES and (taken := _run_id_taken(current, cmd)) is not None:
+        return Decision(None, (), taken)
+    if chosen is ConflictPolicy.SUPERSEDE:
         return _supersede(current, cmd, now, policy)
     if chosen in WAITING_POLICIES:
         return _enqueue(current, cmd, chosen is ConflictPolicy.KEEP_NEWEST, now, policy)
@@ -732,6 +735,18 @@ def _waiting(current: GuardRecord, cmd: Acquire) -> Waiter | None:
         (waiter for waiter in current.waiters if waiter.run_id == cmd.run_id and _same_caller_as(waiter.acquire, cmd)),
         None,
     )
+
+
+def _run_id_taken(current: GuardRecord, cmd: Acquire) -> Rejected | None:
+    """A waiter's run id must name one call: what a waiter hears is told by run id (the run ids are shown to
+    everyone, so another caller could otherwise make a waiter hear that it was dropped)."""
+    if cmd.run_id == current.run_id or any(waiter.run_id == cmd.run_id for waiter in current.waiters):
+        return Rejected(
+            RejectionKind.FAILED_PRECONDITION,
+            "run_id",
+            f"run {cmd.run_id} is already this key's run or waiting in its queue; a new caller needs a new run_id",
+        )
+    return None
 
 
 def _requeue(current: GuardRecord, waiting: Waiter, cmd: Acquire, now: Instant) -> Decision:
