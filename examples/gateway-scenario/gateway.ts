@@ -13,7 +13,7 @@
  */
 
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Client, Lease } from "../../clients/node/src/index.ts";
+import { type Client, Lease } from "taskguard-sidecar-client";
 import { type DownstreamScript, EXIT_OK, type Journal, type TaskName } from "./downstream.ts";
 
 export type Channel = "discord" | "telegram" | "cron";
