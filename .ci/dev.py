@@ -5,6 +5,7 @@
     python3 .ci/dev.py test  [pytest args...]    set up, then ruff, mypy, pytest, then the Node tests (client, examples)
     python3 .ci/dev.py setup                     set up only
     python3 .ci/dev.py bench [bench flags...]    set up, then the benchmark against etcd and Redis (bench/run.py)
+    python3 .ci/dev.py dist [--outdir DIR]       set up, then build the Python wheels and sdists into dist/
 
 Needs nothing but python3 (3.11+): the virtual environment, the Python
 packages and the tools the tests use are installed here, and again only when
@@ -19,11 +20,14 @@ The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
 installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
 The dashboard's browser tests drive Debian's chromium and the etcd store's tests
 start Debian's etcd: when either is missing it is installed with apt-get (test
-and setup only).
+and setup only). The Prometheus alert rules in deploy/ are checked with Debian's
+promtool, unpacked from the prometheus package into .cache/prometheus/ (no
+service installed or started).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
@@ -31,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 import venv
 from collections.abc import Sequence
@@ -206,6 +211,77 @@ def setup_system_packages() -> None:
             policy.unlink()
 
 
+# promtool (tests/unit/test_deploy_prometheus.py) from Debian's prometheus package, unpacked, not installed:
+# installing it would start a Prometheus server as a service. The tests look for it here.
+PROMETHEUS_CACHE = ROOT / ".cache" / "prometheus"
+PROMTOOL = PROMETHEUS_CACHE / "usr" / "bin" / "promtool"
+
+
+def setup_promtool() -> None:
+    """apt-get download prometheus, then dpkg-deb -x it into .cache/prometheus (once)."""
+    if PROMTOOL.exists():
+        return
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise SystemExit("dev.py: promtool is missing and this is no Debian (apt-get download prometheus)")
+    downloads = PROMETHEUS_CACHE.parent / "prometheus-deb"
+    shutil.rmtree(downloads, ignore_errors=True)
+    downloads.mkdir(mode=0o700, parents=True)
+    # apt downloads as its sandbox user when that user may write the folder (else as root, with a warning).
+    with contextlib.suppress(LookupError, OSError):
+        shutil.chown(downloads, user="_apt")
+    try:
+        command = ("apt-get", "download", "-q", "prometheus")
+        if subprocess.run(command, cwd=downloads).returncode != 0:
+            # Fresh machines may have no package lists yet.
+            _run("apt-get", "update", "-q", env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            _run(*command, cwd=downloads)
+        (package,) = downloads.glob("prometheus_*.deb")
+        _run("dpkg-deb", "-x", package, PROMETHEUS_CACHE)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+
+
+# The two Python distributions, each a folder with its pyproject.toml: the client first (the sidecar needs it).
+DISTRIBUTIONS = (ROOT / "clients" / "python", ROOT)
+DIST = ROOT / "dist"
+
+
+def dist(arguments: list[str]) -> int:
+    """Wheels and sdists of both distributions with PyPA's build: isolated, and each wheel built from its sdist,
+    so a file the sdist lacks is missing from the wheel too and fails the packaging test instead of a user."""
+    parser = argparse.ArgumentParser(prog="python3 .ci/dev.py dist")
+    parser.add_argument("--outdir", type=Path, default=DIST, help="where the wheels and sdists go (default: dist/)")
+    outdir: Path = parser.parse_args(arguments).outdir.resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    # An older version left there would make `pip install dist/*.whl` see two of a distribution.
+    for old in outdir.glob("taskguard_sidecar*"):
+        old.unlink()
+    with tempfile.TemporaryDirectory(prefix="taskguard-dist-") as scratch:
+        source = _clean_copy(Path(scratch))
+        for folder in DISTRIBUTIONS:
+            _run(BIN / "python", "-m", "build", "--quiet", "--outdir", outdir, source / folder.relative_to(ROOT))
+    for built in sorted(outdir.glob("taskguard_sidecar*")):
+        print(built)
+    return 0
+
+
+def _clean_copy(into: Path) -> Path:
+    """The files git knows of (tracked, or new and not ignored), copied: setuptools adds to an sdist whatever an
+    egg-info left in the tree lists (`pip install -e` makes one), so a build from the checkout could hide a
+    package-data rule that misses a file."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # not one deleted from the work tree but still in the index
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, into / name)
+    return into
+
+
 def serve(arguments: list[str]) -> int:
     os.execv(BIN / "taskguard", [str(BIN / "taskguard"), "serve", *arguments])
 
@@ -309,7 +385,7 @@ def test_node() -> int:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "test", "setup", "bench"):
+    if not argv or argv[0] not in ("serve", "test", "setup", "bench", "dist"):
         print(__doc__, file=sys.stderr)
         return 2
     try:
@@ -318,10 +394,13 @@ def main(argv: list[str]) -> int:
             return serve(argv[1:])
         if argv[0] == "bench":
             return bench(argv[1:])
+        if argv[0] == "dist":
+            return dist(argv[1:])
         setup_node()
         pack_node()
         setup_openclaw()
         setup_system_packages()
+        setup_promtool()
         if argv[0] == "test":
             return test(argv[1:])
         return 0

@@ -30,14 +30,20 @@ START_TIMEOUT_S = 20.0
 
 @dataclass
 class SidecarProcess:
-    """``python -m taskguard serve`` on a unix socket in ``workdir``, with a real SQLite file."""
+    """``python -m taskguard serve`` on a unix socket in ``workdir``, with a real SQLite file.
+
+    ``command`` is what runs ``taskguard``: this checkout's by default, or an installed one's script."""
 
     workdir: Path
     args: tuple[str, ...] = ()
+    command: tuple[str, ...] = (sys.executable, "-m", "taskguard")
+    cwd: Path = ROOT
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     listening_on: str = ""
     health_address: str = ""
+    # Where it serves /metrics (``metrics on URL`` in its start line), when started with --metrics-listen.
+    metrics_url: str = ""
     log_paths: list[Path] = field(default_factory=list)
 
     @property
@@ -59,9 +65,7 @@ class SidecarProcess:
         log_path = self.workdir / f"sidecar-{self.starts}.log"
         self.log_paths.append(log_path)
         command = [
-            sys.executable,
-            "-m",
-            "taskguard",
+            *self.command,
             "serve",
             "--listen",
             f"unix:{self.socket}",
@@ -71,7 +75,7 @@ class SidecarProcess:
             *extra,
         ]
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, cwd=self.cwd)
         self._wait_for_listening()
 
     def _wait_for_listening(self) -> None:
@@ -93,6 +97,8 @@ class SidecarProcess:
             text = line.decode()
             self.listening_on = text.split("listening on ", 1)[1].split(" ", 1)[0]
             self.health_address = text.split("health only on ", 1)[1].rstrip(")\n") if "health only on" in text else ""
+            metrics = text.split("metrics on ", 1)[1] if "metrics on " in text else ""
+            self.metrics_url = metrics.split(";", 1)[0].split(")", 1)[0].strip()
         finally:
             selector.close()
 

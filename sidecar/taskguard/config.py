@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import math
 import os
 import re
@@ -26,25 +25,14 @@ from taskguard.store.etcd import EtcdSettings
 from taskguard.store.etcd_client import keepalive_interval_s
 from taskguard.store.retention import Retention
 from taskguard.telemetry import TelemetrySettings
+from taskguard.webaccess import is_loopback, parse_listen
 
 ENV_PREFIX = "TASKGUARD_"
+METRICS_TOKEN_NAME = "metrics.token"
 
 
 class ConfigError(Exception):
     pass
-
-
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def tcp_host(settings: Settings) -> str:
@@ -58,6 +46,20 @@ def tcp_host(settings: Settings) -> str:
             "unless allow_remote is set"
         )
     return host
+
+
+def metrics_address(settings: Settings) -> tuple[str, int]:
+    """``metrics_listen`` as (host, port); ConfigError unless it is host:port and loopback (or allow_remote)."""
+    try:
+        return parse_listen(
+            settings.metrics_listen,
+            settings.allow_remote,
+            setting="metrics_listen",
+            why="/metrics is plain HTTP",
+            remedy="it listens on loopback unless allow_remote is set",
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def runtime_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -109,6 +111,8 @@ class Settings:
     failure: FailureHandling = _RULE.failure
     lock_delay_s: float = _RULE.lock_delay_s
     max_hold_s: float | None = _RULE.max_hold_s
+    max_queue: int = _RULE.max_queue
+    max_wait_s: float | None = _RULE.max_wait_s
     # Per-key rules, from the config file's [[rules]] tables only: first match wins.
     rules: tuple[KeyRule, ...] = ()
     event_retention_count: int = 100_000
@@ -127,6 +131,10 @@ class Settings:
     # A second, health-only listener (grpc.health.v1 and nothing else) for
     # probes that cannot reach a unix socket, such as the kubelet's.
     health_listen: str = ""
+    # /metrics in the Prometheus text format, over plain HTTP: loopback unless allow_remote, and only for
+    # whoever presents the token in metrics_token_file (default: metrics.token beside the database).
+    metrics_listen: str = ""
+    metrics_token_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -172,7 +180,14 @@ class Settings:
     def telemetry(self) -> TelemetrySettings:
         if self.telemetry_overrides is not None:
             return self.telemetry_overrides
-        return TelemetrySettings(otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console)
+        return TelemetrySettings(
+            otlp_endpoint=self.otlp_endpoint, console=self.telemetry_console, prometheus=bool(self.metrics_listen)
+        )
+
+    @property
+    def metrics_token_path(self) -> Path:
+        """Where the /metrics token is (created there, mode 0600, when missing)."""
+        return self.metrics_token_file or self.db.parent / METRICS_TOKEN_NAME
 
     @property
     def auth(self) -> AuthSettings:
@@ -279,14 +294,14 @@ def _read_secret(path: Path | None, setting: str) -> str:
 
 
 def _parse_on_conflict(value: Any) -> ConflictPolicy:
-    return ConflictPolicy[str(value).strip().upper()]
+    return ConflictPolicy[str(value).strip().upper().replace("-", "_")]
 
 
 def _parse_failure(value: Any) -> FailureHandling:
     return FailureHandling[str(value).strip().upper()]
 
 
-def _parse_max_hold(value: Any) -> float | None:
+def _parse_optional_duration(value: Any) -> float | None:
     # 0 and "none" switch it off, so a rule can undo the default rule's.
     if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
         return None
@@ -344,7 +359,7 @@ _RULES: dict[str, _Rule] = {
     "on_conflict": _Rule(
         _parse_on_conflict,
         lambda v: True,
-        "must be reject or join",
+        "must be reject, join, queue or keep-newest",
         "what an acquisition that does not choose gets when the key is taken (join: Hold streams only)",
     ),
     "failure": _Rule(
@@ -360,10 +375,22 @@ _RULES: dict[str, _Rule] = {
         "after an abandoned, expired or force-released run the key stays closed this long",
     ),
     "max_hold_s": _Rule(
-        _parse_max_hold,
+        _parse_optional_duration,
         lambda v: v is None or v > 0,
         "must be a duration > 0, or none",
         "a run ends EXPIRED this long after it started, whatever its renewals",
+    ),
+    "max_queue": _Rule(
+        _parse_int,
+        _non_negative,
+        "must be a whole number >= 0",
+        "callers that may wait in a key's queue (queue, keep-newest); 0: none",
+    ),
+    "max_wait_s": _Rule(
+        _parse_optional_duration,
+        lambda v: v is None or v > 0,
+        "must be a duration > 0, or none",
+        "a waiter leaves a key's queue after this long",
     ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
@@ -402,6 +429,18 @@ _RULES: dict[str, _Rule] = {
         lambda v: not v or (":" in v and v.rpartition(":")[2].isdigit()),
         "must be host:port",
         "extra TCP listener serving only the gRPC health service (for kubelet probes)",
+    ),
+    "metrics_listen": _Rule(
+        str,
+        lambda v: not v or (":" in v and v.rpartition(":")[2].isdigit()),
+        "must be host:port",
+        "serve /metrics (Prometheus text format) on this TCP address; loopback unless allow_remote",
+    ),
+    "metrics_token_file": _Rule(
+        _parse_path,
+        lambda v: True,
+        "must be a file path",
+        f"file holding the token a scrape must present (default: {METRICS_TOKEN_NAME} beside the database)",
     ),
     "tls_cert": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS certificate chain (PEM) for TCP"),
     "tls_key": _Rule(_parse_path, lambda v: True, "must be a file path", "TLS private key (PEM)"),
@@ -468,6 +507,8 @@ _RULE_SETTINGS = (
     "expired_requires_approval",
     "lock_delay_s",
     "max_hold_s",
+    "max_queue",
+    "max_wait_s",
 )
 
 
@@ -487,9 +528,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for every setting (all default to None: unset, so lower sources show through)."""
     parser.add_argument("--config", type=Path, help="TOML file with settings (env: TASKGUARD_CONFIG)")
     for name, rule in _RULES.items():
-        if rule.parse is _parse_max_hold:
+        if rule.parse is _parse_optional_duration:
             parser.add_argument(
-                _flag(name), dest=name, default=None, help=f"{rule.help}; none: no cap (env: {_env_name(name)})"
+                _flag(name), dest=name, default=None, help=f"{rule.help}; none: no bound (env: {_env_name(name)})"
             )
         elif rule.parse is _parse_bool:
             parser.add_argument(
@@ -543,6 +584,8 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             raise ConfigError(f"{path}: no such file (TLS)")
     if not settings.listen.startswith("unix:"):
         tcp_host(settings)
+    if settings.metrics_listen:
+        metrics_address(settings)
     _ = settings.auth  # reads the token files now, so a missing one fails at start
     if backends.backend_of(settings).shared:
         _check_etcd_timing(settings)
@@ -586,6 +629,8 @@ def describe_rule(rule: KeyRule) -> str:
         f"{' and '.join(losses)} runs need approve-retry" if losses else "lost runs reopen the key",
         f"lock-delay {rule.lock_delay_s:g}s" if rule.lock_delay_s > 0 else "no lock-delay",
         f"max hold {rule.max_hold_s:g}s" if rule.max_hold_s is not None else "no max hold",
+        f"queue of at most {rule.max_queue}"
+        + (f", waiting at most {rule.max_wait_s:g}s" if rule.max_wait_s is not None else ""),
     ]
     return ", ".join(parts)
 

@@ -14,7 +14,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskguard import config
+from taskguard import config, metrics
 from taskguard.clock import Clock, SystemClock
 from taskguard.config import Settings
 from taskguard.front import api, listener
@@ -63,6 +63,7 @@ class Sidecar:
     clock: Clock
     settings: Settings
     probes: tuple[aio.Server, str] | None = None
+    metrics: metrics.MetricsServer | None = None
     _stopped: bool = False
 
     async def stop(self, grace_s: float) -> None:
@@ -77,6 +78,8 @@ class Sidecar:
         if self.probes is not None:
             await self.probes[0].stop(None)
         await self.listener.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.store.close()
         await self.service.telemetry.stop()
 
@@ -109,7 +112,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
             store.set_deadline_handler(keeper.arm)
         undo.push_async_callback(keeper.stop)
         telemetry = Telemetry(settings.telemetry)
-        telemetry.attach(engine)
+        backend = backends.backend_of(settings)
+        telemetry.attach(engine, lambda: backend.size_bytes(settings))
         undo.push_async_callback(telemetry.stop)
 
         server = aio.server(options=_server_options(settings))
@@ -138,12 +142,35 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
         probes = await _health_only_server(settings, health_servicer)
         if probes is not None:
             undo.push_async_callback(probes[0].stop, None)
+        scraped = await _metrics_server(settings, telemetry)
+        if scraped is not None:
+            undo.push_async_callback(scraped.stop)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         undo.pop_all()
     return Sidecar(
-        bound.address, server, store, engine, hub, keeper, service, health_servicer, bound, clock, settings, probes
+        bound.address,
+        server,
+        store,
+        engine,
+        hub,
+        keeper,
+        service,
+        health_servicer,
+        bound,
+        clock,
+        settings,
+        probes,
+        scraped,
     )
+
+
+async def _metrics_server(settings: Settings, telemetry: Telemetry) -> metrics.MetricsServer | None:
+    """``/metrics`` on ``metrics_listen``, for Prometheus."""
+    if not settings.metrics_listen:
+        return None
+    host, port = config.metrics_address(settings)
+    return await metrics.serve(telemetry, host, port, settings.metrics_token_path, allow_remote=settings.allow_remote)
 
 
 def _secrets_on_command_line(settings: Settings) -> list[str]:
@@ -185,8 +212,10 @@ async def run(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     store_name = backends.backend_of(settings).describe(settings)
+    # Metrics before health: tools read "health only on" to the end of the line.
+    metrics_note = f"; metrics on {sidecar.metrics.url}" if sidecar.metrics else ""
     health_note = f"; health only on {sidecar.probes[1]}" if sidecar.probes else ""
-    print(f"taskguard listening on {sidecar.address} (store: {store_name}{health_note})", flush=True)
+    print(f"taskguard listening on {sidecar.address} (store: {store_name}{metrics_note}{health_note})", flush=True)
     await stop.wait()
     log.info("shutting down")
     await sidecar.stop(settings.shutdown_grace_s)

@@ -47,7 +47,8 @@ CASES: dict[str, tuple[Call, str]] = {
     "ttl over the maximum": (_acquire(task_key="k::t", ttl=Duration(seconds=86401)), TTL_RULE),
     "unknown on_conflict": (
         _acquire(task_key="k::t", on_conflict=7),
-        "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN (got 7)",
+        "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN, ON_CONFLICT_QUEUE,"
+        " ON_CONFLICT_KEEP_NEWEST (got 7)",
     ),
     "join on a unary acquire": (
         _acquire(task_key="k::t", on_conflict=pb.ON_CONFLICT_JOIN),

@@ -27,8 +27,11 @@ async def test_doctor_reports_a_healthy_sidecar_and_its_database(sidecar: Sideca
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     assert lines[0].startswith("ok   config: valid; listen " + sidecar.address)
-    assert "integrity ok, schema version" in lines[1] and "1 guards (1 running)" in lines[1]
-    assert "a sidecar is serving there (SERVING)" in lines[2]
+    # The rules come next (issue 16), then the database and the listener.
+    (database,) = [line for line in lines if line.startswith("ok   database")]
+    assert "integrity ok, schema version" in database and "1 guards (1 running)" in database
+    (listener,) = [line for line in lines if line.startswith("ok   listener")]
+    assert "a sidecar is serving there (SERVING)" in listener
     assert sidecar.db.read_bytes() == before
 
 
@@ -52,3 +55,24 @@ def test_doctor_fails_on_a_bad_setting_a_damaged_database_and_a_newer_schema(
     assert newer.returncode == 1
     assert "schema version 999 is newer than this sidecar's" in newer.stdout
     assert "socket" in newer.stdout and "is free" in newer.stdout
+
+
+def test_doctor_checks_the_metrics_token_file_by_the_sidecars_rules(
+    sidecar_factory: Callable[..., SidecarProcess],
+) -> None:
+    sidecar = sidecar_factory(start=False)
+    token = sidecar.workdir / "metrics.token"
+    args = ("--listen", sidecar.address, "--db", str(sidecar.db), "--metrics-listen", "127.0.0.1:9464")
+
+    missing = _doctor(*args)
+    assert f"ok   metrics: /metrics on 127.0.0.1:9464; the sidecar creates its token file {token}" in missing.stdout
+    assert not token.exists()  # the doctor changes nothing
+
+    token.write_text("m" * 32 + "\n")
+    token.chmod(0o644)
+    unsafe = _doctor(*args)
+    assert unsafe.returncode == 1
+    assert f"FAIL metrics: metrics token file {token}: group or others may open it (mode 0644)" in unsafe.stdout
+
+    token.chmod(0o600)
+    assert f"ok   metrics: /metrics on 127.0.0.1:9464; scrapes present the token in {token}" in _doctor(*args).stdout

@@ -310,3 +310,33 @@ async def test_console_export_prints_spans_for_debugging(
 
 async def test_telemetry_is_off_by_default(in_process: InProcess) -> None:
     assert not in_process.sidecar.service.telemetry.enabled
+
+
+async def test_a_wait_in_a_queue_is_a_span_linked_to_the_run_it_waited_for_and_a_histogram(
+    traced: InProcess, spans: InMemorySpanExporter, metrics: InMemoryMetricReader, key: str
+) -> None:
+    winner = await acquire(traced.stub, key, ttl_s=60)
+    call = traced.stub.Hold()
+    await call.write(
+        pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, run_id="waiter", on_conflict=pb.ON_CONFLICT_QUEUE))
+    )
+    assert (await asyncio.wait_for(call.read(), 10)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
+    await traced.stub.Release(pb.ReleaseRequest(lease_id=winner.lease_id, status=pb.RUN_STATUS_SUCCEEDED))
+    turn = await asyncio.wait_for(call.read(), 10)
+    assert turn.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+    call.cancel()
+
+    (wait,) = _named(spans, "taskguard.queue.wait")
+    assert wait.attributes is not None
+    assert (wait.attributes["taskguard.run_id"], wait.attributes["taskguard.outcome"]) == ("waiter", "ACQUIRED")
+    assert wait.attributes["taskguard.winner_run_id"] == winner.guard.run_id
+    (winning,) = [
+        s
+        for s in _named(spans, "taskguard.acquire")
+        if s.attributes and s.attributes.get("taskguard.run_id") == winner.guard.run_id
+    ]
+    assert winning.context is not None
+    assert [link.context.span_id for link in wait.links] == [winning.context.span_id]
+    (point,) = _points(metrics, "taskguard.queue.wait.duration")
+    assert point.count == 1
+    assert _counter(metrics, "taskguard.queued") == 1

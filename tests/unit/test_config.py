@@ -241,6 +241,9 @@ BAD_ENVIRONMENT = [
     ("log_level", "verbose", "must be debug, info, warning or error"),
     ("listen", "", "must be host:port or unix:PATH"),
     ("db", "", "must be a file path"),
+    ("metrics_listen", "9464", "must be host:port"),
+    ("metrics_listen", "localhost:http", "must be host:port"),
+    ("metrics_token_file", " ", "must be a file path"),
 ]
 
 
@@ -364,6 +367,8 @@ EVERY_SETTING = [
     ("failure", '"reopen"', "reopen"),
     ("lock_delay", '"15s"', "15s"),
     ("max_hold", '"2h"', "2h"),
+    ("max_queue", "12", "12"),
+    ("max_wait", '"90s"', "90s"),
     ("event_retention_count", "5", "5"),
     ("event_retention_age", '"6h"', "6h"),
     ("watch_buffer", "7", "7"),
@@ -377,6 +382,8 @@ EVERY_SETTING = [
     ("socket_group", '"taskguard"', "taskguard"),
     ("allow_remote", "true", "true"),
     ("health_listen", '"0.0.0.0:8081"', "0.0.0.0:8081"),
+    ("metrics_listen", '"0.0.0.0:9464"', "0.0.0.0:9464"),
+    ("metrics_token_file", '"/tmp/tg-config-test/metrics.token"', "/tmp/tg-config-test/metrics.token"),
     ("tls_cert", '"/tmp/tg-config-test/cert.pem"', "/tmp/tg-config-test/cert.pem"),
     ("tls_key", '"/tmp/tg-config-test/key.pem"', "/tmp/tg-config-test/key.pem"),
     ("tls_client_ca", '"/tmp/tg-config-test/ca.pem"', "/tmp/tg-config-test/ca.pem"),
@@ -431,6 +438,8 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         failure=FailureHandling.REOPEN,
         lock_delay_s=15.0,
         max_hold_s=7200.0,
+        max_queue=12,
+        max_wait_s=90.0,
         event_retention_count=5,
         event_retention_age_s=21600.0,
         watch_buffer=7,
@@ -444,6 +453,8 @@ def test_every_setting_has_a_toml_key_an_environment_variable_and_a_flag(tmp_pat
         socket_group="taskguard",
         allow_remote=True,
         health_listen="0.0.0.0:8081",
+        metrics_listen="0.0.0.0:9464",
+        metrics_token_file=files / "metrics.token",
         tls_cert=files / "cert.pem",
         tls_key=files / "key.pem",
         tls_client_ca=files / "ca.pem",
@@ -484,3 +495,41 @@ def test_client_token_comes_from_the_flag_then_the_environment_then_a_file(tmp_p
     assert config.client_token(None, str(token_file), environ={}) == "from-file"
     # As before the reading moved here: $TASKGUARD_TOKEN itself is taken before any token file, even --token-file's.
     assert config.client_token(None, str(token_file), environ={"TASKGUARD_TOKEN": "from-env"}) == "from-env"
+
+
+# --- /metrics ----------------------------------------------------------------------------------
+
+
+def test_metrics_are_off_unless_metrics_listen_is_set(tmp_path: Path) -> None:
+    settings = load(tmp_path)
+
+    assert settings.metrics_listen == "" and not settings.telemetry.prometheus and not settings.telemetry.enabled
+
+
+def test_metrics_listen_turns_on_the_prometheus_reader_with_a_token_beside_the_database(tmp_path: Path) -> None:
+    settings = load(tmp_path, toml='metrics_listen = "127.0.0.1:9464"\ndb = "/var/lib/taskguard/tg.db"\n')
+
+    assert settings.telemetry.prometheus and settings.telemetry.enabled
+    assert config.metrics_address(settings) == ("127.0.0.1", 9464)
+    assert settings.metrics_token_path == Path("/var/lib/taskguard/metrics.token")
+    chosen = load(tmp_path, flags=("--metrics-listen=[::1]:0", "--metrics-token-file=/etc/tg/m.token"))
+    assert config.metrics_address(chosen) == ("::1", 0)
+    assert chosen.metrics_token_path == Path("/etc/tg/m.token")
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::]:9464", "prometheus.example:9464"])
+def test_metrics_listen_beyond_loopback_needs_allow_remote(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(tmp_path, toml=f'metrics_listen = "{listen}"\n')
+
+    host = listen.rpartition(":")[0].strip("[]")
+    assert str(refused.value) == (
+        f"metrics_listen: {host} is not a loopback address; /metrics is plain HTTP, so it listens on loopback "
+        "unless allow_remote is set"
+    )
+    assert load(tmp_path, toml=f'metrics_listen = "{listen}"\nallow_remote = true\n').metrics_listen == listen
+
+
+def test_a_metrics_port_out_of_range_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics_listen: port must be 0\.\.65535, not 70000$"):
+        load(tmp_path, env={"TASKGUARD_METRICS_LISTEN": "127.0.0.1:70000"})

@@ -77,8 +77,8 @@ def test_a_rule_can_undo_the_default_rules_max_hold(tmp_path: Path) -> None:
             "rules[0].failure ({source}): must be require_approval or reopen, got 'retry'",
         ),
         (
-            'match = "x*"\non_conflict = "queue"',
-            "rules[0].on_conflict ({source}): must be reject or join, got 'queue'",
+            'match = "x*"\non_conflict = "wait"',
+            "rules[0].on_conflict ({source}): must be reject, join, queue or keep-newest, got 'wait'",
         ),
         (
             'match = "x*"\nmax_hold = "-1s"',
@@ -87,7 +87,7 @@ def test_a_rule_can_undo_the_default_rules_max_hold(tmp_path: Path) -> None:
         (
             'match = "x*"\nmax_ttl = "1h"',
             "rules[0] ({source}): unknown setting 'max_ttl'; a rule may set match, name, abandoned_requires_approval, "
-            "expired_requires_approval, failure, lock_delay, max_hold, on_conflict",
+            "expired_requires_approval, failure, lock_delay, max_hold, max_queue, max_wait, on_conflict",
         ),
         (
             'name = "no-match"',

@@ -7,6 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 # Someone else's project holds this name on PyPI (0.2.3, looked up 2026-12-02/03).
@@ -43,7 +45,7 @@ def test_the_readme_installs_the_python_distributions_by_their_built_names() -> 
 def test_the_sidecar_depends_on_the_client_by_its_name() -> None:
     dependencies = _pyproject("pyproject.toml")["dependencies"]
     assert isinstance(dependencies, list)
-    assert _pyproject("clients/python/pyproject.toml")["name"] in dependencies
+    assert _pyproject("clients/python/pyproject.toml")["name"] in {Requirement(text).name for text in dependencies}
 
 
 def test_the_readme_installs_the_node_client_by_its_package_name() -> None:
@@ -61,9 +63,10 @@ def test_the_readme_names_the_openclaw_plugin_package() -> None:
 def test_the_readme_installs_the_openclaw_plugin_from_the_tarball_npm_pack_names() -> None:
     plugin = _package("clients/openclaw/package.json")
     tarball = f"{plugin['name']}-{plugin['version']}.tgz"
-    assert f"openclaw plugins install ./{tarball} " in README
     assert f"openclaw plugins install ./.cache/packs/{tarball} " in README
     assert "--link" not in README
+    client = _package("clients/node/package.json")
+    assert f"npm install /path/to/taskguard/.cache/packs/{client['name']}-{client['version']}.tgz " in README
 
 
 def test_no_package_is_named_in_a_scope_the_project_does_not_own() -> None:

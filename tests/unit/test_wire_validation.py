@@ -363,7 +363,8 @@ def test_an_unknown_on_conflict_is_rejected_naming_the_field() -> None:
         acquire(pb.AcquireRequest(task_key="s::t", on_conflict=enum_number(99)), stream_bound=True)
 
     assert bad_request(refused) == (
-        "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN (got 99)"
+        "on_conflict: must be one of ON_CONFLICT_UNSPECIFIED, ON_CONFLICT_REJECT, ON_CONFLICT_JOIN, "
+        "ON_CONFLICT_QUEUE, ON_CONFLICT_KEEP_NEWEST (got 99)"
     )
 
 

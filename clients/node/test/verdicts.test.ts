@@ -27,7 +27,7 @@ function guard(revision: number, taskKey = "s::t"): pb.Guard {
 }
 
 function reply(outcome: pb.AcquireOutcome): pb.HoldResponse {
-  return { outcome, guard: guard(1), leaseId: "lease", event: "HOLD_EVENT_UNSPECIFIED" };
+  return pb.HoldResponse.fromPartial({ outcome, guard: guard(1), leaseId: "lease", event: "HOLD_EVENT_UNSPECIFIED" });
 }
 
 function event(type: pb.GuardEventType, revision: number, taskKey = "s::t"): pb.GuardEvent {

@@ -24,13 +24,26 @@ from taskguard_client._errors import (
     NotFoundError,
     OutOfRangeError,
     PermissionDeniedError,
+    QueueFull,
     ResourceExhaustedError,
     RetryRequiresApproval,
     StatusError,
+    Superseded,
     TaskGuardError,
     UnavailableError,
+    WaitTimedOut,
 )
-from taskguard_client._models import EventType, Guard, GuardEvent, GuardState, KeyPolicy, Lease, Outcome, RunStatus
+from taskguard_client._models import (
+    EventType,
+    Guard,
+    GuardEvent,
+    GuardState,
+    KeyPolicy,
+    Lease,
+    Outcome,
+    RunStatus,
+    Waiter,
+)
 from taskguard_client._protocol import Conflict, OnConflict, RetryPolicy
 from taskguard_client._sync import Watch
 from taskguard_client._sync_hold import Hold
@@ -63,13 +76,17 @@ __all__ = [
     "OutOfRangeError",
     "Outcome",
     "PermissionDeniedError",
+    "QueueFull",
     "ResourceExhaustedError",
     "RetryPolicy",
     "RetryRequiresApproval",
     "RunStatus",
     "StatusError",
+    "Superseded",
     "TaskGuardError",
     "UnavailableError",
+    "WaitTimedOut",
+    "Waiter",
     "Watch",
     "__version__",
     "default_address",

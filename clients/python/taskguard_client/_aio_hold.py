@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any
@@ -71,6 +71,12 @@ class AsyncHold(HoldState):
 
     async def _enter(self, join: bool) -> Conflict | None:
         call, response = await self._open(self._acquiring())
+        try:
+            while self._queued(response):
+                response = await _next_answer(call)
+        except BaseException:
+            call.cancel()
+            raise
         conflict = self._entered(response)
         if conflict is None:
             self._call = call
@@ -203,6 +209,17 @@ async def _first_answer(call: Any, first: pb.HoldRequest) -> pb.HoldResponse:
     return response
 
 
+async def _next_answer(call: Any) -> pb.HoldResponse:
+    try:
+        response = await call.read()
+    except aio.AioRpcError as error:
+        raise _errors.from_rpc_error(error) from error
+    if response is aio.EOF:
+        raise _errors.unanswered(await call.code(), await call.details() or "")
+    assert isinstance(response, pb.HoldResponse)
+    return response
+
+
 async def _first_of(events: tuple[asyncio.Event, ...], timeout_s: float) -> None:
     waits = [asyncio.ensure_future(event.wait()) for event in events]
     try:
@@ -216,12 +233,19 @@ class AsyncHoldContext(AbstractAsyncContextManager[Any]):
     """``async with client.hold(...)``: acquire on enter, release on exit."""
 
     def __init__(
-        self, connection: AsyncConnection, request: pb.AcquireRequest, ttl_s: float | None, on_conflict: OnConflict
+        self,
+        connection: AsyncConnection,
+        request: pb.AcquireRequest,
+        ttl_s: float | None,
+        on_conflict: OnConflict,
+        on_queued: Callable[[int, Guard], None] | None = None,
     ) -> None:
         self._entering = Entering(lambda: AsyncHold(connection, request, ttl_s), on_conflict)
+        self._on_queued = on_queued
 
     async def __aenter__(self) -> AsyncHold | Conflict:
         hold = self._entering.start()
+        hold.on_queued = self._on_queued
         return self._entering.entered(hold, await hold._enter(self._entering.join))
 
     async def __aexit__(

@@ -90,7 +90,10 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         return self._holder if holder is None else holder
 
     # How a hold is entered: AsyncHoldContext (``async with``) or HoldContext (``with``).
-    _hold_context: Callable[[_Connection, pb.AcquireRequest, float | None, OnConflict], _HeldOrConflict]
+    _hold_context: Callable[
+        [_Connection, pb.AcquireRequest, float | None, OnConflict, Callable[[int, Guard], None] | None],
+        _HeldOrConflict,
+    ]
 
     @overload
     def hold(
@@ -100,7 +103,10 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise"] = "raise",
+        on_conflict: Literal["raise", "queue", "keep-newest"] = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
+        on_queued: Callable[[int, Guard], None] | None = None,
     ) -> _Held: ...
 
     @overload
@@ -113,6 +119,8 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         holder: str | None = None,
         *,
         on_conflict: Literal["return", "join"],
+        max_wait: float | timedelta | None = None,
+        on_queued: Callable[[int, Guard], None] | None = None,
     ) -> _HeldOrConflict: ...
 
     def hold(
@@ -123,6 +131,9 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
         on_conflict: OnConflict = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
+        on_queued: Callable[[int, Guard], None] | None = None,
     ) -> _Held | _HeldOrConflict:
         """Hold the guard of ``task_key`` over a Hold stream for the duration of an ``async with`` block
         (``AsyncClient``) or a ``with`` block (``Client``).
@@ -134,10 +145,13 @@ class _Clients(Generic[_Interceptor, _Connection, _Held, _HeldOrConflict]):
 
         ``on_conflict``: ``"raise"`` raises ``AlreadyRunning``/``RetryRequiresApproval``; ``"return"`` enters
         with a ``Conflict`` instead of the hold; ``"join"`` waits for the winning run to end and then enters
-        with a ``Conflict`` whose ``joined`` is true and whose ``guard`` is the winner's final snapshot.
+        with a ``Conflict`` whose ``joined`` is true and whose ``guard`` is the winner's final snapshot;
+        ``"queue"`` waits in the key's FIFO queue (``on_queued(position, guard)`` hears each change of its
+        place) and enters when its turn comes, or raises ``QueueFull``/``WaitTimedOut`` (after ``max_wait``);
+        ``"keep-newest"`` waits the same way, but a newer keep-newest trigger replaces it (``Superseded``).
         """
-        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict)
-        return self._hold_context(self._connection, request, _ttl_s(ttl), on_conflict)
+        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict, max_wait)
+        return self._hold_context(self._connection, request, _ttl_s(ttl), on_conflict, on_queued)
 
 
 # --- asyncio ----------------------------------------------------------------------------

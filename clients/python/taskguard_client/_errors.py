@@ -69,7 +69,36 @@ class LockDelayed(TaskGuardError):
         self.guard = guard
 
 
-Refusal = AlreadyRunning | RetryRequiresApproval | LockDelayed
+class QueueFull(TaskGuardError):
+    """The key's queue already holds as many waiters as its rule allows (``max_queue``)."""
+
+    def __init__(self, task_key: str, guard: Guard) -> None:
+        super().__init__(f"{task_key}: its queue is full ({len(guard.waiters)} waiting behind run {guard.run_id})")
+        self.task_key = task_key
+        self.guard = guard
+
+
+class WaitTimedOut(TaskGuardError):
+    """The waiter's max_wait passed before its turn came; it is no longer queued."""
+
+    def __init__(self, task_key: str, guard: Guard) -> None:
+        super().__init__(f"{task_key}: its wait in the queue ran out before its turn came (behind run {guard.run_id})")
+        self.task_key = task_key
+        self.guard = guard
+
+
+class Superseded(TaskGuardError):
+    """keep-newest: a newer trigger of the key took this waiter's place (``by`` is its run)."""
+
+    def __init__(self, task_key: str, by: str, guard: Guard) -> None:
+        newer = f" by run {by}" if by else ""
+        super().__init__(f"{task_key}: superseded{newer}, a newer trigger that waits in its place")
+        self.task_key = task_key
+        self.by = by
+        self.guard = guard
+
+
+Refusal = AlreadyRunning | RetryRequiresApproval | LockDelayed | QueueFull | WaitTimedOut | Superseded
 
 
 class StatusError(TaskGuardError):
@@ -278,8 +307,14 @@ def _loss(guard: Guard | None) -> str:
     return f"lease lost: the guard is {guard.state.value}: {guard.last_detail}"
 
 
-def conflict(outcome: Outcome, guard: Guard) -> Refusal:
+def conflict(outcome: Outcome, guard: Guard, superseded_by: str = "") -> Refusal:
     """The exception for a refused acquisition."""
+    if outcome is Outcome.QUEUE_FULL:
+        return QueueFull(guard.task_key, guard)
+    if outcome is Outcome.WAIT_TIMED_OUT:
+        return WaitTimedOut(guard.task_key, guard)
+    if outcome is Outcome.SUPERSEDED:
+        return Superseded(guard.task_key, superseded_by, guard)
     if outcome is Outcome.ALREADY_RUNNING:
         return AlreadyRunning(guard.task_key, guard.run_id, guard.started_at, guard.holder, guard.fencing_token, guard)
     if outcome is Outcome.LOCK_DELAYED:

@@ -10,6 +10,11 @@ sidecar answers with the same lease) and reads the answer:
   heartbeats go out every ttl/3. Leaving the block releases the run:
   SUCCEEDED, FAILED with the exception's text, or CANCELLED when the block
   was cancelled (``asyncio.CancelledError``, ``KeyboardInterrupt``).
+* ``on_conflict="queue"`` (or ``"keep-newest"``): the sidecar answers
+  QUEUED and the hold waits on the stream, telling ``on_queued(position,
+  guard)`` of each change of its place, until its turn comes (ACQUIRED, as
+  below) or it must go: ``QueueFull``, ``WaitTimedOut`` (its ``max_wait``),
+  ``Superseded`` (a newer keep-newest trigger took its place) are raised.
 * A conflict: ``on_conflict="raise"`` raises ``AlreadyRunning`` or
   ``RetryRequiresApproval``; ``"return"`` enters with a ``Conflict`` instead;
   ``"join"`` sends ON_CONFLICT_JOIN and, when refused with ALREADY_RUNNING,
@@ -108,6 +113,8 @@ class HoldState(RunFacts):
         self._release_tried = False
         self._closed = False
         self._release_answer: Answer | None = None
+        #: Told ``(position, guard)`` each time a queued hold's place changes (``on_conflict="queue"``).
+        self.on_queued: Callable[[int, Guard], None] | None = None
 
     @property
     def lease(self) -> Lease:
@@ -147,6 +154,14 @@ class HoldState(RunFacts):
     def _acquiring(self) -> pb.HoldRequest:
         return pb.HoldRequest(acquire=self._request)
 
+    def _queued(self, response: pb.HoldResponse) -> bool:
+        """Whether ``response`` says the hold waits in the key's queue (its place is passed on)."""
+        if outcome_from_pb(response.outcome) is not Outcome.QUEUED:
+            return False
+        if self.on_queued is not None:
+            self.on_queued(response.position, guard_from_pb(response.guard))
+        return True
+
     def _entered(self, response: pb.HoldResponse) -> Conflict | None:
         """Take in the answer to the acquisition: None when it holds the guard, else the conflict."""
         guard = guard_from_pb(response.guard)
@@ -154,7 +169,7 @@ class HoldState(RunFacts):
         if outcome is Outcome.ACQUIRED:
             self._lease, self._guard = lease_of(response.lease_id, guard), guard
             return None
-        return Conflict(outcome, guard)
+        return Conflict(outcome, guard, superseded_by=response.superseded_by)
 
     @property
     def _heartbeat_s(self) -> float | None:
@@ -314,6 +329,6 @@ class Entering(Generic[_H]):
         if conflict is None:
             self.hold = hold
             return hold
-        if self._on_conflict == "raise":
-            raise conflict.error()
+        if self._on_conflict not in ("return", "join"):
+            raise conflict.error()  # a queued hold that did not get its turn, too
         return conflict

@@ -47,6 +47,14 @@ class Outcome(enum.StrEnum):
     RETRY_REQUIRES_APPROVAL = "RETRY_REQUIRES_APPROVAL"
     #: The key's last run was lost and its rule's lock-delay has not passed (``Guard.lock_delay_until``).
     LOCK_DELAYED = "LOCK_DELAYED"
+    #: ``on_conflict="queue"``/``"keep-newest"``: waiting in the key's queue (not a final answer).
+    QUEUED = "QUEUED"
+    #: The key's queue is full (its rule's ``max_queue``).
+    QUEUE_FULL = "QUEUE_FULL"
+    #: The waiter's ``max_wait`` passed before its turn came.
+    WAIT_TIMED_OUT = "WAIT_TIMED_OUT"
+    #: ``keep-newest``: a newer trigger took this waiter's place.
+    SUPERSEDED = "SUPERSEDED"
 
 
 class EventType(enum.StrEnum):
@@ -65,6 +73,10 @@ class EventType(enum.StrEnum):
     RESUMED = "RESUMED"
     #: A trigger refused with LOCK_DELAYED.
     LOCK_DELAY_REFUSED = "LOCK_DELAY_REFUSED"
+    QUEUED = "QUEUED"
+    DEQUEUED = "DEQUEUED"
+    SUPERSEDED = "SUPERSEDED"
+    QUEUE_FULL_REFUSED = "QUEUE_FULL_REFUSED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,8 @@ class Guard:
     hold_until: datetime | None = None
     #: The rule the key follows; only ``get_guard`` fills it in.
     policy: KeyPolicy | None = None
+    #: Callers waiting for the key, first in line first.
+    waiters: tuple[Waiter, ...] = ()
 
     @property
     def running(self) -> bool:
@@ -115,7 +129,8 @@ class KeyPolicy:
 
     rule: str
     match: str
-    #: What an acquisition that does not choose gets when the key is taken: "reject" or "join".
+    #: What an acquisition that does not choose gets when the key is taken: "reject", "join", "queue",
+    #: "keep_newest".
     on_conflict: str
     #: After a FAILED run: "require_approval" or "reopen".
     failure: str
@@ -123,6 +138,20 @@ class KeyPolicy:
     expired_requires_approval: bool
     lock_delay: timedelta | None
     max_hold: timedelta | None
+    max_queue: int = 0
+    max_wait: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Waiter:
+    """A caller in a key's queue (``taskguard.v1.Waiter``)."""
+
+    run_id: str
+    holder: str
+    queued_at: datetime | None
+    #: When its max_wait ends it; None without one.
+    wait_until: datetime | None
+    keep_newest: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +168,8 @@ class GuardEvent:
     occurred_at: datetime | None
     actor: str
     reason: str
+    #: QUEUED, DEQUEUED, SUPERSEDED, and an ACQUIRED that served the queue: the waiter's run.
+    waiter_run_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +231,7 @@ _STATUS_PB: dict[RunStatus, pb.RunStatus] = {
 }
 _STATES = {value: state for state, value in _STATE_PB.items()}
 _STATUSES = {value: status for status, value in _STATUS_PB.items()}
-_OUTCOMES: dict[int, Outcome] = {
-    pb.ACQUIRE_OUTCOME_ACQUIRED: Outcome.ACQUIRED,
-    pb.ACQUIRE_OUTCOME_ALREADY_RUNNING: Outcome.ALREADY_RUNNING,
-    pb.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: Outcome.RETRY_REQUIRES_APPROVAL,
-    pb.ACQUIRE_OUTCOME_LOCK_DELAYED: Outcome.LOCK_DELAYED,
-}
+_OUTCOMES = {pb.AcquireOutcome.Value(f"ACQUIRE_OUTCOME_{outcome.value}"): outcome for outcome in Outcome}
 _EVENT_TYPES = {pb.GuardEventType.Value(f"GUARD_EVENT_TYPE_{kind.value}"): kind for kind in EventType}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -243,6 +269,17 @@ def guard_from_pb(message: pb.Guard) -> Guard:
         lock_delay_until=_time(message.lock_delay_until) if message.HasField("lock_delay_until") else None,
         hold_until=_time(message.hold_until) if message.HasField("hold_until") else None,
         policy=_key_policy(message.policy) if message.HasField("policy") else None,
+        waiters=tuple(_waiter(waiter) for waiter in message.waiters),
+    )
+
+
+def _waiter(message: pb.Waiter) -> Waiter:
+    return Waiter(
+        run_id=message.run_id,
+        holder=message.holder,
+        queued_at=_time(message.queued_at) if message.HasField("queued_at") else None,
+        wait_until=_time(message.wait_until) if message.HasField("wait_until") else None,
+        keep_newest=message.keep_newest,
     )
 
 
@@ -256,6 +293,8 @@ def _key_policy(message: pb.KeyPolicy) -> KeyPolicy:
         expired_requires_approval=message.expired_requires_approval,
         lock_delay=message.lock_delay.ToTimedelta() if message.HasField("lock_delay") else None,
         max_hold=message.max_hold.ToTimedelta() if message.HasField("max_hold") else None,
+        max_queue=message.max_queue,
+        max_wait=message.max_wait.ToTimedelta() if message.HasField("max_wait") else None,
     )
 
 
@@ -269,6 +308,7 @@ def event_from_pb(message: pb.GuardEvent) -> GuardEvent:
         occurred_at=_time(message.occurred_at) if message.HasField("occurred_at") else None,
         actor=message.actor,
         reason=message.reason,
+        waiter_run_id=message.waiter_run_id,
     )
 
 

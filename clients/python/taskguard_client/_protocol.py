@@ -50,7 +50,15 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 _T = TypeVar("_T")
 _Connection = TypeVar("_Connection")
 
-OnConflict = Literal["raise", "return", "join"]
+OnConflict = Literal["raise", "return", "join", "queue", "keep-newest"]
+# What each asks the sidecar for (the rest is what the client does with a refusal).
+_ON_CONFLICT_PB = {
+    "raise": pb.ON_CONFLICT_REJECT,
+    "return": pb.ON_CONFLICT_REJECT,
+    "join": pb.ON_CONFLICT_JOIN,
+    "queue": pb.ON_CONFLICT_QUEUE,
+    "keep-newest": pb.ON_CONFLICT_KEEP_NEWEST,
+}
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_PAGE_SIZE = 100
@@ -166,9 +174,12 @@ def acquire_request(
     labels: Mapping[str, str] | None,
     holder: str,
     on_conflict: OnConflict,
+    max_wait: float | timedelta | None = None,
 ) -> pb.AcquireRequest:
-    if on_conflict not in ("raise", "return", "join"):
-        raise ValueError(f"on_conflict must be 'raise', 'return' or 'join', not {on_conflict!r}")
+    if on_conflict not in _ON_CONFLICT_PB:
+        raise ValueError(
+            f"on_conflict must be 'raise', 'return', 'join', 'queue' or 'keep-newest', not {on_conflict!r}"
+        )
     # Made before the first attempt, so that every retry names the same run.
     run_id = run_id or str(uuid.uuid4())
     request = pb.AcquireRequest(
@@ -178,10 +189,12 @@ def acquire_request(
         retry_secret=retry_secret(task_key, run_id),
         holder=holder,
         labels=dict(labels or {}),
-        on_conflict=pb.ON_CONFLICT_JOIN if on_conflict == "join" else pb.ON_CONFLICT_REJECT,
+        on_conflict=_ON_CONFLICT_PB[on_conflict],
     )
     if ttl is not None:
         request.ttl.CopyFrom(duration_pb(ttl))
+    if max_wait is not None:
+        request.max_wait.CopyFrom(duration_pb(max_wait))
     return request
 
 
@@ -263,6 +276,8 @@ class Conflict(RunFacts):
     outcome: Outcome
     guard: Guard
     joined: bool = False
+    #: SUPERSEDED: the run of the newer trigger that took this waiter's place.
+    superseded_by: str = ""
 
     @property
     def holder(self) -> str:
@@ -270,7 +285,7 @@ class Conflict(RunFacts):
 
     def error(self) -> _errors.Refusal:
         """The exception ``on_conflict="raise"`` would have raised."""
-        return _errors.conflict(self.outcome, self.guard)
+        return _errors.conflict(self.outcome, self.guard, self.superseded_by)
 
     @property
     def _run(self) -> Guard:
@@ -283,7 +298,7 @@ def acquired(outcome_value: int, guard_message: pb.Guard, lease_id: str, on_conf
     outcome = outcome_from_pb(outcome_value)
     if outcome is Outcome.ACQUIRED:
         return lease_of(lease_id, guard)
-    if on_conflict == "raise":
+    if on_conflict != "return":
         raise _errors.conflict(outcome, guard)
     return Conflict(outcome, guard)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
@@ -110,6 +110,13 @@ class Hold(HoldState):
 
     def _enter(self, join: bool) -> Conflict | None:
         call, requests, response = self._open(self._acquiring())
+        try:
+            while self._queued(response):
+                response = _next_answer(call)
+        except BaseException:
+            requests.end()
+            call.cancel()
+            raise
         conflict = self._entered(response)
         if conflict is None:
             self._attach(call, requests)
@@ -249,16 +256,34 @@ class Hold(HoldState):
             self._changed.notify_all()
 
 
+def _next_answer(call: Any) -> pb.HoldResponse:
+    try:
+        response = next(call)
+    except StopIteration:
+        raise _errors.unanswered(call.code(), call.details() or "") from None
+    except grpc.RpcError as error:
+        raise _errors.from_rpc_error(error) from error
+    assert isinstance(response, pb.HoldResponse)
+    return response
+
+
 class HoldContext(AbstractContextManager[Any]):
     """``with client.hold(...)``: acquire on enter, release on exit."""
 
     def __init__(
-        self, connection: Connection, request: pb.AcquireRequest, ttl_s: float | None, on_conflict: OnConflict
+        self,
+        connection: Connection,
+        request: pb.AcquireRequest,
+        ttl_s: float | None,
+        on_conflict: OnConflict,
+        on_queued: Callable[[int, Guard], None] | None = None,
     ) -> None:
         self._entering = Entering(lambda: Hold(connection, request, ttl_s), on_conflict)
+        self._on_queued = on_queued
 
     def __enter__(self) -> Hold | Conflict:
         hold = self._entering.start()
+        hold.on_queued = self._on_queued
         return self._entering.entered(hold, hold._enter(self._entering.join))
 
     def __exit__(

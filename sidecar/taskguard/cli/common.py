@@ -23,9 +23,12 @@ from taskguard_client import (
     LockDelayed,
     NotFoundError,
     PermissionDeniedError,
+    QueueFull,
     RetryRequiresApproval,
+    Superseded,
     TaskGuardError,
     UnavailableError,
+    WaitTimedOut,
 )
 
 # Exit codes: the sysexits(3) numbers where one fits, and the documented table in cli.EPILOG.
@@ -43,6 +46,9 @@ EXIT_PERMISSION_DENIED = 77  # EX_NOPERM
 EXIT_LEASE_LOST = 79
 EXIT_JOINED_RUN_FAILED = 80
 EXIT_LOCK_DELAYED = 81
+EXIT_QUEUE_FULL = 82
+EXIT_WAIT_TIMED_OUT = 83
+EXIT_SUPERSEDED = 84
 EXIT_CANNOT_EXECUTE = 126
 EXIT_COMMAND_NOT_FOUND = 127
 EXIT_INTERRUPTED = 130
@@ -96,6 +102,12 @@ def report(error: TaskGuardError, address: str, timeout_s: float) -> int:
             message, code = f"{error} (approve it with: {hint})", EXIT_RETRY_REQUIRES_APPROVAL
         case LockDelayed():
             message, code = str(error), EXIT_LOCK_DELAYED
+        case QueueFull():
+            message, code = str(error), EXIT_QUEUE_FULL
+        case WaitTimedOut():
+            message, code = str(error), EXIT_WAIT_TIMED_OUT
+        case Superseded():
+            message, code = str(error), EXIT_SUPERSEDED
         case _:
             message, code = f"the sidecar at {address} failed: {error}", EXIT_ERROR
     warn(message)

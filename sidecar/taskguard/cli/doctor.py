@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from taskguard import webaccess
 from taskguard.config import Settings, describe_rule, runtime_dir
 from taskguard.front.listener import private_dir_problem
 from taskguard.store import backends
@@ -42,6 +43,7 @@ def examine(settings: Settings) -> list[Finding]:
         *_database(settings),
         *_listener(settings),
         *_file_modes(settings),
+        *_metrics(settings),
     ]
 
 
@@ -171,6 +173,23 @@ def _listener(settings: Settings) -> Iterator[Finding]:
                 yield _probe(settings.listen, f"{settings.listen} is in use")
             return
     yield Finding(True, "listener", f"{settings.listen} is free")
+
+
+def _metrics(settings: Settings) -> Iterator[Finding]:
+    """/metrics: the token file a scrape needs, by the rules the sidecar holds it to (read, never created here)."""
+    if not settings.metrics_listen:
+        return
+    path = settings.metrics_token_path
+    where = f"/metrics on {settings.metrics_listen}"
+    if not path.exists():
+        yield Finding(True, "metrics", f"{where}; the sidecar creates its token file {path} (0600) at start")
+        return
+    try:
+        webaccess.load_or_create(path, "metrics token")
+    except webaccess.TokenFileError as error:
+        yield Finding(False, "metrics", f"{error}: the sidecar refuses to start")
+        return
+    yield Finding(True, "metrics", f"{where}; scrapes present the token in {path}")
 
 
 def _probe(target: str, what: str) -> Finding:

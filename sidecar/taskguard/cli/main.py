@@ -21,10 +21,11 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
+import taskguard_client
 from taskguard import __version__, config
 from taskguard.cli import run as cli_run
 from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
-from taskguard_client import Client, Guard, GuardEvent, GuardState, KeyPolicy, TaskGuardError, default_address
+from taskguard_client import Client, Guard, GuardEvent, GuardState, KeyPolicy, TaskGuardError, Waiter, default_address
 
 EPILOG = """\
 The client commands talk to the sidecar at --addr; without it, at $TASKGUARD_ADDR, else at the
@@ -33,7 +34,7 @@ unix:/tmp/taskguard-<uid>/taskguard.sock when $XDG_RUNTIME_DIR is unset.
 
 exit codes:
   0    success; run: the command exited 0, --on-conflict skip found the task running,
-       or --on-conflict wait saw the run it waited for succeed
+       or --on-conflict join (wait) saw the run it waited for succeed
   1    check-fence: the token does not hold the guard
   2    usage error
   65   the sidecar refused an argument, such as a malformed task key (INVALID_ARGUMENT)
@@ -46,9 +47,12 @@ exit codes:
   77   permission denied, including a sidecar socket this user may not open
   79   run: the guard was lost while the command ran (force-released, expired, or not resumable after the
        sidecar went away); the command got SIGTERM, and stderr says when the guard was lost
-  80   run --on-conflict wait: the run waited for did not succeed
+  80   run --on-conflict join (wait): the run waited for did not succeed
   81   run: the last run was lost (abandoned, expired, force-released) and the key's lock-delay keeps it
        closed until the time stderr names (LOCK_DELAYED); also with skip and wait
+  82   run --on-conflict queue|keep-newest: the key's queue is full (QUEUE_FULL)
+  83   run --on-conflict queue|keep-newest: --max-wait (or the key's max_wait) passed first (WAIT_TIMED_OUT)
+  84   run --on-conflict keep-newest: a newer trigger took this one's place in the queue (SUPERSEDED)
   126  run: the command cannot be executed
   127  run: the command was not found (nothing was acquired)
   N    run: the command's exit status; 128+N when a signal N killed it (also when the sidecar could
@@ -99,10 +103,12 @@ def _json_value(value: Any) -> Any:
         return iso(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, Guard | GuardEvent | KeyPolicy):
+    if isinstance(value, Guard | GuardEvent | KeyPolicy | Waiter):
         return {field.name: _json_value(getattr(value, field.name)) for field in fields(value)}
     if isinstance(value, dict):
         return {key: _json_value(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_json_value(item) for item in value]
     return value
 
 
@@ -229,6 +235,9 @@ def _plain(value: Any) -> str:
         return "-"
     if isinstance(value, dict):
         return ", ".join(f"{key}={item}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        # The queue: each waiter by its run and since when, first in line first.
+        return "; ".join(f"{item['run_id']} ({item['holder']}, since {item['queued_at']})" for item in value) or "-"
     return str(value)
 
 
@@ -328,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"taskguard {__version__}")
+    # Both: the client's package carries the API stubs the sidecar serves.
+    versions = f"taskguard-sidecar {__version__}, taskguard-sidecar-client {taskguard_client.__version__}"
+    parser.add_argument("--version", action="version", version=versions)
     _connection(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar")
@@ -391,10 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--holder", metavar="H", help="shown to runs refused meanwhile (default: host, pid and command)")
     run.add_argument(
         "--on-conflict",
-        choices=("fail", "wait", "skip"),
+        choices=("fail", "skip", "join", "wait", "queue", "keep-newest"),
         default="fail",
-        help="when another run holds the guard: exit 75 (fail), wait for it and exit 0 if it succeeded"
-        " (wait), or exit 0 (skip)",
+        help="when another run holds the guard: exit 75 (fail); exit 0 (skip); wait for it to end and exit 0 if"
+        " it succeeded (join, or its old name wait); wait in the key's FIFO queue and run CMD when its turn"
+        " comes (queue); the same, but a newer keep-newest trigger takes this one's place, which exits 84"
+        " (keep-newest). Queued positions go to stderr",
+    )
+    run.add_argument(
+        "--max-wait",
+        type=_duration,
+        metavar="D",
+        help="queue, keep-newest: give up after D in the queue, exit 83 (default: the key's max_wait, or none)",
     )
 
     dashboard = client_command("dashboard", "serve a live web page of the guards for operators", _dashboard)

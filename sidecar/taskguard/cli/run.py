@@ -23,8 +23,11 @@ the guard.
   the guard ABANDONED, not SUCCEEDED or FAILED.
 * A conflict prints the run in the way and exits 75 (already running) or 76
   (a retry needs approval); ``--on-conflict skip`` exits 0 when the task is
-  running; ``--on-conflict wait`` joins the running run and exits 0 if it
-  succeeded, else 80.
+  running; ``--on-conflict join`` (``wait``) joins the running run and exits 0
+  if it succeeded, else 80. ``--on-conflict queue`` waits in the key's FIFO
+  queue (each change of place on stderr) and runs CMD when its turn comes;
+  ``keep-newest`` too, but a newer keep-newest trigger takes its place (84).
+  A full queue exits 82; a ``--max-wait`` that passes, 83.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Literal
 
 from taskguard.cli.common import (
     EXIT_CANNOT_EXECUTE,
@@ -60,6 +62,7 @@ from taskguard_client import (
     Guard,
     GuardState,
     LeaseLost,
+    OnConflict,
     Outcome,
     RunStatus,
     TaskGuardError,
@@ -91,11 +94,17 @@ async def _main(args: argparse.Namespace) -> int:
         return EXIT_COMMAND_NOT_FOUND
     # A file name may hold anything; the sidecar takes no control characters in a holder.
     holder = args.holder or f"{socket.gethostname()}:{os.getpid()} ({shown(os.path.basename(command[0]))})"
-    on_conflict: Literal["join", "return"] = "join" if args.on_conflict == "wait" else "return"
+    on_conflict = _ON_CONFLICT[args.on_conflict]
     async with AsyncClient(args.addr, timeout=args.timeout, **client_options(args)) as client:
         try:
             async with client.hold(
-                args.key, run_id=args.run_id, ttl=args.ttl, holder=holder, on_conflict=on_conflict
+                args.key,
+                run_id=args.run_id,
+                ttl=args.ttl,
+                holder=holder,
+                on_conflict=on_conflict,
+                max_wait=args.max_wait,
+                on_queued=_tell_queued,
             ) as held:
                 if isinstance(held, Conflict):
                     return _conflict(held, args.on_conflict)
@@ -105,6 +114,23 @@ async def _main(args: argparse.Namespace) -> int:
         except LeaseLost as lost:
             warn(f"{args.key}: {lost}")
             return EXIT_LEASE_LOST
+
+
+# What the client is asked for: a conflict comes back as a Conflict to report, except from a queue, whose
+# refusals (queue full, timed out, superseded) the client raises.
+_ON_CONFLICT: dict[str, OnConflict] = {
+    "fail": "return",
+    "skip": "return",
+    "join": "join",
+    "wait": "join",
+    "queue": "queue",
+    "keep-newest": "keep-newest",
+}
+
+
+def _tell_queued(position: int, guard: Guard) -> None:
+    why = f", which is {guard.state.value}: {guard.last_detail or 'waiting'}" if not guard.running else ""
+    warn(f"{guard.task_key}: queued, position {position} behind run {guard.run_id}{why}")
 
 
 def _conflict(conflict: Conflict, on_conflict: str) -> int:

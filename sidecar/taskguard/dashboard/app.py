@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import signal
@@ -52,6 +51,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from taskguard import webaccess
 from taskguard.dashboard import access
 from taskguard.dashboard.access import ViewerToken
 from taskguard.dashboard.follow import Follower, operator_client, operator_token_accepted
@@ -186,7 +186,9 @@ class Dashboard:
         self._static = {name: folder.joinpath(name).read_bytes() for name in ("index.html", "app.js", "app.css")}
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard_host, self._require_viewer], client_max_size=MAX_BODY_BYTES)
+        # A page on another site that rebinds its name to 127.0.0.1 arrives with its own name as Host.
+        guard_host = webaccess.loopback_host_only(self.allow_remote, "this dashboard answers to loopback names only")
+        app = web.Application(middlewares=[guard_host, self._require_viewer], client_max_size=MAX_BODY_BYTES)
         app.on_response_prepare.append(_common_headers)
         app.router.add_get("/", self.index)
         app.router.add_get("/static/{name}", self.static)
@@ -199,15 +201,6 @@ class Dashboard:
         return app
 
     # --- defences ---------------------------------------------------------------------------
-
-    @web.middleware
-    async def _guard_host(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if not self.allow_remote and not _loopback(_hostname(request.host)):
-            # A page on another site that rebinds its name to 127.0.0.1 arrives with its own name as Host.
-            return web.Response(status=421, text="this dashboard answers to loopback names only\n")
-        return await handler(request)
 
     @web.middleware
     async def _require_viewer(
@@ -381,37 +374,15 @@ def _refused(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"ok": False, "code": code, "error": " ".join(message.split())}, status=status)
 
 
-def _hostname(host: str) -> str:
-    """The name in a Host header, without its port or an IPv6 address's brackets."""
-    if host.startswith("["):
-        return host[1:].split("]", 1)[0]
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
 def parse_listen(listen: str, allow_remote: bool) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6) -> (host, port); a non-loopback host needs ``allow_remote``."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or not host:
-        raise ValueError(f"--listen: must be HOST:PORT, not {listen!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"--listen: port must be 0..65535, not {port}")
-    if not allow_remote and not _loopback(host):
-        raise ValueError(
-            f"--listen: {host} is not a loopback address; the page shows every guard and forwards operator tokens"
-            " over plain HTTP, so pass --allow-remote to serve it beyond this host anyway"
-        )
-    return host, port
-
-
-def _loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return webaccess.parse_listen(
+        listen,
+        allow_remote,
+        setting="--listen",
+        why="the page shows every guard and forwards operator tokens over plain HTTP",
+        remedy="pass --allow-remote to serve it beyond this host anyway",
+    )
 
 
 def _logging() -> logging.Handler:
@@ -449,7 +420,7 @@ async def serve(args: argparse.Namespace, address: str, client_options: dict[str
     try:
         await site.start()
         bound = _bound(runner)
-        if args.allow_remote and not _loopback(host):
+        if args.allow_remote and not webaccess.is_loopback(host):
             print(
                 "taskguard dashboard: warning: serving beyond loopback; the viewer and operator tokens cross the"
                 " network in plain HTTP, where anyone on the path can read them and then every guard",

@@ -15,13 +15,14 @@ from grpc import aio
 from taskguard.front import wire
 from taskguard.front.auth import Authorizer
 from taskguard.front.hold_stream import HoldStream
-from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant
+from taskguard.front.rpc import Call, acquired, answer, encode, expect, new_lease_id, tolerant, waited
 from taskguard.front.watch_stream import serve_watch
 from taskguard.guard import model
-from taskguard.guard.model import NO_SUCH_GUARD, GuardRecord, Rejection
+from taskguard.guard.model import NO_SUCH_GUARD, GuardRecord, Outcome, Rejection
 from taskguard.runtime.engine import Engine
 from taskguard.runtime.events import EventHub
 from taskguard.runtime.leases import LeaseKeeper
+from taskguard.runtime.turns import Turn, TurnNews
 from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
@@ -72,10 +73,33 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             shared_principal=call.caller.shared,
         )
         with self._keeper.admit(command.principal):
-            reply = acquired(await self._engine.execute(command), call.span, command.run_id)
+            turn = self._keeper.turn(command)
+            try:
+                reply = acquired(await self._engine.execute(command), call.span, command.run_id)
+                if reply.outcome is Outcome.QUEUED:
+                    # A unary caller hears only its final answer: it waits here, up to its deadline.
+                    turn.queued(reply)
+                    reply = await self._wait_turn(turn, call, command.run_id)
+                else:
+                    turn.settle()
+            finally:
+                if turn.queued_at is not None and not turn.settled:
+                    waited(self.telemetry, turn, "LEFT")
+                turn.close("the waiter's Acquire call ended before its turn came")
         return pb.AcquireResponse(
             outcome=wire.outcome(reply.outcome), guard=self._render(reply.guard), lease_id=reply.lease_id
         )
+
+    async def _wait_turn(self, turn: Turn, call: Call, run_id: str) -> model.AcquireReply:
+        news = await turn.outcome()
+        waited(self.telemetry, turn, news.outcome.name)
+        if news.outcome is Outcome.ACQUIRED:
+            held = await turn.claim(news.guard)
+            turn.settle()
+            news = TurnNews(Outcome.ACQUIRED, held)
+        reply = news.reply()
+        call.span.outcome(reply.outcome, reply.guard, run_id)
+        return reply
 
     @answer
     async def Renew(

@@ -9,15 +9,17 @@ sidecar does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpc import aio
 
 from taskguard.front import wire
-from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id
-from taskguard.guard.model import GuardRecord, Rejection
+from taskguard.front.rpc import Call, Draining, acquired, decoded, expect, new_lease_id, waited
+from taskguard.guard.model import GuardRecord, Outcome, Rejection
 from taskguard.runtime.leases import HoldSession
+from taskguard.runtime.turns import TurnNews
 from taskguard.telemetry import Telemetry
 from taskguard_client.v1 import taskguard_pb2 as pb
 
@@ -48,6 +50,8 @@ class HoldStream:
         self._telemetry = telemetry
         self._draining = draining
         self._first_message_timeout_s = first_message_timeout_s
+        # When the acquisition was answered: a joined stream waits for the winner's run from then on.
+        self._answered_at = 0.0
 
     async def serve(self) -> None:
         try:
@@ -58,6 +62,8 @@ class HoldStream:
             self._session.leave_for_resume(_REJECTED)
             raise
         finally:
+            if self._session.turn is not None and not self._session.turn.settled:
+                waited(self._telemetry, self._session.turn, "LEFT")
             self._session.close(_DROPPED)
 
     async def _open(self) -> None:
@@ -91,11 +97,61 @@ class HoldStream:
                 guard=self._render(reply.guard),
                 lease_id=reply.lease_id,
                 event=pb.HOLD_EVENT_ACQUIRE_RESULT,
+                position=reply.position,
             )
         )
+        self._answered_at = time.perf_counter()
+        if reply.outcome is Outcome.QUEUED and not await self._wait_turn():
+            return  # superseded, or its max_wait passed: answered, and the stream ends
         if session.ended is None:
             return  # refused without JOIN: answered, and the stream ends
         await self._follow_run(session.ended)
+
+    async def _wait_turn(self) -> bool:
+        """Tell the waiter of each change of its place until its turn comes (True) or it must go (False).
+
+        Nothing is read meanwhile: a waiter that goes away cancels the call, which ends the wait (and the
+        session leaves the queue as the stream closes).
+        """
+        turn = self._session.turn
+        assert turn is not None
+        while True:
+            news = await self._unless_draining(turn.news())
+            if news.outcome is Outcome.QUEUED:
+                await self._context.write(
+                    pb.HoldResponse(
+                        outcome=wire.outcome(news.outcome),
+                        guard=self._render(news.guard),
+                        event=pb.HOLD_EVENT_QUEUE_POSITION,
+                        position=news.position,
+                    )
+                )
+                continue
+            waited(self._telemetry, turn, news.outcome.name)
+            guard = await self._session.take_turn(news.guard) if news.outcome is Outcome.ACQUIRED else news.guard
+            self._call.span.outcome(news.outcome, guard, turn.run_id)
+            await self._context.write(
+                pb.HoldResponse(
+                    outcome=wire.outcome(news.outcome),
+                    guard=self._render(guard),
+                    lease_id=guard.lease_id if news.outcome is Outcome.ACQUIRED else "",
+                    event=pb.HOLD_EVENT_ACQUIRE_RESULT,
+                    superseded_by=news.superseded_by,
+                )
+            )
+            return news.outcome is Outcome.ACQUIRED
+
+    async def _unless_draining(self, waiting: Coroutine[Any, Any, TurnNews]) -> TurnNews:
+        task = asyncio.ensure_future(waiting)
+        either: set[asyncio.Future[Any]] = {task, self._draining}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise Draining()
+        return task.result()
 
     async def _follow_run(self, ended: asyncio.Future[GuardRecord]) -> None:
         """Serve heartbeats and the release until the stream, the run or the sidecar ends.
@@ -143,6 +199,7 @@ class HoldStream:
     async def _run_ended(self, final: GuardRecord) -> None:
         held = self._session.held
         if held is None:
+            self._telemetry.joined(time.perf_counter() - self._answered_at, final)
             await self._context.write(
                 pb.HoldResponse(
                     outcome=pb.ACQUIRE_OUTCOME_ALREADY_RUNNING,

@@ -26,6 +26,7 @@ from taskguard.guard.model import GuardRecord, Rejected, Rejection, RejectionKin
 from taskguard.runtime.engine import Result
 from taskguard.runtime.events import RevisionAhead, TooManyWatchers, WatchOverflow
 from taskguard.runtime.leases import HolderLimit
+from taskguard.runtime.turns import Turn
 from taskguard.store import GuardLost, RevisionCompacted, StoreConflict, StoreUnavailable
 from taskguard.telemetry import RpcSpan, Telemetry
 
@@ -162,6 +163,12 @@ def acquired(result: Result, span: RpcSpan, run_id: str | None) -> model.Acquire
     span.guard(reply.guard)
     span.outcome(reply.outcome, reply.guard, run_id or reply.guard.run_id)
     return reply
+
+
+def waited(telemetry: Telemetry, turn: Turn, outcome: str) -> None:
+    """A queued call's wait is over: ``outcome`` is how (an Outcome's name, or LEFT when the call ended first)."""
+    if turn.queued_at is not None and turn.ahead is not None:
+        telemetry.queue_waited(turn.acquire, turn.queued_at, turn.ahead, outcome)
 
 
 def new_lease_id() -> str:

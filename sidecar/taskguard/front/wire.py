@@ -148,6 +148,7 @@ def acquire(
     if on_conflict is ConflictPolicy.JOIN and not stream_bound:
         raise BadRequest("on_conflict", "ON_CONFLICT_JOIN needs a Hold stream")
     ttl_s = duration_s(request.ttl, "ttl") if request.HasField("ttl") else None
+    max_wait_s = duration_s(request.max_wait, "max_wait") if request.HasField("max_wait") else None
     return model.Acquire(
         task_key=key,
         run_id=run_id,
@@ -160,6 +161,7 @@ def acquire(
         principal=principal,
         retry_key=retry_key(request.retry_secret, shared_principal),
         on_conflict=on_conflict,
+        max_wait_s=max_wait_s,
     )
 
 
@@ -280,6 +282,20 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
         message.lock_delay_until.CopyFrom(_timestamp(record.lock_delay_until))
     if record.hold_until is not None:
         message.hold_until.CopyFrom(_timestamp(record.hold_until))
+    for waiting in record.waiters:
+        message.waiters.append(waiter(waiting))
+    return message
+
+
+def waiter(waiting: model.Waiter) -> pb.Waiter:
+    message = pb.Waiter(
+        run_id=waiting.run_id,
+        holder=waiting.acquire.holder,
+        queued_at=_timestamp(waiting.queued_at),
+        keep_newest=waiting.keep_newest,
+    )
+    if waiting.wait_until is not None:
+        message.wait_until.CopyFrom(_timestamp(waiting.wait_until))
     return message
 
 
@@ -296,6 +312,9 @@ def key_policy(rule: model.KeyRule) -> pb.KeyPolicy:
         message.lock_delay.FromNanoseconds(round(rule.lock_delay_s * 1e9))
     if rule.max_hold_s is not None:
         message.max_hold.FromNanoseconds(round(rule.max_hold_s * 1e9))
+    message.max_queue = rule.max_queue
+    if rule.max_wait_s is not None:
+        message.max_wait.FromNanoseconds(round(rule.max_wait_s * 1e9))
     return message
 
 
@@ -313,6 +332,7 @@ def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
         occurred_at=_timestamp(event.occurred_at),
         actor=event.actor,
         reason=event.reason,
+        waiter_run_id=event.waiter_run_id,
     )
 
 

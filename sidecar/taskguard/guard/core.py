@@ -29,6 +29,17 @@ holder that did not notice its loss stops before anyone else starts) and a
 every lease deadline is capped by it, so the sweeper and healing need nothing
 else to enforce it).
 
+*Queues.* A caller whose conflict policy is QUEUE or KEEP_NEWEST is not
+refused but put in the guard's queue (``GuardRecord.waiters``, FIFO, at most
+``max_queue``; a KEEP_NEWEST trigger replaces the waiting KEEP_NEWEST one,
+which is told SUPERSEDED). Whatever frees the key (a release, an expiry, an
+abandonment, a force-release, an approval, a lock-delay's end) is followed by
+``serving``: the first waiter's run starts, unclaimed until its waiter's call
+takes it up (``Claim``), and ends CANCELLED, as no loss, if no call does within
+the resume grace. A waiter leaves when its call ends (``Leave``) or its
+``max_wait`` passes (healing). A key that needs an approval or is lock-delayed
+keeps its queue waiting; a caller that does not wait cannot jump it.
+
 ``decide(record, command, now, policy)`` is the whole machine, and ``RULES``
 (one table, state x command) says which rule answers each command in each
 state. It returns a
@@ -72,11 +83,13 @@ from typing import Any
 from taskguard.guard.model import (
     NO_SUCH_GUARD,
     NO_SUCH_LEASE,
+    WAITING_POLICIES,
     Abandon,
     Acquire,
     AcquireReply,
     ApproveRetry,
     AwaitResume,
+    Claim,
     Command,
     ConflictPolicy,
     Decision,
@@ -91,6 +104,7 @@ from taskguard.guard.model import (
     Heartbeat,
     Instant,
     KeyRule,
+    Leave,
     Outcome,
     Policy,
     Rejected,
@@ -100,6 +114,7 @@ from taskguard.guard.model import (
     Reply,
     Resume,
     RunStatus,
+    Waiter,
 )
 
 _RELEASED_STATE = {
@@ -130,17 +145,33 @@ def fence_is_valid(record: GuardRecord | None, fencing_token: int, now: float) -
 
 
 def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[GuardRecord | None, tuple[Event, ...]]:
-    """Turn a RUNNING guard whose TTL (or max hold) lapsed into EXPIRED (stale-lock healing)."""
-    if record is None or not is_expired(record, now.monotonic):
+    """What time alone does to a guard: a lapsed TTL (or max hold) ends its run EXPIRED (stale-lock
+    healing), a run its waiter never took up ends CANCELLED, waiters whose max_wait passed leave, and a
+    key that opened serves its queue."""
+    if record is None:
         return record, ()
+    events: list[Event] = []
+    if is_expired(record, now.monotonic):
+        record = _lapsed(record, now, policy)
+        lapsed = EventType.EXPIRED if record.state is GuardState.EXPIRED else EventType.RELEASED
+        events.append(Event(lapsed, record, now.wall))
+    record, left = _drop_lapsed_waiters(record, now)
+    record, admitted = _serve_queue(record, now, policy)
+    return record, (*events, *left, *admitted)
+
+
+def _lapsed(record: GuardRecord, now: Instant, policy: Policy) -> GuardRecord:
+    ended_at = record.expires_at or now.wall
+    if not record.claimed:
+        # No one was there to take the turn (its call went with a sidecar that died): not a loss.
+        why = f"its waiter did not take up its turn within the resume grace of {_seconds(policy.resume_grace_s)}"
+        return _ended(record, GuardState.CANCELLED, RunStatus.CANCELLED, why, ended_at)
     rule = policy.rule_for(record.task_key)
     if record.hold_deadline is not None and now.monotonic >= record.hold_deadline:
         why = f"held for the max_hold of {_seconds(rule.max_hold_s or 0.0)} (rule {rule.name!r})"
     else:
         why = f"ttl of {_seconds(record.ttl_s or 0.0)} lapsed without renewal or heartbeat"
-    ended_at = record.expires_at or now.wall
-    expired = _lost(_ended(record, GuardState.EXPIRED, RunStatus.UNSPECIFIED, why, ended_at), rule, now)
-    return expired, (Event(EventType.EXPIRED, expired, now.wall),)
+    return _lost(_ended(record, GuardState.EXPIRED, RunStatus.UNSPECIFIED, why, ended_at), rule, now)
 
 
 def _ended(
@@ -170,6 +201,16 @@ def _lost(ended: GuardRecord, rule: KeyRule, now: Instant) -> GuardRecord:
 def lock_delayed(record: GuardRecord, now: float) -> bool:
     """Whether the key is still closed by the lock-delay of its lost run."""
     return not record.running and record.lock_delay_deadline is not None and now < record.lock_delay_deadline
+
+
+def next_deadline(record: GuardRecord) -> float | None:
+    """When time next changes ``record`` by itself (see ``heal``), for the shell's timer; None: never."""
+    deadlines = [waiter.wait_deadline for waiter in record.waiters if waiter.wait_deadline is not None]
+    if record.running and record.expires_deadline is not None:
+        deadlines.append(record.expires_deadline)
+    if record.waiters and not record.running and record.lock_delay_deadline is not None:
+        deadlines.append(record.lock_delay_deadline)
+    return min(deadlines, default=None)
 
 
 def heals_first(command: Command) -> bool:
@@ -249,6 +290,8 @@ def _table() -> Mapping[type, Mapping[GuardState | None, Rule | Refusal]]:
         # Expiring is healing, decided before this rule: what is left to do is nothing.
         Expire: {NO_GUARD: _unchanged, GuardState.RUNNING: _unchanged, **_each_ended(_unchanged)},
         Abandon: {NO_GUARD: _unchanged, GuardState.RUNNING: _abandon, **_each_ended(_unchanged)},
+        Leave: {NO_GUARD: _unchanged, GuardState.RUNNING: _leave, **_each_ended(_leave)},
+        Claim: {NO_GUARD: _NO_SUCH_LEASE, GuardState.RUNNING: _claim, **_each_ended(_lease_lost)},
         ApproveRetry: {
             NO_GUARD: _NO_GUARD,
             GuardState.RUNNING: _NOT_AWAITING_APPROVAL,
@@ -290,7 +333,7 @@ def _after(healed: Decision, decision: Decision) -> Decision:
 def _invalid_argument(command: Command, policy: Policy) -> Rejected | None:
     match command:
         case Acquire():
-            return _check_ttl(_acquire_ttl(command, policy), policy)
+            return _check_ttl(_acquire_ttl(command, policy), policy) or _check_max_wait(command, policy)
         case Renew():
             return _check_ttl(command.ttl_s, policy)
         case Release() if command.status not in _RELEASED_STATE:
@@ -302,6 +345,12 @@ def _invalid_argument(command: Command, policy: Policy) -> Rejected | None:
 def _check_ttl(ttl_s: float | None, policy: Policy) -> Rejected | None:
     if ttl_s is not None and not 0 < ttl_s <= policy.max_ttl_s:
         return Rejected(RejectionKind.INVALID_ARGUMENT, "ttl", f"must be > 0s and <= {_seconds(policy.max_ttl_s)}")
+    return None
+
+
+def _check_max_wait(cmd: Acquire, policy: Policy) -> Rejected | None:
+    if cmd.max_wait_s is not None and not 0 < cmd.max_wait_s <= policy.max_ttl_s:
+        return Rejected(RejectionKind.INVALID_ARGUMENT, "max_wait", f"must be > 0s and <= {_seconds(policy.max_ttl_s)}")
     return None
 
 
@@ -323,15 +372,27 @@ def _start_run(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: P
 def _acquire_held(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     if current.run_id == cmd.run_id and _same_caller(current, cmd):
         return _acquire_again(current, cmd, _acquire_ttl(cmd, policy), now)
-    return _refuse(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now, policy)
+    return _refuse_or_wait(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now, policy)
+
+
+def _refuse_or_wait(
+    current: GuardRecord, cmd: Acquire, outcome: Outcome, event_type: EventType, now: Instant, policy: Policy
+) -> Decision:
+    """A key ``cmd`` cannot have now: a waiting caller joins its queue (or is already in it), others are refused."""
+    if (waiting := _waiting(current, cmd)) is not None:
+        return _requeue(current, waiting, cmd, now)
+    if (chosen := conflict_policy(cmd, policy)) in WAITING_POLICIES:
+        return _enqueue(current, cmd, chosen is ConflictPolicy.KEEP_NEWEST, now, policy)
+    return _refuse(current, cmd, outcome, event_type, now, policy)
 
 
 def _acquire_ended(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     if policy.rule_for(cmd.task_key).requires_approval(current.state):
-        return _refuse(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, now, policy)
+        # Waiters keep their places: the queue is served once a retry is approved.
+        return _refuse_or_wait(current, cmd, Outcome.RETRY_REQUIRES_APPROVAL, EventType.RETRY_REFUSED, now, policy)
     if lock_delayed(current, now.monotonic):
         # Also after an approval: approving says the task may run again, not that the lost holder stopped.
-        return _refuse(current, cmd, Outcome.LOCK_DELAYED, EventType.LOCK_DELAY_REFUSED, now, policy)
+        return _refuse_or_wait(current, cmd, Outcome.LOCK_DELAYED, EventType.LOCK_DELAY_REFUSED, now, policy)
     if current.run_id != cmd.run_id:
         return _start_run(current, cmd, now, policy)
     # A free key, asked for by the run that just ended on it: a late retry of
@@ -349,14 +410,28 @@ def _acquire_ended(current: GuardRecord, cmd: Acquire, now: Instant, policy: Pol
 
 
 def _same_caller(current: GuardRecord, cmd: Acquire) -> bool:
-    """Did the caller that made ``current`` send ``cmd``? Digests compare in constant time."""
-    if current.principal != cmd.principal or current.retry_key is None or cmd.retry_key is None:
+    """Did the caller that made ``current`` send ``cmd``?"""
+    return _same_identity(current.principal, current.retry_key, cmd)
+
+
+def _same_caller_as(earlier: Acquire, cmd: Acquire) -> bool:
+    return _same_identity(earlier.principal, earlier.retry_key, cmd)
+
+
+def _same_identity(principal: str, retry_key: str | None, cmd: Acquire) -> bool:
+    # Digests compare in constant time.
+    if principal != cmd.principal or retry_key is None or cmd.retry_key is None:
         return False
-    return hmac.compare_digest(current.retry_key, cmd.retry_key)
+    return hmac.compare_digest(retry_key, cmd.retry_key)
 
 
 def _new_run(
-    previous: GuardRecord | None, cmd: Acquire, ttl_s: float | None, now: Instant, rule: KeyRule
+    previous: GuardRecord | None,
+    cmd: Acquire,
+    ttl_s: float | None,
+    now: Instant,
+    rule: KeyRule,
+    waiters: tuple[Waiter, ...] = (),
 ) -> GuardRecord:
     hold_deadline, hold_until = now.after(rule.max_hold_s) if rule.max_hold_s is not None else (None, None)
     deadline, expires_at = _capped(now.after(ttl_s) if ttl_s is not None else (None, None), hold_deadline, hold_until)
@@ -385,6 +460,7 @@ def _new_run(
         revision=previous.revision if previous else 0,
         hold_until=hold_until,
         hold_deadline=hold_deadline,
+        waiters=waiters,
     )
 
 
@@ -523,14 +599,14 @@ def _ending(record: GuardRecord) -> str:
 
 
 def _lease_lost(
-    current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release, now: Instant, policy: Policy
+    current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release | Claim, now: Instant, policy: Policy
 ) -> Decision:
     problem = lease_problem(current, cmd.lease_id)
     assert problem is not None  # an ended guard is never held
     return Decision(None, (), problem)
 
 
-def _held(current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release) -> Decision | None:
+def _held(current: GuardRecord, cmd: Renew | Heartbeat | Resume | Release | Claim) -> Decision | None:
     """The rejection when ``cmd``'s lease is not the running run's, else None."""
     problem = lease_problem(current, cmd.lease_id)
     return Decision(None, (), problem) if problem is not None else None
@@ -614,6 +690,142 @@ def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -
     return Decision(
         abandoned, (Event(EventType.ABANDONED, abandoned, now.wall, reason=cmd.reason),), GuardReply(abandoned)
     )
+
+
+# --- queues ----------------------------------------------------------------------------
+
+
+def _waiting(current: GuardRecord, cmd: Acquire) -> Waiter | None:
+    """``cmd``'s caller's place in the queue, when it asks again (a retry keeps its place)."""
+    return next(
+        (waiter for waiter in current.waiters if waiter.run_id == cmd.run_id and _same_caller_as(waiter.acquire, cmd)),
+        None,
+    )
+
+
+def _requeue(current: GuardRecord, waiting: Waiter, cmd: Acquire, now: Instant) -> Decision:
+    """The waiter's caller asked again: its newest call takes its place (the older one, if it is still
+    there, never gets the turn: the run would start on the lease of the call that asked last)."""
+    if waiting.acquire == cmd:
+        return Decision(None, (), AcquireReply(Outcome.QUEUED, current, position=current.position(cmd.run_id)))
+    moved = replace(waiting, acquire=cmd)
+    requeued = replace(current, waiters=tuple(moved if w is waiting else w for w in current.waiters))
+    event = Event(
+        EventType.QUEUED,
+        requeued,
+        now.wall,
+        trigger_run_id=cmd.run_id,
+        trigger_holder=cmd.holder,
+        waiter_run_id=cmd.run_id,
+    )
+    return Decision(requeued, (event,), AcquireReply(Outcome.QUEUED, requeued, position=requeued.position(cmd.run_id)))
+
+
+def _enqueue(current: GuardRecord, cmd: Acquire, keep_newest: bool, now: Instant, policy: Policy) -> Decision:
+    rule = policy.rule_for(cmd.task_key)
+    # KEEP_NEWEST: the waiting trigger this one replaces makes room for it.
+    replaced = tuple(waiter for waiter in current.waiters if keep_newest and waiter.keep_newest)
+    staying = tuple(waiter for waiter in current.waiters if waiter not in replaced)
+    if len(staying) >= rule.max_queue:
+        return _refuse(current, cmd, Outcome.QUEUE_FULL, EventType.QUEUE_FULL_REFUSED, now, policy)
+    bounds = [bound for bound in (cmd.max_wait_s, rule.max_wait_s) if bound is not None]
+    deadline, until = now.after(min(bounds)) if bounds else (None, None)
+    waiter = Waiter(cmd, now.wall, keep_newest, wait_until=until, wait_deadline=deadline)
+    queued = replace(current, waiters=(*staying, waiter), duplicate_count=current.duplicate_count + 1)
+    superseded = tuple(
+        Event(
+            EventType.SUPERSEDED,
+            queued,
+            now.wall,
+            trigger_run_id=cmd.run_id,
+            trigger_holder=cmd.holder,
+            reason=f"superseded by the newer trigger of run {cmd.run_id}",
+            waiter_run_id=old.run_id,
+        )
+        for old in replaced
+    )
+    joined = Event(
+        EventType.QUEUED,
+        queued,
+        now.wall,
+        trigger_run_id=cmd.run_id,
+        trigger_holder=cmd.holder,
+        waiter_run_id=cmd.run_id,
+    )
+    # Durable before the caller hears it: a release decided by another sidecar of a shared store serves it.
+    return Decision(queued, (*superseded, joined), AcquireReply(Outcome.QUEUED, queued, position=len(queued.waiters)))
+
+
+def _drop_lapsed_waiters(record: GuardRecord, now: Instant) -> tuple[GuardRecord, tuple[Event, ...]]:
+    lapsed = [w for w in record.waiters if w.wait_deadline is not None and now.monotonic >= w.wait_deadline]
+    if not lapsed:
+        return record, ()
+    left = replace(record, waiters=tuple(waiter for waiter in record.waiters if waiter not in lapsed))
+    return left, tuple(
+        Event(
+            EventType.DEQUEUED,
+            left,
+            now.wall,
+            reason=f"its max_wait passed at {iso_utc(waiter.wait_until)} before its turn came",
+            waiter_run_id=waiter.run_id,
+        )
+        for waiter in lapsed
+    )
+
+
+def _serve_queue(record: GuardRecord, now: Instant, policy: Policy) -> tuple[GuardRecord, tuple[Event, ...]]:
+    """A key that is free with callers waiting: the first in line starts its run."""
+    if record.running or not record.waiters:
+        return record, ()
+    rule = policy.rule_for(record.task_key)
+    if rule.requires_approval(record.state) or lock_delayed(record, now.monotonic):
+        return record, ()
+    first, *rest = record.waiters
+    cmd = first.acquire
+    started = _new_run(record, cmd, _acquire_ttl(cmd, policy), now, rule, waiters=tuple(rest))
+    # Until its waiter's call takes it up (Claim), the run lasts no longer than the resume grace.
+    grace = _capped(now.after(policy.resume_grace_s), started.expires_deadline, started.expires_at)
+    unclaimed = replace(started, claimed=False, expires_deadline=grace[0], expires_at=grace[1])
+    event = Event(
+        EventType.ACQUIRED,
+        unclaimed,
+        now.wall,
+        trigger_run_id=cmd.run_id,
+        trigger_holder=cmd.holder,
+        waiter_run_id=cmd.run_id,
+    )
+    return unclaimed, (event,)
+
+
+def serving(record: GuardRecord | None, now: Instant, policy: Policy) -> Decision | None:
+    """After a command ended a run (or approved a retry): the queue's next run, as a decision of its own."""
+    if record is None:
+        return None
+    served, events = _serve_queue(record, now, policy)
+    return Decision(served, events, GuardReply(served)) if events else None
+
+
+def _leave(current: GuardRecord, cmd: Leave, now: Instant, policy: Policy) -> Decision:
+    if current.running and not current.claimed and (current.run_id, current.lease_id) == (cmd.run_id, cmd.lease_id):
+        # Its turn came as its call went: the run never started work, which is no loss.
+        ended = _ended(current, GuardState.CANCELLED, RunStatus.CANCELLED, cmd.reason, now.wall)
+        return Decision(ended, (Event(EventType.RELEASED, ended, now.wall, reason=cmd.reason),), GuardReply(ended))
+    waiter = next((w for w in current.waiters if (w.run_id, w.acquire.lease_id) == (cmd.run_id, cmd.lease_id)), None)
+    if waiter is None:
+        return _unchanged(current, cmd, now, policy)
+    left = replace(current, waiters=tuple(w for w in current.waiters if w is not waiter))
+    event = Event(EventType.DEQUEUED, left, now.wall, reason=cmd.reason, waiter_run_id=waiter.run_id)
+    return Decision(left, (event,), GuardReply(left))
+
+
+def _claim(current: GuardRecord, cmd: Claim, now: Instant, policy: Policy) -> Decision:
+    if (lost := _held(current, cmd)) is not None:
+        return lost
+    if current.claimed:
+        return Decision(None, (), GuardReply(current))
+    # From now on the run's own TTL (or none, on a Hold stream) and max hold bound it.
+    claimed = _touch(replace(current, claimed=True), now)
+    return Decision(claimed, (), GuardReply(claimed))
 
 
 # --- operators -----------------------------------------------------------------------

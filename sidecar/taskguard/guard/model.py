@@ -47,6 +47,14 @@ class Outcome(enum.IntEnum):
     RETRY_REQUIRES_APPROVAL = 3
     # The last run was lost (abandoned, expired, force-released) and the key's lock-delay has not passed.
     LOCK_DELAYED = 4
+    # QUEUE / KEEP_NEWEST: the caller waits its turn (``AcquireReply.position``); not a final answer.
+    QUEUED = 5
+    # The key's queue already has ``max_queue`` waiters.
+    QUEUE_FULL = 6
+    # The waiter's max_wait passed before its turn came.
+    WAIT_TIMED_OUT = 7
+    # KEEP_NEWEST: a newer trigger took this waiter's place.
+    SUPERSEDED = 8
 
 
 class EventType(enum.IntEnum):
@@ -64,6 +72,14 @@ class EventType(enum.IntEnum):
     FORCE_RELEASED = 10
     RESUMED = 11
     LOCK_DELAY_REFUSED = 12
+    # A caller joined the key's queue (``Event.waiter_run_id``).
+    QUEUED = 13
+    # A waiter left the queue without the guard: it gave up, its stream ended, its max_wait passed.
+    DEQUEUED = 14
+    # KEEP_NEWEST: a waiter was replaced by a newer trigger (``trigger_run_id``).
+    SUPERSEDED = 15
+    # A trigger refused with QUEUE_FULL.
+    QUEUE_FULL_REFUSED = 16
 
 
 # The events that end a run (its guard stops being held).
@@ -82,6 +98,13 @@ class ConflictPolicy(enum.IntEnum):
     REJECT = 1
     # Wait for the running run to end and hear how it ended (a Hold stream only).
     JOIN = 2
+    # Wait in FIFO order for the key, then hold it.
+    QUEUE = 3
+    # As QUEUE, but the key keeps at most one such waiter: a newer trigger replaces it (debounce).
+    KEEP_NEWEST = 4
+
+
+WAITING_POLICIES = frozenset({ConflictPolicy.QUEUE, ConflictPolicy.KEEP_NEWEST})
 
 
 class RejectionKind(enum.Enum):
@@ -132,6 +155,9 @@ class KeyRule:
     lock_delay_s: float = 0.0
     # A run ends EXPIRED this long after it started, whatever its renewals and heartbeats.
     max_hold_s: float | None = None
+    # QUEUE and KEEP_NEWEST: at most this many waiters; a waiter leaves after max_wait (None: no bound).
+    max_queue: int = 64
+    max_wait_s: float | None = None
 
     def matches(self, task_key: str) -> bool:
         return fnmatch.fnmatchcase(task_key, self.match)
@@ -182,6 +208,22 @@ def split_task_key(task_key: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiter:
+    """A caller waiting in a key's queue: its acquisition, decided when its turn comes."""
+
+    acquire: Acquire
+    queued_at: datetime
+    keep_newest: bool = False
+    # Its max_wait: it leaves the queue then (UTC for people, monotonic decides).
+    wait_until: datetime | None = None
+    wait_deadline: float | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.acquire.run_id
+
+
+@dataclass(frozen=True, slots=True)
 class GuardRecord:
     """A guard as stored. ``*_at`` are UTC for display; ``*_deadline``/``last_seen`` are monotonic."""
 
@@ -220,6 +262,15 @@ class GuardRecord:
     # The key's max_hold: the run ends EXPIRED then, whatever its renewals (UTC, and monotonic).
     hold_until: datetime | None = None
     hold_deadline: float | None = None
+    # Callers waiting for the key, first in line first (QUEUE, KEEP_NEWEST).
+    waiters: tuple[Waiter, ...] = ()
+    # False while a run admitted from the queue has not been taken up by its waiter's call: if the call is
+    # gone (a sidecar that died with it), the run ends CANCELLED after the resume grace, as no loss.
+    claimed: bool = True
+
+    def position(self, run_id: str) -> int:
+        """``run_id``'s place in the queue, from 1; 0 when it is not waiting."""
+        return next((place for place, waiter in enumerate(self.waiters, 1) if waiter.run_id == run_id), 0)
 
     @property
     def session_key(self) -> str:
@@ -258,6 +309,8 @@ class Acquire:
     retry_key: str | None = ""
     # None: the key's rule chooses (``KeyRule.on_conflict``).
     on_conflict: ConflictPolicy | None = None
+    # QUEUE / KEEP_NEWEST: the caller's own bound on its wait (the key's max_wait still applies).
+    max_wait_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +367,28 @@ class Abandon:
 
 
 @dataclass(frozen=True, slots=True)
+class Leave:
+    """A waiter's call is gone (its stream ended, it gave up) before it heard its turn had come.
+
+    Named by the lease the shell minted for it: if the run was admitted
+    meanwhile, it ends CANCELLED, unheld, and the next waiter's turn comes.
+    """
+
+    task_key: str
+    run_id: str
+    lease_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A waiter's call took up the run its turn started (the shell told it ACQUIRED)."""
+
+    task_key: str
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ApproveRetry:
     task_key: str
     approver: str
@@ -327,7 +402,20 @@ class ForceRelease:
     reason: str
 
 
-Command = Acquire | Renew | Heartbeat | Release | Resume | AwaitResume | Expire | Abandon | ApproveRetry | ForceRelease
+Command = (
+    Acquire
+    | Renew
+    | Heartbeat
+    | Release
+    | Resume
+    | AwaitResume
+    | Expire
+    | Abandon
+    | Leave
+    | Claim
+    | ApproveRetry
+    | ForceRelease
+)
 
 
 # --- events and replies ---------------------------------------------------------
@@ -342,6 +430,8 @@ class Event:
     trigger_holder: str = ""
     actor: str = ""
     reason: str = ""
+    # QUEUED, DEQUEUED, SUPERSEDED, and ACQUIRED from the queue: the waiter's run.
+    waiter_run_id: str = ""
     # Stamped by the store when the event is committed.
     revision: int = 0
 
@@ -356,12 +446,15 @@ class AcquireReply:
 
     ``joined``: the caller asked to JOIN and the run in the way is running; the
     shell waits for its end and reports that, instead of ending the call here.
+    QUEUED is not a final answer either: the shell waits for the caller's turn.
     """
 
     outcome: Outcome
     guard: GuardRecord
     fresh: bool = False
     joined: bool = False
+    # QUEUED: the caller's place in line, from 1.
+    position: int = 0
 
     @property
     def lease_id(self) -> str:

@@ -47,6 +47,8 @@ class Recovery:
     # RUNNING stream-bound guards that no live sidecar holds.
     unowned_stream_guards: list[GuardRecord]
     running: list[GuardRecord]
+    # Guards with waiters (or an unclaimed turn) whose calls ended with the last process.
+    orphaned_waiters: list[GuardRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,10 +122,25 @@ class Engine:
                     # (which a store like etcd maps onto one transaction each).
                     record = (await self._commit(record, healing)).record
                 decision = core.decide(record, command, now, self._policy)
-                return await self._commit(record, decision)
+                result = await self._commit(record, decision)
             except StoreConflict:
                 continue
+            await self._serve_queue(result.record)
+            return result
         raise StoreConflict(f"guard {command.task_key!r} kept changing under {type(command).__name__}")
+
+    async def _serve_queue(self, record: GuardRecord | None) -> None:
+        """The run a command ended (or the retry it approved) hands the key to its first waiter.
+
+        A commit of its own, so the command's reply describes what the command did.
+        """
+        served = core.serving(record, instant(self._clock), self._policy)
+        if served is None:
+            return
+        try:
+            await self._commit(record, served)
+        except StoreConflict:
+            pass  # another sidecar changed the guard first; its commit serves the queue
 
     async def _commit(self, before: GuardRecord | None, decision: Decision) -> Result:
         if decision.record is None:
@@ -205,7 +222,11 @@ class Engine:
 
     async def recover(self) -> Recovery:
         """What a starting sidecar finds: runs to give the resume grace, and deadlines to arm."""
-        return Recovery(await self._store.unowned_stream_guards(), await self._store.running())
+        return Recovery(
+            await self._store.unowned_stream_guards(),
+            await self._store.running(),
+            await self._store.orphaned_waiters(),
+        )
 
     async def running(self) -> list[GuardRecord]:
         return await self._store.running()

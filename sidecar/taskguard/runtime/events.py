@@ -115,6 +115,7 @@ class EventHub:
         self._watchers: set[Watcher] = set()
         self._per_connection: Counter[str] = Counter()
         self._run_waiters: dict[str, list[tuple[int, asyncio.Future[GuardRecord]]]] = {}
+        self._followers: dict[str, list[Callable[[Event], None]]] = {}
         engine.subscribe(self.publish)
 
     @property
@@ -128,6 +129,23 @@ class EventHub:
             for event in events:
                 if event.task_key in self._run_waiters:
                     self._settle_run_waiters(event.guard)
+        if self._followers:
+            for event in events:
+                for listener in self._followers.get(event.task_key, ()):
+                    listener(event)
+
+    def follow(self, task_key: str, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener`` with each committed event of ``task_key``; the function returned stops it."""
+        self._followers.setdefault(task_key, []).append(listener)
+
+        def stop() -> None:
+            listeners = self._followers.get(task_key, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                self._followers.pop(task_key, None)
+
+        return stop
 
     # --- waiting for a run to end --------------------------------------------------
 

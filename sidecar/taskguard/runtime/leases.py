@@ -40,6 +40,7 @@ from taskguard.guard.model import (
 )
 from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
+from taskguard.runtime.turns import Turn
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,21 @@ class LeaseKeeper:
         for record in found.running:
             self.arm(record)
             self._held_by[record.principal] += 1
+        for record in found.orphaned_waiters:
+            await self._dismiss_waiters(record)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
+
+    async def _dismiss_waiters(self, record: GuardRecord) -> None:
+        """Waiters whose calls ended with the last process: they leave (a retry queues again)."""
+        why = "the sidecar restarted while it waited; its call ended, and a retry queues again"
+        if record.running and not record.claimed:
+            await self._engine.execute(model.Leave(record.task_key, record.run_id, record.lease_id, why))
+        for waiter in record.waiters:
+            await self._engine.execute(model.Leave(record.task_key, waiter.run_id, waiter.acquire.lease_id, why))
+
+    def turn(self, acquire: Acquire) -> Turn:
+        """Follow ``acquire``'s key before it is decided, in case it is queued."""
+        return Turn(self._engine, self._hub, self._spawn, acquire)
 
     async def stop(self) -> None:
         """Stop timers; streams that end from now on leave their guards for a later resume."""
@@ -94,8 +109,9 @@ class LeaseKeeper:
     # --- TTL ---------------------------------------------------------------------------
 
     def arm(self, record: GuardRecord) -> None:
-        deadline = record.expires_deadline
-        if not record.running or deadline is None:
+        """Wake for what time next does to ``record``: its lease's end, a waiter's max_wait, a lock-delay's end."""
+        deadline = core.next_deadline(record)
+        if deadline is None:
             return
         armed = self._armed.get(record.task_key)
         if armed is not None and armed[0] == record.fencing_token and armed[1] <= deadline:
@@ -266,13 +282,31 @@ class HoldSession:
         self._keeper = keeper
         self.held: GuardRecord | None = None
         self.ended: asyncio.Future[GuardRecord] | None = None
+        # While the session waits in its key's queue.
+        self.turn: Turn | None = None
         self._released = False
 
     async def acquire(self, command: Acquire) -> Result:
         with self._keeper.admit(command.principal):
+            turn = self._keeper.turn(command)
             result = await self._engine.execute(command)
+        reply = result.reply
+        if isinstance(reply, model.AcquireReply) and reply.outcome is Outcome.QUEUED:
+            turn.queued(reply)
+            self.turn = turn
+        else:
+            turn.settle()
         await self._watch_the_run(result)
         return result
+
+    async def take_turn(self, admitted: GuardRecord) -> GuardRecord:
+        """The waiter's turn came: hold the run it started, as if acquired just now."""
+        assert self.turn is not None
+        held = await self.turn.claim(admitted)
+        self.turn.settle()
+        self.turn = None
+        await self._watch_the_run(Result(model.AcquireReply(Outcome.ACQUIRED, held), held))
+        return held
 
     async def resume(self, lease_id: str) -> Result:
         result = await self._engine.execute_on_lease(lease_id, lambda key: model.Resume(key, lease_id))
@@ -329,6 +363,8 @@ class HoldSession:
 
     def close(self, reason: str) -> None:
         """The stream is over; abandon the run unless it was released, lost or left for a resume already."""
+        if self.turn is not None:
+            self.turn.close("the waiter's Hold stream ended before its turn came")
         if self.ended is not None and not self.ended.done():
             self.ended.cancel()
         if self.held is not None and not self._released:

@@ -102,6 +102,10 @@ class Store(Protocol):
         """RUNNING stream-bound guards that no live sidecar holds (to wait the resume grace for, then abandon)."""
         ...
 
+    async def orphaned_waiters(self) -> list[GuardRecord]:
+        """At start: guards whose waiters (or unclaimed turn) were this process's last incarnation's calls."""
+        ...
+
     async def confirm(self, task_key: str) -> GuardRecord | None:
         """The guard as the store itself has it now, not as a copy of it may lag behind (CheckFence).
 

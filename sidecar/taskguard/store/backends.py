@@ -7,6 +7,7 @@ is one entry here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class Backend:
     keeps_a_file: bool = False
     # Several sidecars share it: leases must lapse here before the backend hands their guards to others.
     shared: bool = False
+    # The bytes its files take on this host (the store size gauge), or None when it keeps none here.
+    size_bytes: Callable[[StoreSettings], int | None] = lambda settings: None
 
 
 def is_etcd_url(value: str) -> bool:
@@ -65,6 +68,7 @@ BACKENDS = (
         open=lambda settings, clock: SqliteStore(settings.db, clock, settings.retention),
         describe=lambda settings: f"sqlite {settings.db}",
         keeps_a_file=True,
+        size_bytes=lambda settings: _file_bytes(settings.db, settings.db.with_name(settings.db.name + "-wal")),
     ),
     Backend(
         "memory",
@@ -81,6 +85,15 @@ BACKENDS = (
     ),
 )
 RULE = "must be sqlite, memory or etcd://host:port[,host:port...]"
+
+
+def _file_bytes(*paths: Path) -> int | None:
+    """What the files take (those that exist); None when none can be read."""
+    sizes = []
+    for path in paths:
+        with contextlib.suppress(OSError):
+            sizes.append(path.stat().st_size)
+    return sum(sizes) if sizes else None
 
 
 def backend_for(store: str) -> Backend | None:

@@ -7,7 +7,17 @@ from datetime import datetime
 from typing import Any
 
 from taskguard.clock import to_monotonic
-from taskguard.guard.model import Event, EventType, GuardRecord, GuardState, Instant, RunStatus
+from taskguard.guard.model import (
+    Acquire,
+    ConflictPolicy,
+    Event,
+    EventType,
+    GuardRecord,
+    GuardState,
+    Instant,
+    RunStatus,
+    Waiter,
+)
 
 
 def _at(value: datetime | None) -> str | None:
@@ -48,7 +58,57 @@ def record_to_doc(record: GuardRecord) -> dict[str, Any]:
         "revision": record.revision,
         "lock_delay_until": _at(record.lock_delay_until),
         "hold_until": _at(record.hold_until),
+        "waiters": [_waiter_to_doc(waiter) for waiter in record.waiters],
+        "claimed": record.claimed,
     }
+
+
+def _waiter_to_doc(waiter: Waiter) -> dict[str, Any]:
+    cmd = waiter.acquire
+    return {
+        "run_id": cmd.run_id,
+        "holder": cmd.holder,
+        "ttl_s": cmd.ttl_s,
+        "lease_id": cmd.lease_id,
+        "stream_bound": cmd.stream_bound,
+        "labels": dict(cmd.labels),
+        "trace_context": cmd.trace_context,
+        "principal": cmd.principal,
+        "retry_key": cmd.retry_key,
+        "on_conflict": cmd.on_conflict.name if cmd.on_conflict is not None else None,
+        "max_wait_s": cmd.max_wait_s,
+        "queued_at": _at(waiter.queued_at),
+        "keep_newest": waiter.keep_newest,
+        "wait_until": _at(waiter.wait_until),
+    }
+
+
+def _waiter_from_doc(task_key: str, doc: dict[str, Any], now: Instant) -> Waiter:
+    queued_at = _parse_at(doc["queued_at"])
+    wait_until = _parse_at(doc["wait_until"])
+    assert queued_at is not None
+    on_conflict = doc["on_conflict"]
+    acquire = Acquire(
+        task_key=task_key,
+        run_id=doc["run_id"],
+        holder=doc["holder"],
+        ttl_s=doc["ttl_s"],
+        lease_id=doc["lease_id"],
+        stream_bound=bool(doc["stream_bound"]),
+        labels=tuple(sorted(doc["labels"].items())),
+        trace_context=doc["trace_context"],
+        principal=doc["principal"],
+        retry_key=doc["retry_key"],
+        on_conflict=ConflictPolicy[on_conflict] if on_conflict is not None else None,
+        max_wait_s=doc["max_wait_s"],
+    )
+    return Waiter(
+        acquire,
+        queued_at,
+        keep_newest=bool(doc["keep_newest"]),
+        wait_until=wait_until,
+        wait_deadline=to_monotonic(wait_until, now) if wait_until is not None else None,
+    )
 
 
 def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
@@ -94,6 +154,9 @@ def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
         lock_delay_deadline=to_monotonic(lock_delay_until, now) if lock_delay_until is not None else None,
         hold_until=hold_until,
         hold_deadline=to_monotonic(hold_until, now) if hold_until is not None and running else None,
+        # Written since queues; older documents have none.
+        waiters=tuple(_waiter_from_doc(doc["task_key"], waiter, now) for waiter in doc.get("waiters", ())),
+        claimed=bool(doc.get("claimed", True)),
     )
 
 
@@ -106,6 +169,7 @@ def event_to_doc(event: Event) -> dict[str, Any]:
         "trigger_holder": event.trigger_holder,
         "actor": event.actor,
         "reason": event.reason,
+        "waiter_run_id": event.waiter_run_id,
         "revision": event.revision,
     }
 
@@ -121,6 +185,7 @@ def event_from_doc(doc: dict[str, Any], now: Instant) -> Event:
         trigger_holder=doc["trigger_holder"],
         actor=doc["actor"],
         reason=doc["reason"],
+        waiter_run_id=doc.get("waiter_run_id", ""),
         revision=int(doc["revision"]),
     )
 

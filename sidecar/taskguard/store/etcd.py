@@ -484,6 +484,11 @@ class EtcdStore(IndexedStore):
             return None
         return docs.decode_run(reply.kvs[0].value, instant(self._clock))
 
+    async def orphaned_waiters(self) -> list[GuardRecord]:
+        # Other sidecars' waiters share these guards, and which ones were this sidecar's last incarnation's is
+        # not recorded: they stay, and a turn none takes up ends CANCELLED after the resume grace (see core).
+        return []
+
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         """RUNNING stream-bound guards whose owner key is gone (their sidecar died while none watched)."""
         owned: set[str] = set()

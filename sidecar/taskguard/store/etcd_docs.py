@@ -58,6 +58,7 @@ def _event_doc(event: Event, with_guard: bool) -> dict[str, Any]:
         "trigger_holder": event.trigger_holder,
         "actor": event.actor,
         "reason": event.reason,
+        "waiter_run_id": event.waiter_run_id,
     }
     if with_guard:
         doc["guard"] = codec.record_to_doc(event.guard)
@@ -102,6 +103,7 @@ def decode_guard(value: bytes, mod_revision: int, now: Instant, localize_for: Lo
                 trigger_holder=raw.get("trigger_holder", ""),
                 actor=raw.get("actor", ""),
                 reason=raw.get("reason", ""),
+                waiter_run_id=raw.get("waiter_run_id", ""),
                 revision=encode_revision(mod_revision, slot + index),
             )
         )

@@ -62,6 +62,10 @@ class GuardIndex:
     def running(self) -> list[GuardRecord]:
         return [guard for guard in self._guards.values() if guard.running]
 
+    def queued(self) -> list[GuardRecord]:
+        """Guards with waiters, or a turn no waiter took up yet."""
+        return [guard for guard in self._guards.values() if guard.waiters or not guard.claimed]
+
     def subscribe(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
 
@@ -118,8 +122,12 @@ class SingleWriterStore(IndexedStore):
     _revision: int
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
-        # After a start, no stream holds anything yet.
-        return [record for record in self._index.running() if record.stream_bound]
+        # After a start, no stream holds anything yet (an unclaimed turn is a waiter's, not a holder's).
+        return [record for record in self._index.running() if record.stream_bound and record.claimed]
+
+    async def orphaned_waiters(self) -> list[GuardRecord]:
+        # Every waiter was a call to this process, and a start has none yet.
+        return self._index.queued()
 
     async def confirm(self, task_key: str) -> GuardRecord | None:
         # The index is the store's own state: nothing can be newer.

@@ -36,12 +36,18 @@ class AcquireOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACQUIRE_OUTCOME_ALREADY_RUNNING: _ClassVar[AcquireOutcome]
     ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: _ClassVar[AcquireOutcome]
     ACQUIRE_OUTCOME_LOCK_DELAYED: _ClassVar[AcquireOutcome]
+    ACQUIRE_OUTCOME_QUEUED: _ClassVar[AcquireOutcome]
+    ACQUIRE_OUTCOME_QUEUE_FULL: _ClassVar[AcquireOutcome]
+    ACQUIRE_OUTCOME_WAIT_TIMED_OUT: _ClassVar[AcquireOutcome]
+    ACQUIRE_OUTCOME_SUPERSEDED: _ClassVar[AcquireOutcome]
 
 class OnConflict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ON_CONFLICT_UNSPECIFIED: _ClassVar[OnConflict]
     ON_CONFLICT_REJECT: _ClassVar[OnConflict]
     ON_CONFLICT_JOIN: _ClassVar[OnConflict]
+    ON_CONFLICT_QUEUE: _ClassVar[OnConflict]
+    ON_CONFLICT_KEEP_NEWEST: _ClassVar[OnConflict]
 
 class FailureHandling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +63,7 @@ class HoldEvent(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HOLD_EVENT_RELEASED: _ClassVar[HoldEvent]
     HOLD_EVENT_LOST: _ClassVar[HoldEvent]
     HOLD_EVENT_WINNER_FINISHED: _ClassVar[HoldEvent]
+    HOLD_EVENT_QUEUE_POSITION: _ClassVar[HoldEvent]
 
 class GuardEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -73,6 +80,10 @@ class GuardEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GUARD_EVENT_TYPE_FORCE_RELEASED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_RESUMED: _ClassVar[GuardEventType]
     GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_QUEUED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_DEQUEUED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_SUPERSEDED: _ClassVar[GuardEventType]
+    GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: _ClassVar[GuardEventType]
 GUARD_STATE_UNSPECIFIED: GuardState
 GUARD_STATE_RUNNING: GuardState
 GUARD_STATE_SUCCEEDED: GuardState
@@ -90,9 +101,15 @@ ACQUIRE_OUTCOME_ACQUIRED: AcquireOutcome
 ACQUIRE_OUTCOME_ALREADY_RUNNING: AcquireOutcome
 ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL: AcquireOutcome
 ACQUIRE_OUTCOME_LOCK_DELAYED: AcquireOutcome
+ACQUIRE_OUTCOME_QUEUED: AcquireOutcome
+ACQUIRE_OUTCOME_QUEUE_FULL: AcquireOutcome
+ACQUIRE_OUTCOME_WAIT_TIMED_OUT: AcquireOutcome
+ACQUIRE_OUTCOME_SUPERSEDED: AcquireOutcome
 ON_CONFLICT_UNSPECIFIED: OnConflict
 ON_CONFLICT_REJECT: OnConflict
 ON_CONFLICT_JOIN: OnConflict
+ON_CONFLICT_QUEUE: OnConflict
+ON_CONFLICT_KEEP_NEWEST: OnConflict
 FAILURE_HANDLING_UNSPECIFIED: FailureHandling
 FAILURE_HANDLING_REQUIRE_APPROVAL: FailureHandling
 FAILURE_HANDLING_REOPEN: FailureHandling
@@ -102,6 +119,7 @@ HOLD_EVENT_HEARTBEAT_ACK: HoldEvent
 HOLD_EVENT_RELEASED: HoldEvent
 HOLD_EVENT_LOST: HoldEvent
 HOLD_EVENT_WINNER_FINISHED: HoldEvent
+HOLD_EVENT_QUEUE_POSITION: HoldEvent
 GUARD_EVENT_TYPE_UNSPECIFIED: GuardEventType
 GUARD_EVENT_TYPE_SNAPSHOT: GuardEventType
 GUARD_EVENT_TYPE_ACQUIRED: GuardEventType
@@ -115,9 +133,27 @@ GUARD_EVENT_TYPE_RETRY_APPROVED: GuardEventType
 GUARD_EVENT_TYPE_FORCE_RELEASED: GuardEventType
 GUARD_EVENT_TYPE_RESUMED: GuardEventType
 GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: GuardEventType
+GUARD_EVENT_TYPE_QUEUED: GuardEventType
+GUARD_EVENT_TYPE_DEQUEUED: GuardEventType
+GUARD_EVENT_TYPE_SUPERSEDED: GuardEventType
+GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: GuardEventType
+
+class Waiter(_message.Message):
+    __slots__ = ("run_id", "holder", "queued_at", "wait_until", "keep_newest")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_AT_FIELD_NUMBER: _ClassVar[int]
+    WAIT_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_NEWEST_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    holder: str
+    queued_at: _timestamp_pb2.Timestamp
+    wait_until: _timestamp_pb2.Timestamp
+    keep_newest: bool
+    def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_newest: _Optional[bool] = ...) -> None: ...
 
 class Guard(_message.Message):
-    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy")
+    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy", "waiters")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +187,7 @@ class Guard(_message.Message):
     LOCK_DELAY_UNTIL_FIELD_NUMBER: _ClassVar[int]
     HOLD_UNTIL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     session_key: str
     task_name: str
@@ -177,10 +214,11 @@ class Guard(_message.Message):
     lock_delay_until: _timestamp_pb2.Timestamp
     hold_until: _timestamp_pb2.Timestamp
     policy: KeyPolicy
-    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ...) -> None: ...
+    waiters: _containers.RepeatedCompositeFieldContainer[Waiter]
+    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ...) -> None: ...
 
 class KeyPolicy(_message.Message):
-    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold")
+    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold", "max_queue", "max_wait")
     RULE_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +227,8 @@ class KeyPolicy(_message.Message):
     EXPIRED_REQUIRES_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     LOCK_DELAY_FIELD_NUMBER: _ClassVar[int]
     MAX_HOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     rule: str
     match: str
     on_conflict: OnConflict
@@ -197,10 +237,12 @@ class KeyPolicy(_message.Message):
     expired_requires_approval: bool
     lock_delay: _duration_pb2.Duration
     max_hold: _duration_pb2.Duration
-    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    max_queue: int
+    max_wait: _duration_pb2.Duration
+    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
-    __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret")
+    __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret", "max_wait")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +257,7 @@ class AcquireRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
     RETRY_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     run_id: str
     holder: str
@@ -222,7 +265,8 @@ class AcquireRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     on_conflict: OnConflict
     retry_secret: str
-    def __init__(self, task_key: _Optional[str] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., retry_secret: _Optional[str] = ...) -> None: ...
+    max_wait: _duration_pb2.Duration
+    def __init__(self, task_key: _Optional[str] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., retry_secret: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AcquireResponse(_message.Message):
     __slots__ = ("outcome", "guard", "lease_id")
@@ -295,16 +339,20 @@ class HoldRequest(_message.Message):
     def __init__(self, acquire: _Optional[_Union[AcquireRequest, _Mapping]] = ..., resume: _Optional[_Union[ResumeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., release: _Optional[_Union[HoldRelease, _Mapping]] = ...) -> None: ...
 
 class HoldResponse(_message.Message):
-    __slots__ = ("outcome", "guard", "lease_id", "event")
+    __slots__ = ("outcome", "guard", "lease_id", "event", "position", "superseded_by")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     outcome: AcquireOutcome
     guard: Guard
     lease_id: str
     event: HoldEvent
-    def __init__(self, outcome: _Optional[_Union[AcquireOutcome, str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., lease_id: _Optional[str] = ..., event: _Optional[_Union[HoldEvent, str]] = ...) -> None: ...
+    position: int
+    superseded_by: str
+    def __init__(self, outcome: _Optional[_Union[AcquireOutcome, str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., lease_id: _Optional[str] = ..., event: _Optional[_Union[HoldEvent, str]] = ..., position: _Optional[int] = ..., superseded_by: _Optional[str] = ...) -> None: ...
 
 class ApproveRetryRequest(_message.Message):
     __slots__ = ("task_key", "approver", "reason")
@@ -393,7 +441,7 @@ class WatchGuardsRequest(_message.Message):
     def __init__(self, key_prefix: _Optional[str] = ..., start_revision: _Optional[int] = ..., include_snapshot: _Optional[bool] = ...) -> None: ...
 
 class GuardEvent(_message.Message):
-    __slots__ = ("revision", "type", "guard", "trigger_run_id", "trigger_holder", "occurred_at", "actor", "reason")
+    __slots__ = ("revision", "type", "guard", "trigger_run_id", "trigger_holder", "occurred_at", "actor", "reason", "waiter_run_id")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     GUARD_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +450,7 @@ class GuardEvent(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WAITER_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     revision: int
     type: GuardEventType
     guard: Guard
@@ -410,7 +459,8 @@ class GuardEvent(_message.Message):
     occurred_at: _timestamp_pb2.Timestamp
     actor: str
     reason: str
-    def __init__(self, revision: _Optional[int] = ..., type: _Optional[_Union[GuardEventType, str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., trigger_run_id: _Optional[str] = ..., trigger_holder: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    waiter_run_id: str
+    def __init__(self, revision: _Optional[int] = ..., type: _Optional[_Union[GuardEventType, str]] = ..., guard: _Optional[_Union[Guard, _Mapping]] = ..., trigger_run_id: _Optional[str] = ..., trigger_holder: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., waiter_run_id: _Optional[str] = ...) -> None: ...
 
 class GuardEventBatch(_message.Message):
     __slots__ = ("events",)

@@ -193,6 +193,23 @@ export const AcquireOutcome = {
    * long to stop (Chubby's and Consul's lock-delay).
    */
   ACQUIRE_OUTCOME_LOCK_DELAYED: "ACQUIRE_OUTCOME_LOCK_DELAYED",
+  /**
+   * ACQUIRE_OUTCOME_QUEUED - ON_CONFLICT_QUEUE / KEEP_NEWEST: not a final answer. The caller waits in
+   * the key's queue (HoldResponse.position, from 1); a Hold stream is sent
+   * this again as its position changes, then ACQUIRED when its turn comes.
+   * A unary Acquire does not see it: it waits, up to its deadline, for its
+   * final answer. A waiter whose call ends leaves the queue at once.
+   */
+  ACQUIRE_OUTCOME_QUEUED: "ACQUIRE_OUTCOME_QUEUED",
+  /** ACQUIRE_OUTCOME_QUEUE_FULL - The key's queue already holds its rule's max_queue waiters. */
+  ACQUIRE_OUTCOME_QUEUE_FULL: "ACQUIRE_OUTCOME_QUEUE_FULL",
+  /** ACQUIRE_OUTCOME_WAIT_TIMED_OUT - The waiter's max_wait (its own, or its key's rule's) passed first. */
+  ACQUIRE_OUTCOME_WAIT_TIMED_OUT: "ACQUIRE_OUTCOME_WAIT_TIMED_OUT",
+  /**
+   * ACQUIRE_OUTCOME_SUPERSEDED - ON_CONFLICT_KEEP_NEWEST: a newer trigger took this waiter's place
+   * (HoldResponse.superseded_by names its run).
+   */
+  ACQUIRE_OUTCOME_SUPERSEDED: "ACQUIRE_OUTCOME_SUPERSEDED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -204,6 +221,10 @@ export namespace AcquireOutcome {
   export type ACQUIRE_OUTCOME_ALREADY_RUNNING = typeof AcquireOutcome.ACQUIRE_OUTCOME_ALREADY_RUNNING;
   export type ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL = typeof AcquireOutcome.ACQUIRE_OUTCOME_RETRY_REQUIRES_APPROVAL;
   export type ACQUIRE_OUTCOME_LOCK_DELAYED = typeof AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED;
+  export type ACQUIRE_OUTCOME_QUEUED = typeof AcquireOutcome.ACQUIRE_OUTCOME_QUEUED;
+  export type ACQUIRE_OUTCOME_QUEUE_FULL = typeof AcquireOutcome.ACQUIRE_OUTCOME_QUEUE_FULL;
+  export type ACQUIRE_OUTCOME_WAIT_TIMED_OUT = typeof AcquireOutcome.ACQUIRE_OUTCOME_WAIT_TIMED_OUT;
+  export type ACQUIRE_OUTCOME_SUPERSEDED = typeof AcquireOutcome.ACQUIRE_OUTCOME_SUPERSEDED;
   export type UNRECOGNIZED = typeof AcquireOutcome.UNRECOGNIZED;
 }
 
@@ -224,6 +245,18 @@ export function acquireOutcomeFromJSON(object: any): AcquireOutcome {
     case 4:
     case "ACQUIRE_OUTCOME_LOCK_DELAYED":
       return AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED;
+    case 5:
+    case "ACQUIRE_OUTCOME_QUEUED":
+      return AcquireOutcome.ACQUIRE_OUTCOME_QUEUED;
+    case 6:
+    case "ACQUIRE_OUTCOME_QUEUE_FULL":
+      return AcquireOutcome.ACQUIRE_OUTCOME_QUEUE_FULL;
+    case 7:
+    case "ACQUIRE_OUTCOME_WAIT_TIMED_OUT":
+      return AcquireOutcome.ACQUIRE_OUTCOME_WAIT_TIMED_OUT;
+    case 8:
+    case "ACQUIRE_OUTCOME_SUPERSEDED":
+      return AcquireOutcome.ACQUIRE_OUTCOME_SUPERSEDED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -243,6 +276,14 @@ export function acquireOutcomeToNumber(object: AcquireOutcome): number {
       return 3;
     case AcquireOutcome.ACQUIRE_OUTCOME_LOCK_DELAYED:
       return 4;
+    case AcquireOutcome.ACQUIRE_OUTCOME_QUEUED:
+      return 5;
+    case AcquireOutcome.ACQUIRE_OUTCOME_QUEUE_FULL:
+      return 6;
+    case AcquireOutcome.ACQUIRE_OUTCOME_WAIT_TIMED_OUT:
+      return 7;
+    case AcquireOutcome.ACQUIRE_OUTCOME_SUPERSEDED:
+      return 8;
     case AcquireOutcome.UNRECOGNIZED:
     default:
       return -1;
@@ -262,6 +303,21 @@ export const OnConflict = {
    * and is sent the winner's final guard when the winning run ends.
    */
   ON_CONFLICT_JOIN: "ON_CONFLICT_JOIN",
+  /**
+   * ON_CONFLICT_QUEUE - Wait in FIFO order (bounded by the rule's max_queue and max_wait) and
+   * hold the key when its turn comes. A FAILED key serves its queue only
+   * once a retry is approved; a lock-delay delays it. Waiters do not survive
+   * a sidecar restart: their calls end UNAVAILABLE, and a retry with the same
+   * run_id queues again (at the end); a retry while the waiter is still
+   * queued keeps its place.
+   */
+  ON_CONFLICT_QUEUE: "ON_CONFLICT_QUEUE",
+  /**
+   * ON_CONFLICT_KEEP_NEWEST - As QUEUE, but the key keeps at most one KEEP_NEWEST waiter: a newer
+   * trigger replaces it, and the replaced one is answered SUPERSEDED (debounce:
+   * follow-ups while a task runs lead to one more run, the latest).
+   */
+  ON_CONFLICT_KEEP_NEWEST: "ON_CONFLICT_KEEP_NEWEST",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -271,6 +327,8 @@ export namespace OnConflict {
   export type ON_CONFLICT_UNSPECIFIED = typeof OnConflict.ON_CONFLICT_UNSPECIFIED;
   export type ON_CONFLICT_REJECT = typeof OnConflict.ON_CONFLICT_REJECT;
   export type ON_CONFLICT_JOIN = typeof OnConflict.ON_CONFLICT_JOIN;
+  export type ON_CONFLICT_QUEUE = typeof OnConflict.ON_CONFLICT_QUEUE;
+  export type ON_CONFLICT_KEEP_NEWEST = typeof OnConflict.ON_CONFLICT_KEEP_NEWEST;
   export type UNRECOGNIZED = typeof OnConflict.UNRECOGNIZED;
 }
 
@@ -285,6 +343,12 @@ export function onConflictFromJSON(object: any): OnConflict {
     case 2:
     case "ON_CONFLICT_JOIN":
       return OnConflict.ON_CONFLICT_JOIN;
+    case 3:
+    case "ON_CONFLICT_QUEUE":
+      return OnConflict.ON_CONFLICT_QUEUE;
+    case 4:
+    case "ON_CONFLICT_KEEP_NEWEST":
+      return OnConflict.ON_CONFLICT_KEEP_NEWEST;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -300,6 +364,10 @@ export function onConflictToNumber(object: OnConflict): number {
       return 1;
     case OnConflict.ON_CONFLICT_JOIN:
       return 2;
+    case OnConflict.ON_CONFLICT_QUEUE:
+      return 3;
+    case OnConflict.ON_CONFLICT_KEEP_NEWEST:
+      return 4;
     case OnConflict.UNRECOGNIZED:
     default:
       return -1;
@@ -370,6 +438,15 @@ export const HoldEvent = {
   HOLD_EVENT_LOST: "HOLD_EVENT_LOST",
   /** HOLD_EVENT_WINNER_FINISHED - ON_CONFLICT_JOIN: the winning run ended; guard is its final snapshot. */
   HOLD_EVENT_WINNER_FINISHED: "HOLD_EVENT_WINNER_FINISHED",
+  /**
+   * HOLD_EVENT_QUEUE_POSITION - ON_CONFLICT_QUEUE / KEEP_NEWEST: the caller's place in the queue changed
+   * (outcome QUEUED, position), or the guard in front of it did (a FAILED
+   * key waits for an approval: guard says so). The answer to the first
+   * message is an ACQUIRE_RESULT with outcome QUEUED; when the caller's turn
+   * comes, another ACQUIRE_RESULT says ACQUIRED with its lease_id, and the
+   * stream goes on as any holder's. SUPERSEDED or WAIT_TIMED_OUT end it.
+   */
+  HOLD_EVENT_QUEUE_POSITION: "HOLD_EVENT_QUEUE_POSITION",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -382,6 +459,7 @@ export namespace HoldEvent {
   export type HOLD_EVENT_RELEASED = typeof HoldEvent.HOLD_EVENT_RELEASED;
   export type HOLD_EVENT_LOST = typeof HoldEvent.HOLD_EVENT_LOST;
   export type HOLD_EVENT_WINNER_FINISHED = typeof HoldEvent.HOLD_EVENT_WINNER_FINISHED;
+  export type HOLD_EVENT_QUEUE_POSITION = typeof HoldEvent.HOLD_EVENT_QUEUE_POSITION;
   export type UNRECOGNIZED = typeof HoldEvent.UNRECOGNIZED;
 }
 
@@ -405,6 +483,9 @@ export function holdEventFromJSON(object: any): HoldEvent {
     case 5:
     case "HOLD_EVENT_WINNER_FINISHED":
       return HoldEvent.HOLD_EVENT_WINNER_FINISHED;
+    case 6:
+    case "HOLD_EVENT_QUEUE_POSITION":
+      return HoldEvent.HOLD_EVENT_QUEUE_POSITION;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -426,6 +507,8 @@ export function holdEventToNumber(object: HoldEvent): number {
       return 4;
     case HoldEvent.HOLD_EVENT_WINNER_FINISHED:
       return 5;
+    case HoldEvent.HOLD_EVENT_QUEUE_POSITION:
+      return 6;
     case HoldEvent.UNRECOGNIZED:
     default:
       return -1;
@@ -449,6 +532,17 @@ export const GuardEventType = {
   GUARD_EVENT_TYPE_RESUMED: "GUARD_EVENT_TYPE_RESUMED",
   /** GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED - A trigger refused with LOCK_DELAYED. */
   GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED: "GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED",
+  /** GUARD_EVENT_TYPE_QUEUED - A caller joined the key's queue (waiter_run_id). */
+  GUARD_EVENT_TYPE_QUEUED: "GUARD_EVENT_TYPE_QUEUED",
+  /**
+   * GUARD_EVENT_TYPE_DEQUEUED - A waiter left the queue without the guard (its call ended, its max_wait
+   * passed); reason says which.
+   */
+  GUARD_EVENT_TYPE_DEQUEUED: "GUARD_EVENT_TYPE_DEQUEUED",
+  /** GUARD_EVENT_TYPE_SUPERSEDED - KEEP_NEWEST: waiter_run_id was replaced by trigger_run_id's newer trigger. */
+  GUARD_EVENT_TYPE_SUPERSEDED: "GUARD_EVENT_TYPE_SUPERSEDED",
+  /** GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED - A trigger refused with QUEUE_FULL. */
+  GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED: "GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED",
   UNRECOGNIZED: "UNRECOGNIZED",
 } as const;
 
@@ -468,6 +562,10 @@ export namespace GuardEventType {
   export type GUARD_EVENT_TYPE_FORCE_RELEASED = typeof GuardEventType.GUARD_EVENT_TYPE_FORCE_RELEASED;
   export type GUARD_EVENT_TYPE_RESUMED = typeof GuardEventType.GUARD_EVENT_TYPE_RESUMED;
   export type GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED = typeof GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED;
+  export type GUARD_EVENT_TYPE_QUEUED = typeof GuardEventType.GUARD_EVENT_TYPE_QUEUED;
+  export type GUARD_EVENT_TYPE_DEQUEUED = typeof GuardEventType.GUARD_EVENT_TYPE_DEQUEUED;
+  export type GUARD_EVENT_TYPE_SUPERSEDED = typeof GuardEventType.GUARD_EVENT_TYPE_SUPERSEDED;
+  export type GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED = typeof GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED;
   export type UNRECOGNIZED = typeof GuardEventType.UNRECOGNIZED;
 }
 
@@ -512,6 +610,18 @@ export function guardEventTypeFromJSON(object: any): GuardEventType {
     case 12:
     case "GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED":
       return GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED;
+    case 13:
+    case "GUARD_EVENT_TYPE_QUEUED":
+      return GuardEventType.GUARD_EVENT_TYPE_QUEUED;
+    case 14:
+    case "GUARD_EVENT_TYPE_DEQUEUED":
+      return GuardEventType.GUARD_EVENT_TYPE_DEQUEUED;
+    case 15:
+    case "GUARD_EVENT_TYPE_SUPERSEDED":
+      return GuardEventType.GUARD_EVENT_TYPE_SUPERSEDED;
+    case 16:
+    case "GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED":
+      return GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -547,10 +657,30 @@ export function guardEventTypeToNumber(object: GuardEventType): number {
       return 11;
     case GuardEventType.GUARD_EVENT_TYPE_LOCK_DELAY_REFUSED:
       return 12;
+    case GuardEventType.GUARD_EVENT_TYPE_QUEUED:
+      return 13;
+    case GuardEventType.GUARD_EVENT_TYPE_DEQUEUED:
+      return 14;
+    case GuardEventType.GUARD_EVENT_TYPE_SUPERSEDED:
+      return 15;
+    case GuardEventType.GUARD_EVENT_TYPE_QUEUE_FULL_REFUSED:
+      return 16;
     case GuardEventType.UNRECOGNIZED:
     default:
       return -1;
   }
+}
+
+/** A caller waiting in a key's queue. */
+export interface Waiter {
+  runId: string;
+  holder: string;
+  queuedAt?:
+    | Date
+    | undefined;
+  /** When its max_wait ends; unset without one. */
+  waitUntil?: Date | undefined;
+  keepNewest: boolean;
 }
 
 export interface Guard {
@@ -621,7 +751,14 @@ export interface Guard {
     | Date
     | undefined;
   /** The rule this key follows. Only GetGuard fills it in. */
-  policy?: KeyPolicy | undefined;
+  policy?:
+    | KeyPolicy
+    | undefined;
+  /**
+   * Callers waiting for the key, first in line first (ON_CONFLICT_QUEUE,
+   * ON_CONFLICT_KEEP_NEWEST).
+   */
+  waiters: Waiter[];
 }
 
 export interface Guard_LabelsEntry {
@@ -648,7 +785,13 @@ export interface KeyPolicy {
     | Duration
     | undefined;
   /** Unset: no cap on how long a run may hold the key. */
-  maxHold?: Duration | undefined;
+  maxHold?:
+    | Duration
+    | undefined;
+  /** The most waiters its queue takes. */
+  maxQueue: number;
+  /** Unset: a waiter waits as long as its own max_wait (or call) allows. */
+  maxWait?: Duration | undefined;
 }
 
 export interface AcquireRequest {
@@ -683,6 +826,11 @@ export interface AcquireRequest {
    * by run_id. Stored only as a SHA-256 hash; never shown.
    */
   retrySecret: string;
+  /**
+   * ON_CONFLICT_QUEUE / KEEP_NEWEST: leave the queue with WAIT_TIMED_OUT
+   * after this long (the key's rule's max_wait, if shorter, applies).
+   */
+  maxWait?: Duration | undefined;
 }
 
 export interface AcquireRequest_LabelsEntry {
@@ -756,6 +904,10 @@ export interface HoldResponse {
   guard?: Guard | undefined;
   leaseId: string;
   event: HoldEvent;
+  /** QUEUED: the caller's place in line, from 1. */
+  position: number;
+  /** SUPERSEDED: the run of the newer trigger that took its place. */
+  supersededBy: string;
 }
 
 export interface ApproveRetryRequest {
@@ -845,12 +997,120 @@ export interface GuardEvent {
   /** FORCE_RELEASED / RETRY_APPROVED: who did it and why. */
   actor: string;
   reason: string;
+  /**
+   * QUEUED, DEQUEUED, SUPERSEDED, and an ACQUIRED that served the queue: the
+   * waiter's run.
+   */
+  waiterRunId: string;
 }
 
 export interface GuardEventBatch {
   /** In revision order; together, exactly what WatchGuards would have sent. */
   events: GuardEvent[];
 }
+
+function createBaseWaiter(): Waiter {
+  return { runId: "", holder: "", queuedAt: undefined, waitUntil: undefined, keepNewest: false };
+}
+
+export const Waiter: MessageFns<Waiter> = {
+  encode(message: Waiter, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.holder !== "") {
+      writer.uint32(18).string(message.holder);
+    }
+    if (message.queuedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.queuedAt), writer.uint32(26).fork()).join();
+    }
+    if (message.waitUntil !== undefined) {
+      Timestamp.encode(toTimestamp(message.waitUntil), writer.uint32(34).fork()).join();
+    }
+    if (message.keepNewest !== false) {
+      writer.uint32(40).bool(message.keepNewest);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Waiter {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseWaiter();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.holder = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.queuedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.waitUntil = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.keepNewest = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Waiter>, I>>(base?: I): Waiter {
+    return Waiter.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Waiter>, I>>(object: I): Waiter {
+    const message = createBaseWaiter();
+    message.runId = object.runId ?? "";
+    message.holder = object.holder ?? "";
+    message.queuedAt = object.queuedAt ?? undefined;
+    message.waitUntil = object.waitUntil ?? undefined;
+    message.keepNewest = object.keepNewest ?? false;
+    return message;
+  },
+};
 
 function createBaseGuard(): Guard {
   return {
@@ -880,6 +1140,7 @@ function createBaseGuard(): Guard {
     lockDelayUntil: undefined,
     holdUntil: undefined,
     policy: undefined,
+    waiters: [],
   };
 }
 
@@ -962,6 +1223,9 @@ export const Guard: MessageFns<Guard> = {
     }
     if (message.policy !== undefined) {
       KeyPolicy.encode(message.policy, writer.uint32(210).fork()).join();
+    }
+    for (const v of message.waiters) {
+      Waiter.encode(v!, writer.uint32(218).fork()).join();
     }
     return writer;
   },
@@ -1190,6 +1454,14 @@ export const Guard: MessageFns<Guard> = {
             message.policy = KeyPolicy.decode(reader, reader.uint32());
             continue;
           }
+          case 27: {
+            if (tag !== 218) {
+              break;
+            }
+
+            message.waiters.push(Waiter.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1243,6 +1515,7 @@ export const Guard: MessageFns<Guard> = {
     message.policy = (object.policy !== undefined && object.policy !== null)
       ? KeyPolicy.fromPartial(object.policy)
       : undefined;
+    message.waiters = object.waiters?.map((e) => Waiter.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1324,6 +1597,8 @@ function createBaseKeyPolicy(): KeyPolicy {
     expiredRequiresApproval: false,
     lockDelay: undefined,
     maxHold: undefined,
+    maxQueue: 0,
+    maxWait: undefined,
   };
 }
 
@@ -1352,6 +1627,12 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     }
     if (message.maxHold !== undefined) {
       Duration.encode(message.maxHold, writer.uint32(66).fork()).join();
+    }
+    if (message.maxQueue !== 0) {
+      writer.uint32(72).uint32(message.maxQueue);
+    }
+    if (message.maxWait !== undefined) {
+      Duration.encode(message.maxWait, writer.uint32(82).fork()).join();
     }
     return writer;
   },
@@ -1433,6 +1714,22 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
             message.maxHold = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.maxQueue = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.maxWait = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1462,6 +1759,10 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     message.maxHold = (object.maxHold !== undefined && object.maxHold !== null)
       ? Duration.fromPartial(object.maxHold)
       : undefined;
+    message.maxQueue = object.maxQueue ?? 0;
+    message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
+      ? Duration.fromPartial(object.maxWait)
+      : undefined;
     return message;
   },
 };
@@ -1475,6 +1776,7 @@ function createBaseAcquireRequest(): AcquireRequest {
     labels: {},
     onConflict: OnConflict.ON_CONFLICT_UNSPECIFIED,
     retrySecret: "",
+    maxWait: undefined,
   };
 }
 
@@ -1500,6 +1802,9 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
     }
     if (message.retrySecret !== "") {
       writer.uint32(58).string(message.retrySecret);
+    }
+    if (message.maxWait !== undefined) {
+      Duration.encode(message.maxWait, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -1576,6 +1881,14 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
             message.retrySecret = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.maxWait = Duration.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1608,6 +1921,9 @@ export const AcquireRequest: MessageFns<AcquireRequest> = {
     );
     message.onConflict = object.onConflict ?? OnConflict.ON_CONFLICT_UNSPECIFIED;
     message.retrySecret = object.retrySecret ?? "";
+    message.maxWait = (object.maxWait !== undefined && object.maxWait !== null)
+      ? Duration.fromPartial(object.maxWait)
+      : undefined;
     return message;
   },
 };
@@ -2300,6 +2616,8 @@ function createBaseHoldResponse(): HoldResponse {
     guard: undefined,
     leaseId: "",
     event: HoldEvent.HOLD_EVENT_UNSPECIFIED,
+    position: 0,
+    supersededBy: "",
   };
 }
 
@@ -2316,6 +2634,12 @@ export const HoldResponse: MessageFns<HoldResponse> = {
     }
     if (message.event !== HoldEvent.HOLD_EVENT_UNSPECIFIED) {
       writer.uint32(32).int32(holdEventToNumber(message.event));
+    }
+    if (message.position !== 0) {
+      writer.uint32(40).uint32(message.position);
+    }
+    if (message.supersededBy !== "") {
+      writer.uint32(50).string(message.supersededBy);
     }
     return writer;
   },
@@ -2365,6 +2689,22 @@ export const HoldResponse: MessageFns<HoldResponse> = {
             message.event = holdEventFromJSON(reader.int32());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.position = reader.uint32();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.supersededBy = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2386,6 +2726,8 @@ export const HoldResponse: MessageFns<HoldResponse> = {
     message.guard = (object.guard !== undefined && object.guard !== null) ? Guard.fromPartial(object.guard) : undefined;
     message.leaseId = object.leaseId ?? "";
     message.event = object.event ?? HoldEvent.HOLD_EVENT_UNSPECIFIED;
+    message.position = object.position ?? 0;
+    message.supersededBy = object.supersededBy ?? "";
     return message;
   },
 };
@@ -3120,6 +3462,7 @@ function createBaseGuardEvent(): GuardEvent {
     occurredAt: undefined,
     actor: "",
     reason: "",
+    waiterRunId: "",
   };
 }
 
@@ -3148,6 +3491,9 @@ export const GuardEvent: MessageFns<GuardEvent> = {
     }
     if (message.reason !== "") {
       writer.uint32(66).string(message.reason);
+    }
+    if (message.waiterRunId !== "") {
+      writer.uint32(74).string(message.waiterRunId);
     }
     return writer;
   },
@@ -3229,6 +3575,14 @@ export const GuardEvent: MessageFns<GuardEvent> = {
             message.reason = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.waiterRunId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3254,6 +3608,7 @@ export const GuardEvent: MessageFns<GuardEvent> = {
     message.occurredAt = object.occurredAt ?? undefined;
     message.actor = object.actor ?? "";
     message.reason = object.reason ?? "";
+    message.waiterRunId = object.waiterRunId ?? "";
     return message;
   },
 };
