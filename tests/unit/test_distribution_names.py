@@ -60,6 +60,15 @@ def test_the_readme_names_the_openclaw_plugin_package() -> None:
     assert f"`{_package('clients/openclaw/package.json')['name']}`" in README
 
 
+def test_the_readme_installs_the_openclaw_plugin_from_the_tarball_npm_pack_names() -> None:
+    plugin = _package("clients/openclaw/package.json")
+    tarball = f"{plugin['name']}-{plugin['version']}.tgz"
+    assert f"openclaw plugins install ./.cache/packs/{tarball} " in README
+    assert "--link" not in README
+    client = _package("clients/node/package.json")
+    assert f"npm install /path/to/taskguard/.cache/packs/{client['name']}-{client['version']}.tgz " in README
+
+
 def test_no_package_is_named_in_a_scope_the_project_does_not_own() -> None:
     packages = ["clients/node", "clients/openclaw", "examples/gateway-scenario", "tests/openclaw/stall-plugin"]
     for folder in packages:

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { after, afterEach, before, describe, test } from "node:test";
 import * as grpc from "@grpc/grpc-js";
 import * as pb from "../src/generated/taskguard/v1/taskguard.ts";
-import { Client, PermissionDeniedError } from "../src/index.ts";
+import { Client, PermissionDeniedError } from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 describe("the default socket folder", () => {
@@ -106,7 +106,10 @@ describe("retries over TCP where the sidecar cannot tell callers apart", { skip:
     const key = freshKey();
     const client = new Client({ address });
     const again = new Client({ address });
-    const raw = new pb.TaskGuardClient(address, grpc.credentials.createInsecure());
+    // From the service definition with the grpc-js these tests (and the packed client) load: the generated
+    // pb.TaskGuardClient is bound to the checkout's own grpc-js, whose credentials class is another one.
+    const Raw = grpc.makeGenericClientConstructor(pb.TaskGuardService, "TaskGuard");
+    const raw = new Raw(address, grpc.credentials.createInsecure()) as unknown as pb.TaskGuardClient;
     try {
       const first = await client.acquire(key, { runId: "node-run" });
       assert.equal(first.outcome, "ACQUIRED");

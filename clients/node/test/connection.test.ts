@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Client, UnavailableError } from "../src/index.ts";
+import { Client, UnavailableError } from "taskguard-sidecar-client";
 import { Sidecar, within } from "./support.ts";
 
 let sidecar: Sidecar;

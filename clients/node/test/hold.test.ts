@@ -8,7 +8,7 @@ import {
   LeaseLostError,
   RetryRequiresApproval,
   type GuardEvent,
-} from "../src/index.ts";
+} from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 let sidecar: Sidecar;

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Client } from "../src/index.ts";
+import { Client } from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 let sidecar: Sidecar;

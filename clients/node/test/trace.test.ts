@@ -12,7 +12,7 @@ import {
   propagation,
   trace,
 } from "@opentelemetry/api";
-import { Client } from "../src/index.ts";
+import { Client } from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 /** What an OTel SDK would register; small enough to write here rather than install one. */

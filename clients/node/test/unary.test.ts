@@ -12,7 +12,7 @@ import {
   StatusError,
   TaskGuardError,
   defaultAddress,
-} from "../src/index.ts";
+} from "taskguard-sidecar-client";
 import { Sidecar, freshKey } from "./support.ts";
 
 let sidecar: Sidecar;

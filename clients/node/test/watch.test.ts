@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Client, type GuardEvent, OutOfRangeError } from "../src/index.ts";
+import { Client, type GuardEvent, OutOfRangeError } from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 let sidecar: Sidecar;

@@ -6,9 +6,9 @@
  * rules. It reads the environment only for `TASKGUARD_ADDR`, like the Node client.
  */
 
-import { existsSync } from "node:fs";
-import { join, resolve } from "node:path";
-import { defaultAddress } from "../../node/src/index.ts";
+import { accessSync, constants, statSync } from "node:fs";
+import { delimiter, isAbsolute, join, resolve } from "node:path";
+import { defaultAddress } from "taskguard-sidecar-client";
 
 export type Scope = "agent" | "session" | "global";
 export type UnavailablePolicy = "allow" | "block";
@@ -37,8 +37,10 @@ export interface Settings {
   address: string;
   /** A file holding the bearer token the sidecar asks for; the plugin and the `taskguard run` wrapper both present it. */
   tokenFile: string | undefined;
-  /** The `taskguard` executable that wraps an exec. */
-  taskguardBin: string;
+  /** The `taskguard` executable that wraps an exec: the configured one, else the first on PATH; unset when missing. */
+  taskguardBin: string | undefined;
+  /** Why there is no `taskguardBin`, for the gateway log. */
+  taskguardMissing: string | undefined;
   /**
    * How long a call waits for the sidecar before the plugin checks whether the sidecar is reachable; when
    * it is not (connection refused, no socket, no answer to a health check), `onUnavailable` decides then.
@@ -84,23 +86,51 @@ function oneOf<T extends string>(value: unknown, allowed: readonly T[], fallback
 const SCOPES = ["agent", "session", "global"] as const;
 const POLICIES = ["allow", "block"] as const;
 
-/** The venv's `taskguard` beside this repository's checkout, else whatever `taskguard` is on PATH. */
-export function defaultTaskguardBin(pluginRoot: string): string {
-  const venv = resolve(pluginRoot, "..", "..", ".venv", "bin", "taskguard");
-  return existsSync(venv) ? venv : "taskguard";
+function executable(path: string): boolean {
+  try {
+    accessSync(path, constants.X_OK);
+    return statSync(path).isFile();
+  } catch {
+    return false;
+  }
 }
 
-export function resolveSettings(raw: unknown, pluginRoot: string, env: NodeJS.ProcessEnv = process.env): Settings {
+/**
+ * The `taskguard` command the exec wrapper runs: `configured` (a path, or a name looked up on PATH), else
+ * `taskguard` on PATH, as an absolute path; or why there is none.
+ */
+export function findTaskguard(
+  configured: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): { path: string } | { missing: string } {
+  const wanted = configured ?? "taskguard";
+  const how = "install it (pipx install taskguard-sidecar) or set plugins.entries.taskguard.config.taskguardBin";
+  if (wanted.includes("/")) {
+    const path = resolve(wanted);
+    return executable(path)
+      ? { path }
+      : { missing: `taskguardBin ${JSON.stringify(wanted)} is not an executable file; ${how} to the taskguard command` };
+  }
+  const folders = (env.PATH ?? "").split(delimiter).filter((folder) => isAbsolute(folder));
+  const found = folders.map((folder) => join(folder, wanted)).find(executable);
+  if (found !== undefined) return { path: found };
+  const what = configured === undefined ? "no taskguard command" : `no ${JSON.stringify(wanted)} (taskguardBin)`;
+  return { missing: `${what} on PATH (${env.PATH ?? ""}); ${how} to its path` };
+}
+
+export function resolveSettings(raw: unknown, env: NodeJS.ProcessEnv = process.env): Settings {
   const config = record(raw);
   const tools = record(config.tools);
   const exec = record(tools.exec);
   const spawn = record(tools.sessions_spawn);
   const approval = record(config.approval);
   const decisionTimeoutMs = count(config.decisionTimeoutMs, DEFAULT_DECISION_TIMEOUT_MS, 50, MAX_DECISION_TIMEOUT_MS);
+  const taskguard = findTaskguard(text(config.taskguardBin), env);
   return {
     address: text(config.address) ?? defaultAddress(env),
     tokenFile: text(config.tokenFile),
-    taskguardBin: text(config.taskguardBin) ?? defaultTaskguardBin(pluginRoot),
+    taskguardBin: "path" in taskguard ? taskguard.path : undefined,
+    taskguardMissing: "missing" in taskguard ? taskguard.missing : undefined,
     decisionTimeoutMs,
     // At least the budget and the reachability check: a reachable sidecar gets that long, whatever the setting.
     maxDecisionMs: Math.max(
@@ -136,9 +166,4 @@ function compileRule(rule: Raw, index: number): Rule {
     scope: rule.scope === undefined ? undefined : oneOf(rule.scope, SCOPES, "agent"),
     onUnavailable: rule.onUnavailable === undefined ? undefined : oneOf(rule.onUnavailable, POLICIES, "allow"),
   };
-}
-
-/** Where the plugin's files are (OpenClaw passes `api.rootDir`; this file's folder's parent otherwise). */
-export function pluginRootFrom(rootDir: string | undefined, here: string): string {
-  return rootDir ?? join(here, "..");
 }

@@ -34,7 +34,7 @@ import {
   DeadlineExceededError,
   type HealthStatus,
   UnavailableError,
-} from "../../node/src/index.ts";
+} from "taskguard-sidecar-client";
 
 /** The slice of the Node client the decision needs: the channel and the health check on it. */
 export interface Reachable {

@@ -6,7 +6,7 @@
  * the run in the way (id, since when, where), and what happens next.
  */
 
-import type { Guard } from "../../node/src/index.ts";
+import type { Guard } from "taskguard-sidecar-client";
 import { shellQuote } from "./shell.ts";
 
 /** Labels the plugin puts on every guard it acquires; the winner's tell a loser where the run lives. */

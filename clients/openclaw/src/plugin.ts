@@ -42,7 +42,6 @@ import { randomUUID } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { hostname } from "node:os";
-import { join } from "node:path";
 import {
   type Acquired,
   Client,
@@ -50,7 +49,7 @@ import {
   type Guard,
   Lease,
   type RunStatus,
-} from "../../node/src/index.ts";
+} from "taskguard-sidecar-client";
 import type { ApprovalLedger } from "./approvals.ts";
 import { type GuardedTool, PROBE_MS, type Settings, type UnavailablePolicy } from "./config.ts";
 import { type Decided, type Timing, decide, isNoAnswer } from "./decision.ts";
@@ -129,8 +128,6 @@ interface SpawnRun {
 export interface PluginOptions {
   settings: Settings;
   logger: PluginLogger;
-  /** Where the Node client sits; its @grpc/grpc-js is the one the interceptor must come from. */
-  nodeClientRoot: string;
   /** OpenClaw's approval records, to learn who approved a retry (`approvals.ts`). */
   ledger?: ApprovalLedger;
   /** For tests: a ready client instead of one made from the settings. */
@@ -141,7 +138,6 @@ export interface PluginOptions {
 export class TaskGuardPlugin {
   readonly settings: Settings;
   readonly #logger: PluginLogger;
-  readonly #nodeClientRoot: string;
   readonly #ledger: ApprovalLedger | undefined;
   readonly #now: () => Date;
   readonly #timing: Timing;
@@ -162,7 +158,6 @@ export class TaskGuardPlugin {
   constructor(options: PluginOptions) {
     this.settings = options.settings;
     this.#logger = options.logger;
-    this.#nodeClientRoot = options.nodeClientRoot;
     this.#ledger = options.ledger;
     this.#client = options.client;
     this.#now = options.now ?? (() => new Date());
@@ -179,8 +174,9 @@ export class TaskGuardPlugin {
   }
 
   #makeClient(): Client {
-    // The interceptor must be built from the grpc-js the client itself loads, next to it.
-    const grpc = createRequire(join(this.#nodeClientRoot, "package.json"))("@grpc/grpc-js") as typeof import("@grpc/grpc-js");
+    // The interceptor must be built from the grpc-js the client itself loads: the one its module resolves.
+    const fromClient = createRequire(createRequire(import.meta.url).resolve("taskguard-sidecar-client"));
+    const grpc = fromClient("@grpc/grpc-js") as typeof import("@grpc/grpc-js");
     const token = this.settings.tokenFile ? readFileSync(this.settings.tokenFile, "utf8").trim() : undefined;
     return new Client({
       address: this.settings.address,
@@ -950,6 +946,7 @@ export class TaskGuardPlugin {
   }
 
   #wraps(params: Record<string, unknown>): boolean {
+    if (this.settings.taskguardBin === undefined) return false; // the gateway log said so at the start
     switch (this.settings.exec.wrap) {
       case "always":
         return true;
@@ -963,7 +960,7 @@ export class TaskGuardPlugin {
 
   #wrap(identity: TaskIdentity, runId: string, command: string, gate?: string): string {
     return wrapCommand({
-      taskguardBin: this.settings.taskguardBin,
+      taskguardBin: this.settings.taskguardBin ?? "taskguard",
       address: this.settings.address,
       tokenFile: this.settings.tokenFile,
       taskKey: identity.taskKey,

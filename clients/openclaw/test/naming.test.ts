@@ -1,11 +1,14 @@
 import assert from "node:assert/strict";
-import { describe, test } from "node:test";
-import { resolveSettings } from "../src/config.ts";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, describe, test } from "node:test";
+import { findTaskguard, resolveSettings } from "../src/config.ts";
 import { alreadyRunningReason, approvalPrompt, approvalUnavailableReason } from "../src/messages.ts";
 import { describeCall, identify, normaliseCommand, safeName } from "../src/naming.ts";
 import { shellQuote, wrapCommand } from "../src/shell.ts";
 import { traceparentOf } from "../src/trace.ts";
-import type { Guard } from "../../node/src/index.ts";
+import type { Guard } from "taskguard-sidecar-client";
 
 const origin = { agentId: "ops", sessionKey: "agent:ops:discord:channel:42" };
 const settings = resolveSettings(
@@ -15,7 +18,6 @@ const settings = resolveSettings(
       { match: "weekly digest", name: "weekly-digest", onUnavailable: "block" },
     ],
   },
-  "/nowhere",
   {},
 );
 
@@ -137,5 +139,33 @@ describe("trace context", () => {
     assert.equal(traceparentOf(trace), `00-${"a".repeat(32)}-${"b".repeat(16)}-01`);
     assert.equal(traceparentOf({ traceId: "a".repeat(32) }), undefined);
     assert.equal(traceparentOf({ traceId: "0".repeat(32), spanId: "b".repeat(16) }), undefined);
+  });
+});
+
+describe("the taskguard command", () => {
+  const folder = mkdtempSync(join(tmpdir(), "tg-find-"));
+  const bin = join(folder, "bin");
+  mkdirSync(bin);
+  writeFileSync(join(bin, "taskguard"), "#!/bin/sh\n", { mode: 0o755 });
+  writeFileSync(join(bin, "not-executable"), "", { mode: 0o644 });
+  after(() => rmSync(folder, { recursive: true, force: true }));
+
+  test("is taskguard on PATH, as an absolute path, when none is configured", () => {
+    assert.deepEqual(findTaskguard(undefined, { PATH: `/nonexistent:${bin}` }), { path: join(bin, "taskguard") });
+  });
+
+  test("is the configured path, or the configured name looked up on PATH", () => {
+    assert.deepEqual(findTaskguard(join(bin, "taskguard"), { PATH: "" }), { path: join(bin, "taskguard") });
+    assert.deepEqual(findTaskguard("taskguard", { PATH: bin }), { path: join(bin, "taskguard") });
+  });
+
+  test("is missing, saying where it looked and what to do, when it is not there or not executable", () => {
+    const none = findTaskguard(undefined, { PATH: "/nonexistent" });
+    assert.ok("missing" in none);
+    assert.match(none.missing, /^no taskguard command on PATH \(\/nonexistent\); install it .*set plugins\.entries\.taskguard\.config\.taskguardBin/);
+    const configured = findTaskguard(join(bin, "not-executable"), { PATH: bin });
+    assert.ok("missing" in configured);
+    assert.match(configured.missing, /^taskguardBin ".*not-executable" is not an executable file/);
+    assert.equal(resolveSettings({}, { PATH: "/nonexistent" }).taskguardBin, undefined);
   });
 });

@@ -4,22 +4,22 @@
  */
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { spawn } from "node:child_process";
 import { createRequire } from "node:module";
 import { type Socket, createServer } from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import type { ApprovalLedger } from "../src/approvals.ts";
 import { resolveSettings } from "../src/config.ts";
 import type { PluginLogger, ToolContext } from "../src/openclaw.ts";
 import { TaskGuardPlugin } from "../src/plugin.ts";
-import { Client } from "../../node/src/index.ts";
+import { Client } from "taskguard-sidecar-client";
 import { TaskGuardService } from "../../node/src/generated/taskguard/v1/taskguard.ts";
 import { Sidecar, within } from "../../node/test/support.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
-const NODE_CLIENT = new URL("../../node", import.meta.url).pathname;
 
 class Logs implements PluginLogger {
   lines: string[] = [];
@@ -74,13 +74,26 @@ after(async () => {
   await sidecar?.stop();
 });
 
+let fakeBin: string | undefined;
+
+/** An executable file for taskguardBin, made once (the wrapper is only named in rewritten commands, never run). */
+function fakeTaskguard(): string {
+  if (fakeBin === undefined) {
+    const folder = mkdtempSync(join(tmpdir(), "tg-fake-bin-"));
+    process.once("exit", () => rmSync(folder, { recursive: true, force: true }));
+    fakeBin = join(folder, "taskguard");
+    writeFileSync(fakeBin, "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+  }
+  return fakeBin;
+}
+
 function plugin(
   config: Record<string, unknown> = {},
   ledger?: ApprovalLedger,
 ): { plugin: TaskGuardPlugin; logs: Logs } {
   const logs = new Logs();
-  const settings = resolveSettings({ address: sidecar.address, ...config }, ROOT, {});
-  return { plugin: new TaskGuardPlugin({ settings, logger: logs, nodeClientRoot: NODE_CLIENT, ledger }), logs };
+  const settings = resolveSettings({ address: sidecar.address, taskguardBin: fakeTaskguard(), ...config }, { PATH: process.env.PATH });
+  return { plugin: new TaskGuardPlugin({ settings, logger: logs, ledger }), logs };
 }
 
 /** A run with no chat to ask in (`openclaw agent` from a command line): OpenClaw gives no requester channel. */
@@ -146,12 +159,14 @@ describe("sessions_spawn", () => {
 
 describe("exec", () => {
   test("ACQUIRED rewrites the command; a blocked exec's lease is released CANCELLED", async () => {
-    const { plugin: guard } = plugin({ taskguardBin: "/opt/tg" });
+    const tg = fakeTaskguard();
+    const { plugin: guard } = plugin({ taskguardBin: tg });
     const command = `echo ${label()}`;
     try {
       const answer = await guard.beforeToolCall({ toolName: "exec", params: { command, background: true }, toolCallId: "x1" }, ctx("agent:main:a", "exec", "x1"));
       const rewritten = String(answer?.params?.command);
-      assert.match(rewritten, /^exec \/opt\/tg --addr unix:\S+ run 'agent:main::echo job-\d+-\d+' --run-id \S+ -- \/bin\/sh -c /);
+      assert.ok(rewritten.startsWith(`exec ${tg} --addr unix:`), rewritten);
+      assert.match(rewritten, / run 'agent:main::echo job-\d+-\d+' --run-id \S+ -- \/bin\/sh -c /);
       assert.equal(answer?.params?.background, true);
       await guard.afterToolCall({ toolName: "exec", params: {}, toolCallId: "x1", error: "blocked by another plugin", result: { details: { status: "blocked" } } }, ctx("agent:main:a", "exec", "x1"));
       const released = await client.get(`agent:main::${command}`);
@@ -257,7 +272,23 @@ describe("exec", () => {
   });
 });
 
-describe("exec without the wrapper (wrap: never)", () => {
+describe("exec without the wrapper (wrap: never, or no taskguard command)", () => {
+  test("with no taskguard command to wrap in, an exec still takes the guard, as a TTL lease the plugin holds", async () => {
+    const { plugin: guard } = plugin({ taskguardBin: "/nonexistent/taskguard" });
+    assert.equal(guard.settings.taskguardBin, undefined);
+    assert.match(guard.settings.taskguardMissing ?? "", /taskguardBin "\/nonexistent\/taskguard" is not an executable file/);
+    const command = `make ${label()}`;
+    try {
+      const answer = await guard.beforeToolCall({ toolName: "exec", params: { command }, toolCallId: "m1" }, ctx("agent:main:a", "exec", "m1"));
+      assert.equal(answer, undefined); // not rewritten to a wrapper that is not there
+      assert.equal((await client.get(`agent:main::${command}`)).state, "RUNNING");
+      const again = await guard.beforeToolCall({ toolName: "exec", params: { command }, toolCallId: "m2" }, ctx("agent:main:b", "exec", "m2"));
+      assert.equal(again?.block, true);
+    } finally {
+      guard.close();
+    }
+  });
+
   test("a foreground exec is released with its exit code", async () => {
     const { plugin: guard } = plugin({ tools: { exec: { wrap: "never" } } });
     const command = `make ${label()}`;
@@ -301,8 +332,8 @@ describe("trace context", () => {
   test("OpenClaw's ctx.trace reaches the sidecar as traceparent: its span is the tool call's child", async () => {
     const traced = await Sidecar.start(["--telemetry-console"], { OTEL_BSP_SCHEDULE_DELAY: "50" });
     const logs = new Logs();
-    const settings = resolveSettings({ address: traced.address }, ROOT, {});
-    const guard = new TaskGuardPlugin({ settings, logger: logs, nodeClientRoot: NODE_CLIENT });
+    const settings = resolveSettings({ address: traced.address }, {});
+    const guard = new TaskGuardPlugin({ settings, logger: logs });
     try {
       const call = ctx("agent:main:a", "exec", "t1");
       await guard.beforeToolCall({ toolName: "exec", params: { command: `echo ${label()}` }, toolCallId: "t1" }, call);
@@ -323,8 +354,8 @@ describe("a sidecar that accepts connections and never answers", () => {
     const silent = createServer((socket) => void connections.push(socket)); // takes it, says nothing, not even HTTP/2's settings
     await new Promise<void>((resolve) => silent.listen(path, resolve));
     const logs = new Logs();
-    const settings = resolveSettings({ address: `unix:${path}`, onUnavailable: "block", decisionTimeoutMs: 400 }, ROOT, {});
-    const guard = new TaskGuardPlugin({ settings, logger: logs, nodeClientRoot: NODE_CLIENT });
+    const settings = resolveSettings({ address: `unix:${path}`, onUnavailable: "block", decisionTimeoutMs: 400 }, {});
+    const guard = new TaskGuardPlugin({ settings, logger: logs });
     try {
       const started = performance.now();
       const answer = await guard.beforeToolCall({ toolName: "sessions_spawn", params: { task: "t", label: label() }, toolCallId: "s" }, ctx("agent:main:a", "sessions_spawn", "s"));
@@ -345,8 +376,8 @@ describe("an unreachable sidecar", () => {
   for (const policy of ["allow", "block"] as const) {
     test(`policy ${policy} answers within the budget`, async () => {
       const logs = new Logs();
-      const settings = resolveSettings({ address: "unix:/tmp/no-such-taskguard.sock", onUnavailable: policy, decisionTimeoutMs: 300 }, ROOT, {});
-      const guard = new TaskGuardPlugin({ settings, logger: logs, nodeClientRoot: NODE_CLIENT });
+      const settings = resolveSettings({ address: "unix:/tmp/no-such-taskguard.sock", onUnavailable: policy, decisionTimeoutMs: 300 }, {});
+      const guard = new TaskGuardPlugin({ settings, logger: logs });
       try {
         const started = performance.now();
         const answer = await guard.beforeToolCall({ toolName: "exec", params: { command: "make deploy" }, toolCallId: "u" }, ctx("agent:main:a", "exec", "u"));
@@ -483,7 +514,7 @@ describe("a late grant after an allow decision", () => {
 });
 
 describe("a sidecar that is up but does not grant the call", () => {
-  const grpc = createRequire(join(NODE_CLIENT, "package.json"))("@grpc/grpc-js") as typeof import("@grpc/grpc-js");
+  const grpc = createRequire(join(ROOT, "package.json"))("@grpc/grpc-js") as typeof import("@grpc/grpc-js");
   const bytes = { requestSerialize: (x: Buffer) => x, requestDeserialize: (x: Buffer) => x, responseSerialize: (x: Buffer) => x, responseDeserialize: (x: Buffer) => x };
   const health = { check: { path: "/grpc.health.v1.Health/Check", requestStream: false, responseStream: false, ...bytes } };
   let server: InstanceType<typeof grpc.Server>;
