@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from grpc import aio
@@ -27,6 +28,9 @@ _DROPPED = "the holder's Hold stream ended without a release"
 _REJECTED = "its Hold stream was ended for a message the sidecar rejected"
 
 Render = Callable[[GuardRecord], pb.Guard]
+
+# The last guard rendered for position notices, and its rendering (see HoldStream._notice_guard).
+_last_notice: tuple[GuardRecord, pb.Guard] | None = None
 
 
 class HoldStream:
@@ -123,7 +127,7 @@ class HoldStream:
                 await self._context.write(
                     pb.HoldResponse(
                         outcome=wire.outcome(news.outcome),
-                        guard=self._render(news.guard),
+                        guard=self._notice_guard(news.guard),
                         event=pb.HOLD_EVENT_QUEUE_POSITION,
                         position=news.position,
                     )
@@ -142,6 +146,14 @@ class HoldStream:
                 )
             )
             return news.outcome is Outcome.ACQUIRED
+
+    def _notice_guard(self, record: GuardRecord) -> pb.Guard:
+        """The guard a position notice carries: without its waiters, and rendered once for every waiter told of
+        the same change (a queue of N waiters hears N notices per change; N waiter lists each would be N²)."""
+        global _last_notice
+        if _last_notice is None or _last_notice[0] is not record:
+            _last_notice = (record, self._render(replace(record, waiters=())))
+        return _last_notice[1]
 
     async def _unless_draining(self, waiting: Coroutine[Any, Any, TurnNews]) -> TurnNews:
         task = asyncio.ensure_future(waiting)

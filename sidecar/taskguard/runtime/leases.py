@@ -40,7 +40,7 @@ from taskguard.guard.model import (
 )
 from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
-from taskguard.runtime.turns import Turn
+from taskguard.runtime.turns import Turn, TurnBoard
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class LeaseKeeper:
     def __init__(self, engine: Engine, hub: EventHub, max_guards_per_holder: int = 0) -> None:
         self._engine = engine
         self._hub = hub
+        self._turns = TurnBoard(hub)
         self._max_per_holder = max_guards_per_holder
         self._held_by: Counter[str] = Counter()
         self._admitting: Counter[str] = Counter()
@@ -92,7 +93,8 @@ class LeaseKeeper:
 
     def turn(self, acquire: Acquire) -> Turn:
         """Follow ``acquire``'s key before it is decided, in case it is queued."""
-        return Turn(self._engine, self._hub, self._spawn, acquire)
+        may_wait = core.conflict_policy(acquire, self._engine.policy) in model.WAITING_POLICIES
+        return Turn(self._engine, self._turns, self._spawn, acquire, may_wait)
 
     async def stop(self) -> None:
         """Stop timers; streams that end from now on leave their guards for a later resume."""

@@ -11,6 +11,7 @@ meanwhile, that run ends CANCELLED unheld, and the next waiter's turn comes.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,17 +53,56 @@ class TurnNews:
         return AcquireReply(self.outcome, self.guard, position=self.position)
 
 
+class TurnBoard:
+    """The waiting calls of every key, each event of a key told once to the calls waiting on it.
+
+    One listener per key, and each waiter's place read from one map per event: a drain of N waiters costs
+    O(N) per event, not O(N) per waiter per event.
+    """
+
+    def __init__(self, hub: EventHub) -> None:
+        self._hub = hub
+        self._turns: dict[str, list[Turn]] = {}
+        self._unfollow: dict[str, Callable[[], None]] = {}
+
+    def join(self, turn: Turn) -> None:
+        key = turn.acquire.task_key
+        if key not in self._turns:
+            self._turns[key] = []
+            self._unfollow[key] = self._hub.follow(key, functools.partial(self._heard, key))
+        self._turns[key].append(turn)
+
+    def leave(self, turn: Turn) -> None:
+        key = turn.acquire.task_key
+        turns = self._turns.get(key, [])
+        if turn in turns:
+            turns.remove(turn)
+        if not turns and key in self._turns:
+            del self._turns[key]
+            self._unfollow.pop(key)()
+
+    def _heard(self, key: str, event: Event) -> None:
+        places = {waiter.run_id: place for place, waiter in enumerate(event.guard.waiters, 1)}
+        for turn in list(self._turns.get(key, ())):
+            turn.heard(event, places.get(turn.run_id, 0))
+
+
 class Turn:
     """One acquisition's wait in its key's queue, from before it is decided (so no event is missed)."""
 
-    def __init__(self, engine: Engine, hub: EventHub, spawn: Spawn, acquire: Acquire) -> None:
+    def __init__(self, engine: Engine, board: TurnBoard, spawn: Spawn, acquire: Acquire, may_wait: bool) -> None:
         self._engine = engine
+        self._board = board
         self._spawn = spawn
         self._acquire = acquire
-        self._news: asyncio.Queue[Event] = asyncio.Queue()
-        self._stop_following = hub.follow(acquire.task_key, self._news.put_nowait)
-        self._position = 0
-        self._state: GuardState | None = None
+        if may_wait:
+            board.join(self)
+        self._told: tuple[int, GuardState | None] = (0, None)
+        # What the waiter has yet to hear: its final news, else the latest change of its place (older ones
+        # are passed over: a waiter far back in a fast queue hears where it is, not every step on the way).
+        self._final: TurnNews | None = None
+        self._latest: TurnNews | None = None
+        self._wake = asyncio.Event()
         self._settled = False
         # Set once queued: when, and behind which run (telemetry's wait span starts there and links to it).
         self.ahead: GuardRecord | None = None
@@ -74,7 +114,7 @@ class Turn:
 
     def queued(self, reply: AcquireReply) -> None:
         """The acquisition was answered QUEUED: where the waiter stands now."""
-        self._position, self._state = reply.position, _holding_up(reply.guard)
+        self._told = (reply.position, _holding_up(reply.guard))
         self.ahead = reply.guard
         self.queued_at = reply.guard.waiters[reply.position - 1].queued_at
 
@@ -90,12 +130,15 @@ class Turn:
     async def news(self) -> TurnNews:
         """The next thing this waiter must hear (a final one settles the turn)."""
         while True:
-            news = self._read(await self._news.get())
-            if news is None:
-                continue
-            if news.final:
+            if self._final is not None:
                 self._settled = True
-            return news
+                return self._final
+            latest, self._latest = self._latest, None
+            if latest is not None and (latest.position, _holding_up(latest.guard)) != self._told:
+                self._told = (latest.position, _holding_up(latest.guard))
+                return latest
+            self._wake.clear()
+            await self._wake.wait()
 
     async def outcome(self) -> TurnNews:
         """Wait through every change of place for the final news (a unary Acquire's answer)."""
@@ -113,30 +156,33 @@ class Turn:
 
     def close(self, reason: str) -> None:
         """The call is over: a waiter that heard nothing final leaves the queue (or the turn it missed)."""
-        self._stop_following()
+        self._board.leave(self)
         if not self._settled:
             self._settled = True
             cmd = self._acquire
             self._spawn(self._engine.execute(Leave(cmd.task_key, cmd.run_id, cmd.lease_id, reason)))
 
     def settle(self) -> None:
-        """The call took up its run (claimed): from now on it is a holder, not a waiter."""
+        """The call took up its run (claimed), or was never queued: it is no waiter."""
         self._settled = True
-        self._stop_following()
+        self._board.leave(self)
 
-    def _read(self, event: Event) -> TurnNews | None:
+    def heard(self, event: Event, position: int) -> None:
+        """One event of the key, and the waiter's place after it (0: not in the queue)."""
+        if self._final is not None:
+            return
         run_id, guard = self._acquire.run_id, event.guard
         if event.type is EventType.ACQUIRED and (guard.run_id, guard.lease_id) == (run_id, self._acquire.lease_id):
-            return TurnNews(Outcome.ACQUIRED, guard)
-        if event.waiter_run_id == run_id and event.type is EventType.SUPERSEDED:
-            return TurnNews(Outcome.SUPERSEDED, guard, superseded_by=event.trigger_run_id)
-        if event.waiter_run_id == run_id and event.type is EventType.DEQUEUED:
-            return TurnNews(Outcome.WAIT_TIMED_OUT, guard)
-        position, holding_up = guard.position(run_id), _holding_up(guard)
-        if position == 0 or (position, holding_up) == (self._position, self._state):
-            return None
-        self._position, self._state = position, holding_up
-        return TurnNews(Outcome.QUEUED, guard, position=position)
+            self._final = TurnNews(Outcome.ACQUIRED, guard)
+        elif event.waiter_run_id == run_id and event.type is EventType.SUPERSEDED:
+            self._final = TurnNews(Outcome.SUPERSEDED, guard, superseded_by=event.trigger_run_id)
+        elif event.waiter_run_id == run_id and event.type is EventType.DEQUEUED:
+            self._final = TurnNews(Outcome.WAIT_TIMED_OUT, guard)
+        elif position:
+            self._latest = TurnNews(Outcome.QUEUED, guard, position=position)
+        else:
+            return
+        self._wake.set()
 
 
 # A key that ended in one of these may not serve its queue yet (an approval, a lock-delay): worth telling.

@@ -459,7 +459,8 @@ export const HoldEvent = {
   /**
    * HOLD_EVENT_QUEUE_POSITION - ON_CONFLICT_QUEUE / KEEP_NEWEST: the caller's place in the queue changed
    * (outcome QUEUED, position), or the guard in front of it did (a FAILED
-   * key waits for an approval: guard says so). The answer to the first
+   * key waits for an approval: guard says so). Its guard omits the waiters
+   * (GetGuard lists them); a waiter far back in a fast queue may skip places. The answer to the first
    * message is an ACQUIRE_RESULT with outcome QUEUED; when the caller's turn
    * comes, another ACQUIRE_RESULT says ACQUIRED with its lease_id, and the
    * stream goes on as any holder's. SUPERSEDED or WAIT_TIMED_OUT end it.
