@@ -383,3 +383,31 @@ async def test_supersede_where_the_rule_does_not_allow_it_is_permission_denied(r
     assert refused.value.details() == (
         "on_conflict: SUPERSEDE is not allowed for this key (its rule 'default' does not set allow_supersede)"
     )
+
+
+async def test_the_python_clients_unary_acquire_can_wait_in_the_queue(queued: InProcess, key: str) -> None:
+    async with AsyncClient(queued.address, timeout=2) as client:
+        first = await client.acquire(key, run_id="first", ttl=60)
+        waiting = asyncio.create_task(client.acquire(key, run_id="second", ttl=60, on_conflict="queue"))
+        await watch_until(
+            queued.stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_QUEUED for e in seen),
+            key_prefix=key,
+            start_revision=first.guard.revision,
+        )
+        await client.release(first.lease_id, RunStatus.SUCCEEDED)
+        second = await asyncio.wait_for(waiting, 10)
+        assert (second.run_id, second.fencing_token) == ("second", 2)
+        await client.release(second.lease_id, RunStatus.SUCCEEDED)
+
+        third = await client.acquire(key, run_id="third", ttl=60)
+        late = asyncio.create_task(client.acquire(key, run_id="late", on_conflict="queue", max_wait=5))
+        await watch_until(
+            queued.stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_QUEUED and e.waiter_run_id == "late" for e in seen),
+            key_prefix=key,
+            start_revision=third.guard.revision,
+        )
+        await queued.advance(5)  # the sidecar's clock decides
+        with pytest.raises(WaitTimedOut):
+            await asyncio.wait_for(late, 10)

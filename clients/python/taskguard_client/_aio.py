@@ -91,7 +91,7 @@ class AsyncConnection:
 
         async def attempt() -> Any:
             method = getattr(self.stub, call.method)
-            timeout_s, ready = settings.timeout_s, settings.wait_for_ready
+            timeout_s, ready = call.timeout_s(settings.timeout_s), settings.wait_for_ready
             return await method(call.request, timeout=timeout_s, metadata=self.metadata(), wait_for_ready=ready)
 
         return call.verdict(await retried(attempt, call.retrying(settings.retry)))

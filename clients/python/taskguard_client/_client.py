@@ -200,7 +200,9 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection, _AsyncHeld, _
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise"] = "raise",
+        on_conflict: Literal["raise", "queue", "keep-newest", "supersede"] = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
     ) -> Lease: ...
 
     @overload
@@ -213,6 +215,7 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection, _AsyncHeld, _
         holder: str | None = None,
         *,
         on_conflict: Literal["return"],
+        max_wait: float | timedelta | None = None,
     ) -> Lease | Conflict: ...
 
     async def acquire(
@@ -222,15 +225,18 @@ class AsyncClient(_Clients[aio.ClientInterceptor, AsyncConnection, _AsyncHeld, _
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise", "return"] = "raise",
+        on_conflict: Literal["raise", "return", "queue", "keep-newest", "supersede"] = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
     ) -> Lease | Conflict:
         """Acquire a TTL lease (the sidecar's default TTL when ``ttl`` is None); renew and release it by id.
 
         A conflict raises ``AlreadyRunning``/``RetryRequiresApproval``, or is returned as a ``Conflict``
-        with ``on_conflict="return"``.
+        with ``on_conflict="return"``. With ``"queue"``, ``"keep-newest"`` or ``"supersede"`` the call waits in
+        the key's queue (up to ``max_wait``, else as long as it takes) and returns the lease when its turn comes.
         """
-        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), "raise")
-        return await self._connection.send(_protocol.acquire(request, on_conflict))
+        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict, max_wait)
+        return await self._connection.send(_protocol.acquire(request, on_conflict, max_wait))
 
     async def renew(self, lease_id: str, ttl: float | timedelta | None = None) -> Guard:
         """Extend a TTL lease (by its own TTL, or by ``ttl``)."""
@@ -308,7 +314,9 @@ class Client(_Clients[Any, Connection, AbstractContextManager[Hold], AbstractCon
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise"] = "raise",
+        on_conflict: Literal["raise", "queue", "keep-newest", "supersede"] = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
     ) -> Lease: ...
 
     @overload
@@ -321,6 +329,7 @@ class Client(_Clients[Any, Connection, AbstractContextManager[Hold], AbstractCon
         holder: str | None = None,
         *,
         on_conflict: Literal["return"],
+        max_wait: float | timedelta | None = None,
     ) -> Lease | Conflict: ...
 
     def acquire(
@@ -330,11 +339,13 @@ class Client(_Clients[Any, Connection, AbstractContextManager[Hold], AbstractCon
         ttl: float | timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         holder: str | None = None,
-        on_conflict: Literal["raise", "return"] = "raise",
+        on_conflict: Literal["raise", "return", "queue", "keep-newest", "supersede"] = "raise",
+        *,
+        max_wait: float | timedelta | None = None,
     ) -> Lease | Conflict:
         """See ``AsyncClient.acquire``."""
-        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), "raise")
-        return self._connection.send(_protocol.acquire(request, on_conflict))
+        request = acquire_request(task_key, run_id, ttl, labels, self._holder_or(holder), on_conflict, max_wait)
+        return self._connection.send(_protocol.acquire(request, on_conflict, max_wait))
 
     def renew(self, lease_id: str, ttl: float | timedelta | None = None) -> Guard:
         return self._connection.send(_protocol.renew(lease_id, ttl))

@@ -159,6 +159,12 @@ class Unary(Generic[_T]):
     retry: bool = True
     #: Retried until then (``time.monotonic()``) instead of by the policy's attempts (see ``Retrying``).
     deadline: float | None = None
+    #: How long the sidecar may keep the call before it answers (a queued acquisition), on top of the
+    #: client's timeout; None: as long as it takes.
+    waits_s: float | None = 0.0
+
+    def timeout_s(self, settings_timeout_s: float) -> float | None:
+        return None if self.waits_s is None else settings_timeout_s + self.waits_s
 
     def retrying(self, policy: RetryPolicy) -> Retrying:
         return Retrying(policy if self.retry else RetryPolicy(max_attempts=1), self.deadline)
@@ -199,11 +205,24 @@ def acquire_request(
     return request
 
 
-def acquire(request: pb.AcquireRequest, on_conflict: OnConflict) -> Unary[Lease | Conflict]:
+def acquire(
+    request: pb.AcquireRequest, on_conflict: OnConflict, max_wait: float | timedelta | None = None
+) -> Unary[Lease | Conflict]:
     def verdict(response: pb.AcquireResponse) -> Lease | Conflict:
         return acquired(response.outcome, response.guard, response.lease_id, on_conflict)
 
-    return Unary("Acquire", request, verdict)
+    if on_conflict not in _WAITING:
+        return Unary("Acquire", request, verdict)
+    waits_s = None if max_wait is None else _seconds(max_wait)
+    return Unary("Acquire", request, verdict, waits_s=waits_s)
+
+
+# What waits in the key's queue, and so may keep a unary call open.
+_WAITING = frozenset({"queue", "keep-newest", "supersede"})
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
 def renew(lease_id: str, ttl: float | timedelta | None) -> Unary[Guard]:
