@@ -1507,8 +1507,13 @@ async def test_a_dashboard_restarted_while_the_sidecar_is_down_leaves_the_page_i
     await expect(feed(page, key, EventType.ACQUIRED)).to_have_count(1)
 
 
-# Keys under careful-* stay closed for a minute after a holder vanished.
-LOCK_DELAY_RULES = '[[rules]]\nname = "careful"\nmatch = "careful-*"\nlock_delay = "60s"\n'
+# Keys under careful-* stay closed for a minute after a holder vanished; a short-* key's queue takes one.
+QUEUE_RULES = (
+    '[[rules]]\nname = "careful"\nmatch = "careful-*"\nlock_delay = "60s"\n'
+    '[[rules]]\nname = "short"\nmatch = "short-*"\nmax_queue = 1\n'
+)
+# Markup in a holder is text on the page, never HTML.
+MARKUP = '<b class="injected">n2</b>'
 
 
 async def queue_up(
@@ -1517,15 +1522,20 @@ async def queue_up(
     run_id: str,
     on_conflict: pb.OnConflict.ValueType = pb.ON_CONFLICT_QUEUE,
     max_wait_s: int | None = None,
+    holder: str = "",
+    outcome: pb.AcquireOutcome.ValueType = pb.ACQUIRE_OUTCOME_QUEUED,
 ) -> tuple[Any, pb.HoldResponse]:
-    """A Hold stream waiting in ``task_key``'s queue as ``run_id`` (holder ``host-<run_id>``), and its first answer."""
-    request = pb.AcquireRequest(task_key=task_key, run_id=run_id, holder=f"host-{run_id}", on_conflict=on_conflict)
+    """A Hold stream asking for ``task_key`` as ``run_id`` (holder ``host-<run_id>`` by default), and its first
+    answer (``outcome``)."""
+    request = pb.AcquireRequest(
+        task_key=task_key, run_id=run_id, holder=holder or f"host-{run_id}", on_conflict=on_conflict
+    )
     if max_wait_s is not None:
         request.max_wait.FromSeconds(max_wait_s)
     call = stub.Hold()
     await call.write(pb.HoldRequest(acquire=request))
     answer: pb.HoldResponse = await asyncio.wait_for(call.read(), START_TIMEOUT_S)
-    assert answer.outcome == pb.ACQUIRE_OUTCOME_QUEUED, answer
+    assert answer.outcome == outcome, answer
     return call, answer
 
 
@@ -1537,7 +1547,7 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
     key: str,
 ) -> None:
     config = workdir / "taskguard.toml"
-    config.write_text(LOCK_DELAY_RULES)
+    config.write_text(QUEUE_RULES)
     sidecar = sidecar_factory("--config", str(config))
     dashboard = await dashboards.start(sidecar.address)
     page = await live_page(open_page, dashboard)
@@ -1572,12 +1582,14 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
 
         # Keep-newest: the newer trigger takes the older one's place, last in line.
         older, answer = await queue_up(stub, key, "newest-1", pb.ON_CONFLICT_KEEP_NEWEST)
-        newer, answer = await queue_up(stub, key, "newest-2", pb.ON_CONFLICT_KEEP_NEWEST)
+        newer, answer = await queue_up(stub, key, "newest-2", pb.ON_CONFLICT_KEEP_NEWEST, holder=MARKUP)
         assert answer.position == 3
         assert (await asyncio.wait_for(older.read(), START_TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_SUPERSEDED
         await expect(feed(page, key, EventType.SUPERSEDED).locator(".text")).to_have_text(
-            "run newest-1 superseded by run newest-2 (host-newest-2)"
+            f"run newest-1 superseded by run newest-2 ({MARKUP})"
         )
+        await expect(waiters.nth(2)).to_contain_text(f"run newest-2 ({MARKUP}), since ")
+        await expect(page.locator(".injected")).to_have_count(0)
         await expect(waiters.nth(2)).to_have_attribute("data-run-id", "newest-2")
         await expect(waiters.nth(2).locator(".tag")).to_have_text("keep-newest")
         await expect(state).to_have_attribute("data-queue", "3")
@@ -1589,6 +1601,17 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
         await expect(state).to_have_attribute("data-queue", "2")
         await expect(waiters).to_have_count(2)
         for call in (second, newer, older):
+            call.cancel()
+
+        # A full queue refuses, and the feed says how many wait behind whom.
+        short = f"short-{key}"
+        held = await client.acquire(short, holder="worker-2", ttl=300)
+        waiting, _ = await queue_up(stub, short, "full-1")
+        refused, _ = await queue_up(stub, short, "full-2", outcome=pb.ACQUIRE_OUTCOME_QUEUE_FULL)
+        await expect(feed(page, short, EventType.QUEUE_FULL_REFUSED).locator(".text")).to_have_text(
+            f"refused run full-2 (host-full-2): the queue is full, 1 waiting behind run {held.run_id[:8]}…"
+        )
+        for call in (waiting, refused):
             call.cancel()
 
         # A lost holder's key under a lock-delay: the badge, and when it opens again.
