@@ -1562,6 +1562,12 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
         state = row(page, key).locator("td.c-state")
         await expect(state).to_have_attribute("data-queue", "2")
         await expect(state).to_have_text("RUNNING, queue 2")
+        await client.acquire(f"{key}-alone", ttl=300)
+        await expect(page.locator("tr.row")).to_have_count(2)
+        await page.select_option("#filter-state", "queued")
+        await expect(page.locator("tr.row")).to_have_count(1)
+        await expect(row(page, key)).to_be_visible()
+        await page.select_option("#filter-state", "")
         behind = f"behind run {lease.run_id[:8]}… (worker-1)"
         await expect(feed(page, key, EventType.QUEUED).locator(".text")).to_have_text(
             [
@@ -1600,6 +1606,13 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
         )
         await expect(state).to_have_attribute("data-queue", "2")
         await expect(waiters).to_have_count(2)
+        # The release serves the first in line.
+        await client.release(lease.lease_id, RunStatus.SUCCEEDED)
+        await expect(
+            feed(page, key, EventType.ACQUIRED).filter(has_text="run waiter-b (host-waiter-b) acquired from the queue")
+        ).to_have_count(1)
+        await expect(state).to_have_attribute("data-queue", "1")
+        await expect(waiters).to_have_count(1)
         for call in (second, newer, older):
             call.cancel()
 

@@ -245,6 +245,8 @@
         return guard.awaiting_approval;
       case "stale":
         return isStale(guard, now);
+      case "queued":
+        return queueLength(guard) > 0;
       default:
         return guard.state === filters.state;
     }
