@@ -1505,3 +1505,136 @@ async def test_a_dashboard_restarted_while_the_sidecar_is_down_leaves_the_page_i
     await expect(page.locator("#last-known")).to_be_hidden()
     await expect(row(page, key).locator("td.c-holder")).to_have_text("worker-1")
     await expect(feed(page, key, EventType.ACQUIRED)).to_have_count(1)
+
+
+# Keys under careful-* stay closed for a minute after a holder vanished; a short-* key's queue takes one.
+QUEUE_RULES = (
+    '[[rules]]\nname = "careful"\nmatch = "careful-*"\nlock_delay = "60s"\n'
+    '[[rules]]\nname = "short"\nmatch = "short-*"\nmax_queue = 1\n'
+)
+# Markup in a holder is text on the page, never HTML.
+MARKUP = '<b class="injected">n2</b>'
+
+
+async def queue_up(
+    stub: pb_grpc.TaskGuardStub,
+    task_key: str,
+    run_id: str,
+    on_conflict: pb.OnConflict.ValueType = pb.ON_CONFLICT_QUEUE,
+    max_wait_s: int | None = None,
+    holder: str = "",
+    outcome: pb.AcquireOutcome.ValueType = pb.ACQUIRE_OUTCOME_QUEUED,
+) -> tuple[Any, pb.HoldResponse]:
+    """A Hold stream asking for ``task_key`` as ``run_id`` (holder ``host-<run_id>`` by default), and its first
+    answer (``outcome``)."""
+    request = pb.AcquireRequest(
+        task_key=task_key, run_id=run_id, holder=holder or f"host-{run_id}", on_conflict=on_conflict
+    )
+    if max_wait_s is not None:
+        request.max_wait.FromSeconds(max_wait_s)
+    call = stub.Hold()
+    await call.write(pb.HoldRequest(acquire=request))
+    answer: pb.HoldResponse = await asyncio.wait_for(call.read(), START_TIMEOUT_S)
+    assert answer.outcome == outcome, answer
+    return call, answer
+
+
+async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_superseded_runs_and_a_lock_delay_its_end(
+    sidecar_factory: Callable[..., SidecarProcess],
+    dashboards: Dashboards,
+    open_page: OpenPage,
+    workdir: Path,
+    key: str,
+) -> None:
+    config = workdir / "taskguard.toml"
+    config.write_text(QUEUE_RULES)
+    sidecar = sidecar_factory("--config", str(config))
+    dashboard = await dashboards.start(sidecar.address)
+    page = await live_page(open_page, dashboard)
+    async with AsyncClient(sidecar.address) as client, aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        lease = await client.acquire(key, holder="worker-1", ttl=300)
+        first, answer = await queue_up(stub, key, "waiter-a", max_wait_s=600)
+        assert answer.position == 1
+        second, answer = await queue_up(stub, key, "waiter-b")
+        assert answer.position == 2
+
+        state = row(page, key).locator("td.c-state")
+        await expect(state).to_have_attribute("data-queue", "2")
+        await expect(state).to_have_text("RUNNING, queue 2")
+        await client.acquire(f"{key}-alone", ttl=300)
+        await expect(page.locator("tr.row")).to_have_count(2)
+        await page.select_option("#filter-state", "queued")
+        await expect(page.locator("tr.row")).to_have_count(1)
+        await expect(row(page, key)).to_be_visible()
+        await page.select_option("#filter-state", "")
+        behind = f"behind run {lease.run_id[:8]}… (worker-1)"
+        await expect(feed(page, key, EventType.QUEUED).locator(".text")).to_have_text(
+            [
+                f"run waiter-b (host-waiter-b) queued {behind}, position 2 of 2",
+                f"run waiter-a (host-waiter-a) queued {behind}, position 1 of 1",
+            ]
+        )
+        await row(page, key).click()
+        waiters = page.locator("#detail-waiters li")
+        await expect(waiters).to_have_count(2)
+        assert await waiters.evaluate_all("items => items.map(item => item.dataset.runId)") == ["waiter-a", "waiter-b"]
+        in_line = (await client.get(key)).waiters
+        assert in_line[0].wait_until is not None and in_line[0].queued_at is not None
+        await expect(waiters.nth(0)).to_contain_text("run waiter-a (host-waiter-a), since ")
+        await expect(waiters.nth(0).locator(".w-since")).to_have_attribute("title", _utc(in_line[0].queued_at))
+        await expect(waiters.nth(0).locator(".w-until")).to_have_attribute("title", _utc(in_line[0].wait_until))
+        await expect(waiters.nth(1).locator(".w-until")).to_have_text("no max wait")
+
+        # Keep-newest: the newer trigger takes the older one's place, last in line.
+        older, answer = await queue_up(stub, key, "newest-1", pb.ON_CONFLICT_KEEP_NEWEST)
+        newer, answer = await queue_up(stub, key, "newest-2", pb.ON_CONFLICT_KEEP_NEWEST, holder=MARKUP)
+        assert answer.position == 3
+        assert (await asyncio.wait_for(older.read(), START_TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_SUPERSEDED
+        await expect(feed(page, key, EventType.SUPERSEDED).locator(".text")).to_have_text(
+            f"run newest-1 superseded by run newest-2 ({MARKUP})"
+        )
+        await expect(waiters.nth(2)).to_contain_text(f"run newest-2 ({MARKUP}), since ")
+        await expect(page.locator(".injected")).to_have_count(0)
+        await expect(waiters.nth(2)).to_have_attribute("data-run-id", "newest-2")
+        await expect(waiters.nth(2).locator(".tag")).to_have_text("keep-newest")
+        await expect(state).to_have_attribute("data-queue", "3")
+
+        first.cancel()
+        await expect(feed(page, key, EventType.DEQUEUED).locator(".text")).to_contain_text(
+            "run waiter-a left the queue: "
+        )
+        await expect(state).to_have_attribute("data-queue", "2")
+        await expect(waiters).to_have_count(2)
+        # The release serves the first in line.
+        await client.release(lease.lease_id, RunStatus.SUCCEEDED)
+        await expect(
+            feed(page, key, EventType.ACQUIRED).filter(has_text="run waiter-b (host-waiter-b) acquired from the queue")
+        ).to_have_count(1)
+        await expect(state).to_have_attribute("data-queue", "1")
+        await expect(waiters).to_have_count(1)
+        for call in (second, newer, older):
+            call.cancel()
+
+        # A full queue refuses, and the feed says how many wait behind whom.
+        short = f"short-{key}"
+        held = await client.acquire(short, holder="worker-2", ttl=300)
+        waiting, _ = await queue_up(stub, short, "full-1")
+        refused, _ = await queue_up(stub, short, "full-2", outcome=pb.ACQUIRE_OUTCOME_QUEUE_FULL)
+        await expect(feed(page, short, EventType.QUEUE_FULL_REFUSED).locator(".text")).to_have_text(
+            f"refused run full-2 (host-full-2): the queue is full, 1 waiting behind run {held.run_id[:8]}…"
+        )
+        for call in (waiting, refused):
+            call.cancel()
+
+        # A lost holder's key under a lock-delay: the badge, and when it opens again.
+        careful = f"careful-{key}"
+        abandoned = await next_event(client, careful, EventType.ABANDONED, await abandon(sidecar.address, careful, "h"))
+        until = abandoned.guard.lock_delay_until
+        assert until is not None
+        await expect(row(page, careful).locator("td.c-state .tag-lock-delay")).to_have_text("lock-delay")
+        await row(page, careful).click()
+        await expect(page.locator('#detail-fields dd[data-time="lock-delay-until"]')).to_have_attribute(
+            "title", _utc(until)
+        )
+        await expect(page.locator("#detail-waiters")).to_be_hidden()

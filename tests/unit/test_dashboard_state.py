@@ -10,7 +10,7 @@ import pytest
 
 from taskguard.dashboard.app import parse_listen
 from taskguard.dashboard.state import DashboardState
-from taskguard_client import EventType, Guard, GuardEvent, GuardState
+from taskguard_client import EventType, Guard, GuardEvent, GuardState, Waiter
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 GUARD = Guard(
@@ -202,6 +202,95 @@ def test_a_refused_retry_in_the_log_marks_an_abandoned_guard_of_the_snapshot_awa
     state.apply(event(2, EventType.ABANDONED, **abandoned))
     change = state.apply(event(3, EventType.RETRY_REFUSED, duplicate_count=1, **abandoned))
     assert change is not None and json.loads(change.guard_json)["awaiting_approval"] is True
+
+
+def waiter(run_id: str, *, wait_s: float | None = None, keep_newest: bool = False) -> Waiter:
+    until = NOW + timedelta(seconds=wait_s) if wait_s is not None else None
+    return Waiter(run_id, f"host-{run_id}", NOW, until, keep_newest)
+
+
+def queue_event(at: int, kind: EventType, waiters: tuple[Waiter, ...], **fields: str) -> GuardEvent:
+    """A queue event of the running r1's key: ``waiters`` after it; ``fields`` of the event (trigger, waiter)."""
+    guard = replace(GUARD, waiters=waiters, revision=at)
+    return GuardEvent(
+        at,
+        kind,
+        guard,
+        fields.get("trigger", ""),
+        "",
+        NOW,
+        "",
+        fields.get("reason", ""),
+        waiter_run_id=fields.get("waiter", ""),
+    )
+
+
+def test_a_guards_queue_is_its_length_and_its_waiters_in_line_and_queue_events_say_who_and_where() -> None:
+    state = DashboardState(NOW)
+    first, second = waiter("w1", wait_s=30), waiter("w2")
+    queued = state.apply(queue_event(2, EventType.QUEUED, (first,), trigger="w1", waiter="w1"))
+    assert queued is not None and json.loads(queued.guard_json)["queue_length"] == 1
+    change = state.apply(queue_event(3, EventType.QUEUED, (first, second), trigger="w2", waiter="w2"))
+    assert change is not None and change.event_json is not None
+    guard = json.loads(change.guard_json)
+    assert guard["queue_length"] == 2
+    assert guard["waiters"] == [
+        {
+            "run_id": "w1",
+            "holder": "host-w1",
+            "queued_at": "2026-11-26T12:00:00.000Z",
+            "wait_until": "2026-11-26T12:00:30.000Z",
+            "keep_newest": False,
+        },
+        {
+            "run_id": "w2",
+            "holder": "host-w2",
+            "queued_at": "2026-11-26T12:00:00.000Z",
+            "wait_until": None,
+            "keep_newest": False,
+        },
+    ]
+    line = json.loads(change.event_json)
+    # "w2 queued behind r1, position 2": the waiter, the run it waits for, its place.
+    assert (line["waiter_run_id"], line["run_id"], line["position"], line["queue_length"]) == ("w2", "r1", 2, 2)
+
+    newest = waiter("w3", keep_newest=True)
+    superseded = state.apply(
+        queue_event(4, EventType.SUPERSEDED, (first, newest), trigger="w3", waiter="w2", reason="newer")
+    )
+    assert superseded is not None and superseded.event_json is not None
+    line = json.loads(superseded.event_json)
+    assert (line["type"], line["waiter_run_id"], line["trigger_run_id"], line["position"]) == (
+        "SUPERSEDED",
+        "w2",
+        "w3",
+        None,
+    )
+    dequeued = state.apply(queue_event(5, EventType.DEQUEUED, (newest,), waiter="w1", reason="its max_wait passed"))
+    assert dequeued is not None and dequeued.event_json is not None
+    assert json.loads(dequeued.event_json)["reason"] == "its max_wait passed"
+    assert [w["run_id"] for w in json.loads(dequeued.guard_json)["waiters"]] == ["w3"]
+    full = state.apply(queue_event(6, EventType.QUEUE_FULL_REFUSED, (newest,), trigger="w4"))
+    assert full is not None and full.event_json is not None
+    assert (json.loads(full.event_json)["trigger_run_id"], json.loads(full.event_json)["queue_length"]) == ("w4", 1)
+    assert [item["type"] for item in json.loads(state.hello_json(120.0))["feed"]] == [
+        "QUEUED",
+        "QUEUED",
+        "SUPERSEDED",
+        "DEQUEUED",
+        "QUEUE_FULL_REFUSED",
+    ]
+
+
+def test_a_guard_without_waiters_has_an_empty_queue_and_its_lock_delay_is_in_its_json() -> None:
+    state = DashboardState(NOW)
+    lost = state.apply(
+        event(2, EventType.ABANDONED, state=GuardState.ABANDONED, lock_delay_until=NOW + timedelta(seconds=5))
+    )
+    assert lost is not None
+    guard = json.loads(lost.guard_json)
+    assert (guard["queue_length"], guard["waiters"]) == (0, [])
+    assert guard["lock_delay_until"] == "2026-11-26T12:00:05.000Z"
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:0", "[::1]:9000", "127.0.0.2:80"])

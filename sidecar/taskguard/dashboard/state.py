@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from taskguard_client import EventType, Guard, GuardEvent, GuardState
+from taskguard_client import EventType, Guard, GuardEvent, GuardState, Waiter
 
 FEED_CAP = 200
 HISTORY_CAP = 50
@@ -68,6 +68,21 @@ def _iso(at: datetime | None) -> str | None:
 def _json(document: dict[str, Any]) -> str:
     # ASCII only: no raw U+2028 or newline can end up inside a server-sent event's data line.
     return json.dumps(document, separators=(",", ":"))
+
+
+def waiter_document(waiter: Waiter) -> dict[str, Any]:
+    return {
+        "run_id": waiter.run_id,
+        "holder": waiter.holder,
+        "queued_at": _iso(waiter.queued_at),
+        "wait_until": _iso(waiter.wait_until),
+        "keep_newest": waiter.keep_newest,
+    }
+
+
+def _position(guard: Guard, run_id: str) -> int | None:
+    """``run_id``'s place in the guard's queue, from 1 (None: not in it)."""
+    return next((place for place, waiter in enumerate(guard.waiters, 1) if waiter.run_id == run_id), None)
 
 
 def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int | None = None) -> dict[str, Any]:
@@ -104,11 +119,18 @@ def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int |
         # A lost run's key stays closed until then (its rule's lock-delay); the page shows it while it lasts.
         "lock_delay_until": _iso(guard.lock_delay_until),
         "hold_until": _iso(guard.hold_until),
+        # First in line first, as the sidecar serves them.
+        "queue_length": len(guard.waiters),
+        "waiters": [waiter_document(waiter) for waiter in guard.waiters],
     }
 
 
 def event_document(event: GuardEvent) -> dict[str, Any]:
-    """An event as a feed or history line: who, what, and for refusals who was refused and which run won."""
+    """An event as a feed or history line: who, what, and for refusals who was refused and which run won.
+
+    Queue events name the waiter (``waiter_run_id``); QUEUED says where it stands after the change
+    (``position``, from 1), since the page is told the guard of the newest event only.
+    """
     guard = event.guard
     return {
         "revision": event.revision,
@@ -127,6 +149,9 @@ def event_document(event: GuardEvent) -> dict[str, Any]:
         "reason": event.reason,
         "detail": guard.last_detail,
         "lock_delay_until": _iso(guard.lock_delay_until),
+        "waiter_run_id": event.waiter_run_id,
+        "position": _position(guard, event.waiter_run_id) if event.type is EventType.QUEUED else None,
+        "queue_length": len(guard.waiters),
     }
 
 

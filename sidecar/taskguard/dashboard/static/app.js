@@ -27,7 +27,7 @@
   const RECONNECT_MS = 1000;
   const NAME_KEY = "taskguard.operatorName";
   const APPROVABLE = new Set(["FAILED", "ABANDONED", "EXPIRED"]);
-  const REFUSALS = new Set(["DUPLICATE_REFUSED", "RETRY_REFUSED", "LOCK_DELAY_REFUSED"]);
+  const REFUSALS = new Set(["DUPLICATE_REFUSED", "RETRY_REFUSED", "LOCK_DELAY_REFUSED", "QUEUE_FULL_REFUSED"]);
   const COLUMNS = 9;
   const C = { key: 0, state: 1, holder: 2, age: 3, expires: 4, dups: 5, run: 6, started: 7, token: 8 };
   const CELL_CLASSES = ["c-key", "c-state state", "c-holder", "c-age", "c-expires", "c-dups num", "c-run opt",
@@ -245,6 +245,8 @@
         return guard.awaiting_approval;
       case "stale":
         return isStale(guard, now);
+      case "queued":
+        return queueLength(guard) > 0;
       default:
         return guard.state === filters.state;
     }
@@ -448,27 +450,36 @@
   // "FAILED" plus its badges; a screen reader reads "FAILED, awaiting approval", not "FAILEDawaiting approval".
   function setState(row, guard, stale) {
     const delayed = lockDelayed(guard);
-    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}`;
+    const queued = queueLength(guard);
+    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}|${queued}`;
     if (row._text[C.state] === mark) return;
     row._text[C.state] = mark;
     const cell = row.cells[C.state];
     cell.className = `c-state state s-${guard.state}`;
+    cell.dataset.queue = String(queued);
     const parts = [guard.state];
     if (guard.awaiting_approval) parts.push(separator(), tag("tag-awaiting", "awaiting approval"));
     if (stale) parts.push(separator(), tag("tag-stale", "stale"));
-    if (delayed) parts.push(separator(), tag("tag-stale", "lock-delay"));
+    if (delayed) parts.push(separator(), tag("tag-stale tag-lock-delay", "lock-delay"));
+    if (queued) parts.push(separator(), tag("tag-queue", `queue ${number.format(queued)}`));
     cell.replaceChildren(...parts);
     cell.title = stateText(guard, stale);
   }
 
   // A lost run's key that its rule's lock-delay still keeps closed (the sidecar refuses it with LOCK_DELAYED).
   function lockDelayed(guard) {
-    return guard.state !== "RUNNING" && Boolean(guard.lock_delay_until) && Date.parse(guard.lock_delay_until) > Date.now();
+    return guard.state !== "RUNNING" && Boolean(guard.lock_delay_until) && Date.parse(guard.lock_delay_until) > dataNow();
+  }
+
+  // Callers waiting for the key (QUEUE and KEEP_NEWEST acquisitions), served first in line first.
+  function queueLength(guard) {
+    return guard.queue_length || 0;
   }
 
   function stateText(guard, stale) {
-    const delay = lockDelayed(guard) ? `, lock-delay until ${guard.lock_delay_until}` : "";
-    return `${guard.state}${guard.awaiting_approval ? ", awaiting approval" : ""}${stale ? ", stale" : ""}${delay}`;
+    const delay = lockDelayed(guard) ? `, lock-delay until ${fullTime(parseTime(guard.lock_delay_until))}` : "";
+    const queued = queueLength(guard) ? `, ${queueLength(guard)} queued` : "";
+    return `${guard.state}${guard.awaiting_approval ? ", awaiting approval" : ""}${stale ? ", stale" : ""}${delay}${queued}`;
   }
 
   function separator() {
@@ -519,13 +530,23 @@
     const run = (id, holder) => `run ${short(id)}${holder ? ` (${holder})` : ""}`;
     switch (event.type) {
       case "ACQUIRED":
-        return `${run(event.run_id, event.holder)} acquired, token ${event.fencing_token}`;
+        return `${run(event.run_id, event.holder)} acquired${event.waiter_run_id ? " from the queue" : ""}, token ${event.fencing_token}`;
       case "DUPLICATE_REFUSED":
         return `refused ${run(event.trigger_run_id, event.trigger_holder)}; winner ${run(event.run_id, event.holder)}; ${event.duplicate_count} refused`;
       case "RETRY_REFUSED":
         return `refused ${run(event.trigger_run_id, event.trigger_holder)}: run ${short(event.run_id)} ended ${event.state}, a retry needs approval`;
       case "LOCK_DELAY_REFUSED":
-        return `refused ${run(event.trigger_run_id, event.trigger_holder)}: run ${short(event.run_id)} was lost (${event.state}); lock-delay until ${event.lock_delay_until || "-"}`;
+        return `refused ${run(event.trigger_run_id, event.trigger_holder)}: run ${short(event.run_id)} was lost (${event.state}); lock-delay until ${untilText(event.lock_delay_until)}`;
+      case "QUEUE_FULL_REFUSED":
+        return `refused ${run(event.trigger_run_id, event.trigger_holder)}: the queue is full, ${event.queue_length} waiting behind run ${short(event.run_id)}`;
+      case "QUEUED": {
+        const ahead = event.state === "RUNNING" ? `behind ${run(event.run_id, event.holder)}` : `(the key is ${event.state} after run ${short(event.run_id)})`;
+        return `${run(event.waiter_run_id, event.trigger_holder)} queued ${ahead}, position ${event.position ?? "-"} of ${event.queue_length}`;
+      }
+      case "DEQUEUED":
+        return `run ${short(event.waiter_run_id)} left the queue${event.reason ? `: ${event.reason}` : ""}`;
+      case "SUPERSEDED":
+        return `run ${short(event.waiter_run_id)} superseded by ${run(event.trigger_run_id, event.trigger_holder)}`;
       case "RELEASED":
         return `run ${short(event.run_id)} ${event.state}${event.detail ? `: ${event.detail}` : ""}`;
       case "EXPIRED":
@@ -542,6 +563,11 @@
       default:
         return `run ${short(event.run_id)} ${event.state}`;
     }
+  }
+
+  // A time inside a line of text: local with its zone, as everywhere on the page.
+  function untilText(text) {
+    return text ? fullTime(parseTime(text)) : "-";
   }
 
   function piece(className, text, title) {
@@ -565,6 +591,7 @@
     item.dataset.taskKey = event.task_key;
     item.dataset.runId = event.run_id;
     if (event.trigger_run_id) item.dataset.triggerRunId = event.trigger_run_id;
+    if (event.waiter_run_id) item.dataset.waiterRunId = event.waiter_run_id;
     item._event = event;
     const parts = [whenOf(event), " ", piece("rev", `#${event.revision}`), " ", piece("type", event.type), " "];
     if (withKey) parts.push(piece("key", event.task_key), " ");
@@ -612,9 +639,12 @@
     const shown = item._expand.getAttribute("aria-expanded") === "true";
     item._expand.setAttribute("aria-label", `${shown ? "hide" : "show"} the ${n} refusals of ${item.dataset.taskKey}`);
     const winner = `run ${shortId(newest.run_id)}${newest.holder ? ` (${newest.holder})` : ""}`;
-    const text = newest.type === "DUPLICATE_REFUSED"
-      ? `${n} acquisitions refused; winner ${winner}; ${newest.duplicate_count} refused in its run`
-      : `${n} retries refused: run ${shortId(newest.run_id)} ended ${newest.state}, a retry needs approval`;
+    const text = {
+      DUPLICATE_REFUSED: `${n} acquisitions refused; winner ${winner}; ${newest.duplicate_count} refused in its run`,
+      RETRY_REFUSED: `${n} retries refused: run ${shortId(newest.run_id)} ended ${newest.state}, a retry needs approval`,
+      LOCK_DELAY_REFUSED: `${n} acquisitions refused: run ${shortId(newest.run_id)} was lost (${newest.state}); lock-delay until ${untilText(newest.lock_delay_until)}`,
+      QUEUE_FULL_REFUSED: `${n} acquisitions refused: the queue is full, ${newest.queue_length} waiting behind ${winner}`,
+    }[newest.type];
     const parts = [whenOf(newest), " ", piece("rev", `#${oldest.revision}–#${newest.revision}`), " ",
       piece("type", newest.type), " "];
     if (item._withKey) parts.push(piece("key", item.dataset.taskKey), " ");
@@ -846,7 +876,11 @@
         rows.push(["heartbeat", guard.heartbeat_at, "heartbeat"]);
         if (guard.expires_at) rows.push(["expires", guard.expires_at, "expires"]);
         else rows.push(["expires", guard.stream_bound ? "held by its Hold stream" : "-"]);
+        if (guard.hold_until) rows.push(["max hold until", guard.hold_until, "hold-until"]);
+      } else if (guard.lock_delay_until) {
+        rows.push(["lock-delay until", guard.lock_delay_until, "lock-delay-until"]);
       }
+      if (queueLength(guard)) rows.push(["queue", `${queueLength(guard)} waiting, first in line first (below)`]);
       if (guard.released_at) rows.push(["released", guard.released_at, "released"]);
       if (guard.last_status) rows.push(["last status", guard.last_status]);
       if (guard.last_detail) rows.push(["detail", guard.last_detail]);
@@ -871,7 +905,30 @@
       nodes.push(term, text);
     }
     fields.replaceChildren(...nodes);
+    showWaiters(guard);
     updateButtons();
+  }
+
+  // The key's queue in the order the sidecar serves it: who, since when, until when at most, keep-newest.
+  function showWaiters(guard) {
+    const list = $("detail-waiters");
+    const waiters = guard ? guard.waiters || [] : [];
+    list.hidden = waiters.length === 0;
+    list.replaceChildren(...waiters.map((waiter, index) => {
+      const item = document.createElement("li");
+      item.className = "waiter";
+      item.dataset.runId = waiter.run_id;
+      item.dataset.position = String(index + 1);
+      const parts = [piece("w-run", `run ${waiter.run_id}`), waiter.holder ? ` (${waiter.holder})` : ""];
+      const since = parseTime(waiter.queued_at);
+      parts.push(", since ", piece("w-since", fullTime(since), utcOf(since)));
+      const until = parseTime(waiter.wait_until);
+      parts.push(", ", Number.isNaN(until) ? piece("w-until", "no max wait") :
+        piece("w-until", `waits until ${fullTime(until)}`, utcOf(until)));
+      if (waiter.keep_newest) parts.push(separator(), tag("tag-queue", "keep-newest"));
+      item.append(...parts);
+      return item;
+    }));
   }
 
   // An action stays in the tab order when it cannot be used (aria-disabled, not disabled), so that a screen
