@@ -241,6 +241,7 @@ def test_a_guards_queue_is_its_length_and_its_waiters_in_line_and_queue_events_s
             "queued_at": "2026-11-26T12:00:00.000Z",
             "wait_until": "2026-11-26T12:00:30.000Z",
             "keep_newest": False,
+            "superseding": False,
         },
         {
             "run_id": "w2",
@@ -248,6 +249,7 @@ def test_a_guards_queue_is_its_length_and_its_waiters_in_line_and_queue_events_s
             "queued_at": "2026-11-26T12:00:00.000Z",
             "wait_until": None,
             "keep_newest": False,
+            "superseding": False,
         },
     ]
     line = json.loads(change.event_json)
@@ -291,6 +293,17 @@ def test_a_guard_without_waiters_has_an_empty_queue_and_its_lock_delay_is_in_its
     guard = json.loads(lost.guard_json)
     assert (guard["queue_length"], guard["waiters"]) == (0, [])
     assert guard["lock_delay_until"] == "2026-11-26T12:00:05.000Z"
+
+
+def test_a_superseded_run_shows_who_asked_it_to_stop_and_when_it_is_force_released() -> None:
+    state = DashboardState(NOW)
+    asked = state.apply(
+        event(2, EventType.STOP_REQUESTED, stop_requested_by="newer", stop_at=NOW + timedelta(seconds=30))
+    )
+    assert asked is not None and asked.event_json is not None
+    guard = json.loads(asked.guard_json)
+    assert (guard["stop_requested_by"], guard["stop_at"]) == ("newer", "2026-11-26T12:00:30.000Z")
+    assert json.loads(asked.event_json)["type"] == "STOP_REQUESTED"
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:0", "[::1]:9000", "127.0.0.2:80"])

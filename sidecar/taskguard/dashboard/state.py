@@ -77,6 +77,7 @@ def waiter_document(waiter: Waiter) -> dict[str, Any]:
         "queued_at": _iso(waiter.queued_at),
         "wait_until": _iso(waiter.wait_until),
         "keep_newest": waiter.keep_newest,
+        "superseding": waiter.superseding,
     }
 
 
@@ -122,6 +123,9 @@ def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int |
         # First in line first, as the sidecar serves them.
         "queue_length": len(guard.waiters),
         "waiters": [waiter_document(waiter) for waiter in guard.waiters],
+        # RUNNING and superseded: the newer run it should stop for, and when it is force-released.
+        "stop_requested_by": guard.stop_requested_by,
+        "stop_at": _iso(guard.stop_at),
     }
 
 

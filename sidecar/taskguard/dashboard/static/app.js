@@ -451,7 +451,8 @@
   function setState(row, guard, stale) {
     const delayed = lockDelayed(guard);
     const queued = queueLength(guard);
-    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}|${queued}`;
+    const stopping = guard.state === "RUNNING" && Boolean(guard.stop_requested_by);
+    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}|${queued}|${stopping}`;
     if (row._text[C.state] === mark) return;
     row._text[C.state] = mark;
     const cell = row.cells[C.state];
@@ -460,6 +461,7 @@
     const parts = [guard.state];
     if (guard.awaiting_approval) parts.push(separator(), tag("tag-awaiting", "awaiting approval"));
     if (stale) parts.push(separator(), tag("tag-stale", "stale"));
+    if (stopping) parts.push(separator(), tag("tag-stale tag-stop", "stop requested"));
     if (delayed) parts.push(separator(), tag("tag-stale tag-lock-delay", "lock-delay"));
     if (queued) parts.push(separator(), tag("tag-queue", `queue ${number.format(queued)}`));
     cell.replaceChildren(...parts);
@@ -547,6 +549,8 @@
         return `run ${short(event.waiter_run_id)} left the queue${event.reason ? `: ${event.reason}` : ""}`;
       case "SUPERSEDED":
         return `run ${short(event.waiter_run_id)} superseded by ${run(event.trigger_run_id, event.trigger_holder)}`;
+      case "STOP_REQUESTED":
+        return `${run(event.run_id, event.holder)} asked to stop for ${run(event.trigger_run_id, event.trigger_holder)}`;
       case "RELEASED":
         return `run ${short(event.run_id)} ${event.state}${event.detail ? `: ${event.detail}` : ""}`;
       case "EXPIRED":
@@ -877,6 +881,10 @@
         if (guard.expires_at) rows.push(["expires", guard.expires_at, "expires"]);
         else rows.push(["expires", guard.stream_bound ? "held by its Hold stream" : "-"]);
         if (guard.hold_until) rows.push(["max hold until", guard.hold_until, "hold-until"]);
+        if (guard.stop_requested_by) {
+          rows.push(["stop requested", `by run ${guard.stop_requested_by} (supersede)`]);
+          if (guard.stop_at) rows.push(["force-released at", guard.stop_at, "stop-at"]);
+        }
       } else if (guard.lock_delay_until) {
         rows.push(["lock-delay until", guard.lock_delay_until, "lock-delay-until"]);
       }
