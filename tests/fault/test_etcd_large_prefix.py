@@ -187,6 +187,17 @@ async def test_sidecars_start_on_a_prefix_far_larger_than_one_message_and_serve_
                         one.GetGuard(pb.GetGuardRequest(task_key=key), timeout=10),
                         other.GetGuard(pb.GetGuardRequest(task_key=key), timeout=10),
                     )
+                    if there.duplicate_count < here.duplicate_count:
+                        # Refusals are put in batches after their answers (LAZY): the other copy hears them
+                        # with the next batch, which no g/ put of another key waits for.
+                        await watch_until(
+                            other,
+                            lambda seen, want=here.duplicate_count: any(e.guard.duplicate_count >= want for e in seen),
+                            key_prefix=key,
+                            include_snapshot=True,
+                            timeout_s=30,
+                        )
+                        there = await other.GetGuard(pb.GetGuardRequest(task_key=key), timeout=10)
                     assert replace_stale(there) == replace_stale(here), key
             listed = await _list_all(other, "big-")
             assert len(listed) == GUARDS

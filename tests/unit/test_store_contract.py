@@ -234,6 +234,7 @@ def order(store: Store) -> Order:
 
 async def test_get_of_an_unknown_key_is_none(store: Store, order: Order, key: str) -> None:
     assert await store.get(key) is None
+    await order.published(0)  # a shared store's head follows its watch
     assert order.head == 0
 
 
@@ -257,6 +258,7 @@ async def test_a_sync_commit_stamps_consecutive_revisions_and_moves_the_guard_to
     assert order.of(second.record.revision) == 3
     assert second.record.run_id == "run-2"
     assert await store.get(key) == second.record
+    await order.published(3)  # a shared store's head follows its watch
     assert order.head == 3
 
 
@@ -285,6 +287,7 @@ async def test_a_lazy_refusal_is_visible_at_once_and_leaves_the_guard_revision_a
     ]
     assert order.of(logged[1].guard.revision) == 1
     assert logged[1].trigger_run_id == "run-2"
+    await order.published(2)  # a shared store's head follows its watch
     assert order.head == 2
 
     # The next state change is decided on revision 1 and goes through.
@@ -308,6 +311,7 @@ async def test_a_volatile_heartbeat_writes_no_events(store: Store, order: Order,
     assert current.revision == acquired.record.revision
     await store.flush()
     assert order.of(acquired.record.revision) == 1
+    await order.published(1)  # a shared store's head follows its watch
     assert order.head == 1
     assert order.events(await store.events_since(order.revision(1), 100)) == [1]
 
@@ -325,6 +329,7 @@ async def test_a_commit_decided_on_a_stale_revision_raises_conflict_and_changes_
     assert await store.get(key) == acquired.record
     await store.flush()
     assert order.of(acquired.record.revision) == 1
+    await order.published(1)  # a shared store's head follows its watch
     assert order.head == 1
     assert order.events(await store.events_since(order.revision(1), 100)) == [1]
 
@@ -344,6 +349,7 @@ async def test_a_refusal_decided_on_a_stale_revision_raises_conflict_and_changes
 
     assert await store.get(key) == acquired.record
     await store.flush()
+    await order.published(1)  # a shared store's head follows its watch
     assert order.head == 1
 
 
@@ -362,6 +368,7 @@ async def test_concurrent_acquisitions_of_a_new_key_have_exactly_one_winner(
     assert all(isinstance(outcome, StoreConflict) for outcome in outcomes if outcome is not winners[0])
     assert await store.get(key) == winners[0].record
     assert order.of(winners[0].record.revision) == 1
+    await order.published(1)  # a shared store's head follows its watch
     assert order.head == 1
 
 
@@ -385,6 +392,7 @@ async def test_two_concurrent_sync_commits_from_the_same_revision_have_exactly_o
     assert (len(winners), len(losers)) == (1, 1)
     assert await store.get(key) == winners[0].record
     assert order.of(winners[0].record.revision) == 2
+    await order.published(2)  # a shared store's head follows its watch
     assert order.head == 2
     assert order.events(await store.events_since(order.revision(1), 100)) == [1, 2]
 
@@ -570,6 +578,7 @@ async def test_flush_persists_lazy_writes_to_the_event_log(
     logged = await store.events_since(acquired.record.revision + 1, 100)
     assert [event.trigger_run_id for event in logged] == ["dup-0", "dup-1", "dup-2"]
     assert order.events(logged) == [2, 3, 4]
+    await order.published(4)  # a shared store's head follows its watch
     assert order.head == 4
     assert [event.guard.duplicate_count for event in logged] == [1, 2, 3]
 
