@@ -39,7 +39,7 @@ import { type UnaryMethod, callMetadata, unaryCall } from "./call.ts";
 import { checkHealth, connectivity, connectivityChanged, openChannel } from "./connection.ts";
 import { type Conflict, acquiredFromWire, fenceFromWire, guardFromWire } from "./conversions.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
-import { type HoldContext, acquireOverHold, runHeld } from "./hold.ts";
+import { type HoldContext, type QueueNews, acquireOverHold, queueNews, runHeld } from "./hold.ts";
 import { Lease } from "./lease.ts";
 import type {
   Acquired,
@@ -185,6 +185,32 @@ export class Client {
   async hold<T>(taskKey: string, options: HoldOptions, fn: (lease: Lease) => T | Promise<T>): Promise<T | Conflict> {
     const lease = await this.openHold(taskKey, options);
     return lease instanceof Lease ? runHeld(lease, fn) : lease;
+  }
+
+  /**
+   * `openHold` with a waiting policy ("queue" unless `onConflict` says "keep-newest" or "supersede"), as an async
+   * iteration: each place in line as `{ position, guard }`, then `{ lease }` when the turn came (a free key
+   * yields the lease at once). What ends the wait without the guard is thrown (QueueFull, WaitTimedOut,
+   * Superseded, ...). Leaving the loop before the lease leaves the queue.
+   */
+  waitInLine(
+    taskKey: string,
+    options: Omit<HoldOptions, "onConflict"> & { onConflict?: Waiting } = {},
+  ): AsyncGenerator<QueueNews, void, undefined> {
+    const { onQueued, signal } = options;
+    return queueNews(
+      (heard, stop) =>
+        this.openHold(taskKey, {
+          ...options,
+          onConflict: options.onConflict ?? "queue",
+          signal: stop,
+          onQueued: (position, guard) => {
+            onQueued?.(position, guard);
+            heard(position, guard);
+          },
+        }),
+      signal,
+    );
   }
 
   // --- operators ----------------------------------------------------------------------------

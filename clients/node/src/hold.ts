@@ -156,3 +156,66 @@ export async function runHeld<T>(lease: Lease, fn: (lease: Lease) => T | Promise
   await lease.release("SUCCEEDED");
   return result;
 }
+
+/** What `Client.waitInLine` yields: each place in line (from 1) and the guard waited for, then the lease. */
+export type QueueNews =
+  | { position: number; guard: Guard; lease?: undefined }
+  | { lease: Lease; position?: undefined; guard?: undefined };
+
+/**
+ * A queued acquisition as an async iteration of its news: `open` acquires with the `onQueued` and `signal` given
+ * (the latter aborted when the loop is left early, which takes the caller out of the queue). A lease that came
+ * after the loop was left is released CANCELLED: nobody is there to hold it.
+ */
+export async function* queueNews(
+  open: (onQueued: (position: number, guard: Guard) => void, signal: AbortSignal) => Promise<Lease>,
+  signal: AbortSignal | undefined,
+): AsyncGenerator<QueueNews, void, undefined> {
+  const leave = new AbortController();
+  const places: QueueNews[] = [];
+  let wake: (() => void) | undefined;
+  let settled = false;
+  let handedOut = false;
+  const acquiring = open(
+    (position, guard) => {
+      places.push({ position, guard });
+      wake?.();
+    },
+    signal === undefined ? leave.signal : AbortSignal.any([signal, leave.signal]),
+  );
+  acquiring.then(
+    () => {
+      settled = true;
+      wake?.();
+    },
+    () => {
+      settled = true;
+      wake?.();
+    },
+  );
+  try {
+    for (;;) {
+      const place = places.shift();
+      if (place !== undefined) {
+        yield place;
+        continue;
+      }
+      if (settled) break;
+      await new Promise<void>((resolve) => {
+        wake = resolve;
+      });
+      wake = undefined;
+    }
+    const lease = await acquiring;
+    handedOut = true;
+    yield { lease };
+  } finally {
+    if (!handedOut) {
+      leave.abort();
+      acquiring.then(
+        (lease) => lease.release("CANCELLED", "the caller stopped waiting for its turn").catch(() => {}),
+        () => {},
+      );
+    }
+  }
+}

@@ -30,6 +30,7 @@ export {
   UnavailableError,
   WaitTimedOut,
 } from "./errors.ts";
+export type { QueueNews } from "./hold.ts";
 export { Lease } from "./lease.ts";
 // models.ts holds the public data types and nothing else, so all of them are part of the surface.
 export type * from "./models.ts";

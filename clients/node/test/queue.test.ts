@@ -185,6 +185,40 @@ describe("queue", () => {
   });
 });
 
+describe("waitInLine", () => {
+  test("yields each place in line, then the lease when the turn comes", async () => {
+    const key = freshKey();
+    const first = await client.openHold(key);
+    const news: (number | string)[] = [];
+    for await (const step of client.waitInLine(key)) {
+      if (step.lease === undefined) {
+        news.push(step.position);
+        assert.equal(step.guard.runId, first.runId);
+        await first.release();
+        continue;
+      }
+      news.push("lease");
+      assert.ok(step.lease.fencingToken > first.fencingToken);
+      await step.lease.release();
+    }
+    assert.deepEqual(news, [1, "lease"]);
+    assert.equal((await client.get(key)).state, "SUCCEEDED");
+  });
+
+  test("leaving the loop before the turn takes the caller out of the queue", async () => {
+    const key = freshKey();
+    const first = await client.openHold(key);
+    const left = firstEvent(key, (e) => e.type === "DEQUEUED");
+    for await (const step of client.waitInLine(key, { onConflict: "keep-newest" })) {
+      assert.equal(step.position, 1);
+      break;
+    }
+    await within(left, "the DEQUEUED event");
+    assert.deepEqual((await client.get(key)).waiters, []);
+    await first.release();
+  });
+});
+
 describe("keep-newest", () => {
   test("a newer trigger replaces the waiting one, which is told Superseded by it; the newest runs", async () => {
     const key = freshKey();
