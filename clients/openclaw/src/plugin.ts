@@ -398,14 +398,18 @@ export class TaskGuardPlugin {
     arrivedAt: number,
   ): Promise<BeforeToolCallResult | undefined> {
     const place = { position: 0, since: performance.now() };
+    const onConflict = holdConflict(identity.onConflict);
     const hold = (): Promise<Lease | Conflict> =>
       this.client
         .openHold(identity.taskKey, {
           runId,
           labels: this.#labels(ctx, "sessions_spawn", toolCallId),
           holder: this.#holder(ctx, "sessions_spawn"),
-          onConflict: holdConflict(identity.onConflict),
-          maxWaitMs: spawnWaitMs(identity.maxWaitMs, this.#timing.limitMs - (performance.now() - arrivedAt)),
+          onConflict,
+          maxWaitMs:
+            onConflict === "return"
+              ? undefined
+              : spawnWaitMs(identity.maxWaitMs, this.#timing.limitMs - (performance.now() - arrivedAt)),
           onQueued: (position) => {
             place.position = position;
           },
