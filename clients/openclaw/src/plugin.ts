@@ -333,7 +333,7 @@ export class TaskGuardPlugin {
     }
     if (answer.outcome === "ALREADY_RUNNING" && identity.onConflict !== "reject") {
       if (wrapped) {
-        return this.#queueExec(identity, answer, event.params, command, runId, decided);
+        return this.#queueExec(identity, answer, ctx, event.params, command, runId, decided);
       }
       this.#logDecision(
         identity,
@@ -354,6 +354,7 @@ export class TaskGuardPlugin {
   #queueExec(
     identity: TaskIdentity,
     winner: Conflict,
+    ctx: ToolContext,
     params: Record<string, unknown>,
     command: string,
     runId: string,
@@ -366,7 +367,8 @@ export class TaskGuardPlugin {
       `already running as run ${winner.runId}; rule ${choice}: run ${runId} waits in taskguard run`,
     );
     const notice = queuedExecNotice(identity.taskName, winner.guard, choice);
-    return { params: { ...params, command: this.#wrap(identity, runId, command, undefined, { choice, notice }) } };
+    const holder = this.#holder(ctx, "exec");
+    return { params: { ...params, command: this.#wrap(identity, runId, command, undefined, { choice, notice, holder }) } };
   }
 
   /** Any refusal but RETRY_REQUIRES_APPROVAL: the call is blocked with what happened and what happens next. */
@@ -1047,7 +1049,7 @@ export class TaskGuardPlugin {
     runId: string,
     command: string,
     gate?: string,
-    waiting?: { choice: "queue" | "keep-newest" | "supersede"; notice: string },
+    waiting?: { choice: "queue" | "keep-newest" | "supersede"; notice: string; holder: string },
   ): string {
     return wrapCommand({
       taskguardBin: this.settings.taskguardBin ?? "taskguard",
@@ -1060,6 +1062,7 @@ export class TaskGuardPlugin {
       onConflict: waiting?.choice,
       maxWaitMs: waiting === undefined ? undefined : identity.maxWaitMs,
       notice: waiting?.notice,
+      holder: waiting?.holder,
     });
   }
 

@@ -35,6 +35,8 @@ export interface WrapOptions {
   maxWaitMs?: number | undefined;
   /** Printed on stderr before anything else: what the model reads first in the exec's output. */
   notice?: string;
+  /** The run's holder, when the wrapper acquires it itself (a queued exec: the plugin holds no lease for it). */
+  holder?: string;
 }
 
 /** What an approved exec exits with when its run was not let through (as `taskguard run` does for "needs approval"). */
@@ -47,8 +49,9 @@ export function wrapCommand(options: WrapOptions): string {
   const key = shellQuote(options.taskKey);
   const waits = options.onConflict === undefined ? "" : ` --on-conflict ${options.onConflict}`;
   const bound = options.maxWaitMs === undefined ? "" : ` --max-wait ${options.maxWaitMs / 1000}s`;
+  const holder = options.holder === undefined ? "" : ` --holder ${shellQuote(options.holder)}`;
   const run =
-    `exec ${tg} ${addr} run ${key} --run-id ${shellQuote(options.runId)}${waits}${bound} -- ` +
+    `exec ${tg} ${addr} run ${key} --run-id ${shellQuote(options.runId)}${waits}${bound}${holder} -- ` +
     `/bin/sh -c ${shellQuote(options.command)}`;
   const told = options.notice === undefined ? "" : `printf '%s\\n' ${shellQuote(options.notice)} >&2; `;
   if (options.gate === undefined) {

@@ -107,7 +107,7 @@ describe("exec", () => {
       const second = await guard.beforeToolCall({ toolName: "exec", params: { command }, toolCallId: "q2" }, ctx("agent:main:b", "exec", "q2"));
       assert.notEqual(second?.block, true);
       const rewritten = String(second?.params?.command);
-      assert.match(rewritten, / --on-conflict queue --max-wait 20s -- /);
+      assert.match(rewritten, / --on-conflict queue --max-wait 20s --holder .* -- /);
 
       const shell = startShell(rewritten);
       await within(queued(key), "the wrapped exec queued");
@@ -122,6 +122,22 @@ describe("exec", () => {
       const ended = await client.get(key);
       assert.equal(ended.state, "SUCCEEDED");
       assert.ok(ended.fencingToken > held.fencingToken);
+      assert.match(ended.holder, / agent:main:b \(exec\)$/, "the queued run names the session it came from");
+    } finally {
+      guard.close();
+    }
+  });
+
+  test("supersede: the second exec asks the running one to stop, and says so first", async () => {
+    const guard = plugin({ rules: [{ tool: "exec", match: "^echo (redo-\\S+)", name: "$1", onConflict: "supersede" }] });
+    const command = `echo redo-${label()}`;
+    try {
+      await guard.beforeToolCall({ toolName: "exec", params: { command }, toolCallId: "s1" }, ctx("agent:main:a", "exec", "s1"));
+      const held = await client.get(`agent:main::${command.slice("echo ".length)}`);
+      const second = await guard.beforeToolCall({ toolName: "exec", params: { command }, toolCallId: "s2" }, ctx("agent:main:b", "exec", "s2"));
+      const rewritten = String(second?.params?.command);
+      assert.match(rewritten, / --on-conflict supersede --holder /);
+      assert.ok(rewritten.includes(`already running as run ${held.runId}`) && rewritten.includes("That run is asked to stop"), rewritten);
     } finally {
       guard.close();
     }
