@@ -289,6 +289,20 @@ describe("supersede", () => {
     await lease.release();
   });
 
+  test("a unary holder asked to stop sees it on its next renew", async () => {
+    const key = freshKey("redo");
+    const old = await client.acquire(key, { ttlMs: 30_000 });
+    const stopAsked = firstEvent(key, (e) => e.type === "STOP_REQUESTED");
+    const superseding = client.openHold(key, { onConflict: "supersede", runId: `new-${old.runId}` });
+    await within(stopAsked, "the STOP_REQUESTED event");
+    const renewed = await client.renew(old.leaseId);
+    assert.equal(renewed.stopRequestedBy, `new-${old.runId}`);
+    assert.ok(renewed.stopAt instanceof Date);
+    await client.release(old.leaseId, "CANCELLED", "superseded");
+    const lease = await within(superseding, "the superseding run's turn");
+    await lease.release();
+  });
+
   test("where the key's rule does not allow it, supersede is refused with PermissionDeniedError", async () => {
     const key = freshKey();
     const first = await client.openHold(key);
