@@ -79,9 +79,12 @@ export function queuedExecNotice(taskName: string, winner: Guard, choice: "queue
     choice === "keep-newest"
       ? " If another request for the same task comes while it waits, that newer one takes its place and this one exits 84 without running."
       : "";
+  // The snapshot the refusal came with counts the calls waiting ahead (keep-newest replaces its own kind).
+  const ahead = choice === "queue" ? winner.waiters.length : winner.waiters.filter((waiter) => !waiter.keepNewest).length;
+  const others = ahead === 0 ? "" : ahead === 1 ? " and the 1 call queued before it" : ` and the ${ahead} calls queued before it`;
   return (
-    `Task Guard: "${taskName}" is already running as ${after}. This command waits in the task's queue and ` +
-    `runs after that run ends.${newest}`
+    `Task Guard: "${taskName}" is already running as ${after}. This command waits in the task's queue ` +
+    `(position ${ahead + 1}) and runs after that run${others} ends.${newest}`
   );
 }
 

@@ -117,7 +117,7 @@ describe("exec", () => {
         ctx("agent:main:a", "exec", "q1"),
       );
       assert.equal(await within(shell.done, "the queued exec to run"), 0, shell.err());
-      assert.match(shell.err(), new RegExp(`is already running as run ${held.runId} .*runs after that run ends`));
+      assert.match(shell.err(), new RegExp(`is already running as run ${held.runId} .*\\(position 1\\) and runs after that run ends`));
       assert.match(shell.err(), /queued, position 1/);
       const ended = await client.get(key);
       assert.equal(ended.state, "SUCCEEDED");
