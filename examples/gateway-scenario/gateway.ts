@@ -13,7 +13,7 @@
  */
 
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Client, Lease } from "taskguard-sidecar-client";
+import { type Client, Lease, type RefusalOutcome } from "taskguard-sidecar-client";
 import { type DownstreamScript, EXIT_OK, type Journal, type TaskName } from "./downstream.ts";
 
 export type Channel = "discord" | "telegram" | "cron";
@@ -34,7 +34,8 @@ export interface Trigger {
   turnMs: number;
 }
 
-export type ReplyOutcome = "LAUNCHED" | "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED";
+/** LAUNCHED, or the client's refusal (the scenario acquires with "return": never a queued caller's refusals). */
+export type ReplyOutcome = "LAUNCHED" | RefusalOutcome;
 
 /** What the gateway answered a trigger. */
 export interface ReplyRecord {

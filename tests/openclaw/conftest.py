@@ -254,6 +254,8 @@ PLUGIN_RULES = [
     {"tool": "exec", "match": r"downstream\.py (\S+)", "name": "$1"},
     # A task that must not run unguarded.
     {"tool": "exec", "match": r"downstream\.py (critical-\S+)", "name": "$1", "onUnavailable": "block"},
+    # A task whose repeats wait their turn (issue 16) instead of being blocked.
+    {"tool": "exec", "match": r"downstream\.py (queued-\S+)", "name": "$1", "onConflict": "queue"},
 ]
 
 
@@ -272,7 +274,7 @@ def lab() -> Iterator[Lab]:
     plugin_config = {
         "address": sidecar.address,
         # Named rules first: the critical rule must win over the generic one.
-        "rules": [PLUGIN_RULES[1], PLUGIN_RULES[0]],
+        "rules": [PLUGIN_RULES[1], PLUGIN_RULES[2], PLUGIN_RULES[0]],
     }
     gateway_folder = workdir / "gw"
     gateway_folder.mkdir()

@@ -114,6 +114,36 @@ def test_two_sessions_at_once_launch_the_task_exactly_once(lab: Lab) -> None:
     lab.guards.wait(lambda e: e.guard.task_key == KEY.format(task) and e.type is EventType.RELEASED)
 
 
+def test_an_exec_whose_rule_queues_runs_after_the_run_it_waited_for_not_beside_it(lab: Lab) -> None:
+    task = "queued-build"
+    key = KEY.format(task)
+    lab.model.on("T-QUEUE-BUILD", exec_call(lab.work.command(task)))
+    reply_text(lab.gateway.agent_cli("agent:main:q1", "T-QUEUE-BUILD please"))
+    lab.gates.wait_waiting(task)
+    first = lab.client.get(key)
+
+    second = reply_text(lab.gateway.agent_cli("agent:main:q2", "T-QUEUE-BUILD again, please"))
+    assert "was not started" not in second, second  # not blocked: it waits in taskguard run
+    _, queued = lab.guards.wait(lambda e: e.guard.task_key == key and e.type is EventType.QUEUED, what="QUEUED")
+    assert queued.guard.run_id == first.run_id
+    assert lab.gateway.wait_for_line(rf"{re.escape(key)}: already running as run {first.run_id}; rule queue", 5)
+    assert lab.work.launches(task) == 1  # the second waits in the queue, not beside the first
+
+    lab.gates.release(task)
+    _, served = lab.guards.wait(
+        lambda e: e.guard.task_key == key and e.type is EventType.ACQUIRED and e.waiter_run_id != "",
+        what="the queued exec's turn",
+    )
+    assert served.guard.run_id == queued.waiter_run_id and served.guard.fencing_token > first.fencing_token
+    lab.gates.wait_finished(task, 2)
+    _, done = lab.guards.wait(
+        lambda e: e.guard.task_key == key and e.type is EventType.RELEASED and e.guard.run_id == served.guard.run_id,
+        what="the queued exec's release",
+    )
+    assert done.guard.state is GuardState.SUCCEEDED
+    assert lab.work.launches(task) == 2 and not lab.work.records(task, "lock-conflict")
+
+
 def test_sessions_spawn_from_two_sessions_starts_one_sub_agent_released_at_subagent_ended(lab: Lab) -> None:
     key = KEY.format("spawn:digest-of-the-week")
     spawn = ToolCall("sessions_spawn", {"task": "GATE:digest Write the weekly digest.", "label": "digest-of-the-week"})

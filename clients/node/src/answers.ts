@@ -1,12 +1,14 @@
 /**
- * What the answers on a Hold stream mean: the verdict on the answer to an acquisition, and on the answer to
- * a resume. Pure functions: hold.ts and lease.ts do what they say (cancel, sleep, keep the lease).
+ * What the answers on a Hold stream mean: the verdict on the answer to an acquisition, on each message to a
+ * caller waiting in the key's queue, and on the answer to a resume. Pure functions: hold.ts and lease.ts do
+ * what they say (cancel, sleep, keep the lease).
  */
 
 import { type Conflict, conflict, guardFromWire } from "./conversions.ts";
 import { type TaskGuardError, UnavailableError, deadlineExceeded, protocolError } from "./errors.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
 import type { Guard, OnConflict } from "./models.ts";
+import { waits } from "./requests.ts";
 import { TIMED_OUT, retryPause } from "./retry.ts";
 import type { StreamEnd } from "./stream.ts";
 
@@ -20,6 +22,8 @@ export type AcquisitionVerdict =
   | { do: "retry"; pause: number }
   /** Wait on this stream for the winner (`guard`) to finish. */
   | { do: "join"; guard: Guard }
+  /** Queued at `position` (from 1) behind `guard`'s run: wait on this stream for the turn (see `queueVerdict`). */
+  | { do: "queued"; position: number; guard: Guard }
   /** Refused: end the stream, then throw the conflict's error or return the conflict. */
   | { do: "refuse"; conflict: Conflict; raise: boolean }
   /** Throw `error`, first ending the stream when `cancel`. */
@@ -52,14 +56,39 @@ export function acquisitionVerdict(answer: HoldAnswer, acquisition: Acquisition)
     const error = answer.error ?? protocolError(`${taskKey}: the Hold stream ended without an answer`);
     return { do: "fail", error, cancel: false };
   }
+  if (onConflict === "join" && answer.outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING") {
+    return { do: "join", guard: guardFromWire(answer.guard) };
+  }
+  return answered(answer, onConflict);
+}
+
+function answered(answer: pb.HoldResponse, onConflict: OnConflict): AcquisitionVerdict {
   if (answer.outcome === "ACQUIRE_OUTCOME_ACQUIRED") {
     return { do: "hold", answer };
   }
   const guard = guardFromWire(answer.guard);
-  if (onConflict === "join" && answer.outcome === "ACQUIRE_OUTCOME_ALREADY_RUNNING") {
-    return { do: "join", guard };
+  if (answer.outcome === "ACQUIRE_OUTCOME_QUEUED") {
+    return { do: "queued", position: answer.position, guard };
   }
-  return { do: "refuse", conflict: conflict(answer.outcome, guard), raise: onConflict === "raise" };
+  // A caller that chose to wait did not choose a Conflict as its answer: what ends its wait is thrown.
+  const raise = onConflict === "raise" || waits(onConflict);
+  return { do: "refuse", conflict: conflict(answer.outcome, guard, false, answer.supersededBy), raise };
+}
+
+/**
+ * The verdict on a message to a queued caller: another place in line, its turn (ACQUIRED: the lease lives on
+ * this stream), or the end of its wait. A stream that ends is not retried: the waiter left the queue with it,
+ * and a new stream would queue at the end.
+ */
+export function queueVerdict(answer: HoldAnswer, taskKey: string, onConflict: OnConflict): AcquisitionVerdict {
+  if (answer === TIMED_OUT) {
+    return { do: "fail", error: protocolError(`${taskKey}: a queued wait timed out without a deadline`), cancel: true };
+  }
+  if ("end" in answer) {
+    const error = answer.error ?? protocolError(`${taskKey}: the Hold stream ended while the caller was queued`);
+    return { do: "fail", error, cancel: false };
+  }
+  return answered(answer, onConflict);
 }
 
 export type ResumeVerdict =

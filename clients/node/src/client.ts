@@ -39,7 +39,7 @@ import { type UnaryMethod, callMetadata, unaryCall } from "./call.ts";
 import { checkHealth, connectivity, connectivityChanged, openChannel } from "./connection.ts";
 import { type Conflict, acquiredFromWire, fenceFromWire, guardFromWire } from "./conversions.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
-import { type HoldContext, acquireOverHold, runHeld } from "./hold.ts";
+import { type HoldContext, type QueueNews, acquireOverHold, queueNews, runHeld } from "./hold.ts";
 import { Lease } from "./lease.ts";
 import type {
   Acquired,
@@ -52,7 +52,9 @@ import type {
   HealthStatus,
   HoldOptions,
   ListOptions,
+  QueueOptions,
   RunStatus,
+  Waiting,
   WatchOptions,
 } from "./models.ts";
 import { acquireRequest, clipDetail, listRequest, releaseRequest, ttlToWire } from "./requests.ts";
@@ -105,16 +107,22 @@ export class Client {
 
   /**
    * Acquire with a TTL lease (the sidecar's default TTL when `ttlMs` is unset).
-   * Conflicts throw AlreadyRunning / RetryRequiresApproval, or with
-   * `onConflict: "return"` come back as a Conflict.
+   * Conflicts throw AlreadyRunning / RetryRequiresApproval / LockDelayed, or with
+   * `onConflict: "return"` come back as a Conflict. With "queue", "keep-newest"
+   * or "supersede" the call waits in the key's queue for its turn, up to the
+   * client's deadline (`deadlineMs`), and a wait that ends without the guard
+   * throws (QueueFull, WaitTimedOut, Superseded, DeadlineExceededError).
    */
-  acquire(taskKey: string, options?: AcquireOptions & { onConflict?: "raise" }): Promise<Acquired>;
+  acquire(
+    taskKey: string,
+    options?: AcquireOptions & QueueOptions & { onConflict?: "raise" | Waiting },
+  ): Promise<Acquired>;
   acquire(taskKey: string, options: AcquireOptions & { onConflict: "return" }): Promise<Acquired | Conflict>;
   async acquire(
     taskKey: string,
-    options: AcquireOptions & { onConflict?: "raise" | "return" } = {},
+    options: AcquireOptions & QueueOptions & { onConflict?: "raise" | "return" | Waiting } = {},
   ): Promise<Acquired | Conflict> {
-    const request = acquireRequest(taskKey, options, "ON_CONFLICT_REJECT", this.holder);
+    const request = acquireRequest(taskKey, options, options.onConflict ?? "raise", this.holder);
     const result = acquiredFromWire(await this.#unary(this.#stub.acquire, request, true));
     if (result.outcome === "ACQUIRED" || options.onConflict === "return") {
       return result;
@@ -145,14 +153,13 @@ export class Client {
    * callers that acquire in one callback and release in another. Prefer `hold`
    * when one function does the work.
    */
-  openHold(taskKey: string, options?: HoldOptions & { onConflict?: "raise" }): Promise<Lease>;
+  openHold(taskKey: string, options?: HoldOptions & { onConflict?: "raise" | Waiting }): Promise<Lease>;
   openHold(taskKey: string, options: HoldOptions & { onConflict: "return" | "join" }): Promise<Lease | Conflict>;
   openHold(taskKey: string, options?: HoldOptions): Promise<Lease | Conflict>;
   async openHold(taskKey: string, options: HoldOptions = {}): Promise<Lease | Conflict> {
     const onConflict = options.onConflict ?? "raise";
-    const wireConflict = onConflict === "join" ? "ON_CONFLICT_JOIN" : "ON_CONFLICT_REJECT";
-    const request = acquireRequest(taskKey, options, wireConflict, this.holder);
-    return acquireOverHold(this.#context, request, onConflict, options.signal);
+    const request = acquireRequest(taskKey, options, onConflict, this.holder);
+    return acquireOverHold(this.#context, request, { onConflict, onQueued: options.onQueued, signal: options.signal });
   }
 
   /**
@@ -160,10 +167,13 @@ export class Client {
    * release SUCCEEDED, or FAILED with the error's message when `fn` throws
    * (the error is rethrown). When the lease is lost while `fn` runs,
    * `lease.signal` aborts and `hold` throws LeaseLostError after `fn` settles.
+   * When a newer trigger supersedes the run, `lease.stopSignal` aborts; if
+   * `fn` then throws its reason (a StopRequested), the run is released
+   * CANCELLED and `hold` throws it.
    */
   hold<T>(
     taskKey: string,
-    options: HoldOptions & { onConflict?: "raise" },
+    options: HoldOptions & { onConflict?: "raise" | Waiting },
     fn: (lease: Lease) => T | Promise<T>,
   ): Promise<T>;
   hold<T>(
@@ -175,6 +185,32 @@ export class Client {
   async hold<T>(taskKey: string, options: HoldOptions, fn: (lease: Lease) => T | Promise<T>): Promise<T | Conflict> {
     const lease = await this.openHold(taskKey, options);
     return lease instanceof Lease ? runHeld(lease, fn) : lease;
+  }
+
+  /**
+   * `openHold` with a waiting policy ("queue" unless `onConflict` says "keep-newest" or "supersede"), as an async
+   * iteration: each place in line as `{ position, guard }`, then `{ lease }` when the turn came (a free key
+   * yields the lease at once). What ends the wait without the guard is thrown (QueueFull, WaitTimedOut,
+   * Superseded, ...). Leaving the loop before the lease leaves the queue.
+   */
+  waitInLine(
+    taskKey: string,
+    options: Omit<HoldOptions, "onConflict"> & { onConflict?: Waiting } = {},
+  ): AsyncGenerator<QueueNews, void, undefined> {
+    const { onQueued, signal } = options;
+    return queueNews(
+      (heard, stop) =>
+        this.openHold(taskKey, {
+          ...options,
+          onConflict: options.onConflict ?? "queue",
+          signal: stop,
+          onQueued: (position, guard) => {
+            onQueued?.(position, guard);
+            heard(position, guard);
+          },
+        }),
+      signal,
+    );
   }
 
   // --- operators ----------------------------------------------------------------------------

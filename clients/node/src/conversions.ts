@@ -6,7 +6,18 @@
 
 import { type Refused, conflictError, protocolError } from "./errors.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
-import type { Acquired, FenceCheck, Guard, GuardEvent, GuardEventType, GuardState, RunStatus } from "./models.ts";
+import type {
+  Acquired,
+  ConflictPolicy,
+  FenceCheck,
+  Guard,
+  GuardEvent,
+  GuardEventType,
+  GuardState,
+  KeyPolicy,
+  RunStatus,
+  Waiter,
+} from "./models.ts";
 
 function stripPrefix<T extends string>(value: string, prefix: string, known: readonly T[], fallback: T): T {
   const name = value.startsWith(prefix) ? value.slice(prefix.length) : value;
@@ -36,7 +47,13 @@ const EVENT_TYPES: readonly GuardEventType[] = [
   "FORCE_RELEASED",
   "RESUMED",
   "LOCK_DELAY_REFUSED",
+  "QUEUED",
+  "DEQUEUED",
+  "SUPERSEDED",
+  "QUEUE_FULL_REFUSED",
+  "STOP_REQUESTED",
 ];
+const CONFLICT_POLICIES: readonly ConflictPolicy[] = ["REJECT", "JOIN", "QUEUE", "KEEP_NEWEST", "SUPERSEDE"];
 
 function durationMs(duration: pb.Guard["ttl"]): number | undefined {
   return duration === undefined ? undefined : duration.seconds * 1000 + duration.nanos / 1e6;
@@ -78,6 +95,38 @@ export function guardFromWire(guard: pb.Guard | undefined): Guard {
     releasedBy: guard.releasedBy,
     lockDelayUntil: guard.lockDelayUntil,
     holdUntil: guard.holdUntil,
+    policy: guard.policy === undefined ? undefined : policyFromWire(guard.policy),
+    waiters: guard.waiters.map(waiterFromWire),
+    stopRequestedBy: guard.stopRequestedBy,
+    stopAt: guard.stopAt,
+  };
+}
+
+function waiterFromWire(waiter: pb.Waiter): Waiter {
+  return {
+    runId: waiter.runId,
+    holder: waiter.holder,
+    queuedAt: waiter.queuedAt,
+    waitUntil: waiter.waitUntil,
+    keepNewest: waiter.keepNewest,
+    superseding: waiter.superseding,
+  };
+}
+
+function policyFromWire(policy: pb.KeyPolicy): KeyPolicy {
+  return {
+    rule: policy.rule,
+    match: policy.match,
+    onConflict: stripPrefix(policy.onConflict, "ON_CONFLICT_", CONFLICT_POLICIES, "UNSPECIFIED"),
+    failure: stripPrefix(policy.failure, "FAILURE_HANDLING_", ["REQUIRE_APPROVAL", "REOPEN"] as const, "UNSPECIFIED"),
+    abandonedRequiresApproval: policy.abandonedRequiresApproval,
+    expiredRequiresApproval: policy.expiredRequiresApproval,
+    lockDelayMs: durationMs(policy.lockDelay),
+    maxHoldMs: durationMs(policy.maxHold),
+    maxQueue: policy.maxQueue,
+    maxWaitMs: durationMs(policy.maxWait),
+    allowSupersede: policy.allowSupersede,
+    supersedeGraceMs: durationMs(policy.supersedeGrace),
   };
 }
 
@@ -91,6 +140,7 @@ export function eventFromWire(event: pb.GuardEvent): GuardEvent {
     occurredAt: event.occurredAt,
     actor: event.actor,
     reason: event.reason,
+    waiterRunId: event.waiterRunId,
   };
 }
 
@@ -100,7 +150,8 @@ export function eventFromWire(event: pb.GuardEvent): GuardEvent {
  * way. `guard` is the winner's snapshot (ALREADY_RUNNING), the failed run's
  * (RETRY_REQUIRES_APPROVAL) or the lost run's (LOCK_DELAYED: see
  * `guard.lockDelayUntil`); after a join (`joined`), the winner's final
- * snapshot, whose `state` says how that run ended.
+ * snapshot, whose `state` says how that run ended. A queued caller's refusals
+ * (QUEUE_FULL, WAIT_TIMED_OUT, SUPERSEDED) are thrown, as `error`.
  */
 export interface Conflict {
   outcome: RefusalOutcome;
@@ -111,18 +162,29 @@ export interface Conflict {
   fencingToken: number;
   guard: Guard;
   joined: boolean;
+  /** SUPERSEDED: the run of the newer trigger that took this waiter's place ("" otherwise). */
+  supersededBy: string;
   /** The error "raise" would have thrown. */
   error: Refused;
 }
 
-export type RefusalOutcome = "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED";
+export type RefusalOutcome =
+  | "ALREADY_RUNNING"
+  | "RETRY_REQUIRES_APPROVAL"
+  | "LOCK_DELAYED"
+  | "QUEUE_FULL"
+  | "WAIT_TIMED_OUT"
+  | "SUPERSEDED";
 
 const REFUSALS: Readonly<Record<string, RefusalOutcome>> = {
   ACQUIRE_OUTCOME_ALREADY_RUNNING: "ALREADY_RUNNING",
   ACQUIRE_OUTCOME_LOCK_DELAYED: "LOCK_DELAYED",
+  ACQUIRE_OUTCOME_QUEUE_FULL: "QUEUE_FULL",
+  ACQUIRE_OUTCOME_WAIT_TIMED_OUT: "WAIT_TIMED_OUT",
+  ACQUIRE_OUTCOME_SUPERSEDED: "SUPERSEDED",
 };
 
-export function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = false): Conflict {
+export function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = false, supersededBy = ""): Conflict {
   const kind = REFUSALS[outcome] ?? "RETRY_REQUIRES_APPROVAL";
   return {
     outcome: kind,
@@ -133,7 +195,8 @@ export function conflict(outcome: pb.AcquireOutcome, guard: Guard, joined = fals
     fencingToken: guard.fencingToken,
     guard,
     joined,
-    error: conflictError(kind, guard),
+    supersededBy,
+    error: conflictError(kind, guard, supersededBy),
   };
 }
 

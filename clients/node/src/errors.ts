@@ -3,8 +3,10 @@
  * or a refused acquisition into one of them, like the Python client's
  * `_errors.py` (same classes, same rules).
  *
- * Three refusals are outcomes, not failures, and carry the run in the way:
- * `AlreadyRunning`, `RetryRequiresApproval` and `LockDelayed`. Everything else is a
+ * Refusals are outcomes, not failures, and carry the run in the way:
+ * `AlreadyRunning`, `RetryRequiresApproval` and `LockDelayed`, and for a caller
+ * that waited in the key's queue `QueueFull`, `WaitTimedOut` and `Superseded`.
+ * Everything else is a
  * `StatusError` subclass named for its status code, carrying the code and the
  * sidecar's message (which names the field and the rule it broke). All share
  * `TaskGuardError`. No other module looks at a status code to pick an error.
@@ -21,7 +23,7 @@ export class TaskGuardError extends Error {
   }
 }
 
-/** What the two refusals share: the key and the run in the way (each refusal adds its own facts). */
+/** What the refusals share: the key and the run in the way (each refusal adds its own facts). */
 abstract class Refusal extends TaskGuardError {
   readonly taskKey: string;
   /** The run in the way: the winner's (AlreadyRunning), or the one that ended (RetryRequiresApproval). */
@@ -90,7 +92,65 @@ export class LockDelayed extends Refusal {
   }
 }
 
-export type Refused = AlreadyRunning | RetryRequiresApproval | LockDelayed;
+/** The key's queue already holds as many waiters as its rule allows (its `max_queue`). */
+export class QueueFull extends Refusal {
+  /** How many wait in the queue. */
+  readonly queueLength: number;
+  readonly guard: Guard;
+
+  constructor(guard: Guard) {
+    super(`${guard.taskKey}: its queue is full (${guard.waiters.length} waiting behind run ${guard.runId})`, guard);
+    this.queueLength = guard.waiters.length;
+    this.guard = guard;
+  }
+}
+
+/** The caller's `maxWaitMs` (or its key's max wait) passed before its turn came; it is no longer queued. */
+export class WaitTimedOut extends Refusal {
+  readonly guard: Guard;
+
+  constructor(guard: Guard) {
+    super(`${guard.taskKey}: its wait in the queue ran out before its turn came (behind run ${guard.runId})`, guard);
+    this.guard = guard;
+  }
+}
+
+/** "keep-newest" (or "supersede"): a newer trigger of the key took this waiter's place; `by` is its run. */
+export class Superseded extends Refusal {
+  /** The run of the newer trigger ("" when the sidecar did not say). */
+  readonly by: string;
+  readonly guard: Guard;
+
+  constructor(guard: Guard, by: string) {
+    const newer = by ? ` by run ${by}` : "";
+    super(`${guard.taskKey}: superseded${newer}, a newer trigger that waits in its place`, guard);
+    this.by = by;
+    this.guard = guard;
+  }
+}
+
+export type Refused = AlreadyRunning | RetryRequiresApproval | LockDelayed | QueueFull | WaitTimedOut | Superseded;
+
+/**
+ * Why a held run should stop (`Lease.stopSignal`'s reason): a newer trigger superseded it ("supersede"). The
+ * lease still holds the guard until it is released, or until `stopAt`, when the sidecar force-releases it.
+ */
+export class StopRequested extends TaskGuardError {
+  readonly taskKey: string;
+  /** The superseding run. */
+  readonly by: string;
+  readonly stopAt: Date | undefined;
+  readonly guard: Guard;
+
+  constructor(guard: Guard) {
+    const deadline = guard.stopAt ? `; it is force-released at ${guard.stopAt.toISOString()} unless it ends first` : "";
+    super(`${guard.taskKey}: run ${guard.runId} was asked to stop for run ${guard.stopRequestedBy}${deadline}`);
+    this.taskKey = guard.taskKey;
+    this.by = guard.stopRequestedBy;
+    this.stopAt = guard.stopAt;
+    this.guard = guard;
+  }
+}
 
 /** A call ended with a gRPC status other than OK; `message` is the sidecar's (`field: rule`). */
 export class StatusError extends TaskGuardError {
@@ -230,16 +290,23 @@ export function protocolError(message: string): StatusError {
   return new StatusError(status.UNKNOWN, message);
 }
 
-/** The error for a refused acquisition. */
+/** The error for a refused acquisition; `supersededBy` names the newer trigger of a SUPERSEDED one. */
 export function conflictError(
-  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED",
+  outcome: "ALREADY_RUNNING" | "RETRY_REQUIRES_APPROVAL" | "LOCK_DELAYED" | "QUEUE_FULL" | "WAIT_TIMED_OUT" | "SUPERSEDED",
   guard: Guard,
+  supersededBy = "",
 ): Refused {
   switch (outcome) {
     case "ALREADY_RUNNING":
       return new AlreadyRunning(guard);
     case "LOCK_DELAYED":
       return new LockDelayed(guard);
+    case "QUEUE_FULL":
+      return new QueueFull(guard);
+    case "WAIT_TIMED_OUT":
+      return new WaitTimedOut(guard);
+    case "SUPERSEDED":
+      return new Superseded(guard, supersededBy);
     default:
       return new RetryRequiresApproval(guard);
   }

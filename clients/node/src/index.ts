@@ -6,7 +6,7 @@
 
 export { defaultAddress } from "./address.ts";
 export { Client } from "./client.ts";
-export type { Conflict } from "./conversions.ts";
+export type { Conflict, RefusalOutcome } from "./conversions.ts";
 export {
   AlreadyRunning,
   CancelledError,
@@ -21,11 +21,16 @@ export {
   PermissionDeniedError,
   ResourceExhaustedError,
   LockDelayed,
+  QueueFull,
   RetryRequiresApproval,
   StatusError,
+  StopRequested,
+  Superseded,
   TaskGuardError,
   UnavailableError,
+  WaitTimedOut,
 } from "./errors.ts";
+export type { QueueNews } from "./hold.ts";
 export { Lease } from "./lease.ts";
 // models.ts holds the public data types and nothing else, so all of them are part of the surface.
 export type * from "./models.ts";

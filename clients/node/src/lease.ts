@@ -9,6 +9,7 @@ import { resumeVerdict } from "./answers.ts";
 import { guardFromWire } from "./conversions.ts";
 import {
   LeaseLostError,
+  StopRequested,
   type TaskGuardError,
   UnavailableError,
   fromCallError,
@@ -48,12 +49,22 @@ export class Lease {
   readonly lost: Promise<LeaseLostError>;
   /** Aborted, with the LeaseLostError as its reason, when `lost` resolves: hand it to the work the lease guards. */
   readonly signal: AbortSignal;
+  /**
+   * Resolves (never rejects) with the guard when a newer trigger superseded this run ("supersede"):
+   * `guard.stopRequestedBy` names it, `guard.stopAt` says when the sidecar force-releases this run unless it
+   * is released first. Stop the work and release (CANCELLED is the usual status).
+   */
+  readonly stopRequested: Promise<Guard>;
+  /** Aborted, with a StopRequested as its reason, when `stopRequested` resolves. */
+  readonly stopSignal: AbortSignal;
 
   #guard: Guard;
   #state: LeaseState = "held";
   #stream: HoldCall;
   readonly #context: LeaseContext;
   readonly #abort = new AbortController();
+  readonly #stop = new AbortController();
+  #resolveStop: (guard: Guard) => void = () => {};
   #resolveLost: (error: LeaseLostError) => void = () => {};
   #lostError: LeaseLostError | undefined;
   #lostGuard: Guard | undefined;
@@ -77,6 +88,11 @@ export class Lease {
     this.lost = new Promise((resolve) => {
       this.#resolveLost = resolve;
     });
+    this.stopSignal = this.#stop.signal;
+    this.stopRequested = new Promise((resolve) => {
+      this.#resolveStop = resolve;
+    });
+    this.#noticeStop(guard);
     const ttlMs = guard.ttlMs;
     if (ttlMs !== undefined) {
       this.#heartbeat = setInterval(() => this.#beat(), Math.max(1, ttlMs / 3));
@@ -92,6 +108,20 @@ export class Lease {
 
   get state(): LeaseState {
     return this.#state;
+  }
+
+  /** The run that superseded this one ("" while none did). */
+  get stopRequestedBy(): string {
+    return this.#stop.signal.aborted ? (this.#stop.signal.reason as StopRequested).by : "";
+  }
+
+  /** A snapshot of this run that says it was asked to stop (a STOP_REQUESTED message, or any later snapshot). */
+  #noticeStop(guard: Guard | undefined): void {
+    if (guard === undefined || !guard.stopRequestedBy || guard.runId !== this.runId || this.#stop.signal.aborted) {
+      return;
+    }
+    this.#resolveStop(guard);
+    this.#stop.abort(new StopRequested(guard));
   }
 
   /**
@@ -167,8 +197,10 @@ export class Lease {
         return;
       }
       const guard = message.guard === undefined ? undefined : guardFromWire(message.guard);
+      this.#noticeStop(guard);
       switch (message.event) {
         case "HOLD_EVENT_HEARTBEAT_ACK":
+        case "HOLD_EVENT_STOP_REQUESTED":
           if (guard !== undefined) this.#guard = guard;
           break;
         case "HOLD_EVENT_RELEASED":
@@ -221,6 +253,7 @@ export class Lease {
       const verdict = resumeVerdict(answer);
       if (verdict.do === "hold") {
         this.#guard = verdict.guard;
+        this.#noticeStop(verdict.guard);
         this.#stream = stream;
         this.#setState("held");
         void this.#read(stream);

@@ -38,7 +38,46 @@ export type GuardEventType =
   | "RETRY_APPROVED"
   | "FORCE_RELEASED"
   | "RESUMED"
-  | "LOCK_DELAY_REFUSED";
+  | "LOCK_DELAY_REFUSED"
+  | "QUEUED"
+  | "DEQUEUED"
+  | "SUPERSEDED"
+  | "QUEUE_FULL_REFUSED"
+  | "STOP_REQUESTED";
+
+/** A caller waiting in a key's queue (`Guard.waiters`), first in line first. */
+export interface Waiter {
+  runId: string;
+  holder: string;
+  queuedAt: Date | undefined;
+  /** When its max wait ends; undefined without one. */
+  waitUntil: Date | undefined;
+  keepNewest: boolean;
+  /** "supersede": first in line, for the run it asked to stop. */
+  superseding: boolean;
+}
+
+/** What an acquisition with no `onConflict` of its own gets, as a key's rule says. */
+export type ConflictPolicy = "UNSPECIFIED" | "REJECT" | "JOIN" | "QUEUE" | "KEEP_NEWEST" | "SUPERSEDE";
+
+/** The rule a key follows on the sidecar (`get` fills it in): the first configured match, else "default". */
+export interface KeyPolicy {
+  rule: string;
+  match: string;
+  onConflict: ConflictPolicy;
+  failure: "UNSPECIFIED" | "REQUIRE_APPROVAL" | "REOPEN";
+  abandonedRequiresApproval: boolean;
+  expiredRequiresApproval: boolean;
+  /** Undefined: no lock-delay. */
+  lockDelayMs: number | undefined;
+  /** Undefined: no cap on how long a run may hold the key. */
+  maxHoldMs: number | undefined;
+  maxQueue: number;
+  /** Undefined: a waiter waits as long as its own `maxWaitMs` (or call) allows. */
+  maxWaitMs: number | undefined;
+  allowSupersede: boolean;
+  supersedeGraceMs: number | undefined;
+}
 
 /** A guard's snapshot, as the sidecar answered it (see `Guard` in taskguard.proto for each field). */
 export interface Guard {
@@ -73,6 +112,14 @@ export interface Guard {
   lockDelayUntil: Date | undefined;
   /** When the key's max hold ends the run, however often it renews. */
   holdUntil: Date | undefined;
+  /** The key's rule; only `get` answers it. */
+  policy: KeyPolicy | undefined;
+  /** Callers waiting for the key ("queue", "keep-newest", "supersede"), first in line first. */
+  waiters: Waiter[];
+  /** RUNNING and asked to stop ("supersede"): the run that asked ("" when none did). */
+  stopRequestedBy: string;
+  /** When a run asked to stop is force-released unless it releases first. */
+  stopAt: Date | undefined;
 }
 
 export interface GuardEvent {
@@ -85,6 +132,8 @@ export interface GuardEvent {
   occurredAt: Date | undefined;
   actor: string;
   reason: string;
+  /** QUEUED, DEQUEUED, SUPERSEDED, and an ACQUIRED that served the queue: the waiter's run ("" otherwise). */
+  waiterRunId: string;
 }
 
 /** A unary acquisition: the lease id renews and releases it. */
@@ -109,16 +158,38 @@ export interface AcquireOptions {
   holder?: string;
 }
 
-export type OnConflict = "raise" | "return" | "join";
+/**
+ * What to do when another run holds the key. "raise", "return" and "join" are refused at once (or wait for the
+ * winner to end); "queue", "keep-newest" and "supersede" wait for the key and hold it when their turn comes.
+ */
+export type OnConflict = "raise" | "return" | "join" | "queue" | "keep-newest" | "supersede";
 
-export interface HoldOptions extends AcquireOptions {
+/** The policies that wait in the key's queue: refusals (a full queue, a timed-out wait, a newer trigger) throw. */
+export type Waiting = "queue" | "keep-newest" | "supersede";
+
+export interface QueueOptions {
   /**
-   * "raise" (default): throw AlreadyRunning / RetryRequiresApproval.
+   * "queue", "keep-newest": leave the queue after this long (the key's rule's max wait, if shorter, applies),
+   * with WaitTimedOut.
+   */
+  maxWaitMs?: number;
+}
+
+export interface HoldOptions extends AcquireOptions, QueueOptions {
+  /**
+   * "raise" (default): throw AlreadyRunning / RetryRequiresApproval / LockDelayed.
    * "return": return a Conflict. "join": wait until the winning run ends, then return a Conflict with its final
    * guard (a RETRY_REQUIRES_APPROVAL conflict comes back at once: there is no run to wait for).
+   * "queue": wait in the key's FIFO queue (`onQueued` hears each change of place) and hold the key when its turn
+   * comes, or throw QueueFull / WaitTimedOut. "keep-newest": the same, but a newer keep-newest trigger takes this
+   * one's place (Superseded). "supersede": ask the running run to stop (where the key's rule allows it, else
+   * PermissionDeniedError) and wait first in line. A held run that is superseded learns it from
+   * `lease.stopRequested` / `lease.stopSignal`.
    */
   onConflict?: OnConflict;
-  /** Stops a "join" wait (it then throws CancelledError). */
+  /** Told each place in the queue, from 1 ("queue", "keep-newest", "supersede"), and the guard it waits for. */
+  onQueued?: (position: number, guard: Guard) => void;
+  /** Stops a "join" or a queued wait (it then throws CancelledError; a queued caller leaves the queue). */
   signal?: AbortSignal;
 }
 

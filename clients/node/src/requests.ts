@@ -8,7 +8,7 @@ import { createHmac, randomBytes, randomUUID } from "node:crypto";
 import { RUN_STATUSES } from "./conversions.ts";
 import { invalidArgument } from "./errors.ts";
 import type * as pb from "./generated/taskguard/v1/taskguard.ts";
-import type { AcquireOptions, ListOptions, RunStatus } from "./models.ts";
+import type { AcquireOptions, ListOptions, OnConflict, QueueOptions, RunStatus } from "./models.ts";
 
 const MAX_DETAIL_BYTES = 4096;
 
@@ -58,16 +58,36 @@ function retrySecret(taskKey: string, runId: string): string {
   return createHmac("sha256", RETRY_SECRET_KEY).update(`${taskKey}\0${runId}`).digest("base64url");
 }
 
+// What each policy asks the sidecar for ("raise" and "return" differ only in what the client does with a refusal).
+const ON_CONFLICT_WIRE: Readonly<Record<OnConflict, pb.OnConflict>> = {
+  raise: "ON_CONFLICT_REJECT",
+  return: "ON_CONFLICT_REJECT",
+  join: "ON_CONFLICT_JOIN",
+  queue: "ON_CONFLICT_QUEUE",
+  "keep-newest": "ON_CONFLICT_KEEP_NEWEST",
+  supersede: "ON_CONFLICT_SUPERSEDE",
+};
+
+/** Whether a caller with this policy waits in the key's queue (and its refusals are thrown). */
+export function waits(onConflict: OnConflict): boolean {
+  return onConflict === "queue" || onConflict === "keep-newest" || onConflict === "supersede";
+}
+
 /**
  * An acquisition, made before the first attempt so that every retry names the same run (and carries the same
- * secret): a retry of an acquisition that did land gets its lease back instead of a conflict with itself.
+ * secret): a retry of an acquisition that did land gets its lease back instead of a conflict with itself (and
+ * a retry of a queued one keeps its place).
  */
 export function acquireRequest(
   taskKey: string,
-  options: AcquireOptions,
-  onConflict: pb.OnConflict,
+  options: AcquireOptions & QueueOptions,
+  onConflict: OnConflict,
   holder: string,
 ): pb.AcquireRequest {
+  if (!Object.hasOwn(ON_CONFLICT_WIRE, onConflict)) {
+    const known = Object.keys(ON_CONFLICT_WIRE).join(", ");
+    throw invalidArgument("on_conflict", `must be one of ${known} (got ${String(onConflict)})`);
+  }
   const runId = options.runId ?? randomUUID();
   return {
     taskKey,
@@ -76,7 +96,8 @@ export function acquireRequest(
     holder: options.holder ?? holder,
     ttl: ttlToWire(options.ttlMs),
     labels: { ...options.labels },
-    onConflict,
+    onConflict: ON_CONFLICT_WIRE[onConflict],
+    maxWait: options.maxWaitMs === undefined ? undefined : toDuration(options.maxWaitMs, "max_wait"),
   };
 }
 

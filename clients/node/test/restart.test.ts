@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { Client } from "taskguard-sidecar-client";
+import { Client, UnavailableError } from "taskguard-sidecar-client";
 import { Sidecar, freshKey, within } from "./support.ts";
 
 let sidecar: Sidecar;
@@ -61,6 +61,25 @@ describe("a sidecar restart", () => {
       "the acquire's events",
     );
     assert.deepEqual(events, ["ACQUIRED"]);
+  });
+
+  test("a queued hold does not outlive the sidecar: it throws UnavailableError, and the holder resumes", async () => {
+    const key = freshKey();
+    const lease = await client.openHold(key);
+    let queued: () => void = () => {};
+    const inLine = new Promise<void>((resolve) => {
+      queued = resolve;
+    });
+    const waiting = client.openHold(key, { onConflict: "queue", onQueued: () => queued() });
+    await within(inLine, "the hold queued");
+    // Handled from now: the end may come while the kill is still being awaited.
+    const ended = assert.rejects(within(waiting, "the queued hold's end"), UnavailableError);
+    await sidecar.kill();
+    await ended;
+    await sidecar.start();
+    const released = await lease.release();
+    assert.equal(released.state, "SUCCEEDED");
+    assert.deepEqual(released.waiters, []);
   });
 
   test("hold finishes its function and releases across a restart in the middle", async () => {

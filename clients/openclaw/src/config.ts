@@ -15,6 +15,13 @@ export type UnavailablePolicy = "allow" | "block";
 export type GuardedTool = "exec" | "sessions_spawn";
 /** "gateway": wrap an exec in `taskguard run` when it runs on the gateway host; "always"; "never" (TTL lease instead). */
 export type WrapMode = "gateway" | "always" | "never";
+/**
+ * When the task is already running: block the call ("reject"); wait in the task's queue and run after the
+ * current run ("queue"); the same, but a newer call replaces a waiting one ("keep-newest"); ask the running
+ * run to stop and run next ("supersede", exec only).
+ */
+export type ConflictChoice = "reject" | "queue" | "keep-newest" | "supersede";
+export const CONFLICT_CHOICES: readonly ConflictChoice[] = ["reject", "queue", "keep-newest", "supersede"];
 
 export interface Rule {
   /** Only for this tool; both when unset. */
@@ -25,6 +32,9 @@ export interface Rule {
   name: string;
   scope: Scope | undefined;
   onUnavailable: UnavailablePolicy | undefined;
+  onConflict: ConflictChoice;
+  /** How long a waiting call may wait in the queue; unset: as long as the sidecar's rule (an exec) or the hook allows. */
+  maxWaitMs: number | undefined;
 }
 
 export interface ToolSettings {
@@ -159,11 +169,24 @@ function compileRule(rule: Raw, index: number): Rule {
   if (match === undefined || name === undefined) {
     throw new Error(`taskguard: rules[${index}] needs "match" (a regular expression) and "name"`);
   }
+  const tool = rule.tool === "exec" || rule.tool === "sessions_spawn" ? rule.tool : undefined;
+  const onConflict = rule.onConflict ?? "reject";
+  if (typeof onConflict !== "string" || !(CONFLICT_CHOICES as readonly string[]).includes(onConflict)) {
+    throw new Error(
+      `taskguard: rules[${index}].onConflict must be one of ${CONFLICT_CHOICES.join(", ")} (got ${JSON.stringify(onConflict)})`,
+    );
+  }
+  // A sub-agent cannot be told to stop from here: superseding one would only have it force-released later.
+  if (onConflict === "supersede" && tool !== "exec") {
+    throw new Error(`taskguard: rules[${index}].onConflict "supersede" needs "tool": "exec" (a running exec can be stopped)`);
+  }
   return {
-    tool: rule.tool === "exec" || rule.tool === "sessions_spawn" ? rule.tool : undefined,
+    tool,
     match: new RegExp(match),
     name,
     scope: rule.scope === undefined ? undefined : oneOf(rule.scope, SCOPES, "agent"),
     onUnavailable: rule.onUnavailable === undefined ? undefined : oneOf(rule.onUnavailable, POLICIES, "allow"),
+    onConflict: onConflict as ConflictChoice,
+    maxWaitMs: rule.maxWaitMs === undefined ? undefined : count(rule.maxWaitMs, 100, 100, 7 * 24 * 3_600_000),
   };
 }

@@ -40,6 +40,84 @@ export function alreadyRunningReason(taskName: string, winner: Guard, now: Date 
   );
 }
 
+/** Where the run in the way was started from, as its labels tell. */
+function startedFrom(winner: Guard): string {
+  const session = winner.labels[LABELS.sessionKey];
+  return session ? `session ${session}` : `holder ${winner.holder || "unknown"}`;
+}
+
+/**
+ * LOCK_DELAYED: the last run was lost (abandoned, expired, force-released), and the key stays closed for a while
+ * so that a holder that did not notice can stop. Not a failure: no approval is needed, only time.
+ */
+export function lockDelayedReason(taskName: string, lost: Guard, now: Date = new Date()): string {
+  const how = lost.lastDetail.trim() ? `${lost.state.toLowerCase()}: ${clip(lost.lastDetail.trim(), 120)}` : lost.state.toLowerCase();
+  const opens = lost.lockDelayUntil;
+  const when = opens
+    ? `until ${opens.toISOString()} (in ${ago(now, opens)})`
+    : "for the lock-delay its Task Guard rule sets";
+  return (
+    `Task Guard: "${taskName}" was not started. Its last run (run ${lost.runId}) was lost (${how}), and the task ` +
+    `stays closed ${when}, in case that run is still at work somewhere. No approval is needed: it can be ` +
+    `started again after that. Tell the user when it can run again.`
+  );
+}
+
+/**
+ * An exec that waits in the task's queue under `taskguard run`: the first line of its output. The wrapper then
+ * tells each change of its place ("queued, position N behind run X") and runs the command when its turn comes.
+ */
+export function queuedExecNotice(taskName: string, winner: Guard, choice: "queue" | "keep-newest" | "supersede"): string {
+  const after = `run ${winner.runId} (started ${winner.startedAt.toISOString()} from ${startedFrom(winner)})`;
+  if (choice === "supersede") {
+    return (
+      `Task Guard: "${taskName}" was already running as ${after}. That run is asked to stop; this command ` +
+      `runs as soon as it has.`
+    );
+  }
+  const newest =
+    choice === "keep-newest"
+      ? " If another request for the same task comes while it waits, that newer one takes its place and this one exits 84 without running."
+      : "";
+  // The snapshot the refusal came with counts the calls waiting ahead (keep-newest replaces its own kind).
+  const ahead = choice === "queue" ? winner.waiters.length : winner.waiters.filter((waiter) => !waiter.keepNewest).length;
+  const others = ahead === 0 ? "" : ahead === 1 ? " and the 1 call queued before it" : ` and the ${ahead} calls queued before it`;
+  return (
+    `Task Guard: "${taskName}" is already running as ${after}. This command waits in the task's queue ` +
+    `(position ${ahead + 1}) and runs after that run${others} ends.${newest}`
+  );
+}
+
+/** A queued sub-agent whose turn did not come while the tool call could wait. */
+export function waitEndedReason(taskName: string, winner: Guard, position: number, waitedMs: number): string {
+  const place = position > 0 ? ` at position ${position}` : "";
+  return (
+    `Task Guard: "${taskName}" is already running as run ${winner.runId} (since ${winner.startedAt.toISOString()}, ` +
+    `started from ${startedFrom(winner)}). This call waited in the task's queue${place} for ` +
+    `${Math.round(waitedMs / 100) / 10} s, as long as a tool call may wait, and was not started. It can run ` +
+    `after run ${winner.runId} ends: tell the user it is queued behind that run and to ask again then.`
+  );
+}
+
+/** keep-newest: a newer call for the same task took this one's place in the queue. */
+export function supersededReason(taskName: string, by: string, winner: Guard): string {
+  const newer = by ? ` (run ${by})` : "";
+  return (
+    `Task Guard: "${taskName}" was not started: a newer request for the same task${newer} took its place in ` +
+    `the queue behind run ${winner.runId}, and only the newest request runs after that run. Tell the user ` +
+    `the newer request replaces this one.`
+  );
+}
+
+/** The task's queue already holds as many waiting calls as the sidecar's rule allows. */
+export function queueFullReason(taskName: string, winner: Guard): string {
+  return (
+    `Task Guard: "${taskName}" was not started: it is already running as run ${winner.runId}, and its queue ` +
+    `is full (${winner.waiters.length} waiting). Tell the user it is already running and queued, and to try ` +
+    `again after run ${winner.runId} ends.`
+  );
+}
+
 /** The sidecar is unreachable and the policy is `block`. */
 export function unavailableReason(taskName: string, why: string): string {
   return (

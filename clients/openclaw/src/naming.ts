@@ -14,7 +14,7 @@
  */
 
 import { createHash } from "node:crypto";
-import type { GuardedTool, Rule, Scope, UnavailablePolicy } from "./config.ts";
+import type { ConflictChoice, GuardedTool, Rule, Scope, UnavailablePolicy } from "./config.ts";
 
 /** Where a tool call comes from, as OpenClaw's hook context tells it. */
 export interface CallOrigin {
@@ -28,6 +28,9 @@ export interface TaskIdentity {
   scope: Scope;
   /** The rule's policy for an unreachable sidecar, when a rule named the task. */
   onUnavailable: UnavailablePolicy | undefined;
+  /** What a call gets while the task runs: the rule's, else "reject". */
+  onConflict: ConflictChoice;
+  maxWaitMs: number | undefined;
 }
 
 /** The sidecar takes keys of 1..512 bytes; names are kept well inside that. */
@@ -100,7 +103,21 @@ export function identify(
     if (match === null) continue;
     const named = safeName(rule.name.replace(/\$(\d)/g, (_, group: string) => match[Number(group)] ?? ""));
     const scope = rule.scope ?? defaultScope;
-    return { taskKey: `${scopeKey(scope, origin)}::${named}`, taskName: named, scope, onUnavailable: rule.onUnavailable };
+    return {
+      taskKey: `${scopeKey(scope, origin)}::${named}`,
+      taskName: named,
+      scope,
+      onUnavailable: rule.onUnavailable,
+      onConflict: rule.onConflict,
+      maxWaitMs: rule.maxWaitMs,
+    };
   }
-  return { taskKey: `${scopeKey(defaultScope, origin)}::${name}`, taskName: name, scope: defaultScope, onUnavailable: undefined };
+  return {
+    taskKey: `${scopeKey(defaultScope, origin)}::${name}`,
+    taskName: name,
+    scope: defaultScope,
+    onUnavailable: undefined,
+    onConflict: "reject",
+    maxWaitMs: undefined,
+  };
 }

@@ -25,7 +25,16 @@
  *   at `subagent_ended` with the child's outcome. The child run is matched by
  *   the run id `after_tool_call` reports for the accepted spawn. If the gateway
  *   dies, the stream drops and the guard is ABANDONED.
- * - ALREADY_RUNNING: the call is blocked with a reason naming the winner.
+ * - ALREADY_RUNNING: the call is blocked with a reason naming the winner,
+ *   unless the task's rule chooses another conflict policy. An exec under
+ *   "queue", "keep-newest" or "supersede" is let through wrapped in
+ *   `taskguard run --on-conflict ...`, which waits in the task's queue (or
+ *   asks the running run to stop) and runs the command when its turn comes;
+ *   its output starts with a notice naming the run it waits for. A
+ *   sessions_spawn under "queue" or "keep-newest" waits in the queue as long as
+ *   the tool call may wait (`maxDecisionMs`, less a margin), and is blocked
+ *   with what happened when its turn did not come (`waiting.ts`).
+ * - LOCK_DELAYED: blocked with when the task opens again (no approval).
  * - RETRY_REQUIRES_APPROVAL: `requireApproval` (see `#askToRetry`); in a run
  *   that cannot show an approval, blocked with how to approve instead.
  * - Unreachable (connection refused, no socket, no answer to a health check):
@@ -60,8 +69,13 @@ import {
   approvalPrompt,
   approvalReason,
   approvalUnavailableReason,
+  lockDelayedReason,
   notConfirmedReason,
+  queueFullReason,
+  queuedExecNotice,
+  supersededReason,
   unavailableReason,
+  waitEndedReason,
 } from "./messages.ts";
 import { type TaskIdentity, identify } from "./naming.ts";
 import type {
@@ -75,6 +89,7 @@ import type {
 } from "./openclaw.ts";
 import { wrapCommand } from "./shell.ts";
 import { traceInterceptor, withTrace } from "./trace.ts";
+import { conflictOf, holdConflict, spawnWaitMs } from "./waiting.ts";
 
 /** How many sub-agent endings to remember when they come before the spawn's after_tool_call. */
 const EARLY_ENDINGS_KEPT = 256;
@@ -316,10 +331,65 @@ export class TaskGuardPlugin {
       );
       return wrapped ? { params: { ...event.params, command: this.#wrap(identity, runId, command) } } : undefined;
     }
-    if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx, decided);
+    if (answer.outcome === "ALREADY_RUNNING" && identity.onConflict !== "reject") {
+      if (wrapped) {
+        return this.#queueExec(identity, answer, ctx, event.params, command, runId, decided);
+      }
+      this.#logDecision(
+        identity,
+        decided,
+        `its rule says ${identity.onConflict}, but only an exec wrapped in taskguard run can wait: blocked`,
+      );
+    }
+    if (answer.outcome !== "RETRY_REQUIRES_APPROVAL") {
+      return this.#refused(identity, answer, ctx, decided);
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "exec", command, wrapped, params: event.params });
+  }
+
+  /**
+   * The task runs and its rule waits: the exec goes through wrapped in `taskguard run --on-conflict ...`, which
+   * waits in the task's queue on its own Hold stream, for as long as OpenClaw keeps the process.
+   */
+  #queueExec(
+    identity: TaskIdentity,
+    winner: Conflict,
+    ctx: ToolContext,
+    params: Record<string, unknown>,
+    command: string,
+    runId: string,
+    decided: Decided<unknown>,
+  ): BeforeToolCallResult {
+    const choice = identity.onConflict === "reject" ? "queue" : identity.onConflict;
+    this.#logDecision(
+      identity,
+      decided,
+      `already running as run ${winner.runId}; rule ${choice}: run ${runId} waits in taskguard run`,
+    );
+    const notice = queuedExecNotice(identity.taskName, winner.guard, choice);
+    const holder = this.#holder(ctx, "exec");
+    return { params: { ...params, command: this.#wrap(identity, runId, command, undefined, { choice, notice, holder }) } };
+  }
+
+  /** Any refusal but RETRY_REQUIRES_APPROVAL: the call is blocked with what happened and what happens next. */
+  #refused(identity: TaskIdentity, conflict: Conflict, ctx: ToolContext, decided: Decided<unknown>, waited?: { position: number; ms: number }): BeforeToolCallResult {
+    const name = identity.taskName;
+    switch (conflict.outcome) {
+      case "LOCK_DELAYED":
+        this.#logDecision(identity, decided, `lock-delayed after run ${conflict.runId} was lost, until ${conflict.guard.lockDelayUntil?.toISOString() ?? "?"}: blocked`);
+        return { block: true, blockReason: lockDelayedReason(name, conflict.guard, this.#now()) };
+      case "SUPERSEDED":
+        this.#logDecision(identity, decided, `superseded in the queue by run ${conflict.supersededBy || "?"}: blocked`);
+        return { block: true, blockReason: supersededReason(name, conflict.supersededBy, conflict.guard) };
+      case "QUEUE_FULL":
+        this.#logDecision(identity, decided, `the queue behind run ${conflict.runId} is full: blocked`);
+        return { block: true, blockReason: queueFullReason(name, conflict.guard) };
+      case "WAIT_TIMED_OUT":
+        this.#logDecision(identity, decided, `waited in the queue behind run ${conflict.runId} until the call could wait no longer: blocked`);
+        return { block: true, blockReason: waitEndedReason(name, conflict.guard, waited?.position ?? 0, waited?.ms ?? decided.tookMs) };
+      default:
+        return this.#alreadyRunning(identity, conflict, ctx, decided);
+    }
   }
 
   async #beforeSpawn(
@@ -329,13 +399,29 @@ export class TaskGuardPlugin {
     runId: string,
     arrivedAt: number,
   ): Promise<BeforeToolCallResult | undefined> {
-    const hold = () =>
-      this.client.openHold(identity.taskKey, {
-        runId,
-        labels: this.#labels(ctx, "sessions_spawn", toolCallId),
-        holder: this.#holder(ctx, "sessions_spawn"),
-        onConflict: "return",
-      });
+    const place = { position: 0, since: performance.now() };
+    const onConflict = holdConflict(identity.onConflict);
+    const hold = (): Promise<Lease | Conflict> =>
+      this.client
+        .openHold(identity.taskKey, {
+          runId,
+          labels: this.#labels(ctx, "sessions_spawn", toolCallId),
+          holder: this.#holder(ctx, "sessions_spawn"),
+          onConflict,
+          maxWaitMs:
+            onConflict === "return"
+              ? undefined
+              : spawnWaitMs(identity.maxWaitMs, this.#timing.limitMs - (performance.now() - arrivedAt)),
+          onQueued: (position) => {
+            place.position = position;
+          },
+        })
+        .catch((error: unknown) => {
+          // A call that waited throws what ended its wait: decided on like any other conflict.
+          const conflict = conflictOf(error);
+          if (conflict === undefined) throw error;
+          return conflict;
+        });
     const holding = hold();
     const decided = await decide(holding, arrivedAt, this.client, this.#timing);
     const verdict = decided.verdict;
@@ -367,8 +453,8 @@ export class TaskGuardPlugin {
       );
       return undefined;
     }
-    if (answer.outcome === "ALREADY_RUNNING") {
-      return this.#alreadyRunning(identity, answer, ctx, decided);
+    if (answer.outcome !== "RETRY_REQUIRES_APPROVAL") {
+      return this.#refused(identity, answer, ctx, decided, { position: place.position, ms: performance.now() - place.since });
     }
     return this.#askToRetry(identity, answer.guard, ctx, toolCallId, runId, { tool: "sessions_spawn" });
   }
@@ -958,7 +1044,13 @@ export class TaskGuardPlugin {
     }
   }
 
-  #wrap(identity: TaskIdentity, runId: string, command: string, gate?: string): string {
+  #wrap(
+    identity: TaskIdentity,
+    runId: string,
+    command: string,
+    gate?: string,
+    waiting?: { choice: "queue" | "keep-newest" | "supersede"; notice: string; holder: string },
+  ): string {
     return wrapCommand({
       taskguardBin: this.settings.taskguardBin ?? "taskguard",
       address: this.settings.address,
@@ -967,6 +1059,10 @@ export class TaskGuardPlugin {
       runId,
       command,
       gate,
+      onConflict: waiting?.choice,
+      maxWaitMs: waiting === undefined ? undefined : identity.maxWaitMs,
+      notice: waiting?.notice,
+      holder: waiting?.holder,
     });
   }
 

@@ -30,6 +30,13 @@ export interface WrapOptions {
    * learn who approved, approve the retry and acquire its run.
    */
   gate?: string;
+  /** The task is running: `taskguard run` waits in its queue this way (`--on-conflict`), up to `maxWaitMs`. */
+  onConflict?: "queue" | "keep-newest" | "supersede";
+  maxWaitMs?: number | undefined;
+  /** Printed on stderr before anything else: what the model reads first in the exec's output. */
+  notice?: string;
+  /** The run's holder, when the wrapper acquires it itself (a queued exec: the plugin holds no lease for it). */
+  holder?: string;
 }
 
 /** What an approved exec exits with when its run was not let through (as `taskguard run` does for "needs approval"). */
@@ -40,11 +47,15 @@ export function wrapCommand(options: WrapOptions): string {
   const token = options.tokenFile ? ` --token-file ${shellQuote(options.tokenFile)}` : "";
   const addr = `--addr ${shellQuote(options.address)}${token}`;
   const key = shellQuote(options.taskKey);
+  const waits = options.onConflict === undefined ? "" : ` --on-conflict ${options.onConflict}`;
+  const bound = options.maxWaitMs === undefined ? "" : ` --max-wait ${options.maxWaitMs / 1000}s`;
+  const holder = options.holder === undefined ? "" : ` --holder ${shellQuote(options.holder)}`;
   const run =
-    `exec ${tg} ${addr} run ${key} --run-id ${shellQuote(options.runId)} -- ` +
+    `exec ${tg} ${addr} run ${key} --run-id ${shellQuote(options.runId)}${waits}${bound}${holder} -- ` +
     `/bin/sh -c ${shellQuote(options.command)}`;
+  const told = options.notice === undefined ? "" : `printf '%s\\n' ${shellQuote(options.notice)} >&2; `;
   if (options.gate === undefined) {
-    return run;
+    return `${told}${run}`;
   }
   // POSIX sh: the plugin holds the FIFO open, so this open does not block; EOF (the gateway is gone) or a
   // FIFO already removed leaves the word empty.
