@@ -199,7 +199,7 @@ async def scenario_e(target: str, waiters: int, wait_s: float, pids: dict[str, i
     pid = pids.get("taskguard")
     key = f"bench-e-{uuid.uuid4().hex[:8]}::queue"
     channels = await open_channels(target, max(1, -(-waiters // STREAMS_PER_CHANNEL)))
-    methods = [
+    methods: list[Any] = [
         channel.stream_stream(
             HOLD_METHOD,
             request_serializer=pb.HoldRequest.SerializeToString,
