@@ -148,7 +148,7 @@ async def _enqueue(method: Any, run: Run, key: str, life_s: float, gate: asyncio
     return asyncio.create_task(_wait_and_run(run))
 
 
-def _check(holder: Run, waiters: list[Run], final: pb.Guard) -> list[str]:
+def check_drain(holder: Run, waiters: list[Run], final: pb.Guard) -> list[str]:
     problems = [problem for run in (holder, *waiters) for problem in run.problems]
     places = sorted(run.place for run in waiters)
     if places != list(range(1, len(waiters) + 1)):
@@ -247,7 +247,7 @@ async def scenario_e(target: str, waiters: int, wait_s: float, pids: dict[str, i
                 run.call.cancel()
         for channel in channels:
             await channel.close()
-    problems = _check(holder, runs, final)
+    problems = check_drain(holder, runs, final)
     for problem in problems[:20]:
         note(f"e: PROBLEM {problem}")
     from_sent, from_reply = _handovers(holder, runs)
