@@ -10,6 +10,9 @@ Scenarios (issue 6):
      ABANDONED (a WatchGuards stream from the revision before the drop counts ABANDONED events)
   d  Task Guard only: scenario a at --watch-concurrency clients with 0 and with each of --watchers
      WatchGuards streams (on all keys, read continuously by a child process)
+  e  Task Guard only (issue 16): --waiters Hold streams queued on one key, drained by short runs: handover
+     latency from a release to the next waiter's ACQUIRED (bench/queue_handover.py; the sidecar needs
+     serve --max-queue >= --waiters)
 
 Every request loop is bounded in count (--max-cycles, --storm, --holds) and time (--duration, per-RPC
 timeouts, and a deadline on every wait). Progress goes to stderr; stdout carries only JSON lines.
@@ -22,14 +25,13 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import signal
 import statistics
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from typing import Any
 from grpc import aio
 
 from bench.connections import open_channels
+from bench.measure import CpuMeter, cpu_s, emit, ms, note, percentile, rss_mib
+from bench.queue_handover import scenario_e
 from bench.systems import SYSTEMS, System, make_system
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
@@ -47,66 +51,6 @@ STREAMS_PER_CHANNEL = 2000  # well under the sidecar's 4096 streams per connecti
 OPEN_AT_ONCE = 500
 WAIT_LIMIT_S = 120.0
 IDLE_SETTLE_S = 1.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def emit(result: dict[str, Any]) -> None:
-    print(json.dumps(result), flush=True)
-
-
-def note(text: str) -> None:
-    print(f"load: {text}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0 when empty)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values) + 0.5) - 1))
-    return sorted_values[rank]
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)
-
-
-# --- /proc ---------------------------------------------------------------------------------
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds used by the server process (when its pid is known) and by this load process."""
-
-    server_pid: int | None
-    server_start: float = 0.0
-    client_start: float = 0.0
-
-    def start(self) -> None:
-        self.server_start = cpu_s(self.server_pid) if self.server_pid else 0.0
-        self.client_start = own_cpu_s()
-
-    def used(self) -> tuple[float | None, float]:
-        server = cpu_s(self.server_pid) - self.server_start if self.server_pid else None
-        return server, own_cpu_s() - self.client_start
 
 
 # --- scenario a: cycles --------------------------------------------------------------------
@@ -558,6 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle", type=float, default=2.0, help="seconds to measure idle CPU with all held")
     parser.add_argument("--watch-concurrency", type=int, default=64)
     parser.add_argument("--watchers", type=lambda text: _list(int, text), default=[0, 100])
+    parser.add_argument("--waiters", type=int, default=1000, help="Hold streams queued on one key in scenario e")
+    parser.add_argument("--queue-wait", type=float, default=600.0, help="seconds scenario e's drain may take")
     args = parser.parse_args(argv)
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
@@ -577,8 +523,10 @@ async def run(args: argparse.Namespace) -> None:
             await scenario_c(args, pids)
         elif scenario == "d":
             await scenario_d(args, pids)
+        elif scenario == "e":
+            await scenario_e(args.target, args.waiters, args.queue_wait, pids)
         else:
-            raise SystemExit(f"load: unknown scenario {scenario!r}; one of a, b, c, d")
+            raise SystemExit(f"load: unknown scenario {scenario!r}; one of a, b, c, d, e")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ and two Redis servers (AOF + appendfsync always, and no persistence). Installs D
 redis-server first when their binaries are missing. Then runs ``python -m bench.load`` in a separate
 process for each scenario, collects its JSON lines, prints a table with the ratios to Task Guard measured
 in the same run, and stops everything. Exits 1 when a system misbehaved (errors, a storm with other than
-one winner, dropped streams not all ABANDONED), not when a target is missed.
+one winner, dropped streams not all ABANDONED, a queue not drained once each in arrival order), not when
+a target is missed. Scenario e (issue 16: a queue of 1,000 waiters on one key, drained by short runs) runs
+only when named: ``--scenarios e``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from bench import servers
 from bench.systems import SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ("a", "b", "c", "d")
+SCENARIOS = ("a", "b", "c", "d", "e")
+# e (issue 16's queue drain) is asked for by name: at 1,000 waiters it takes far longer than the rest together.
+DEFAULT_SCENARIOS = ("a", "b", "c", "d")
 LOAD_TIMEOUT_S = 900.0
 NAMES = {
     "taskguard": "Task Guard",
@@ -47,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="any of a,b,c,d (default: all)")
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help="any of a,b,c,d,e (default: a,b,c,d)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"for a and b (default: {','.join(SYSTEMS)})")
     parser.add_argument("--quick", action="store_true", help="one repetition and short runs (about a minute)")
     parser.add_argument("--reps", type=int, help="repetitions of a, b and d (default 2, 3, 2; --quick: 1)")
@@ -56,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drop", type=int, default=1000, help="of which dropped at once")
     parser.add_argument("--storm", type=int, default=1000, help="concurrent acquires of one key in b")
     parser.add_argument("--watchers", type=int, default=100, help="watchers in d (measured against 0)")
+    parser.add_argument("--waiters", type=int, help="Hold streams queued on one key in e (default 1000; --quick 100)")
+    parser.add_argument("--queue-wait", type=float, default=3600.0, help="seconds e's drain may take")
     parser.add_argument("--json", type=Path, help="also write every result (and the servers' facts) here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
     args = parser.parse_args(argv)
@@ -77,14 +83,25 @@ def load_flags(scenario: str, args: argparse.Namespace) -> list[str]:
         flags += ["--holds", str(args.holds), "--drop", str(args.drop), "--idle", "1" if quick else "2"]
     if scenario == "d":
         flags += ["--watchers", f"0,{args.watchers}"]
+    if scenario == "e":
+        flags += ["--waiters", str(waiters(args)), "--queue-wait", str(args.queue_wait)]
     return flags
 
 
-def run_load(command: list[str]) -> list[dict[str, Any]]:
+def waiters(args: argparse.Namespace) -> int:
+    return int(args.waiters or (100 if args.quick else 1000))
+
+
+def sidecar_flags(scenario: str, args: argparse.Namespace) -> tuple[str, ...]:
+    """The default rule queues 64 callers per key; e queues all its waiters on one."""
+    return ("--max-queue", str(waiters(args))) if scenario == "e" else ()
+
+
+def run_load(command: list[str], timeout_s: float = LOAD_TIMEOUT_S) -> list[dict[str, Any]]:
     """The load process's JSON lines, echoed as they come; its stderr goes straight to ours."""
     print("+", " ".join(command), file=sys.stderr, flush=True)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, text=True)
-    watchdog = threading.Timer(LOAD_TIMEOUT_S, process.kill)
+    watchdog = threading.Timer(timeout_s, process.kill)
     watchdog.start()
     results = []
     try:
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra += [f"--{name}", redis.address]
                     pids[name], facts[name] = redis.pid, redis.facts
             for scenario in args.scenarios:
-                sidecar = servers.start_sidecar(workdir / f"sidecar-{scenario}")
+                sidecar = servers.start_sidecar(workdir / f"sidecar-{scenario}", flags=sidecar_flags(scenario, args))
                 on_etcd: list[servers.Server] = []
                 try:
                     facts["taskguard"] = sidecar.facts
@@ -149,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                     systems = ",".join(args.systems) if scenario in ("a", "b") else "taskguard"
                     command = [sys.executable, "-m", "bench.load", "--target", sidecar.address, "--scenarios", scenario]
                     command += ["--systems", systems, *target_flags, *pid_flags, *extra, *load_flags(scenario, args)]
-                    results += run_load(command)
+                    # e's drain is bounded by its own --queue-wait (its queueing and checks take minutes more).
+                    timeout_s = max(LOAD_TIMEOUT_S, args.queue_wait + 600) if scenario == "e" else LOAD_TIMEOUT_S
+                    results += run_load(command, timeout_s)
                 finally:
                     sidecar.stop()
                     for server in on_etcd:
@@ -217,7 +236,7 @@ class Report:
         ]
         for system in self.facts:
             lines.append(f"  {NAMES[system]:<17} {durability(system, self.facts)}")
-        lines += self._cycles() + self._storm() + self._holds() + self._watch() + self._targets()
+        lines += self._cycles() + self._storm() + self._holds() + self._watch() + self._queue() + self._targets()
         return "\n".join(lines)
 
     def _cycles(self) -> list[str]:
@@ -301,6 +320,24 @@ class Report:
                 f" {row['acquire_p99_ms']:>8.2f} {_num(row['server_cpu_us_per_cycle']):>17}"
                 f" {'' if share is None or not row['watchers'] else f'{share:.0%}':>14}{ended}"
             )
+        return lines
+
+    def _queue(self) -> list[str]:
+        lines = []
+        for row in self.of("e"):
+            fifths = " / ".join(f"{value:.0f}" for value in row["handover_median_by_fifth_ms"])
+            lines += [
+                "",
+                f"(e) {row['waiters']} Hold streams queued on one key, drained by short runs (Task Guard)",
+                f"  queued in {row['open_s']:.1f} s; {row['ran']} ran one after another in {_num(row['drain_s'], 1)} s",
+                f"  handover (release sent -> next ACQUIRED): p50 {row['handover_p50_ms']:.1f} ms, p99"
+                f" {row['handover_p99_ms']:.1f} ms, max {row['handover_max_ms']:.1f} ms",
+                f"  (from the release's reply: p50 {row['handover_from_reply_p50_ms']:.1f} ms, p99"
+                f" {row['handover_from_reply_p99_ms']:.1f} ms)",
+                f"  median handover by fifth of the drain, longest queue first: {fifths} ms",
+                f"  queue-position notices: {row['notices']} ({row['notice_mib']:.0f} MiB); sidecar CPU"
+                f" {_num(row['server_cpu_s'], 1)} s ({_num(row['server_cpu_ms_per_handover'], 1)} ms per handover)",
+            ]
         return lines
 
     def _targets(self) -> list[str]:
@@ -392,6 +429,8 @@ class Report:
                 found.append(f"b {row['system']}: answered per run {row['answered']} of {row['concurrency']}")
             if row["scenario"] == "c" and row["abandoned"] != row["dropped"]:
                 found.append(f"c: {row['abandoned']} of {row['dropped']} dropped streams ABANDONED")
+            if row["scenario"] == "e":
+                found += [f"e: {problem}" for problem in row["problems"]]
         return found
 
 

@@ -107,9 +107,10 @@ class Server:
             self.process.stdout.close()
 
 
-def start_sidecar(workdir: Path, etcd: str = "", prefix: str = "") -> Server:
+def start_sidecar(workdir: Path, etcd: str = "", prefix: str = "", flags: tuple[str, ...] = ()) -> Server:
     """``python -m taskguard serve`` on a unix socket with its default store (SQLite, WAL, synchronous=FULL),
-    or on the etcd at ``etcd`` (host:port) when given, under ``prefix`` (default: one of its own)."""
+    or on the etcd at ``etcd`` (host:port) when given, under ``prefix`` (default: one of its own); ``flags``
+    are more ``serve`` flags."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "sidecar.log"
     command = [
@@ -121,6 +122,7 @@ def start_sidecar(workdir: Path, etcd: str = "", prefix: str = "") -> Server:
         f"unix:{workdir / 'tg.sock'}",
         "--db",
         str(workdir / "tg.db"),
+        *flags,
     ]
     if etcd:
         command += ["--store", f"etcd://{etcd}", "--etcd-prefix", prefix or f"/{workdir.name}/"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from typing import Any
 
+from bench.queue_handover import Run, check_drain
+from taskguard_client.v1 import taskguard_pb2 as pb
 from tests.support import ROOT, SidecarProcess
 
 
@@ -34,7 +36,7 @@ def _run_load(sidecar: SidecarProcess, *flags: str) -> list[dict[str, Any]]:
 def test_bench_load_measures_every_scenario_against_a_real_sidecar(sidecar: SidecarProcess) -> None:
     results = _run_load(
         sidecar,
-        "--scenarios=a,b,c,d",
+        "--scenarios=a,b,c,d,e",
         "--systems=taskguard",
         "--concurrency=1,4",
         "--duration=2",
@@ -46,6 +48,7 @@ def test_bench_load_measures_every_scenario_against_a_real_sidecar(sidecar: Side
         "--idle=0",
         "--watch-concurrency=4",
         "--watchers=0,2",
+        "--waiters=20",  # within the default rule's max_queue of 64
     )
     by_scenario: dict[str, list[dict[str, Any]]] = {}
     for result in results:
@@ -78,3 +81,27 @@ def test_bench_load_measures_every_scenario_against_a_real_sidecar(sidecar: Side
     assert watched[2]["cycles"] == 20 and watched[2]["errors"] == {}
     assert watched[2]["watch_events"] >= 2 * 2 * 20  # each watcher sees ACQUIRED and RELEASED of every cycle
     assert watched[2]["watchers_ended_early"] == {}
+
+    [queue] = by_scenario["e"]
+    assert queue["problems"] == []
+    assert queue["ran"] == 20
+    assert 0 < queue["handover_p50_ms"] <= queue["handover_p99_ms"] <= queue["handover_max_ms"]
+    assert queue["notices"] == 20 * 19 // 2  # each waiter hears every place it moves up to
+
+
+def test_queue_drain_checks_catch_a_waiter_out_of_turn_and_one_that_never_ran() -> None:
+    holder = Run("holder", fencing_token=1, release_sent_at=1.0, released_at=1.1)
+
+    def ran(run_id: str, place: int, token: int, at: float) -> Run:
+        return Run(run_id, place=place, fencing_token=token, acquired_at=at, release_sent_at=at + 0.1)
+
+    in_order = [ran("w0", 1, 2, 2.0), ran("w1", 2, 3, 3.0)]
+    final = pb.Guard(state=pb.GUARD_STATE_SUCCEEDED, fencing_token=3)
+    assert check_drain(holder, in_order, final) == []
+
+    swapped = [ran("w0", 1, 3, 3.0), ran("w1", 2, 2, 2.0)]
+    assert any("ACQUIRED before w0 released" in problem for problem in check_drain(holder, swapped, final))
+    never = [ran("w0", 1, 2, 2.0), Run("w1", place=2)]
+    problems = check_drain(holder, never, pb.Guard(state=pb.GUARD_STATE_RUNNING, fencing_token=3))
+    assert any("never ran" in problem for problem in problems)
+    assert any("the key ended GUARD_STATE_RUNNING" in problem for problem in problems)
