@@ -86,7 +86,8 @@ def test_bench_load_measures_every_scenario_against_a_real_sidecar(sidecar: Side
     assert queue["problems"] == []
     assert queue["ran"] == 20
     assert 0 < queue["handover_p50_ms"] <= queue["handover_p99_ms"] <= queue["handover_max_ms"]
-    assert queue["notices"] == 20 * 19 // 2  # each waiter hears every place it moves up to
+    # Each waiter hears where it stands at most every NOTICE_INTERVAL_S (its latest place), and something at once.
+    assert 19 <= queue["notices"] <= 20 * 19 // 2
 
 
 def test_queue_drain_checks_catch_a_waiter_out_of_turn_and_one_that_never_ran() -> None:

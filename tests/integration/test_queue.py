@@ -84,8 +84,10 @@ async def test_waiters_are_admitted_one_at_a_time_in_arrival_order(queued: InPro
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
     assert admitted == ["b", "c", "d"]
-    # Each heard its place move up as the ones ahead of it took their turns.
-    assert places["d"].heard == [3, 2, 1]
+    # Each heard its place move up as the ones ahead of it took their turns (a place may be skipped: changes
+    # are told at most every NOTICE_INTERVAL_S, the latest then).
+    heard = places["d"].heard
+    assert heard[0] == 3 and len(heard) >= 2 and heard == sorted(heard, reverse=True) and len(set(heard)) == len(heard)
     final = await queued.stub.GetGuard(pb.GetGuardRequest(task_key=key))
     assert final.state == pb.GUARD_STATE_SUCCEEDED and final.fencing_token == 4 and not final.waiters
 

@@ -6,6 +6,7 @@ service (``core.serving``), each a decision of its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import hypothesis.strategies as st
@@ -36,6 +37,7 @@ from taskguard.guard.model import (
     Release,
     RunStatus,
 )
+from taskguard.store import codec
 from tests.unit.test_core_transitions import KEY, acquire, at
 
 GRACE = 15.0
@@ -367,3 +369,20 @@ def test_a_waiters_run_id_names_one_caller() -> None:
     assert events == [] and isinstance(decision.reply, Rejected) and decision.reply.field == "run_id"
     _, _, as_the_running_run = settle(record, replace(waiting("a"), principal="uid:666"), at(2))
     assert isinstance(as_the_running_run.reply, Rejected)
+
+
+def test_a_queued_guard_is_stored_as_its_documents_say_with_each_waiter_encoded_once() -> None:
+    """The store's encoders splice each waiter's JSON in (kept per waiter); what they write is the document."""
+    record, events = run_all([(acquire("a"), 0), (waiting("b", max_wait_s=5.0), 1), (superseding_for_codec(), 2)])
+    assert record is not None and len(record.waiters) == 2
+    assert json.loads(codec.encode_record(record)) == codec.record_to_doc(record)
+    for event in events:
+        assert json.loads(codec.encode_event(event)) == codec.event_to_doc(event)
+    restored = codec.record_from_doc(json.loads(codec.encode_record(record)), at(3))
+    assert [(w.run_id, w.keep_newest, w.wait_until) for w in restored.waiters] == [
+        (w.run_id, w.keep_newest, w.wait_until) for w in record.waiters
+    ]
+
+
+def superseding_for_codec() -> Acquire:
+    return replace(waiting("c", ConflictPolicy.KEEP_NEWEST), labels=(("k", "v\\u2603\\n"),))

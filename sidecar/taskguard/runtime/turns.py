@@ -11,6 +11,7 @@ meanwhile, that run ends CANCELLED unheld, and the next waiter's turn comes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from taskguard.runtime.engine import Engine, Result
 from taskguard.runtime.events import EventHub
 
 Spawn = Callable[[Coroutine[Any, Any, Result]], None]
+
+# A waiter hears a change of its place at most this often (its final answer at once).
+NOTICE_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class Turn:
         self._final: TurnNews | None = None
         self._latest: TurnNews | None = None
         self._wake = asyncio.Event()
+        self._next_notice = 0.0
         self._settled = False
         # Set once queued: when, and behind which run (telemetry's wait span starts there and links to it).
         self.ahead: GuardRecord | None = None
@@ -128,17 +133,32 @@ class Turn:
         return self._settled
 
     async def news(self) -> TurnNews:
-        """The next thing this waiter must hear (a final one settles the turn)."""
+        """The next thing this waiter must hear (a final one settles the turn).
+
+        A change of place is told at most once per ``NOTICE_INTERVAL_S`` (the latest place then), while a
+        final answer is told at once: a queue of N waiters would otherwise send N notices per handover, and
+        the next waiter's ACQUIRED would wait behind them.
+        """
+        loop = asyncio.get_running_loop()
         while True:
             if self._final is not None:
                 self._settled = True
                 return self._final
-            latest, self._latest = self._latest, None
-            if latest is not None and (latest.position, _holding_up(latest.guard)) != self._told:
+            changed = (
+                self._latest is not None and (self._latest.position, _holding_up(self._latest.guard)) != self._told
+            )
+            if changed and loop.time() >= self._next_notice:
+                latest, self._latest = self._latest, None
+                assert latest is not None
                 self._told = (latest.position, _holding_up(latest.guard))
+                self._next_notice = loop.time() + NOTICE_INTERVAL_S
                 return latest
             self._wake.clear()
-            await self._wake.wait()
+            if changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._next_notice - loop.time())
+            else:
+                await self._wake.wait()
 
     async def outcome(self) -> TurnNews:
         """Wait through every change of place for the final news (a unary Acquire's answer)."""
@@ -180,6 +200,8 @@ class Turn:
             self._final = TurnNews(Outcome.WAIT_TIMED_OUT, guard)
         elif position:
             self._latest = TurnNews(Outcome.QUEUED, guard, position=position)
+            if asyncio.get_running_loop().time() < self._next_notice:
+                return  # told of its place lately: it will read the latest when its interval is over
         else:
             return
         self._wake.set()

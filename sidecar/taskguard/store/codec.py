@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -198,8 +199,62 @@ def event_from_doc(doc: dict[str, Any], now: Instant) -> Event:
     )
 
 
-def dumps(doc: dict[str, Any]) -> str:
+def dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_record(record: GuardRecord) -> str:
+    """``dumps(record_to_doc(record))``, with each waiter encoded once for all the commits that carry it: a
+    queue of N waiters is in every commit and event of its key, and encoding it afresh each time cost O(N)
+    dictionaries per commit."""
+    return _dumps_with_raw(_record_doc_raw(record))
+
+
+def encode_event(event: Event) -> str:
+    """``dumps(event_to_doc(event))``, its guard's waiters encoded once (see ``encode_record``)."""
+    doc = event_to_doc(replace(event, guard=_without_waiters(event.guard)))
+    doc["guard"] = _Raw(_dumps_with_raw(_record_doc_raw(event.guard)))
+    return _dumps_with_raw(doc)
+
+
+def _record_doc_raw(record: GuardRecord) -> dict[str, Any]:
+    doc = record_to_doc(_without_waiters(record))
+    doc["waiters"] = _Raw("[" + ",".join(_encoded_waiter(waiter) for waiter in record.waiters) + "]")
+    return doc
+
+
+def _without_waiters(record: GuardRecord) -> GuardRecord:
+    return replace(record, waiters=()) if record.waiters else record
+
+
+class _Raw(str):
+    """Text already encoded as JSON."""
+
+
+def _dumps_with_raw(doc: dict[str, Any]) -> str:
+    """``dumps(doc)`` for a document whose values may be ``_Raw`` (written as they are)."""
+    return (
+        "{"
+        + ",".join(f"{dumps(key)}:{value if isinstance(value, _Raw) else dumps(value)}" for key, value in doc.items())
+        + "}"
+    )
+
+
+# Waiters are immutable and shared between the records of their key (a queue moves by slicing its tuple):
+# each one's JSON is kept while it may still be written, keyed by identity.
+_WAITERS_KEPT = 8192
+_encoded_waiters: dict[int, tuple[Waiter, str]] = {}
+
+
+def _encoded_waiter(waiter: Waiter) -> str:
+    kept = _encoded_waiters.get(id(waiter))
+    if kept is not None and kept[0] is waiter:
+        return kept[1]
+    text = dumps(_waiter_to_doc(waiter))
+    if len(_encoded_waiters) >= _WAITERS_KEPT:
+        _encoded_waiters.pop(next(iter(_encoded_waiters)))
+    _encoded_waiters[id(waiter)] = (waiter, text)
+    return text
 
 
 def loads(text: str | bytes) -> dict[str, Any]:

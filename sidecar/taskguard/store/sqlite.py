@@ -344,11 +344,11 @@ class SqliteStore(SingleWriterStore):
             revision += len(committed.events)
             latest[key] = committed.record.revision
             accepted.append((item, committed))
-            doc = codec.dumps(codec.record_to_doc(committed.record))
+            doc = codec.encode_record(committed.record)
             guard_rows.append((key, committed.record.revision, doc))
             run_rows.append((committed.record.lease_id, key, committed.record.fencing_token, doc))
             event_rows.extend(
-                (event.revision, key, event.occurred_at.isoformat(), codec.dumps(codec.event_to_doc(event)))
+                (event.revision, key, event.occurred_at.isoformat(), codec.encode_event(event))
                 for event in committed.events
             )
         if not accepted:
