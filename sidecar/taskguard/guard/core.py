@@ -749,6 +749,21 @@ def _run_id_taken(current: GuardRecord, cmd: Acquire) -> Rejected | None:
     return None
 
 
+def _queue_event(
+    kind: EventType, record: GuardRecord, cmd: Acquire, now: Instant, waiter: str, reason: str = ""
+) -> Event:
+    """An event of ``cmd``'s trigger in the key's queue, about the waiter ``waiter`` ("" for the running run)."""
+    return Event(
+        kind,
+        record,
+        now.wall,
+        trigger_run_id=cmd.run_id,
+        trigger_holder=cmd.holder,
+        reason=reason,
+        waiter_run_id=waiter,
+    )
+
+
 def _requeue(current: GuardRecord, waiting: Waiter, cmd: Acquire, now: Instant) -> Decision:
     """The waiter's caller asked again: its newest call takes its place (the older one, if it is still
     there, never gets the turn: the run would start on the lease of the call that asked last)."""
@@ -756,14 +771,7 @@ def _requeue(current: GuardRecord, waiting: Waiter, cmd: Acquire, now: Instant) 
         return Decision(None, (), AcquireReply(Outcome.QUEUED, current, position=current.position(cmd.run_id)))
     moved = replace(waiting, acquire=cmd)
     requeued = replace(current, waiters=tuple(moved if w is waiting else w for w in current.waiters))
-    event = Event(
-        EventType.QUEUED,
-        requeued,
-        now.wall,
-        trigger_run_id=cmd.run_id,
-        trigger_holder=cmd.holder,
-        waiter_run_id=cmd.run_id,
-    )
+    event = _queue_event(EventType.QUEUED, requeued, cmd, now, cmd.run_id)
     return Decision(requeued, (event,), AcquireReply(Outcome.QUEUED, requeued, position=requeued.position(cmd.run_id)))
 
 
@@ -776,26 +784,9 @@ def _enqueue(current: GuardRecord, cmd: Acquire, keep_newest: bool, now: Instant
         return _refuse(current, cmd, Outcome.QUEUE_FULL, EventType.QUEUE_FULL_REFUSED, now, policy)
     waiter = Waiter(cmd, now.wall, keep_newest, **_wait_bound(cmd, rule, now))
     queued = replace(current, waiters=(*staying, waiter), duplicate_count=current.duplicate_count + 1)
-    superseded = tuple(
-        Event(
-            EventType.SUPERSEDED,
-            queued,
-            now.wall,
-            trigger_run_id=cmd.run_id,
-            trigger_holder=cmd.holder,
-            reason=f"superseded by the newer trigger of run {cmd.run_id}",
-            waiter_run_id=old.run_id,
-        )
-        for old in replaced
-    )
-    joined = Event(
-        EventType.QUEUED,
-        queued,
-        now.wall,
-        trigger_run_id=cmd.run_id,
-        trigger_holder=cmd.holder,
-        waiter_run_id=cmd.run_id,
-    )
+    why = f"superseded by the newer trigger of run {cmd.run_id}"
+    superseded = tuple(_queue_event(EventType.SUPERSEDED, queued, cmd, now, old.run_id, why) for old in replaced)
+    joined = _queue_event(EventType.QUEUED, queued, cmd, now, cmd.run_id)
     # Durable before the caller hears it: a release decided by another sidecar of a shared store serves it.
     return Decision(queued, (*superseded, joined), AcquireReply(Outcome.QUEUED, queued, position=len(queued.waiters)))
 
@@ -813,26 +804,14 @@ def _supersede(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy)
     waiter = Waiter(cmd, now.wall, superseding=True, **_wait_bound(cmd, rule, now))
     queued = replace(current, waiters=(waiter, *staying), duplicate_count=current.duplicate_count + 1)
     why = f"superseded by the newer trigger of run {cmd.run_id}"
-
-    def event(kind: EventType, record: GuardRecord, waiter_run_id: str = "") -> Event:
-        return Event(
-            kind,
-            record,
-            now.wall,
-            trigger_run_id=cmd.run_id,
-            trigger_holder=cmd.holder,
-            reason=why,
-            waiter_run_id=waiter_run_id,
-        )
-
-    events = [event(EventType.SUPERSEDED, queued, old.run_id) for old in replaced]
+    events = [_queue_event(EventType.SUPERSEDED, queued, cmd, now, old.run_id, why) for old in replaced]
     if current.running:
         # An earlier superseder's request already runs: the run's grace does not start again.
         stop = (current.stop_deadline, current.stop_until) if current.stop_deadline is not None else None
         deadline, until = stop or now.after(rule.supersede_grace_s)
         queued = replace(queued, stop_requested_by=cmd.run_id, stop_deadline=deadline, stop_until=until)
-        events.append(event(EventType.STOP_REQUESTED, queued))
-    events.append(event(EventType.QUEUED, queued, cmd.run_id))
+        events.append(_queue_event(EventType.STOP_REQUESTED, queued, cmd, now, "", why))
+    events.append(_queue_event(EventType.QUEUED, queued, cmd, now, cmd.run_id, why))
     return Decision(queued, tuple(events), AcquireReply(Outcome.QUEUED, queued, position=1))
 
 
