@@ -390,17 +390,6 @@ class GatewayClient:
         )
         assert hello.get("type") == "hello-ok", hello
 
-    def install_plugin(self) -> None:
-        """``openclaw plugins install <tarball>`` into this gateway's state directory, as the README says.
-
-        No gateway runs yet, so OpenClaw saves the install for the next start. It copies the package into
-        ``state/extensions/taskguard`` and runs ``npm install --omit=dev`` there, which finds the client bundled."""
-        repair_npm()
-        installed = self.cli("plugins", "install", str(plugin_tarball()), "--force", "--accept-capabilities")
-        (self.workdir / "plugins-install.out").write_text(installed.stdout + installed.stderr)
-        assert installed.returncode == 0, f"openclaw plugins install failed:\n{installed.stdout}\n{installed.stderr}"
-        assert "Installed plugin: taskguard" in installed.stdout + installed.stderr, installed.stdout
-
     def _read(self) -> None:
         try:
             for raw in self._ws:
