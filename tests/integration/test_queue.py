@@ -15,6 +15,7 @@ from grpc import aio
 
 from taskguard.clock import ManualClock
 from taskguard.guard.model import KeyRule
+from taskguard.store import StoreUnavailable
 from taskguard_client import AsyncClient, Guard, QueueFull, RunStatus, Superseded, WaitTimedOut
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
@@ -413,3 +414,28 @@ async def test_the_python_clients_unary_acquire_can_wait_in_the_queue(queued: In
         await queued.advance(5)  # the sidecar's clock decides
         with pytest.raises(WaitTimedOut):
             await asyncio.wait_for(late, 10)
+
+
+async def test_a_queueing_acquisition_that_fails_leaves_nothing_following_its_key(
+    queued: InProcess, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter's call follows its key from before its acquisition is decided; one whose decision fails
+    (the store went away, say) must not stay on the key's board, or every failure would leak a listener."""
+    engine = queued.sidecar.engine
+
+    async def unavailable(command: object) -> object:
+        raise StoreUnavailable("the store went away")
+
+    await acquire(queued.stub, key, ttl_s=60)
+    monkeypatch.setattr(engine, "execute", unavailable)
+    for call in (queued.stub.Hold(), None):
+        if call is None:
+            with pytest.raises(aio.AioRpcError) as ended:
+                await queued.stub.Acquire(pb.AcquireRequest(task_key=key, on_conflict=pb.ON_CONFLICT_QUEUE))
+        else:
+            await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, on_conflict=pb.ON_CONFLICT_QUEUE)))
+            with pytest.raises(aio.AioRpcError) as ended:
+                await call.read()
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+    monkeypatch.undo()
+    assert key not in queued.sidecar.hub._followers  # the board let go of the key

@@ -294,7 +294,12 @@ class HoldSession:
     async def acquire(self, command: Acquire) -> Result:
         with self._keeper.admit(command.principal):
             turn = self._keeper.turn(command)
-            result = await self._engine.execute(command)
+            try:
+                result = await self._engine.execute(command)
+            except BaseException:
+                # Off its key's board, and out of the queue in case the acquisition was committed before it failed.
+                turn.close("the waiter's Hold stream failed before it heard its answer")
+                raise
         reply = result.reply
         if isinstance(reply, model.AcquireReply) and reply.outcome is Outcome.QUEUED:
             turn.queued(reply)
