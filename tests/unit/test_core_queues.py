@@ -331,6 +331,9 @@ def test_supersede_asks_the_running_run_to_stop_and_waits_first_in_line() -> Non
 def test_a_superseded_run_that_does_not_stop_is_force_released_after_the_grace() -> None:
     record, _ = run_all([(acquire("a", ttl_s=600), 0), (superseding("newer"), 1)], SUPERSEDING)
     assert record is not None and core.next_deadline(record) == at(21).monotonic
+    # Its fence stops being vouched for when the grace ends, before any command heals it.
+    assert core.fence_is_valid(record, 1, at(20.9).monotonic)
+    assert not core.fence_is_valid(record, 1, at(21).monotonic)
 
     record, events, _ = settle(record, Expire(KEY, 1), at(21), SUPERSEDING)
 

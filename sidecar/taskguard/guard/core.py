@@ -143,8 +143,17 @@ def is_stale(record: GuardRecord, now: float, policy: Policy) -> bool:
 
 def fence_is_valid(record: GuardRecord | None, fencing_token: int, now: float) -> bool:
     return (
-        record is not None and record.running and record.fencing_token == fencing_token and not is_expired(record, now)
+        record is not None
+        and record.running
+        and record.fencing_token == fencing_token
+        and not is_expired(record, now)
+        and not _past_stop(record, now)
     )
+
+
+def _past_stop(record: GuardRecord, now: float) -> bool:
+    """A superseded run whose grace is over: force-released by the next decision, and no longer vouched for."""
+    return record.stop_deadline is not None and now >= record.stop_deadline
 
 
 def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[GuardRecord | None, tuple[Event, ...]]:
@@ -158,7 +167,7 @@ def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[Guar
         record = _lapsed(record, now, policy)
         lapsed = EventType.EXPIRED if record.state is GuardState.EXPIRED else EventType.RELEASED
         events.append(Event(lapsed, record, now.wall))
-    elif record.running and record.stop_deadline is not None and now.monotonic >= record.stop_deadline:
+    elif record.running and _past_stop(record, now.monotonic):
         record = _not_stopped(record, now, policy)
         events.append(
             Event(EventType.FORCE_RELEASED, record, now.wall, actor=record.released_by, reason=record.last_detail)
