@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +56,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     etcd.stop()
 
 
+async def _stop_telling_where_it_hangs(sidecar: server.Sidecar) -> None:
+    """``sidecar.stop(0)``; if it is not done within a minute, every task's stack goes to stderr first.
+
+    (Once, on a heavily loaded machine, this teardown waited past the test's timeout with the loop idle:
+    pytest-timeout shows only the main thread, which says nothing of the task that waited.)"""
+    stopping = asyncio.ensure_future(sidecar.stop(0))
+    done, _ = await asyncio.wait({stopping}, timeout=60)
+    if not done:
+        for task in asyncio.all_tasks():
+            print(f"--- {task!r}", file=sys.stderr)
+            task.print_stack(file=sys.stderr)
+    await stopping
+
+
 @pytest.fixture(params=[60.0, -60.0], ids=["B-60s-ahead", "B-60s-behind"])
 def skew_s(request: pytest.FixtureRequest) -> float:
     return float(request.param)
@@ -83,7 +98,7 @@ async def pair(cluster: EtcdCluster, skew_s: float) -> AsyncIterator[tuple[Sidec
         yield a, pb_grpc.TaskGuardStub(channel)
     finally:
         await channel.close()
-        await b.stop(0)
+        await _stop_telling_where_it_hangs(b)
         a.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
