@@ -23,6 +23,7 @@ import grpc
 from grpc import aio
 
 from bench.connections import open_channels
+from bench.raw import count_batch_entries
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -30,24 +31,6 @@ OPEN_AT_ONCE = 500
 MAX_LIFE_S = 900.0  # a child left behind by a crashed parent still goes away
 CATCH_UP_S = 10.0
 WATCH_METHOD = "/taskguard.v1.TaskGuard/WatchGuardBatches"
-
-
-def count_batch_entries(raw: bytes) -> int:
-    """Events in an encoded GuardEventBatch: walk its field-1 entries by their lengths, decoding nothing."""
-    entries = position = 0
-    while position < len(raw):
-        position += 1  # the tag of field 1, length-delimited: 0x0a
-        length = shift = 0
-        while True:
-            byte = raw[position]
-            position += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        position += length
-        entries += 1
-    return entries
 
 
 def say(message: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from grpc import aio
 
 from bench.connections import RPC_TIMEOUT_S, open_channels
 from bench.measure import cpu_s, emit, ms, note, own_cpu_s, percentile
+from bench.raw import top_fields
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 
@@ -37,34 +38,6 @@ STREAMS_PER_CHANNEL = 250  # a notice carries the whole queue: spread the bytes 
 OPEN_AT_ONCE = 200
 # HoldResponse's top-level fields (proto/taskguard/v1/taskguard.proto).
 _OUTCOME, _GUARD, _EVENT, _POSITION = 1, 2, 4, 5
-
-
-def top_fields(raw: bytes) -> dict[int, int]:
-    """A HoldResponse's varint fields (outcome, event, position), stepping over the guard without decoding it."""
-    fields: dict[int, int] = {}
-    at = 0
-    while at < len(raw):
-        tag, at = _varint(raw, at)
-        number, wire_type = tag >> 3, tag & 7
-        if wire_type == 0:
-            fields[number], at = _varint(raw, at)
-        elif wire_type == 2:
-            length, at = _varint(raw, at)
-            at += length
-        else:
-            raise ValueError(f"HoldResponse field {number} has wire type {wire_type}")
-    return fields
-
-
-def _varint(raw: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = raw[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, at
 
 
 @dataclass
