@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import faulthandler
 import os
+
+# Before grpc loads: its fork support installs pthread_atfork handlers that wait for grpc's own threads to
+# stop, and a fork while an asyncio server or channel is busy waited there forever (a test that runs a
+# command as another user forks: setuid rules out vfork, which would skip the handlers). The tests fork only
+# to exec, which needs none of it.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
+import faulthandler
 import shutil
 import tempfile
 import uuid
