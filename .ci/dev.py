@@ -66,6 +66,8 @@ CLIENT_CONSUMERS = (NODE_CLIENT / "test", OPENCLAW_PLUGIN, ROOT / "examples" / "
 PYTEST_LIMIT_S = 40 * 60
 NODE_SUITE_LIMIT_S = 10 * 60
 HANG_REPORT = ROOT / ".cache" / "pytest-hang-report.txt"
+# pytest's JUnit XML report: what failed is said again at the end of the run, after the Node suites.
+PYTEST_REPORT = ROOT / ".cache" / "pytest-report.xml"
 
 
 def _echo(command: Sequence[str | Path]) -> None:
@@ -310,15 +312,50 @@ def test(arguments: list[str]) -> int:
         _run(*check)
     HANG_REPORT.parent.mkdir(exist_ok=True)
     HANG_REPORT.unlink(missing_ok=True)
+    PYTEST_REPORT.unlink(missing_ok=True)
     python_tests = _run_bounded(
-        [str(BIN / "pytest"), *arguments], PYTEST_LIMIT_S, env={**os.environ, "TASKGUARD_HANG_REPORT": str(HANG_REPORT)}
+        [str(BIN / "pytest"), f"--junitxml={PYTEST_REPORT}", *arguments],
+        PYTEST_LIMIT_S,
+        env={**os.environ, "TASKGUARD_HANG_REPORT": str(HANG_REPORT)},
     )
+    _tell_how_pytest_ended(python_tests)
+    # Both suites run whatever the first one said; either failing fails the run.
+    node_tests = test_node()
+    if python_tests:
+        # Again at the very end, where a reader of CI's last lines finds it (the Node suites print a lot).
+        _tell_how_pytest_ended(python_tests)
+    return python_tests or node_tests
+
+
+def _tell_how_pytest_ended(returncode: int) -> None:
     if HANG_REPORT.exists() and HANG_REPORT.stat().st_size:
         print(f"dev.py: pytest ended inside a test; {HANG_REPORT.name} says:", file=sys.stderr)
         print(HANG_REPORT.read_text(errors="replace"), file=sys.stderr, flush=True)
-    # Both suites run whatever the first one said; either failing fails the run.
-    node_tests = test_node()
-    return python_tests or node_tests
+    if not returncode:
+        return
+    print(f"dev.py: pytest exited with {returncode}; what failed:", file=sys.stderr)
+    for line in _failures(PYTEST_REPORT):
+        print(f"  {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _failures(report: Path) -> list[str]:
+    """Each failed or erroring test in pytest's JUnit XML report, with the first line of why."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.parse(report).getroot()
+    except (OSError, ElementTree.ParseError) as error:
+        return [f"(no report to read: {error})"]
+    found = []
+    for case in root.iter("testcase"):
+        for outcome in ("failure", "error"):
+            for problem in case.findall(outcome):
+                why = (problem.get("message") or "").strip().splitlines()
+                found.append(
+                    f"{outcome.upper()} {case.get('classname')}::{case.get('name')}: {why[0] if why else ''}"[:400]
+                )
+    return found or ["(the report names no failed test: the run ended outside one)"]
 
 
 def _run_bounded(command: list[str], limit_s: float, cwd: Path = ROOT, env: dict[str, str] | None = None) -> int:
