@@ -92,6 +92,8 @@ def _data_dir(environ: Mapping[str, str]) -> Path:
 
 _POLICY = Policy()
 _RULE = _POLICY.default_rule
+# A semaphore's runs are in its one record, which every commit of the key rewrites: a bound keeps that small.
+MAX_HOLDERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,7 @@ class Settings:
     max_wait_s: float | None = _RULE.max_wait_s
     allow_supersede: bool = _RULE.allow_supersede
     supersede_grace_s: float = _RULE.supersede_grace_s
+    max_holders: int = _RULE.max_holders
     # Per-key rules, from the config file's [[rules]] tables only: first match wins.
     rules: tuple[KeyRule, ...] = ()
     event_retention_count: int = 100_000
@@ -406,6 +409,12 @@ _RULES: dict[str, _Rule] = {
         "must be a duration >= 0",
         "a superseded run that has not released after this long is force-released",
     ),
+    "max_holders": _Rule(
+        _parse_int,
+        lambda v: 1 <= v <= MAX_HOLDERS,
+        f"must be a whole number from 1 to {MAX_HOLDERS}",
+        "runs that may hold a key at once (a semaphore), each with its own lease and fencing token",
+    ),
     "event_retention_count": _Rule(
         _parse_int, _positive, "must be a whole number > 0", "events kept for watchers to resume"
     ),
@@ -525,6 +534,7 @@ _RULE_SETTINGS = (
     "max_wait_s",
     "allow_supersede",
     "supersede_grace_s",
+    "max_holders",
 )
 
 
@@ -605,11 +615,29 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
     _ = settings.auth  # reads the token files now, so a missing one fails at start
     if backends.backend_of(settings).shared:
         _check_etcd_timing(settings)
+    _check_semaphores(settings)
     if settings.default_ttl_s > settings.max_ttl_s:
         raise ConfigError(
             f"default_ttl ({settings.default_ttl_s:g}s) must not exceed max_ttl ({settings.max_ttl_s:g}s)"
         )
     return settings
+
+
+def _check_semaphores(settings: Settings) -> None:
+    for rule in (*settings.rules, settings.default_rule):
+        if rule.max_holders == 1:
+            continue
+        where = f"rule {rule.name!r}" if rule in settings.rules else "the default rule"
+        if rule.allow_supersede:
+            raise ConfigError(
+                f"{where}: allow_supersede needs max_holders = 1 (got {rule.max_holders}): with several runs "
+                "holding a key, a superseding caller would not say which to stop"
+            )
+        if backends.backend_of(settings).shared:
+            raise ConfigError(
+                f"{where}: max_holders > 1 is not available with the etcd store yet (got "
+                f"{rule.max_holders}); its guards hold one run each, so use max_holders = 1 there"
+            )
 
 
 def _check_etcd_timing(settings: Settings) -> None:
@@ -648,6 +676,7 @@ def describe_rule(rule: KeyRule) -> str:
         f"queue of at most {rule.max_queue}"
         + (f", waiting at most {rule.max_wait_s:g}s" if rule.max_wait_s is not None else ""),
         f"supersede allowed (grace {rule.supersede_grace_s:g}s)" if rule.allow_supersede else "no supersede",
+        f"up to {rule.max_holders} holders at once" if rule.max_holders > 1 else "one holder at a time",
     ]
     return ", ".join(parts)
 

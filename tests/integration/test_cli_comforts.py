@@ -247,6 +247,7 @@ def test_ls_fits_80_columns_when_piped_and_wide_shows_everything(
         "AGE",
         "EXPIRES",
         "QUEUE",
+        "RUNS",
         "TOKEN",
         "DUPS",
     ]

@@ -20,6 +20,7 @@ EXPORTED = {
     "Guard",
     "GuardEvent",
     "GuardState",
+    "Holder",
     "Hold",
     "InternalError",
     "InvalidArgumentError",

@@ -371,6 +371,7 @@ EVERY_SETTING = [
     ("max_wait", '"90s"', "90s"),
     ("allow_supersede", "true", "true"),
     ("supersede_grace", '"45s"', "45s"),
+    ("max_holders", "1", "1"),  # more would contradict allow_supersede above: see test_config_rules
     ("event_retention_count", "5", "5"),
     ("event_retention_age", '"6h"', "6h"),
     ("watch_buffer", "7", "7"),

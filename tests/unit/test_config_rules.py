@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from taskguard.config import ConfigError
+from taskguard.config import ConfigError, describe_rule
 from taskguard.guard.model import ConflictPolicy, FailureHandling, KeyRule
 from tests.unit.test_config import load
 
@@ -87,8 +87,21 @@ def test_a_rule_can_undo_the_default_rules_max_hold(tmp_path: Path) -> None:
         (
             'match = "x*"\nmax_ttl = "1h"',
             "rules[0] ({source}): unknown setting 'max_ttl'; a rule may set match, name, abandoned_requires_approval, "
-            "allow_supersede, expired_requires_approval, failure, lock_delay, max_hold, max_queue, max_wait, "
-            "on_conflict, supersede_grace",
+            "allow_supersede, expired_requires_approval, failure, lock_delay, max_hold, max_holders, max_queue, "
+            "max_wait, on_conflict, supersede_grace",
+        ),
+        (
+            'match = "x*"\nmax_holders = 0',
+            "rules[0].max_holders ({source}): must be a whole number from 1 to 64, got 0",
+        ),
+        (
+            'match = "x*"\nmax_holders = 65',
+            "rules[0].max_holders ({source}): must be a whole number from 1 to 64, got 65",
+        ),
+        (
+            'name = "pool"\nmatch = "x*"\nmax_holders = 3\nallow_supersede = true',
+            "rule 'pool': allow_supersede needs max_holders = 1 (got 3): with several runs holding a key, a "
+            "superseding caller would not say which to stop",
         ),
         (
             'name = "no-match"',
@@ -118,3 +131,16 @@ def test_two_rules_with_one_name_are_refused(tmp_path: Path) -> None:
 def test_rules_that_are_not_tables_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"rules must be an array of tables \(\[\[rules\]\]\)"):
         load(tmp_path, toml='rules = "all"\n')
+
+
+def test_a_rule_makes_a_key_a_semaphore_and_doctor_says_so(tmp_path: Path) -> None:
+    settings = load(tmp_path, toml='[[rules]]\nname = "pool"\nmatch = "batch::*"\nmax_holders = 4\n')
+
+    assert settings.policy.rule_for("batch::x").max_holders == 4
+    assert settings.policy.rule_for("other::x").max_holders == 1
+    assert "up to 4 holders at once" in describe_rule(settings.policy.rule_for("batch::x"))
+
+
+def test_a_semaphore_is_refused_on_the_etcd_store_for_now(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"the default rule: max_holders > 1 is not available with the etcd store"):
+        load(tmp_path, toml='store = "etcd://127.0.0.1:2379"\nmax_holders = 2\n')

@@ -10,7 +10,7 @@ import pytest
 
 from taskguard.dashboard.app import parse_listen
 from taskguard.dashboard.state import DashboardState
-from taskguard_client import EventType, Guard, GuardEvent, GuardState, Waiter
+from taskguard_client import EventType, Guard, GuardEvent, GuardState, Holder, Waiter
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 GUARD = Guard(
@@ -304,6 +304,29 @@ def test_a_superseded_run_shows_who_asked_it_to_stop_and_when_it_is_force_releas
     guard = json.loads(asked.guard_json)
     assert (guard["stop_requested_by"], guard["stop_at"]) == ("newer", "2026-11-26T12:00:30.000Z")
     assert json.loads(asked.event_json)["type"] == "STOP_REQUESTED"
+
+
+def test_a_key_several_runs_hold_shows_how_many_and_the_others() -> None:
+    state = DashboardState(NOW)
+    other = Holder("r0", "h0", 1, 1, NOW - timedelta(seconds=9), NOW + timedelta(seconds=51), NOW, False, {}, True)
+    held = state.apply(event(3, EventType.ACQUIRED, run_id="r1", fencing_token=2, holders=(other,)))
+    assert held is not None
+    guard = json.loads(held.guard_json)
+    assert guard["runs"] == 2
+    assert guard["holders"] == [
+        {
+            "run_id": "r0",
+            "holder": "h0",
+            "fencing_token": 1,
+            "started_at": "2026-11-26T11:59:51.000Z",
+            "expires_at": "2026-11-26T12:00:51.000Z",
+            "stream_bound": False,
+            "stale": True,
+        }
+    ]
+    # A failed run that speaks for the key while another goes on: one run holds it.
+    failed = state.apply(event(4, EventType.RELEASED, state=GuardState.FAILED, holders=(other,)))
+    assert failed is not None and json.loads(failed.guard_json)["runs"] == 1
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:0", "[::1]:9000", "127.0.0.2:80"])

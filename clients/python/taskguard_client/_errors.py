@@ -33,7 +33,11 @@ class AlreadyRunning(TaskGuardError):
     ) -> None:
         by = f" by {holder}" if holder else ""
         token = f"fencing token {fencing_token}"
-        super().__init__(f"{task_key} is already running: run {run_id}, started {_iso(started_at)}{by} ({token})")
+        message = f"{task_key} is already running: run {run_id}, started {_iso(started_at)}{by} ({token})"
+        if guard.holders:
+            runs = ", ".join(f"run {run.run_id} (fencing token {run.fencing_token})" for run in guard.runs)
+            message = f"{task_key} is already running as often as it may at once: {runs}"
+        super().__init__(message)
         self.task_key = task_key
         self.run_id = run_id
         self.started_at = started_at

@@ -121,10 +121,47 @@ class Guard:
     #: RUNNING and superseded (``on_conflict="supersede"``): the newer run, and when this one is force-released.
     stop_requested_by: str = ""
     stop_at: datetime | None = None
+    #: A key several runs may hold at once (``KeyPolicy.max_holders``): its other running runs, oldest first.
+    holders: tuple[Holder, ...] = ()
 
     @property
     def running(self) -> bool:
         return self.state is GuardState.RUNNING
+
+    @property
+    def runs(self) -> tuple[Holder, ...]:
+        """Every run holding the key now, oldest first: ``holders``, and the guard's own run when RUNNING."""
+        if not self.running:
+            return self.holders
+        own = Holder(
+            self.run_id,
+            self.holder,
+            self.fencing_token,
+            self.attempt,
+            self.started_at,
+            self.expires_at,
+            self.heartbeat_at,
+            self.stream_bound,
+            self.labels,
+            self.stale,
+        )
+        return (*self.holders, own)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One of the runs holding a key that several may hold at once (``taskguard.v1.Holder``)."""
+
+    run_id: str
+    holder: str
+    fencing_token: int
+    attempt: int
+    started_at: datetime
+    expires_at: datetime | None
+    heartbeat_at: datetime | None
+    stream_bound: bool
+    labels: Mapping[str, str] = field(hash=False)
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +183,8 @@ class KeyPolicy:
     max_wait: timedelta | None = None
     allow_supersede: bool = False
     supersede_grace: timedelta | None = None
+    #: How many runs may hold the key at once (a semaphore).
+    max_holders: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +319,22 @@ def guard_from_pb(message: pb.Guard) -> Guard:
         waiters=tuple(_waiter(waiter) for waiter in message.waiters),
         stop_requested_by=message.stop_requested_by,
         stop_at=_time(message.stop_at) if message.HasField("stop_at") else None,
+        holders=tuple(_holder(holder) for holder in message.holders),
+    )
+
+
+def _holder(message: pb.Holder) -> Holder:
+    return Holder(
+        run_id=message.run_id,
+        holder=message.holder,
+        fencing_token=message.fencing_token,
+        attempt=message.attempt,
+        started_at=_time(message.started_at) if message.HasField("started_at") else _EPOCH,
+        expires_at=_time(message.expires_at) if message.HasField("expires_at") else None,
+        heartbeat_at=_time(message.heartbeat_at) if message.HasField("heartbeat_at") else None,
+        stream_bound=message.stream_bound,
+        labels=dict(message.labels),
+        stale=message.stale,
     )
 
 
@@ -308,6 +363,8 @@ def _key_policy(message: pb.KeyPolicy) -> KeyPolicy:
         max_wait=message.max_wait.ToTimedelta() if message.HasField("max_wait") else None,
         allow_supersede=message.allow_supersede,
         supersede_grace=message.supersede_grace.ToTimedelta() if message.HasField("supersede_grace") else None,
+        # A sidecar older than semaphores leaves it unset: one holder.
+        max_holders=message.max_holders or 1,
     )
 
 

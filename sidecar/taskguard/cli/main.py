@@ -28,7 +28,17 @@ from taskguard import __version__, config
 from taskguard.cli import run as cli_run
 from taskguard.cli import table
 from taskguard.cli.common import EXIT_FENCE_INVALID, EXIT_INTERRUPTED, EXIT_OK, client_options, iso, report, shown, warn
-from taskguard_client import Client, Guard, GuardEvent, GuardState, KeyPolicy, TaskGuardError, Waiter, default_address
+from taskguard_client import (
+    Client,
+    Guard,
+    GuardEvent,
+    GuardState,
+    Holder,
+    KeyPolicy,
+    TaskGuardError,
+    Waiter,
+    default_address,
+)
 
 EPILOG = """\
 The client commands talk to the sidecar at --addr; without it, at $TASKGUARD_ADDR, else at the
@@ -106,7 +116,7 @@ def _json_value(value: Any) -> Any:
         return iso(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
-    if isinstance(value, Guard | GuardEvent | KeyPolicy | Waiter):
+    if isinstance(value, Guard | GuardEvent | KeyPolicy | Waiter | Holder):
         return {field.name: _json_value(getattr(value, field.name)) for field in fields(value)}
     if isinstance(value, dict):
         return {key: _json_value(item) for key, item in value.items()}
@@ -140,6 +150,8 @@ _COLUMNS = (
     table.Column("EXPIRES"),
     # Callers waiting in the key's queue (on_conflict queue, keep-newest, supersede).
     table.Column("QUEUE"),
+    # Runs holding the key now: more than one where its rule's max_holders lets several hold it at once.
+    table.Column("RUNS", drop_rank=5),
     table.Column("TOKEN", drop_rank=1),
     table.Column("DUPS", drop_rank=2),
 )
@@ -158,6 +170,7 @@ def _table(guards: Sequence[Guard], now: datetime, width: int | None) -> str:
                 _span(now - guard.started_at),
                 _expires(guard, now),
                 str(len(guard.waiters)),
+                str(len(guard.runs)),
                 str(guard.fencing_token),
                 str(guard.duplicate_count),
             )
@@ -252,8 +265,14 @@ def _plain(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key}={item}" for key, item in value.items()) or "-"
     if isinstance(value, list):
-        # The queue: each waiter by its run and since when, first in line first.
-        return "; ".join(f"{item['run_id']} ({item['holder']}, since {item['queued_at']})" for item in value) or "-"
+        # The queue (each waiter since it queued) or a semaphore's other runs (each since it started).
+        return (
+            "; ".join(
+                f"{item['run_id']} ({item['holder']}, since {item.get('queued_at') or item.get('started_at')})"
+                for item in value
+            )
+            or "-"
+        )
     return str(value)
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from taskguard_client import EventType, Guard, GuardEvent, GuardState, Waiter
+from taskguard_client import EventType, Guard, GuardEvent, GuardState, Holder, Waiter
 
 FEED_CAP = 200
 HISTORY_CAP = 50
@@ -126,6 +126,21 @@ def guard_document(guard: Guard, awaiting_approval: bool, duplicate_total: int |
         # RUNNING and superseded: the newer run it should stop for, and when it is force-released.
         "stop_requested_by": guard.stop_requested_by,
         "stop_at": _iso(guard.stop_at),
+        # A key several runs may hold at once: how many hold it now, and the others than this one, oldest first.
+        "runs": len(guard.runs),
+        "holders": [holder_document(holder) for holder in guard.holders],
+    }
+
+
+def holder_document(holder: Holder) -> dict[str, Any]:
+    return {
+        "run_id": holder.run_id,
+        "holder": holder.holder,
+        "fencing_token": holder.fencing_token,
+        "started_at": _iso(holder.started_at),
+        "expires_at": _iso(holder.expires_at),
+        "stream_bound": holder.stream_bound,
+        "stale": holder.stale,
     }
 
 

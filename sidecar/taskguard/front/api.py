@@ -56,7 +56,7 @@ class TaskGuardService(pb_grpc.TaskGuardServicer):
             self._draining.set_result(None)
 
     def _render(self, record: GuardRecord) -> pb.Guard:
-        return wire.guard(record, self._engine.is_stale(record))
+        return wire.guard(record, self._engine.is_stale(record), self._engine.is_stale)
 
     # --- leases -------------------------------------------------------------------------
 

@@ -146,11 +146,14 @@ def _common_names(context: aio.ServicerContext[Any, Any]) -> list[str]:
 
 
 def expect(result: Result, span: RpcSpan | None = None) -> GuardRecord:
-    """The committed guard of a command that must not be rejected; the rejection is raised otherwise."""
+    """The committed guard of a command that must not be rejected (for a semaphore, the run the command was
+    about); the rejection is raised otherwise."""
     if span is not None:
         span.guard(result.record)
     if isinstance(result.reply, Rejected):
         raise Rejection(result.reply)
+    if isinstance(result.reply, model.GuardReply) and result.reply.guard is not None:
+        return result.reply.guard
     assert result.record is not None
     return result.record
 

@@ -249,7 +249,8 @@ def _timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-def guard(record: GuardRecord, stale: bool) -> pb.Guard:
+def guard(record: GuardRecord, stale: bool, stale_run: Callable[[GuardRecord], bool] | None = None) -> pb.Guard:
+    """``record`` as the wire has it; ``stale_run`` says which of a semaphore's other runs are stale."""
     message = pb.Guard(
         task_key=record.task_key,
         session_key=record.session_key,
@@ -288,6 +289,25 @@ def guard(record: GuardRecord, stale: bool) -> pb.Guard:
         message.stop_requested_by = record.stop_requested_by
         if record.stop_until is not None:
             message.stop_at.CopyFrom(_timestamp(record.stop_until))
+    for run in record.holders:
+        message.holders.append(holder(run, stale_run(run) if stale_run is not None else False))
+    return message
+
+
+def holder(run: GuardRecord, stale: bool) -> pb.Holder:
+    message = pb.Holder(
+        run_id=run.run_id,
+        holder=run.holder,
+        fencing_token=run.fencing_token,
+        attempt=run.attempt,
+        started_at=_timestamp(run.started_at),
+        heartbeat_at=_timestamp(run.heartbeat_at),
+        stream_bound=run.stream_bound,
+        labels=dict(run.labels),
+        stale=stale,
+    )
+    if run.expires_at is not None:
+        message.expires_at.CopyFrom(_timestamp(run.expires_at))
     return message
 
 
@@ -322,6 +342,7 @@ def key_policy(rule: model.KeyRule) -> pb.KeyPolicy:
         message.max_wait.FromNanoseconds(round(rule.max_wait_s * 1e9))
     message.allow_supersede = rule.allow_supersede
     message.supersede_grace.FromNanoseconds(round(rule.supersede_grace_s * 1e9))
+    message.max_holders = rule.max_holders
     return message
 
 
@@ -329,11 +350,11 @@ def outcome(value: Outcome) -> pb.AcquireOutcome:
     return cast(pb.AcquireOutcome, int(value))
 
 
-def guard_event(event: Event, stale: bool) -> pb.GuardEvent:
+def guard_event(event: Event, stale: bool, stale_run: Callable[[GuardRecord], bool] | None = None) -> pb.GuardEvent:
     return pb.GuardEvent(
         revision=event.revision,
         type=cast(pb.GuardEventType, int(event.type)),
-        guard=guard(event.guard, stale),
+        guard=guard(event.guard, stale, stale_run),
         trigger_run_id=event.trigger_run_id,
         trigger_holder=event.trigger_holder,
         occurred_at=_timestamp(event.occurred_at),
@@ -362,7 +383,7 @@ class EventEncoder:
         cached = self._encoded.get(key)
         if cached is not None and cached[0] is event:
             return cached[1]
-        encoded = guard_event(event, self._is_stale(event.guard)).SerializeToString()
+        encoded = guard_event(event, self._is_stale(event.guard), self._is_stale).SerializeToString()
         # Holding the event keeps its id from being reused while it is cached.
         self._encoded[key] = (event, encoded)
         if len(self._encoded) > _ENCODED_EVENTS_KEPT:

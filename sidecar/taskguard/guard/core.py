@@ -136,19 +136,14 @@ def is_expired(record: GuardRecord, now: float) -> bool:
 def is_stale(record: GuardRecord, now: float, policy: Policy) -> bool:
     if record.state in (GuardState.ABANDONED, GuardState.EXPIRED):
         return True
-    if not record.running:
-        return False
-    return is_expired(record, now) or now - record.last_seen > policy.stale_after_s
+    return any(is_expired(run, now) or now - run.last_seen > policy.stale_after_s for run in record.runs)
 
 
 def fence_is_valid(record: GuardRecord | None, fencing_token: int, now: float) -> bool:
-    return (
-        record is not None
-        and record.running
-        and record.fencing_token == fencing_token
-        and not is_expired(record, now)
-        and not _past_stop(record, now)
-    )
+    if record is None:
+        return False
+    run = next((run for run in record.runs if run.fencing_token == fencing_token), None)
+    return run is not None and not is_expired(run, now) and not _past_stop(run, now)
 
 
 def _past_stop(record: GuardRecord, now: float) -> bool:
@@ -172,6 +167,13 @@ def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[Guar
         events.append(
             Event(EventType.FORCE_RELEASED, record, now.wall, actor=record.released_by, reason=record.last_detail)
         )
+    for holder in record.holders:
+        if is_expired(holder, now.monotonic):
+            ended = _lapsed(_view(record, holder), now, policy)
+            lapsed = EventType.EXPIRED if ended.state is GuardState.EXPIRED else EventType.RELEASED
+            events.append(Event(lapsed, ended, now.wall))
+            record = _folded(record, holder, ended, policy)
+    record = _settled(record, policy)
     record, left = _drop_lapsed_waiters(record, now)
     record, admitted = _serve_queue(record, now, policy)
     return record, (*events, *left, *admitted)
@@ -231,16 +233,15 @@ def _lost(ended: GuardRecord, rule: KeyRule, now: Instant) -> GuardRecord:
 
 
 def lock_delayed(record: GuardRecord, now: float) -> bool:
-    """Whether the key is still closed by the lock-delay of its lost run."""
-    return not record.running and record.lock_delay_deadline is not None and now < record.lock_delay_deadline
+    """Whether the key is still closed by the lock-delay of a lost run (a semaphore's other runs may go on)."""
+    return record.lock_delay_deadline is not None and now < record.lock_delay_deadline
 
 
 def next_deadline(record: GuardRecord) -> float | None:
     """When time next changes ``record`` by itself (see ``heal``), for the shell's timer; None: never."""
     deadlines = [waiter.wait_deadline for waiter in record.waiters if waiter.wait_deadline is not None]
-    if record.running and record.expires_deadline is not None:
-        deadlines.append(record.expires_deadline)
-    if record.waiters and not record.running and record.lock_delay_deadline is not None:
+    deadlines.extend(run.expires_deadline for run in record.runs if run.expires_deadline is not None)
+    if record.waiters and record.lock_delay_deadline is not None:
         deadlines.append(record.lock_delay_deadline)
     if record.running and record.stop_deadline is not None:
         deadlines.append(record.stop_deadline)
@@ -261,7 +262,7 @@ def healing(record: GuardRecord | None, command: Command, now: Instant, policy: 
     """
     if record is None or not heals_first(command):
         return None
-    if isinstance(command, Expire | Abandon) and record.fencing_token != command.fencing_token:
+    if isinstance(command, Expire | Abandon) and all(run.fencing_token != command.fencing_token for run in record.runs):
         return None
     healed, events = heal(record, now, policy)
     if not events:
@@ -352,11 +353,23 @@ def decide(record: GuardRecord | None, command: Command, now: Instant, policy: P
         return Decision(None, (), bad)  # a bad argument changes nothing, not even by healing
     healed = healing(record, command, now, policy)
     current = healed.record if healed is not None else record
+    decision = _decide_healed(current, command, now, policy)
+    return decision if healed is None else _after(healed, decision)
+
+
+def _decide_healed(current: GuardRecord | None, command: Command, now: Instant, policy: Policy) -> Decision:
+    if current is not None and current.holders:
+        if (holder := _holder_named(current, command)) is not None:
+            return _for_holder(current, holder, command, now, policy)
+        if isinstance(command, ForceRelease):
+            return _force_release_all(current, command, now, policy)
     cell = RULES[type(command)][current.state if current is not None else NO_GUARD]
     decision = (
         Decision(None, (), cell.given(current)) if isinstance(cell, Refusal) else cell(current, command, now, policy)
     )
-    return decision if healed is None else _after(healed, decision)
+    if decision.record is None or not decision.record.holders:
+        return decision
+    return replace(decision, record=_settled(decision.record, policy))
 
 
 def _after(healed: Decision, decision: Decision) -> Decision:
@@ -406,6 +419,11 @@ def _start_run(record: GuardRecord | None, cmd: Acquire, now: Instant, policy: P
 def _acquire_held(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     if current.run_id == cmd.run_id and _same_caller(current, cmd):
         return _acquire_again(current, cmd, _acquire_ttl(cmd, policy), now)
+    if lock_delayed(current, now.monotonic):
+        # A semaphore that lost one of its runs: the others go on, nobody new starts until the delay is over.
+        return _refuse_or_wait(current, cmd, Outcome.LOCK_DELAYED, EventType.LOCK_DELAY_REFUSED, now, policy)
+    if _has_free_slot(current, policy) and not _is_a_run_of(current, cmd) and not current.waiters:
+        return _start_run(current, cmd, now, policy)
     return _refuse_or_wait(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now, policy)
 
 
@@ -432,6 +450,8 @@ def _acquire_ended(current: GuardRecord, cmd: Acquire, now: Instant, policy: Pol
     if lock_delayed(current, now.monotonic):
         # Also after an approval: approving says the task may run again, not that the lost holder stopped.
         return _refuse_or_wait(current, cmd, Outcome.LOCK_DELAYED, EventType.LOCK_DELAY_REFUSED, now, policy)
+    if not _has_free_slot(current, policy) or any(run.run_id == cmd.run_id for run in current.holders):
+        return _refuse_or_wait(current, cmd, Outcome.ALREADY_RUNNING, EventType.DUPLICATE_REFUSED, now, policy)
     if current.run_id != cmd.run_id:
         return _start_run(current, cmd, now, policy)
     # A free key, asked for by the run that just ended on it: a late retry of
@@ -475,14 +495,18 @@ def _new_run(
     hold_deadline, hold_until = now.after(rule.max_hold_s) if rule.max_hold_s is not None else (None, None)
     deadline, expires_at = _capped(now.after(ttl_s) if ttl_s is not None else (None, None), hold_deadline, hold_until)
     approved = previous is not None and previous.state is GuardState.RETRY_APPROVED
+    # A run's attempt and fencing token rise together: both count the key's runs.
+    number = _tokens_issued(previous) + 1
+    # The runs that go on beside this one (a semaphore's), the previous run too when it still runs.
+    holders = () if previous is None else tuple(_as_holder(run) for run in previous.runs)
     return GuardRecord(
         task_key=cmd.task_key,
         state=GuardState.RUNNING,
         run_id=cmd.run_id,
         holder=cmd.holder,
         lease_id=cmd.lease_id,
-        fencing_token=(previous.fencing_token if previous else 0) + 1,
-        attempt=(previous.attempt if previous else 0) + 1,
+        fencing_token=number,
+        attempt=number,
         started_at=now.wall,
         heartbeat_at=now.wall,
         last_seen=now.monotonic,
@@ -500,6 +524,9 @@ def _new_run(
         hold_until=hold_until,
         hold_deadline=hold_deadline,
         waiters=waiters,
+        holders=holders,
+        # Kept once a key has had runs side by side: then the record's own run need not hold the highest token.
+        tokens_issued=number if holders or (previous is not None and previous.tokens_issued) else 0,
     )
 
 
@@ -749,7 +776,7 @@ def _waiting(current: GuardRecord, cmd: Acquire) -> Waiter | None:
 def _run_id_taken(current: GuardRecord, cmd: Acquire) -> Rejected | None:
     """A waiter's run id must name one call: what a waiter hears is told by run id (the run ids are shown to
     everyone, so another caller could otherwise make a waiter hear that it was dropped)."""
-    if cmd.run_id == current.run_id or any(waiter.run_id == cmd.run_id for waiter in current.waiters):
+    if _is_a_run_of(current, cmd) or any(waiter.run_id == cmd.run_id for waiter in current.waiters):
         return Rejected(
             RejectionKind.FAILED_PRECONDITION,
             "run_id",
@@ -803,8 +830,10 @@ def _enqueue(current: GuardRecord, cmd: Acquire, keep_newest: bool, now: Instant
 def _supersede(current: GuardRecord, cmd: Acquire, now: Instant, policy: Policy) -> Decision:
     """Cancel-in-progress: ask the running run to stop and wait first in line (replacing an earlier superseder)."""
     rule = policy.rule_for(cmd.task_key)
-    if not rule.allow_supersede:
+    if not rule.allow_supersede or rule.max_holders > 1:
         why = f"SUPERSEDE is not allowed for this key (its rule {rule.name!r} does not set allow_supersede)"
+        if rule.max_holders > 1:
+            why = f"SUPERSEDE is not allowed for this key (its rule {rule.name!r} lets {rule.max_holders} runs hold it)"
         return Decision(None, (), Rejected(RejectionKind.PERMISSION_DENIED, "on_conflict", why))
     replaced = tuple(waiter for waiter in current.waiters if waiter.superseding)
     staying = tuple(waiter for waiter in current.waiters if not waiter.superseding)
@@ -851,12 +880,20 @@ def _drop_lapsed_waiters(record: GuardRecord, now: Instant) -> tuple[GuardRecord
 
 
 def _serve_queue(record: GuardRecord, now: Instant, policy: Policy) -> tuple[GuardRecord, tuple[Event, ...]]:
-    """A key that is free with callers waiting: the first in line starts its run."""
-    if record.running or not record.waiters:
-        return record, ()
+    """A key with a free slot and callers waiting: the first in line starts its run, and so on while a
+    semaphore has slots."""
+    events: list[Event] = []
+    while record.waiters and _has_free_slot(record, policy):
+        rule = policy.rule_for(record.task_key)
+        if rule.requires_approval(record.state) or lock_delayed(record, now.monotonic):
+            break
+        record, event = _admit_first(record, now, policy)
+        events.append(event)
+    return record, tuple(events)
+
+
+def _admit_first(record: GuardRecord, now: Instant, policy: Policy) -> tuple[GuardRecord, Event]:
     rule = policy.rule_for(record.task_key)
-    if rule.requires_approval(record.state) or lock_delayed(record, now.monotonic):
-        return record, ()
     first, *rest = record.waiters
     cmd = first.acquire
     started = _new_run(record, cmd, _acquire_ttl(cmd, policy), now, rule, waiters=tuple(rest))
@@ -871,7 +908,7 @@ def _serve_queue(record: GuardRecord, now: Instant, policy: Policy) -> tuple[Gua
         trigger_holder=cmd.holder,
         waiter_run_id=cmd.run_id,
     )
-    return unclaimed, (event,)
+    return unclaimed, event
 
 
 def serving(record: GuardRecord | None, now: Instant, policy: Policy) -> Decision | None:
@@ -903,6 +940,158 @@ def _claim(current: GuardRecord, cmd: Claim, now: Instant, policy: Policy) -> De
     # From now on the run's own TTL (or none, on a Hold stream) and max hold bound it.
     claimed = _touch(replace(current, claimed=True), now)
     return Decision(claimed, (), GuardReply(claimed))
+
+
+# --- semaphores (max_holders > 1) ---------------------------------------------------
+#
+# The record speaks for one run (its own fields) and lists the key's other running runs in ``holders``. Its
+# own run is the newest running one, except that an ended run that still decides what the key does next (a
+# failure awaiting approval, an approved retry) speaks for the key, its other runs going on as holders. A run
+# that ends otherwise while others run leaves the record (its last snapshot is the store's); the newest of the
+# rest speaks for the key again. Each run's commands (by lease, by fencing token) are decided on a record of
+# that run (``_view``) by the same rules as a single run's, then folded back.
+
+
+def _has_free_slot(record: GuardRecord, policy: Policy) -> bool:
+    return len(record.runs) < policy.rule_for(record.task_key).max_holders
+
+
+def _is_a_run_of(record: GuardRecord, cmd: Acquire) -> bool:
+    """Whether ``cmd``'s run id names a run of the key that holds it now (or the record's own)."""
+    return cmd.run_id == record.run_id or any(run.run_id == cmd.run_id for run in record.holders)
+
+
+def _tokens_issued(record: GuardRecord | None) -> int:
+    if record is None:
+        return 0
+    return max(record.newest_token, record.attempt)
+
+
+def _as_holder(run: GuardRecord) -> GuardRecord:
+    """``run`` as a record's holder: its run's fields, none of the key's."""
+    if not (run.waiters or run.holders or run.duplicate_count or run.tokens_issued or run.lock_delay_deadline):
+        return run
+    return replace(
+        run, waiters=(), holders=(), duplicate_count=0, tokens_issued=0, lock_delay_until=None, lock_delay_deadline=None
+    )
+
+
+def _view(record: GuardRecord, holder: GuardRecord) -> GuardRecord:
+    """``holder``'s run as a record of its own, with the key's queue, counters and other runs."""
+    others = tuple(_as_holder(run) for run in record.runs if run.fencing_token != holder.fencing_token)
+    return replace(
+        holder,
+        waiters=record.waiters,
+        holders=others,
+        duplicate_count=record.duplicate_count,
+        revision=record.revision,
+        tokens_issued=_tokens_issued(record),
+        lock_delay_until=record.lock_delay_until,
+        lock_delay_deadline=record.lock_delay_deadline,
+    )
+
+
+def _holder_named(record: GuardRecord, command: Command) -> GuardRecord | None:
+    """The holder (not the record's own run) that ``command`` is about, if any."""
+    match command:
+        case Renew() | Heartbeat() | Resume() | Release() | Claim():
+            return next((run for run in record.holders if run.lease_id == command.lease_id), None)
+        case Expire() | Abandon() | AwaitResume():
+            return next((run for run in record.holders if run.fencing_token == command.fencing_token), None)
+        case Leave():
+            named = (command.run_id, command.lease_id)
+            return next((run for run in record.holders if (run.run_id, run.lease_id) == named), None)
+        case Acquire():
+            return next(
+                (run for run in record.holders if run.run_id == command.run_id and _same_caller(run, command)), None
+            )
+        case _:
+            return None
+
+
+def _for_holder(record: GuardRecord, holder: GuardRecord, command: Command, now: Instant, policy: Policy) -> Decision:
+    cell = RULES[type(command)][GuardState.RUNNING]
+    assert not isinstance(cell, Refusal)  # every command a holder is named by has a rule for a running run
+    decision: Decision = cell(_view(record, holder), command, now, policy)
+    if decision.record is None:
+        return decision
+    return replace(decision, record=_settled(_folded(record, holder, decision.record, policy), policy))
+
+
+def _folded(record: GuardRecord, holder: GuardRecord, changed: GuardRecord, policy: Policy) -> GuardRecord:
+    """``record`` after ``holder``'s run became ``changed`` (a view: see ``_view``)."""
+    if changed.running or policy.rule_for(record.task_key).requires_approval(changed.state):
+        if not changed.running:
+            # An ended run that needs an approval speaks for the key now; the others go on beside it.
+            return changed
+        others = tuple(run for run in record.holders if run.fencing_token != holder.fencing_token)
+        return replace(
+            record,
+            holders=tuple(sorted((*others, _as_holder(changed)), key=lambda run: run.fencing_token)),
+            waiters=changed.waiters,
+            duplicate_count=changed.duplicate_count,
+        )
+    # Ended as no blocker: it leaves the record (a loss still closes the key for its lock-delay).
+    return replace(
+        record,
+        holders=tuple(run for run in record.holders if run.fencing_token != holder.fencing_token),
+        waiters=changed.waiters,
+        duplicate_count=changed.duplicate_count,
+        tokens_issued=_tokens_issued(changed),
+        lock_delay_until=changed.lock_delay_until,
+        lock_delay_deadline=changed.lock_delay_deadline,
+    )
+
+
+def _settled(record: GuardRecord, policy: Policy) -> GuardRecord:
+    """A record whose own run ended as no blocker while others run: the newest of those speaks for the key."""
+    if record.running or not record.holders:
+        return record
+    if record.state is GuardState.RETRY_APPROVED or policy.rule_for(record.task_key).requires_approval(record.state):
+        return record
+    *older, newest = record.holders
+    return replace(
+        newest,
+        waiters=record.waiters,
+        holders=tuple(older),
+        duplicate_count=record.duplicate_count,
+        revision=record.revision,
+        tokens_issued=_tokens_issued(record),
+        lock_delay_until=record.lock_delay_until,
+        lock_delay_deadline=record.lock_delay_deadline,
+    )
+
+
+def _force_release_all(current: GuardRecord, cmd: ForceRelease, now: Instant, policy: Policy) -> Decision:
+    """An operator frees a semaphore: every run of it ends CANCELLED, each with an event of its own."""
+    operator = cmd.operator or "an operator"
+    rule = policy.rule_for(cmd.task_key)
+    ended = [
+        _lost(
+            _ended(
+                replace(_view(current, run), holders=()),
+                GuardState.CANCELLED,
+                RunStatus.CANCELLED,
+                cmd.reason,
+                now.wall,
+                operator,
+            ),
+            rule,
+            now,
+        )
+        for run in current.runs
+    ]
+    events = tuple(Event(EventType.FORCE_RELEASED, run, now.wall, actor=operator, reason=cmd.reason) for run in ended)
+    last = ended[-1]
+    # A run that needs an approval keeps speaking for the key: the runs went, its failure did not.
+    record = last if current.running else replace(current, holders=(), tokens_issued=_tokens_issued(current))
+    record = replace(
+        record,
+        lock_delay_until=last.lock_delay_until,
+        lock_delay_deadline=last.lock_delay_deadline,
+        tokens_issued=_tokens_issued(current),
+    )
+    return Decision(record, events, GuardReply(record))
 
 
 # --- operators -----------------------------------------------------------------------

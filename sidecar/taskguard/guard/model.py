@@ -168,6 +168,8 @@ class KeyRule:
     # before it is force-released (its fence invalidated).
     allow_supersede: bool = False
     supersede_grace_s: float = 30.0
+    # A semaphore: up to this many runs hold the key at once, each with its own lease and fencing token.
+    max_holders: int = 1
 
     def matches(self, task_key: str) -> bool:
         return fnmatch.fnmatchcase(task_key, self.match)
@@ -283,6 +285,12 @@ class GuardRecord:
     stop_requested_by: str = ""
     stop_until: datetime | None = None
     stop_deadline: float | None = None
+    # max_holders > 1: the key's other running runs, oldest first, each a record of its own run only
+    # (RUNNING, no waiters, no holders of its own). See ``core`` for which run the record itself speaks for.
+    holders: tuple[GuardRecord, ...] = ()
+    # The highest fencing token the key has issued (0 in records older than semaphores: then the record's
+    # own token is). The next run's is one more, whichever of the key's runs are still in the record.
+    tokens_issued: int = 0
 
     def position(self, run_id: str) -> int:
         """``run_id``'s place in the queue, from 1; 0 when it is not waiting."""
@@ -299,6 +307,21 @@ class GuardRecord:
     @property
     def running(self) -> bool:
         return self.state is GuardState.RUNNING
+
+    @property
+    def runs(self) -> tuple[GuardRecord, ...]:
+        """Every run that holds the key now, oldest first (the record's own, when it runs, is the newest or
+        the one that spoke last)."""
+        return (*self.holders, self) if self.running else self.holders
+
+    @property
+    def newest_token(self) -> int:
+        """The highest fencing token the key has issued."""
+        return max(self.tokens_issued, self.fencing_token)
+
+    def run_with_lease(self, lease_id: str) -> GuardRecord | None:
+        """The running run ``lease_id`` holds, as a record of that run; None when no run of the key holds it."""
+        return next((run for run in self.runs if run.lease_id == lease_id), None)
 
 
 # --- commands -----------------------------------------------------------------

@@ -104,7 +104,9 @@ class Engine:
 
     async def _decide_on_lease(self, command: LeaseCommand) -> Result:
         current = await self._store.get(command.task_key)
-        if current is not None and current.lease_id == command.lease_id:
+        if current is not None and (
+            current.lease_id == command.lease_id or current.run_with_lease(command.lease_id) is not None
+        ):
             return await self._decide_and_commit(command)
         # The lease's run no longer holds the guard. Its snapshot is read again here, under the key's
         # mutex: the one read to find the key may predate the run's end, committed while this waited.
@@ -251,14 +253,19 @@ class Engine:
 
 
 def _restamp(reply: Reply, record: GuardRecord) -> Reply:
-    """Put the committed record (with its revision) into the reply."""
+    """Put the committed record (with its revision) into the reply, or, for a reply about another of a
+    semaphore's runs, that run's record at the committed revision."""
     match reply:
         case model.AcquireReply():
-            return replace(reply, guard=record)
+            return replace(reply, guard=_committed_run(reply.guard, record))
         case model.GuardReply():
-            return model.GuardReply(record)
+            return model.GuardReply(_committed_run(reply.guard, record) if reply.guard is not None else record)
         case _:
             return reply
+
+
+def _committed_run(run: GuardRecord, record: GuardRecord) -> GuardRecord:
+    return record if run.fencing_token == record.fencing_token else replace(run, revision=record.revision)
 
 
 def _matches(query: GuardQuery, record: GuardRecord, now: float, policy: Policy) -> bool:

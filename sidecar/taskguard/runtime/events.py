@@ -168,7 +168,9 @@ class EventHub:
 
     def _settle_run_waiters(self, guard: GuardRecord) -> None:
         for token, future in list(self._run_waiters.get(guard.task_key, ())):
-            ended = guard.fencing_token > token or (guard.fencing_token == token and not guard.running)
+            # A run ended when the guard has issued its token and no run holding the key has it (a semaphore's
+            # newer runs go on beside it).
+            ended = token <= guard.newest_token and all(run.fencing_token != token for run in guard.runs)
             if ended and not future.done():
                 future.set_result(guard)
 

@@ -60,8 +60,9 @@ class LeaseKeeper:
         self._heap: list[tuple[float, str, int]] = []
         self._armed: dict[str, tuple[int, float]] = {}
         self._wakeup = asyncio.Event()
-        self._attached: dict[str, tuple[int, object]] = {}
-        self._orphans: dict[str, asyncio.TimerHandle] = {}
+        # By run (task key, fencing token): a semaphore's runs are held by streams of their own.
+        self._attached: dict[tuple[str, int], object] = {}
+        self._orphans: dict[tuple[str, int], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
@@ -71,14 +72,15 @@ class LeaseKeeper:
         """Give orphaned stream holders the resume grace, then arm every deadline found in the store."""
         found = await self._engine.recover()
         for record in found.unowned_stream_guards:
-            if record.task_key in self._attached:
+            if (record.task_key, record.fencing_token) in self._attached:
                 continue
             # Counted from now, whatever deadline was stored: no heartbeat could reach a sidecar that was down.
             await self._engine.execute(model.AwaitResume(record.task_key, record.fencing_token))
             self._wait_for_resume(record, "after a sidecar restart")
         for record in found.running:
             self.arm(record)
-            self._held_by[record.principal] += 1
+            for run in record.runs:
+                self._held_by[run.principal] += 1
         for record in found.orphaned_waiters:
             await self._dismiss_waiters(record)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
@@ -86,8 +88,9 @@ class LeaseKeeper:
     async def _dismiss_waiters(self, record: GuardRecord) -> None:
         """Waiters whose calls ended with the last process: they leave (a retry queues again)."""
         why = "the sidecar restarted while it waited; its call ended, and a retry queues again"
-        if record.running and not record.claimed:
-            await self._engine.execute(model.Leave(record.task_key, record.run_id, record.lease_id, why))
+        for run in record.runs:
+            if not run.claimed:
+                await self._engine.execute(model.Leave(record.task_key, run.run_id, run.lease_id, why))
         for waiter in record.waiters:
             await self._engine.execute(model.Leave(record.task_key, waiter.run_id, waiter.acquire.lease_id, why))
 
@@ -201,30 +204,34 @@ class LeaseKeeper:
     # --- streams ---------------------------------------------------------------------
 
     def attach(self, record: GuardRecord, stream: object) -> None:
-        self._attached[record.task_key] = (record.fencing_token, stream)
-        orphan = self._orphans.pop(record.task_key, None)
+        run = (record.task_key, record.fencing_token)
+        self._attached[run] = stream
+        orphan = self._orphans.pop(run, None)
         if orphan is not None:
             orphan.cancel()
 
+    def _attached_to(self, record: GuardRecord, stream: object) -> bool:
+        return self._attached.get((record.task_key, record.fencing_token)) is stream
+
     def detach(self, record: GuardRecord, stream: object, reason: str) -> None:
         """The stream ended without a release: abandon its run, unless it is no longer the holder."""
-        if self._attached.get(record.task_key) != (record.fencing_token, stream):
+        if not self._attached_to(record, stream):
             return
-        del self._attached[record.task_key]
+        del self._attached[(record.task_key, record.fencing_token)]
         if not self._stopping:
             self._spawn(self._engine.execute(Abandon(record.task_key, record.fencing_token, reason)))
 
     def leave_for_resume(self, record: GuardRecord, stream: object, why: str) -> None:
         """The stream ends, but not because its holder went away: keep the run for a resume within the grace."""
-        if self._attached.get(record.task_key) != (record.fencing_token, stream):
+        if not self._attached_to(record, stream):
             return
-        del self._attached[record.task_key]
+        del self._attached[(record.task_key, record.fencing_token)]
         if not self._stopping:
             self._wait_for_resume(record, f"after {why}")
 
     def _wait_for_resume(self, record: GuardRecord, after: str) -> None:
         grace = self._engine.resume_grace_s
-        self._orphans[record.task_key] = asyncio.get_running_loop().call_later(
+        self._orphans[(record.task_key, record.fencing_token)] = asyncio.get_running_loop().call_later(
             grace,
             self._abandon_orphan,
             record.task_key,
@@ -233,25 +240,25 @@ class LeaseKeeper:
         )
 
     def release_attachment(self, record: GuardRecord, stream: object) -> None:
-        if self._attached.get(record.task_key) == (record.fencing_token, stream):
-            del self._attached[record.task_key]
+        if self._attached_to(record, stream):
+            del self._attached[(record.task_key, record.fencing_token)]
 
     def owner_lost(self, key: str, token: int) -> None:
         """The sidecar holding a stream-bound guard is gone (a shared store says so): abandon its run."""
-        if self._attached.get(key, (None,))[0] == token and not self._stopping:
+        if (key, token) in self._attached and not self._stopping:
             return  # ours, and still attached here: a stale notice about a lease we replaced
         reason = "the sidecar that held its Hold stream is gone (its store lease expired)"
         self._spawn(self._engine.execute(Abandon(key, token, reason)))
 
     def lease_lost(self) -> None:
         """This sidecar lost its lease on a shared store: its streams can no longer be said to hold anything."""
-        for _, stream in list(self._attached.values()):
+        for stream in list(self._attached.values()):
             if isinstance(stream, HoldSession):
                 stream.lose("this sidecar lost its lease on the shared store; another may take the guard")
 
     def _abandon_orphan(self, key: str, token: int, reason: str) -> None:
-        self._orphans.pop(key, None)
-        if key not in self._attached:
+        self._orphans.pop((key, token), None)
+        if (key, token) not in self._attached:
             self._spawn(self._engine.execute(Abandon(key, token, reason)))
 
     def _spawn(self, work: Coroutine[Any, Any, Result]) -> None:

@@ -25,6 +25,7 @@ from taskguard.guard.model import (
     Event,
     EventType,
     GuardRecord,
+    GuardReply,
     GuardState,
     Leave,
     Outcome,
@@ -171,8 +172,9 @@ class Turn:
         result = await self._engine.execute(Claim(admitted.task_key, admitted.lease_id))
         if isinstance(result.reply, Rejected):
             raise Rejection(result.reply)
-        assert result.record is not None
-        return result.record
+        # The reply is the claimed run's (a semaphore's record may speak for another of its runs).
+        assert isinstance(result.reply, GuardReply) and result.reply.guard is not None
+        return result.reply.guard
 
     def close(self, reason: str) -> None:
         """The call is over: a waiter that heard nothing final leaves the queue (or the turn it missed)."""

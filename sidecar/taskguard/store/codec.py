@@ -31,6 +31,16 @@ def _parse_at(value: Any) -> datetime | None:
 
 def record_to_doc(record: GuardRecord) -> dict[str, Any]:
     # Monotonic fields are process-local, so only their UTC twins are stored.
+    doc = _run_to_doc(record)
+    # A semaphore's: a single run's document has neither.
+    if record.holders:
+        doc["holders"] = [_run_to_doc(holder) for holder in record.holders]
+    if record.tokens_issued:
+        doc["tokens_issued"] = record.tokens_issued
+    return doc
+
+
+def _run_to_doc(record: GuardRecord) -> dict[str, Any]:
     return {
         "task_key": record.task_key,
         "state": record.state.name,
@@ -117,6 +127,17 @@ def _waiter_from_doc(task_key: str, doc: dict[str, Any], now: Instant) -> Waiter
 
 
 def record_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
+    record = _run_from_doc(doc, now)
+    if "holders" not in doc and "tokens_issued" not in doc:
+        return record
+    return replace(
+        record,
+        holders=tuple(_run_from_doc(holder, now) for holder in doc.get("holders", ())),
+        tokens_issued=int(doc.get("tokens_issued", 0)),
+    )
+
+
+def _run_from_doc(doc: dict[str, Any], now: Instant) -> GuardRecord:
     heartbeat_at = _parse_at(doc["heartbeat_at"])
     started_at = _parse_at(doc["started_at"])
     expires_at = _parse_at(doc["expires_at"])

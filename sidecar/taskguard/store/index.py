@@ -11,7 +11,7 @@ from taskguard.store import CommitListener, Committed, StoreConflict, Write
 
 
 class GuardIndex:
-    """Every guard by key, in key order, plus the lease of each current run.
+    """Every guard by key, in key order, plus the lease of each current run (a semaphore's: each of its runs).
 
     Not thread-safe: it lives on the event loop that owns the store.
     """
@@ -38,11 +38,16 @@ class GuardIndex:
         previous = self._guards.get(record.task_key)
         if previous is None:
             bisect.insort(self._sorted_keys, record.task_key)
+        elif previous.holders or record.holders:
+            for gone in {run.lease_id for run in (previous, *previous.holders)} - _leases_of(record):
+                self._current_leases.pop(gone, None)
         elif previous.lease_id != record.lease_id:
             self._current_leases.pop(previous.lease_id, None)
         self._guards[record.task_key] = record
         if record.lease_id:
             self._current_leases[record.lease_id] = record.task_key
+        for holder in record.holders:
+            self._current_leases[holder.lease_id] = record.task_key
 
     def scan(self, prefix: str, after: str, limit: int) -> list[GuardRecord]:
         if limit <= 0:
@@ -60,11 +65,16 @@ class GuardIndex:
         return found
 
     def running(self) -> list[GuardRecord]:
-        return [guard for guard in self._guards.values() if guard.running]
+        """Guards that a run holds (a semaphore's record may speak for a failed run while others go on)."""
+        return [guard for guard in self._guards.values() if guard.running or guard.holders]
 
     def queued(self) -> list[GuardRecord]:
         """Guards with waiters, or a turn no waiter took up yet."""
-        return [guard for guard in self._guards.values() if guard.waiters or not guard.claimed]
+        return [
+            guard
+            for guard in self._guards.values()
+            if guard.waiters or not guard.claimed or any(not run.claimed for run in guard.holders)
+        ]
 
     def subscribe(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
@@ -73,6 +83,21 @@ class GuardIndex:
         if events:
             for listener in self._listeners:
                 listener(events)
+
+
+def _leases_of(record: GuardRecord) -> set[str]:
+    return {run.lease_id for run in (record, *record.holders)}
+
+
+def other_runs_changed(committed: Committed) -> list[GuardRecord]:
+    """A semaphore's runs other than the one its record speaks for that this commit changed, each as its last
+    event tells it: their snapshots are what a release of a run that left the record is answered from."""
+    record = committed.record
+    if not record.holders and not any(event.guard.lease_id != record.lease_id for event in committed.events):
+        return []
+    changed = {event.guard.lease_id: event.guard for event in committed.events if event.guard.lease_id}
+    changed.pop(record.lease_id, None)
+    return list(changed.values())
 
 
 def stamp(write: Write, first_revision: int) -> Committed:
@@ -123,7 +148,7 @@ class SingleWriterStore(IndexedStore):
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         # After a start, no stream holds anything yet (an unclaimed turn is a waiter's, not a holder's).
-        return [record for record in self._index.running() if record.stream_bound and record.claimed]
+        return [run for record in self._index.running() for run in record.runs if run.stream_bound and run.claimed]
 
     async def orphaned_waiters(self) -> list[GuardRecord]:
         # Every waiter was a call to this process, and a start has none yet.

@@ -7,7 +7,7 @@ from collections import deque
 from taskguard.clock import Clock
 from taskguard.guard.model import Durability, Event, GuardRecord
 from taskguard.store import Committed, RevisionCompacted, Write
-from taskguard.store.index import GuardIndex, SingleWriterStore, stamp
+from taskguard.store.index import GuardIndex, SingleWriterStore, other_runs_changed, stamp
 from taskguard.store.retention import Retention
 
 
@@ -41,6 +41,8 @@ class MemoryStore(SingleWriterStore):
         self._revision += len(committed.events)
         self._index.put(committed.record)
         self._runs[committed.record.lease_id] = committed.record
+        for run in other_runs_changed(committed):
+            self._runs[run.lease_id] = run
         self._events.extend(committed.events)
         self._prune()
         self._index.publish(committed.events)

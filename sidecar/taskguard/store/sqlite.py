@@ -39,7 +39,7 @@ from taskguard.store import (
     Write,
     codec,
 )
-from taskguard.store.index import GuardIndex, SingleWriterStore, stamp
+from taskguard.store.index import GuardIndex, SingleWriterStore, other_runs_changed, stamp
 from taskguard.store.retention import Retention
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,10 @@ class SqliteStore(SingleWriterStore):
             doc = codec.encode_record(committed.record)
             guard_rows.append((key, committed.record.revision, doc))
             run_rows.append((committed.record.lease_id, key, committed.record.fencing_token, doc))
+            run_rows.extend(
+                (run.lease_id, key, run.fencing_token, codec.encode_record(run))
+                for run in other_runs_changed(committed)
+            )
             event_rows.extend(
                 (event.revision, key, event.occurred_at.isoformat(), codec.encode_event(event))
                 for event in committed.events

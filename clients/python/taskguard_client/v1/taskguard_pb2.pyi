@@ -161,7 +161,7 @@ class Waiter(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., wait_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., keep_newest: _Optional[bool] = ..., superseding: _Optional[bool] = ...) -> None: ...
 
 class Guard(_message.Message):
-    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy", "waiters", "stop_requested_by", "stop_at")
+    __slots__ = ("task_key", "session_key", "task_name", "state", "run_id", "holder", "started_at", "expires_at", "fencing_token", "attempt", "last_status", "last_detail", "released_at", "duplicate_count", "stream_bound", "labels", "revision", "heartbeat_at", "stale", "approved_by", "approval_reason", "ttl", "released_by", "lock_delay_until", "hold_until", "policy", "waiters", "stop_requested_by", "stop_at", "holders")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class Guard(_message.Message):
     WAITERS_FIELD_NUMBER: _ClassVar[int]
     STOP_REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     STOP_AT_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
     task_key: str
     session_key: str
     task_name: str
@@ -227,10 +228,42 @@ class Guard(_message.Message):
     waiters: _containers.RepeatedCompositeFieldContainer[Waiter]
     stop_requested_by: str
     stop_at: _timestamp_pb2.Timestamp
-    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., stop_requested_by: _Optional[str] = ..., stop_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    holders: _containers.RepeatedCompositeFieldContainer[Holder]
+    def __init__(self, task_key: _Optional[str] = ..., session_key: _Optional[str] = ..., task_name: _Optional[str] = ..., state: _Optional[_Union[GuardState, str]] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., last_status: _Optional[_Union[RunStatus, str]] = ..., last_detail: _Optional[str] = ..., released_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duplicate_count: _Optional[int] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale: _Optional[bool] = ..., approved_by: _Optional[str] = ..., approval_reason: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., released_by: _Optional[str] = ..., lock_delay_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy: _Optional[_Union[KeyPolicy, _Mapping]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., stop_requested_by: _Optional[str] = ..., stop_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ...) -> None: ...
+
+class Holder(_message.Message):
+    __slots__ = ("run_id", "holder", "fencing_token", "attempt", "started_at", "expires_at", "heartbeat_at", "stream_bound", "labels", "stale")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_BOUND_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    holder: str
+    fencing_token: int
+    attempt: int
+    started_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    heartbeat_at: _timestamp_pb2.Timestamp
+    stream_bound: bool
+    labels: _containers.ScalarMap[str, str]
+    stale: bool
+    def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., fencing_token: _Optional[int] = ..., attempt: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream_bound: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class KeyPolicy(_message.Message):
-    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold", "max_queue", "max_wait", "allow_supersede", "supersede_grace")
+    __slots__ = ("rule", "match", "on_conflict", "failure", "abandoned_requires_approval", "expired_requires_approval", "lock_delay", "max_hold", "max_queue", "max_wait", "allow_supersede", "supersede_grace", "max_holders")
     RULE_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     ON_CONFLICT_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +276,7 @@ class KeyPolicy(_message.Message):
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_SUPERSEDE_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDE_GRACE_FIELD_NUMBER: _ClassVar[int]
+    MAX_HOLDERS_FIELD_NUMBER: _ClassVar[int]
     rule: str
     match: str
     on_conflict: OnConflict
@@ -255,7 +289,8 @@ class KeyPolicy(_message.Message):
     max_wait: _duration_pb2.Duration
     allow_supersede: bool
     supersede_grace: _duration_pb2.Duration
-    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., allow_supersede: _Optional[bool] = ..., supersede_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    max_holders: int
+    def __init__(self, rule: _Optional[str] = ..., match: _Optional[str] = ..., on_conflict: _Optional[_Union[OnConflict, str]] = ..., failure: _Optional[_Union[FailureHandling, str]] = ..., abandoned_requires_approval: _Optional[bool] = ..., expired_requires_approval: _Optional[bool] = ..., lock_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_hold: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_queue: _Optional[int] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., allow_supersede: _Optional[bool] = ..., supersede_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_holders: _Optional[int] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
     __slots__ = ("task_key", "run_id", "holder", "ttl", "labels", "on_conflict", "retry_secret", "max_wait")

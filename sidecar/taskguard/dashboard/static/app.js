@@ -452,7 +452,8 @@
     const delayed = lockDelayed(guard);
     const queued = queueLength(guard);
     const stopping = guard.state === "RUNNING" && Boolean(guard.stop_requested_by);
-    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}|${queued}|${stopping}`;
+    const runs = guard.runs || 0;
+    const mark = `${guard.state}|${guard.awaiting_approval}|${stale}|${delayed}|${queued}|${stopping}|${runs}`;
     if (row._text[C.state] === mark) return;
     row._text[C.state] = mark;
     const cell = row.cells[C.state];
@@ -464,13 +465,16 @@
     if (stopping) parts.push(separator(), tag("tag-stale tag-stop", "stop requested"));
     if (delayed) parts.push(separator(), tag("tag-stale tag-lock-delay", "lock-delay"));
     if (queued) parts.push(separator(), tag("tag-queue", `queue ${number.format(queued)}`));
+    // A key several runs hold at once (its rule's max_holders).
+    if (runs > 1 || (guard.holders || []).length) parts.push(separator(), tag("tag-queue tag-runs", `${number.format(runs)} runs`));
     cell.replaceChildren(...parts);
     cell.title = stateText(guard, stale);
   }
 
-  // A lost run's key that its rule's lock-delay still keeps closed (the sidecar refuses it with LOCK_DELAYED).
+  // A lost run's key that its rule's lock-delay still keeps closed (the sidecar refuses it with LOCK_DELAYED;
+  // a key several runs may hold can be closed while its other runs go on).
   function lockDelayed(guard) {
-    return guard.state !== "RUNNING" && Boolean(guard.lock_delay_until) && Date.parse(guard.lock_delay_until) > dataNow();
+    return Boolean(guard.lock_delay_until) && Date.parse(guard.lock_delay_until) > dataNow();
   }
 
   // Callers waiting for the key (QUEUE and KEEP_NEWEST acquisitions), served first in line first.
@@ -889,6 +893,13 @@
         rows.push(["lock-delay until", guard.lock_delay_until, "lock-delay-until"]);
       }
       if (queueLength(guard)) rows.push(["queue", `${queueLength(guard)} waiting, first in line first (below)`]);
+      for (const other of guard.holders || []) {
+        const expires = other.expires_at ? `, expires ${fullTime(parseTime(other.expires_at))}` : "";
+        rows.push([
+          "also held by",
+          `run ${other.run_id} (${other.holder || "-"}), token ${other.fencing_token}, since ${fullTime(parseTime(other.started_at))}${expires}${other.stale ? ", stale" : ""}`,
+        ]);
+      }
       if (guard.released_at) rows.push(["released", guard.released_at, "released"]);
       if (guard.last_status) rows.push(["last status", guard.last_status]);
       if (guard.last_detail) rows.push(["detail", guard.last_detail]);

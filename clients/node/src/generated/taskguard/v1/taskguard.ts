@@ -730,7 +730,13 @@ export interface Guard {
   sessionKey: string;
   taskName: string;
   state: GuardState;
-  /** The current run (RUNNING) or the last one. */
+  /**
+   * The current run (RUNNING) or the last one. A key several runs may hold
+   * at once (KeyPolicy.max_holders > 1) lists its other running runs in
+   * holders: the fields here are then its newest run's, unless a run that
+   * ended needing an approval (FAILED) speaks for the key while the others
+   * go on.
+   */
   runId: string;
   holder: string;
   startedAt?:
@@ -805,10 +811,44 @@ export interface Guard {
    * and when this run is force-released if it has not released by then.
    */
   stopRequestedBy: string;
-  stopAt?: Date | undefined;
+  stopAt?:
+    | Date
+    | undefined;
+  /**
+   * KeyPolicy.max_holders > 1: the key's other running runs, oldest first,
+   * each with its own lease and fencing token. The runs holding the key are
+   * these, and this guard's own run when state is RUNNING.
+   */
+  holders: Holder[];
 }
 
 export interface Guard_LabelsEntry {
+  key: string;
+  value: string;
+}
+
+/** One of the runs holding a key that several may hold at once. */
+export interface Holder {
+  runId: string;
+  holder: string;
+  fencingToken: number;
+  attempt: number;
+  startedAt?:
+    | Date
+    | undefined;
+  /** Unset when its lease has no TTL. */
+  expiresAt?: Date | undefined;
+  heartbeatAt?: Date | undefined;
+  streamBound: boolean;
+  labels: { [key: string]: string };
+  /**
+   * Without a heartbeat or renewal for longer than the server's stale
+   * threshold, or past its TTL.
+   */
+  stale: boolean;
+}
+
+export interface Holder_LabelsEntry {
   key: string;
   value: string;
 }
@@ -846,7 +886,14 @@ export interface KeyPolicy {
    * long that run then has before it is force-released.
    */
   allowSupersede: boolean;
-  supersedeGrace?: Duration | undefined;
+  supersedeGrace?:
+    | Duration
+    | undefined;
+  /**
+   * How many runs may hold the key at once (a semaphore); 1 for most keys.
+   * ALREADY_RUNNING then means all of them are taken (Guard.holders).
+   */
+  maxHolders: number;
 }
 
 export interface AcquireRequest {
@@ -1210,6 +1257,7 @@ function createBaseGuard(): Guard {
     waiters: [],
     stopRequestedBy: "",
     stopAt: undefined,
+    holders: [],
   };
 }
 
@@ -1301,6 +1349,9 @@ export const Guard: MessageFns<Guard> = {
     }
     if (message.stopAt !== undefined) {
       Timestamp.encode(toTimestamp(message.stopAt), writer.uint32(234).fork()).join();
+    }
+    for (const v of message.holders) {
+      Holder.encode(v!, writer.uint32(242).fork()).join();
     }
     return writer;
   },
@@ -1553,6 +1604,14 @@ export const Guard: MessageFns<Guard> = {
             message.stopAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 30: {
+            if (tag !== 242) {
+              break;
+            }
+
+            message.holders.push(Holder.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1609,6 +1668,7 @@ export const Guard: MessageFns<Guard> = {
     message.waiters = object.waiters?.map((e) => Waiter.fromPartial(e)) || [];
     message.stopRequestedBy = object.stopRequestedBy ?? "";
     message.stopAt = object.stopAt ?? undefined;
+    message.holders = object.holders?.map((e) => Holder.fromPartial(e)) || [];
     return message;
   },
 };
@@ -1680,6 +1740,258 @@ export const Guard_LabelsEntry: MessageFns<Guard_LabelsEntry> = {
   },
 };
 
+function createBaseHolder(): Holder {
+  return {
+    runId: "",
+    holder: "",
+    fencingToken: 0,
+    attempt: 0,
+    startedAt: undefined,
+    expiresAt: undefined,
+    heartbeatAt: undefined,
+    streamBound: false,
+    labels: {},
+    stale: false,
+  };
+}
+
+export const Holder: MessageFns<Holder> = {
+  encode(message: Holder, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.runId !== "") {
+      writer.uint32(10).string(message.runId);
+    }
+    if (message.holder !== "") {
+      writer.uint32(18).string(message.holder);
+    }
+    if (message.fencingToken !== 0) {
+      writer.uint32(24).uint64(message.fencingToken);
+    }
+    if (message.attempt !== 0) {
+      writer.uint32(32).uint32(message.attempt);
+    }
+    if (message.startedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.startedAt), writer.uint32(42).fork()).join();
+    }
+    if (message.expiresAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.expiresAt), writer.uint32(50).fork()).join();
+    }
+    if (message.heartbeatAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.heartbeatAt), writer.uint32(58).fork()).join();
+    }
+    if (message.streamBound !== false) {
+      writer.uint32(64).bool(message.streamBound);
+    }
+    globalThis.Object.entries(message.labels).forEach(([key, value]: [string, string]) => {
+      Holder_LabelsEntry.encode({ key: key as any, value }, writer.uint32(74).fork()).join();
+    });
+    if (message.stale !== false) {
+      writer.uint32(80).bool(message.stale);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Holder {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHolder();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.runId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.holder = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.fencingToken = longToNumber(reader.uint64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.attempt = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.startedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.expiresAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.heartbeatAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.streamBound = reader.bool();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            const entry9 = Holder_LabelsEntry.decode(reader, reader.uint32());
+            if (entry9.value !== undefined) {
+              message.labels[entry9.key] = entry9.value;
+            }
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.stale = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Holder>, I>>(base?: I): Holder {
+    return Holder.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Holder>, I>>(object: I): Holder {
+    const message = createBaseHolder();
+    message.runId = object.runId ?? "";
+    message.holder = object.holder ?? "";
+    message.fencingToken = object.fencingToken ?? 0;
+    message.attempt = object.attempt ?? 0;
+    message.startedAt = object.startedAt ?? undefined;
+    message.expiresAt = object.expiresAt ?? undefined;
+    message.heartbeatAt = object.heartbeatAt ?? undefined;
+    message.streamBound = object.streamBound ?? false;
+    message.labels = (globalThis.Object.entries(object.labels ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.stale = object.stale ?? false;
+    return message;
+  },
+};
+
+function createBaseHolder_LabelsEntry(): Holder_LabelsEntry {
+  return { key: "", value: "" };
+}
+
+export const Holder_LabelsEntry: MessageFns<Holder_LabelsEntry> = {
+  encode(message: Holder_LabelsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Holder_LabelsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHolder_LabelsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  create<I extends Exact<DeepPartial<Holder_LabelsEntry>, I>>(base?: I): Holder_LabelsEntry {
+    return Holder_LabelsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Holder_LabelsEntry>, I>>(object: I): Holder_LabelsEntry {
+    const message = createBaseHolder_LabelsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
 function createBaseKeyPolicy(): KeyPolicy {
   return {
     rule: "",
@@ -1694,6 +2006,7 @@ function createBaseKeyPolicy(): KeyPolicy {
     maxWait: undefined,
     allowSupersede: false,
     supersedeGrace: undefined,
+    maxHolders: 0,
   };
 }
 
@@ -1734,6 +2047,9 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     }
     if (message.supersedeGrace !== undefined) {
       Duration.encode(message.supersedeGrace, writer.uint32(98).fork()).join();
+    }
+    if (message.maxHolders !== 0) {
+      writer.uint32(104).uint32(message.maxHolders);
     }
     return writer;
   },
@@ -1847,6 +2163,14 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
             message.supersedeGrace = Duration.decode(reader, reader.uint32());
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.maxHolders = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1884,6 +2208,7 @@ export const KeyPolicy: MessageFns<KeyPolicy> = {
     message.supersedeGrace = (object.supersedeGrace !== undefined && object.supersedeGrace !== null)
       ? Duration.fromPartial(object.supersedeGrace)
       : undefined;
+    message.maxHolders = object.maxHolders ?? 0;
     return message;
   },
 };
