@@ -1638,3 +1638,28 @@ async def test_a_queue_shows_its_length_and_waiters_the_feed_its_queued_and_supe
             "title", _utc(until)
         )
         await expect(page.locator("#detail-waiters")).to_be_hidden()
+
+
+async def test_a_key_several_runs_hold_shows_how_many_and_the_others_in_its_pane(
+    sidecar_factory: Callable[..., SidecarProcess], dashboards: Dashboards, open_page: OpenPage, key: str
+) -> None:
+    sidecar = sidecar_factory("--max-holders", "3")
+    dashboard = await dashboards.start(sidecar.address)
+    page = await live_page(open_page, dashboard)
+    async with AsyncClient(sidecar.address) as client:
+        older = await client.acquire(key, run_id="crawl-1", holder="worker-1", ttl=300)
+        newer = await client.acquire(key, run_id="crawl-2", holder="worker-2", ttl=300)
+
+        state = row(page, key).locator("td.c-state")
+        await expect(state).to_have_text("RUNNING, 2 runs")
+        await row(page, key).click()
+        await expect(page.locator("#detail-fields")).to_contain_text("run crawl-1 (worker-1), token 1, since ")
+        # A renewal of the older run is an event about that run: the row still counts both.
+        await client.renew(older.lease_id, ttl=600)
+        await expect(feed(page, key, EventType.RENEWED)).to_have_count(1)
+        await expect(state).to_have_text("RUNNING, 2 runs")
+
+        await client.release(older.lease_id, RunStatus.SUCCEEDED)
+        await expect(state).to_have_text("RUNNING")
+        await client.release(newer.lease_id, RunStatus.SUCCEEDED)
+        await expect(state).to_have_text("SUCCEEDED")

@@ -324,9 +324,33 @@ def test_a_key_several_runs_hold_shows_how_many_and_the_others() -> None:
             "stale": True,
         }
     ]
-    # A failed run that speaks for the key while another goes on: one run holds it.
-    failed = state.apply(event(4, EventType.RELEASED, state=GuardState.FAILED, holders=(other,)))
-    assert failed is not None and json.loads(failed.guard_json)["runs"] == 1
+    # An event about the older run is told from that run; the row still shows the key's newest run.
+    renewed = state.apply(
+        event(
+            4, EventType.RENEWED, run_id="r0", fencing_token=1, holders=(replace(other, run_id="r1", fencing_token=2),)
+        )
+    )
+    assert renewed is not None
+    assert (json.loads(renewed.guard_json)["run_id"], json.loads(renewed.guard_json)["runs"]) == ("r1", 2)
+    # The older run ends: the key is still held, by the newer one.
+    ended = state.apply(
+        event(
+            5,
+            EventType.RELEASED,
+            run_id="r0",
+            fencing_token=1,
+            state=GuardState.SUCCEEDED,
+            holders=(replace(other, run_id="r1", fencing_token=2),),
+        )
+    )
+    assert ended is not None
+    row = json.loads(ended.guard_json)
+    assert (row["state"], row["run_id"], row["runs"], row["holders"]) == ("RUNNING", "r1", 1, [])
+    assert json.loads(ended.event_json or "{}")["run_id"] == "r0"  # the feed says whose run ended
+    # A failed run speaks for the key while another goes on: one run holds it.
+    failed = state.apply(event(6, EventType.RELEASED, state=GuardState.FAILED, holders=(other,)))
+    assert failed is not None
+    assert (json.loads(failed.guard_json)["state"], json.loads(failed.guard_json)["runs"]) == ("FAILED", 1)
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:8080", "localhost:0", "[::1]:9000", "127.0.0.2:80"])

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -174,6 +174,43 @@ def event_document(event: GuardEvent) -> dict[str, Any]:
     }
 
 
+# Ended runs that still speak for a key several runs hold: what the key does next waits on them.
+_SPEAKS_FOR_THE_KEY = frozenset({GuardState.FAILED, GuardState.RETRY_APPROVED})
+
+
+def key_view(guard: Guard) -> Guard:
+    """The guard of a key as its row shows it. An event about one of a semaphore's runs is told from that run
+    (its fields, the key's other runs in ``holders``); the row shows the key as the sidecar's record does: its
+    newest running run, with the others as holders, unless the run ended failed (then it speaks for the key)."""
+    if not guard.holders or (not guard.running and guard.state in _SPEAKS_FOR_THE_KEY):
+        return guard
+    runs = guard.runs
+    newest = max(runs, key=lambda run: run.fencing_token)
+    if guard.running and guard.fencing_token == newest.fencing_token:
+        return guard
+    return replace(
+        guard,
+        state=GuardState.RUNNING,
+        run_id=newest.run_id,
+        holder=newest.holder,
+        fencing_token=newest.fencing_token,
+        attempt=newest.attempt,
+        started_at=newest.started_at,
+        expires_at=newest.expires_at,
+        heartbeat_at=newest.heartbeat_at,
+        stream_bound=newest.stream_bound,
+        labels=newest.labels,
+        stale=newest.stale,
+        ttl=None,
+        hold_until=None,
+        last_status=None,
+        last_detail="",
+        released_at=None,
+        released_by="",
+        holders=tuple(run for run in runs if run is not newest),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """What one applied event changed: the guard's new JSON and, unless it was a SNAPSHOT, the event's."""
@@ -268,9 +305,10 @@ class DashboardState:
             self._refused_retry.add(key)
         elif guard.state not in _APPROVABLE:
             self._refused_retry.discard(key)
-        self._count(guard)
+        shown = key_view(guard)
+        self._count(shown)
         if event.revision > self.snapshot_revision or key not in self._guards:
-            self._guards[key] = guard
+            self._guards[key] = shown
         event_json = _json(event_document(event))
         self._feed.append(event_json)
         history = self._history.get(key)

@@ -466,7 +466,9 @@
     if (delayed) parts.push(separator(), tag("tag-stale tag-lock-delay", "lock-delay"));
     if (queued) parts.push(separator(), tag("tag-queue", `queue ${number.format(queued)}`));
     // A key several runs hold at once (its rule's max_holders).
-    if (runs > 1 || (guard.holders || []).length) parts.push(separator(), tag("tag-queue tag-runs", `${number.format(runs)} runs`));
+    if (runs > 1 || (guard.holders || []).length) {
+      parts.push(separator(), tag("tag-queue tag-runs", runs === 1 ? "1 run" : `${number.format(runs)} runs`));
+    }
     cell.replaceChildren(...parts);
     cell.title = stateText(guard, stale);
   }
