@@ -221,3 +221,32 @@ async def test_the_cli_runs_beside_the_holders_while_a_place_is_free_and_shows_t
         assert "first (" in holders and "second" not in holders  # the guard's own run is the newest
         await client.release(first.lease_id, RunStatus.SUCCEEDED)
         await client.release(second.lease_id, RunStatus.SUCCEEDED)
+
+
+async def test_the_sweeper_expires_a_run_whose_newer_neighbour_just_ended(pool: InProcess, key: str) -> None:
+    """The older run's deadline was last moved by a heartbeat (no event), armed while the newer run spoke for
+    the key; then the newer run ended: the timer left names a run that no longer holds the key."""
+    task_key = f"pool:{key}"
+    request = pb.AcquireRequest(task_key=task_key, run_id="older")
+    request.ttl.FromSeconds(10)
+    older = pool.stub.Hold()
+    await older.write(pb.HoldRequest(acquire=request))
+    held = await older.read()
+    async with AsyncClient(pool.address) as client:
+        newer = await client.acquire(task_key, run_id="newer", ttl=100)
+        await pool.advance(5)
+        await older.write(pb.HoldRequest(heartbeat=pb.Heartbeat()))
+        assert (await older.read()).event == pb.HOLD_EVENT_HEARTBEAT_ACK
+        # The timer set for its first deadline finds it renewed, and sets one for its new deadline.
+        await pool.advance(5)
+        released = await client.release(newer.lease_id, RunStatus.SUCCEEDED)
+        await pool.advance(5)
+        events = await watch_until(
+            pool.stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_EXPIRED for e in seen),
+            key_prefix=task_key,
+            start_revision=released.revision,
+        )
+        assert [e.guard.run_id for e in events if e.type == pb.GUARD_EVENT_TYPE_EXPIRED] == ["older"]
+        assert not await client.check_fence(task_key, held.guard.fencing_token)
+    older.cancel()

@@ -173,6 +173,18 @@ def test_a_waiter_leaves_when_its_max_wait_or_its_rules_passes() -> None:
     assert record is not None and not record.waiters
 
 
+def test_the_sweepers_expire_drops_a_lapsed_waiter_of_a_key_that_awaits_approval() -> None:
+    policy = queue_policy(max_wait_s=10.0)
+    record, _ = run_all([(acquire("a"), 0), (waiting("b"), 1), (Release(KEY, "lease-a", RunStatus.FAILED), 2)], policy)
+    assert record is not None and record.state is GuardState.FAILED and core.next_deadline(record) == at(11).monotonic
+
+    # The sweeper names the key's last run, which ended: the waiter's max_wait is healed all the same.
+    record, events, _ = settle(record, Expire(KEY, record.fencing_token), at(11), policy)
+
+    assert [(e.type, e.waiter_run_id) for e in events] == [(EventType.DEQUEUED, "b")]
+    assert record is not None and not record.waiters
+
+
 def test_keep_newest_replaces_the_waiting_trigger_and_says_by_whom() -> None:
     keep = ConflictPolicy.KEEP_NEWEST
     record, _ = run_all([(acquire("a"), 0), (waiting("queued"), 1), (waiting("old", keep), 2)])

@@ -118,11 +118,13 @@ class LeaseKeeper:
         deadline = core.next_deadline(record)
         if deadline is None:
             return
+        # The timer names a run that still holds the key (a semaphore's event may be about one that ended).
+        token = max((run.fencing_token for run in record.runs), default=record.fencing_token)
         armed = self._armed.get(record.task_key)
-        if armed is not None and armed[0] == record.fencing_token and armed[1] <= deadline:
+        if armed is not None and armed[0] == token and armed[1] <= deadline:
             return  # an earlier timer fires first and re-arms from what it finds
-        self._armed[record.task_key] = (record.fencing_token, deadline)
-        heapq.heappush(self._heap, (deadline, record.task_key, record.fencing_token))
+        self._armed[record.task_key] = (token, deadline)
+        heapq.heappush(self._heap, (deadline, record.task_key, token))
         if self._heap[0][0] == deadline:
             self._wakeup.set()
 
@@ -194,8 +196,9 @@ class LeaseKeeper:
             log.exception("expiring %r failed; retrying in 1s", key)
             asyncio.get_running_loop().call_later(1.0, self._rearm_later, key, token)
             return
-        if result.record is not None and result.record.fencing_token == token:
-            self.arm(result.record)  # heartbeats moved the deadline
+        record = result.record
+        if record is not None and (record.fencing_token == token or any(r.fencing_token == token for r in record.runs)):
+            self.arm(record)  # heartbeats moved the deadline
 
     def _rearm_later(self, key: str, token: int) -> None:
         heapq.heappush(self._heap, (self._engine.now(), key, token))
