@@ -14,6 +14,7 @@ import type {
   GuardEvent,
   GuardEventType,
   GuardState,
+  Holder,
   KeyPolicy,
   RunStatus,
   Waiter,
@@ -69,11 +70,13 @@ export function guardFromWire(guard: pb.Guard | undefined): Guard {
     RUN_STATUSES,
     "UNSPECIFIED",
   );
-  return {
+  const state = stripPrefix(guard.state, "GUARD_STATE_", GUARD_STATES, "UNSPECIFIED");
+  const holders = guard.holders.map(holderFromWire);
+  const converted: Omit<Guard, "runs"> = {
     taskKey: guard.taskKey,
     sessionKey: guard.sessionKey,
     taskName: guard.taskName,
-    state: stripPrefix(guard.state, "GUARD_STATE_", GUARD_STATES, "UNSPECIFIED"),
+    state,
     runId: guard.runId,
     holder: guard.holder,
     startedAt: guard.startedAt ?? new Date(0),
@@ -99,6 +102,39 @@ export function guardFromWire(guard: pb.Guard | undefined): Guard {
     waiters: guard.waiters.map(waiterFromWire),
     stopRequestedBy: guard.stopRequestedBy,
     stopAt: guard.stopAt,
+    holders,
+  };
+  return { ...converted, runs: state === "RUNNING" ? [...holders, ownRun(converted)] : [...holders] };
+}
+
+/** The guard's own run as one of the runs holding its key (`Guard.runs`, like the Python client's `Guard.runs`). */
+function ownRun(guard: Omit<Guard, "runs">): Holder {
+  return {
+    runId: guard.runId,
+    holder: guard.holder,
+    fencingToken: guard.fencingToken,
+    attempt: guard.attempt,
+    startedAt: guard.startedAt,
+    expiresAt: guard.expiresAt,
+    heartbeatAt: guard.heartbeatAt,
+    streamBound: guard.streamBound,
+    labels: { ...guard.labels },
+    stale: guard.stale,
+  };
+}
+
+function holderFromWire(holder: pb.Holder): Holder {
+  return {
+    runId: holder.runId,
+    holder: holder.holder,
+    fencingToken: holder.fencingToken,
+    attempt: holder.attempt,
+    startedAt: holder.startedAt ?? new Date(0),
+    expiresAt: holder.expiresAt,
+    heartbeatAt: holder.heartbeatAt,
+    streamBound: holder.streamBound,
+    labels: { ...holder.labels },
+    stale: holder.stale,
   };
 }
 
@@ -127,6 +163,8 @@ function policyFromWire(policy: pb.KeyPolicy): KeyPolicy {
     maxWaitMs: durationMs(policy.maxWait),
     allowSupersede: policy.allowSupersede,
     supersedeGraceMs: durationMs(policy.supersedeGrace),
+    // A sidecar older than semaphores leaves it unset: one holder.
+    maxHolders: policy.maxHolders || 1,
   };
 }
 

@@ -36,7 +36,11 @@ abstract class Refusal extends TaskGuardError {
   }
 }
 
-/** Another run holds the guard: its facts, so the caller can point at it instead of starting a duplicate. */
+/**
+ * Another run holds the guard: its facts, so the caller can point at it instead of starting a duplicate. A key
+ * several runs may hold at once is refused when all of its places are taken: `guard.runs` lists every run in the
+ * way (oldest first), and the message names each; the facts here are then the guard's own run's.
+ */
 export class AlreadyRunning extends Refusal {
   readonly startedAt: Date;
   readonly holder: string;
@@ -46,11 +50,14 @@ export class AlreadyRunning extends Refusal {
 
   constructor(guard: Guard) {
     const by = guard.holder ? ` by ${guard.holder}` : "";
-    super(
+    let message =
       `${guard.taskKey} is already running: run ${guard.runId}, started ${guard.startedAt.toISOString()}${by} ` +
-        `(fencing token ${guard.fencingToken})`,
-      guard,
-    );
+      `(fencing token ${guard.fencingToken})`;
+    if (guard.holders.length > 0) {
+      const runs = guard.runs.map((run) => `run ${run.runId} (fencing token ${run.fencingToken})`).join(", ");
+      message = `${guard.taskKey} is already running as often as it may at once: ${runs}`;
+    }
+    super(message, guard);
     this.startedAt = guard.startedAt;
     this.holder = guard.holder;
     this.fencingToken = guard.fencingToken;

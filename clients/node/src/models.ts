@@ -77,6 +77,27 @@ export interface KeyPolicy {
   maxWaitMs: number | undefined;
   allowSupersede: boolean;
   supersedeGraceMs: number | undefined;
+  /** How many runs may hold the key at once (a semaphore); 1 for most keys (and from a sidecar older than that). */
+  maxHolders: number;
+}
+
+/**
+ * One of the runs holding a key that several may hold at once (`KeyPolicy.maxHolders` > 1), each with its own
+ * lease and fencing token: an entry of `Guard.holders` and `Guard.runs`.
+ */
+export interface Holder {
+  runId: string;
+  holder: string;
+  fencingToken: number;
+  attempt: number;
+  startedAt: Date;
+  /** Undefined when its lease has no TTL. */
+  expiresAt: Date | undefined;
+  heartbeatAt: Date | undefined;
+  streamBound: boolean;
+  labels: Record<string, string>;
+  /** Without a heartbeat or renewal for longer than the sidecar's stale threshold, or past its TTL. */
+  stale: boolean;
 }
 
 /** A guard's snapshot, as the sidecar answered it (see `Guard` in taskguard.proto for each field). */
@@ -85,7 +106,11 @@ export interface Guard {
   sessionKey: string;
   taskName: string;
   state: GuardState;
-  /** The current run (RUNNING) or the last one. */
+  /**
+   * The current run (RUNNING) or the last one. A key several runs may hold at once lists its other running runs
+   * in `holders`: these fields are then its newest run's, unless a run that ended needing an approval (FAILED)
+   * speaks for the key while the others go on.
+   */
   runId: string;
   holder: string;
   startedAt: Date;
@@ -120,6 +145,13 @@ export interface Guard {
   stopRequestedBy: string;
   /** When a run asked to stop is force-released unless it releases first. */
   stopAt: Date | undefined;
+  /** A key several runs may hold at once (`KeyPolicy.maxHolders`): its other running runs, oldest first. */
+  holders: Holder[];
+  /**
+   * Every run holding the key now, oldest first: `holders`, and the guard's own run when it is RUNNING (so one
+   * entry for an ordinary running key, none for one that is not running).
+   */
+  runs: Holder[];
 }
 
 export interface GuardEvent {

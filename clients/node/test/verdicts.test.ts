@@ -1,11 +1,12 @@
 /**
  * The sans-I/O parts of the client, without a sidecar: the verdicts on Hold answers, the retry verdict,
- * and the watch position that keeps a resumed watch from yielding an event twice.
+ * the watch position that keeps a resumed watch from yielding an event twice, and the runs of a snapshot.
  */
 
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { acquisitionVerdict, resumeVerdict } from "../src/answers.ts";
+import { guardFromWire } from "../src/conversions.ts";
 import {
   AlreadyRunning,
   DeadlineExceededError,
@@ -110,5 +111,46 @@ describe("the watch position", () => {
     assert.equal(position.admit(event("GUARD_EVENT_TYPE_ACQUIRED", 6)), false); // the snapshot already covered it
     assert.equal(position.admit(event("GUARD_EVENT_TYPE_ACQUIRED", 7)), true);
     assert.deepEqual(position.request(), { keyPrefix: "", startRevision: 8, includeSnapshot: false });
+  });
+});
+
+describe("the runs of a snapshot", () => {
+  const started = new Date("2026-12-04T10:00:00Z");
+  const other = pb.Holder.fromPartial({ runId: "r0", holder: "h0", fencingToken: 1, attempt: 1, startedAt: started });
+
+  test("a running key's runs are its holders, oldest first, and its own run last", () => {
+    const wire = { taskKey: "s::t", runId: "r1", fencingToken: 2, state: "GUARD_STATE_RUNNING" as const };
+    const running = guardFromWire(pb.Guard.fromPartial({ ...wire, holders: [other] }));
+    assert.deepEqual(
+      running.runs.map((run) => [run.runId, run.fencingToken]),
+      [
+        ["r0", 1],
+        ["r1", 2],
+      ],
+    );
+    assert.deepEqual(running.runs[0], running.holders[0]);
+    const error = new AlreadyRunning(running);
+    assert.equal(
+      error.message,
+      "s::t is already running as often as it may at once: run r0 (fencing token 1), run r1 (fencing token 2)",
+    );
+  });
+
+  test("a failed run that speaks for the key is not one of its runs; the others are", () => {
+    const failed = guardFromWire(
+      pb.Guard.fromPartial({ taskKey: "s::t", runId: "r1", state: "GUARD_STATE_FAILED", holders: [other] }),
+    );
+    assert.deepEqual(
+      failed.runs.map((run) => run.runId),
+      ["r0"],
+    );
+    assert.deepEqual(guardFromWire(pb.Guard.fromPartial({ state: "GUARD_STATE_SUCCEEDED" })).runs, []);
+  });
+
+  test("a policy from a sidecar older than semaphores (max_holders unset) allows one holder", () => {
+    const policy = (maxHolders: number) =>
+      guardFromWire(pb.Guard.fromPartial({ taskKey: "s::t", policy: pb.KeyPolicy.fromPartial({ maxHolders }) })).policy;
+    assert.equal(policy(0)?.maxHolders, 1);
+    assert.equal(policy(4)?.maxHolders, 4);
   });
 });

@@ -6,7 +6,7 @@
  * the run in the way (id, since when, where), and what happens next.
  */
 
-import type { Guard } from "taskguard-sidecar-client";
+import type { Guard, Holder } from "taskguard-sidecar-client";
 import { shellQuote } from "./shell.ts";
 
 /** Labels the plugin puts on every guard it acquires; the winner's tell a loser where the run lives. */
@@ -27,8 +27,14 @@ export function ago(since: Date, now: Date): string {
   return `${(minutes / 60).toFixed(1)} h`;
 }
 
-/** ALREADY_RUNNING: the tool is blocked; this is its result. */
+/**
+ * ALREADY_RUNNING: the tool is blocked; this is its result. A task several runs may hold at once (the sidecar's
+ * `max_holders`) is refused when every place is taken: the reason then says how many runs hold it and names them.
+ */
 export function alreadyRunningReason(taskName: string, winner: Guard, now: Date = new Date()): string {
+  if (winner.holders.length > 0) {
+    return allPlacesTakenReason(taskName, winner.runs, now);
+  }
   const session = winner.labels[LABELS.sessionKey];
   const where = session ? `session ${session}` : `holder ${winner.holder || "unknown"}`;
   const started = winner.startedAt.toISOString();
@@ -40,8 +46,29 @@ export function alreadyRunningReason(taskName: string, winner: Guard, now: Date 
   );
 }
 
+/** The most runs a reason names one by one (a key may have up to 64); the rest are counted. */
+const RUNS_NAMED = 8;
+
+function allPlacesTakenReason(taskName: string, runs: readonly Holder[], now: Date): string {
+  const named = runs
+    .slice(0, RUNS_NAMED)
+    .map(
+      (run) =>
+        `run ${run.runId}, since ${run.startedAt.toISOString()} (${ago(run.startedAt, now)} ago), ` +
+        `started from ${startedFrom(run)}`,
+    );
+  const rest = runs.length - named.length;
+  const more = rest > 0 ? `; and ${rest} more` : "";
+  return (
+    `Task Guard: "${taskName}" is already running as often as it may run at once (${runs.length} runs), so it ` +
+    `was not started again. The runs that hold it: ${named.join("; ")}${more}. Each run's result will be ` +
+    `reported where it was started. Tell the user it is already running ${runs.length} times at once instead ` +
+    `of starting it again, and that it can be started once one of those runs ends.`
+  );
+}
+
 /** Where the run in the way was started from, as its labels tell. */
-function startedFrom(winner: Guard): string {
+function startedFrom(winner: Pick<Guard, "labels" | "holder">): string {
   const session = winner.labels[LABELS.sessionKey];
   return session ? `session ${session}` : `holder ${winner.holder || "unknown"}`;
 }

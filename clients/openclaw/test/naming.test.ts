@@ -8,7 +8,7 @@ import { alreadyRunningReason, approvalPrompt, approvalUnavailableReason } from 
 import { describeCall, identify, normaliseCommand, safeName } from "../src/naming.ts";
 import { shellQuote, wrapCommand } from "../src/shell.ts";
 import { traceparentOf } from "../src/trace.ts";
-import type { Guard } from "taskguard-sidecar-client";
+import type { Guard, Holder } from "taskguard-sidecar-client";
 
 const origin = { agentId: "ops", sessionKey: "agent:ops:discord:channel:42" };
 const settings = resolveSettings(
@@ -70,6 +70,8 @@ describe("texts", () => {
     state: "FAILED",
     lastDetail: "exit code 3",
     releasedAt: new Date("2026-01-01T10:05:00Z"),
+    holders: [],
+    runs: [],
   } as unknown as Guard;
 
   test("ALREADY_RUNNING names the task, the run, since when, where, and where the result goes", () => {
@@ -77,6 +79,62 @@ describe("texts", () => {
     for (const part of ["nightly-report", "already running", "run-1", "2026-01-01T10:00:00.000Z", "2 min ago", "agent:ops:discord:channel:42", "reported there"]) {
       assert.ok(reason.includes(part), `${part} in ${reason}`);
     }
+  });
+
+  test("ALREADY_RUNNING of a single run keeps its wording", () => {
+    assert.equal(
+      alreadyRunningReason("nightly-report", guard, new Date("2026-01-01T10:02:00Z")),
+      'Task Guard: "nightly-report" is already running, so it was not started again. Run run-1 has been running ' +
+        "since 2026-01-01T10:00:00.000Z (2 min ago), started from session agent:ops:discord:channel:42; its result " +
+        "will be reported there. Tell the user it is already running (run run-1) instead of starting it again.",
+    );
+  });
+
+  /** A key three runs hold at once, as the sidecar answers a refused fourth: two holders and the guard's own run. */
+  function semaphore(count: number): Guard {
+    const runs = Array.from({ length: count }, (_, i): Holder => {
+      const startedAt = new Date(Date.parse("2026-01-01T10:00:00Z") + i * 60_000);
+      const where = `agent:ops:discord:channel:${i}`;
+      const session: Record<string, string> = i % 2 === 0 ? { "openclaw.session_key": where } : {};
+      return {
+        runId: `run-${i}`,
+        holder: `openclaw@h:${i} (exec)`,
+        fencingToken: i + 1,
+        attempt: i + 1,
+        startedAt,
+        expiresAt: undefined,
+        heartbeatAt: startedAt,
+        streamBound: true,
+        labels: session,
+        stale: false,
+      };
+    });
+    const own = runs.at(-1);
+    assert.ok(own !== undefined);
+    return { ...guard, ...own, state: "RUNNING", holders: runs.slice(0, -1), runs } as unknown as Guard;
+  }
+
+  test("ALREADY_RUNNING of a task several runs hold at once says how many and names each: id, since when, where", () => {
+    const reason = alreadyRunningReason("nightly-report", semaphore(3), new Date("2026-01-01T10:05:00Z"));
+    for (const part of [
+      '"nightly-report" is already running as often as it may run at once (3 runs)',
+      "not started again",
+      "run run-0, since 2026-01-01T10:00:00.000Z (5 min ago), started from session agent:ops:discord:channel:0",
+      "run run-1, since 2026-01-01T10:01:00.000Z (4 min ago), started from holder openclaw@h:1 (exec)",
+      "run run-2, since 2026-01-01T10:02:00.000Z (3 min ago), started from session agent:ops:discord:channel:2",
+      "already running 3 times at once",
+      "once one of those runs ends",
+    ]) {
+      assert.ok(reason.includes(part), `${part} in ${reason}`);
+    }
+    assert.ok(reason.indexOf("run-0") < reason.indexOf("run-1") && reason.indexOf("run-1") < reason.indexOf("run-2"));
+  });
+
+  test("ALREADY_RUNNING of a task many runs hold at once names the oldest few and counts the rest", () => {
+    const reason = alreadyRunningReason("nightly-report", semaphore(20), new Date("2026-01-01T11:00:00Z"));
+    assert.ok(reason.includes("(20 runs)") && reason.includes("run run-7, since"), reason);
+    assert.ok(!reason.includes("run-8") && reason.includes("; and 12 more."), reason);
+    assert.ok(reason.length < 2000, `${reason.length}`);
   });
 
   test("the approval prompt gives the failed run's time and exit code, within the Gateway's limits", () => {
