@@ -250,3 +250,42 @@ async def test_the_sweeper_expires_a_run_whose_newer_neighbour_just_ended(pool: 
         assert [e.guard.run_id for e in events if e.type == pb.GUARD_EVENT_TYPE_EXPIRED] == ["older"]
         assert not await client.check_fence(task_key, held.guard.fencing_token)
     older.cancel()
+
+
+async def test_after_a_kill_each_stream_holder_resumes_its_own_run_and_one_that_does_not_is_abandoned_alone(
+    sidecar_factory: Callable[..., SidecarProcess], key: str
+) -> None:
+    sidecar = sidecar_factory("--max-holders", "2", "--resume-grace", "3s")
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        held = {}
+        # The older run is the one whose holder does not come back: it is not the one the record speaks for.
+        for run_id in ("gone", "comes-back"):
+            call = stub.Hold()
+            await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=key, run_id=run_id)))
+            held[run_id] = await call.read()
+            assert held[run_id].outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        sidecar.kill()
+    sidecar.start()
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        resumed_call = stub.Hold()
+        await resumed_call.write(pb.HoldRequest(resume=pb.ResumeRequest(lease_id=held["comes-back"].lease_id)))
+        resumed = await resumed_call.read()
+        assert resumed.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+        assert (resumed.guard.run_id, resumed.guard.fencing_token) == ("comes-back", 2)
+
+        events = await watch_until(
+            stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_ABANDONED for e in seen),
+            key_prefix=key,
+            start_revision=held["gone"].guard.revision,
+        )
+        abandoned = next(e for e in events if e.type == pb.GUARD_EVENT_TYPE_ABANDONED)
+        assert abandoned.guard.run_id == "gone" and "did not resume within 3s" in abandoned.guard.last_detail
+        fences = [
+            (await stub.CheckFence(pb.CheckFenceRequest(task_key=key, fencing_token=token))).valid for token in (1, 2)
+        ]
+        assert fences == [False, True]
+        await resumed_call.write(pb.HoldRequest(release=pb.HoldRelease(status=pb.RUN_STATUS_SUCCEEDED)))
+        assert (await resumed_call.read()).guard.state == pb.GUARD_STATE_SUCCEEDED
