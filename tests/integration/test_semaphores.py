@@ -289,3 +289,14 @@ async def test_after_a_kill_each_stream_holder_resumes_its_own_run_and_one_that_
         assert fences == [False, True]
         await resumed_call.write(pb.HoldRequest(release=pb.HoldRelease(status=pb.RUN_STATUS_SUCCEEDED)))
         assert (await resumed_call.read()).guard.state == pb.GUARD_STATE_SUCCEEDED
+
+
+async def test_listing_running_keys_finds_a_semaphore_whose_failed_run_speaks_for_it(pool: InProcess, key: str) -> None:
+    task_key = f"pool:{key}"
+    async with AsyncClient(pool.address) as client:
+        await client.acquire(task_key, run_id="going", ttl=60)
+        failing = await client.acquire(task_key, run_id="failing", ttl=60)
+        await client.release(failing.lease_id, RunStatus.FAILED)
+        running = [guard.task_key async for guard in client.list(prefix=task_key, states=["RUNNING"])]
+        failed = [guard.task_key async for guard in client.list(prefix=task_key, states=["FAILED"])]
+    assert running == [task_key] and failed == [task_key]

@@ -26,6 +26,7 @@ from taskguard.guard.model import (
     Event,
     GuardQuery,
     GuardRecord,
+    GuardState,
     Policy,
     Reply,
 )
@@ -270,5 +271,7 @@ def _committed_run(run: GuardRecord, record: GuardRecord) -> GuardRecord:
 
 def _matches(query: GuardQuery, record: GuardRecord, now: float, policy: Policy) -> bool:
     if query.states and record.state not in query.states:
-        return False
+        # A semaphore whose record speaks for a failed run is still RUNNING for whoever asks for running keys.
+        if not (GuardState.RUNNING in query.states and record.runs):
+            return False
     return not query.stale_only or core.is_stale(record, now, policy)
