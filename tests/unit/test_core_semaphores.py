@@ -356,3 +356,29 @@ def test_never_more_than_max_holders_and_every_run_accounted_for(
             mine = record.run_with_lease(decision.reply.lease_id)
             assert mine is not None and mine.run_id == command.run_id
         assert codec.record_from_doc(codec.record_to_doc(record), now) == record
+
+
+def test_a_release_of_a_run_that_left_is_answered_by_its_snapshot_whatever_the_others_deadlines() -> None:
+    record, events = run_all([(acquire("a", ttl_s=10.0), 0), (acquire("b", ttl_s=100.0), 0)])
+    record, events, _ = settle(record, Release(KEY, "lease-b", RunStatus.SUCCEEDED), at(1))
+    snapshot = next(e.guard for e in events if e.type is EventType.RELEASED)
+    assert snapshot.run_id == "b" and snapshot.holders  # the store keeps it as told: with the key's other run
+
+    # Later, run a's TTL has lapsed (nobody healed it yet): b's holder asks again for its release.
+    answer = core.answer_past_run(snapshot, record, Release(KEY, "lease-b", RunStatus.SUCCEEDED), at(50), POOL)
+
+    assert isinstance(answer, GuardReply) and answer.guard is not None
+    assert (answer.guard.run_id, answer.guard.state) == ("b", GuardState.SUCCEEDED)
+
+
+def test_a_release_of_a_run_that_handed_over_to_its_queue_is_answered_whatever_its_waiters_max_wait() -> None:
+    policy = semaphore(holders=1, max_wait_s=5.0)
+    record, _ = run_all([(acquire("a"), 0), (waiting("w"), 0), (waiting("later"), 0)], policy)
+    record, events, _ = settle(record, Release(KEY, "lease-a", RunStatus.SUCCEEDED), at(1), policy)
+    snapshot = next(e.guard for e in events if e.type is EventType.RELEASED)
+    assert [w.run_id for w in snapshot.waiters] == ["w", "later"]  # told before the queue was served
+
+    # By the time a's holder asks again, the waiters' max_wait has passed in that snapshot.
+    answer = core.answer_past_run(snapshot, record, Release(KEY, "lease-a", RunStatus.SUCCEEDED), at(60), policy)
+
+    assert isinstance(answer, GuardReply) and answer.guard is not None and answer.guard.run_id == "a"
