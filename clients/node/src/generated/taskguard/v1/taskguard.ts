@@ -1086,7 +1086,12 @@ export interface GuardEvent {
    */
   revision: number;
   type: GuardEventType;
-  /** The guard after the change. */
+  /**
+   * The guard after the change. For a key several runs may hold, as seen
+   * from the run the event is about: its fields are that run's, and
+   * holders lists the key's other running runs (GetGuard's record speaks
+   * for the newest running run; see Guard.run_id).
+   */
   guard?:
     | Guard
     | undefined;
