@@ -295,10 +295,13 @@ def test_queues_admit_in_order_within_bounds_and_never_past_an_approval(
                 last_token = event.guard.fencing_token
                 if event.waiter_run_id and before is not None:
                     # FIFO: the admitted waiter was first in line among those still waiting.
+                    # (A waiter whose max_wait passed may queue again, at the end: a new place, not its old one.)
                     queued_before = [w.run_id for w in before.waiters]
                     if event.waiter_run_id in queued_before:
-                        earlier = queued_before[: queued_before.index(event.waiter_run_id)]
-                        assert all(run not in [w.run_id for w in record.waiters] for run in earlier)
+                        earlier = before.waiters[: queued_before.index(event.waiter_run_id)]
+                        assert not {(w.run_id, w.queued_at) for w in earlier} & {
+                            (w.run_id, w.queued_at) for w in record.waiters
+                        }
         if before is not None and not before.running and rule.requires_approval(before.state):
             # A key waiting for an approval admits no one before it is given.
             if not isinstance(command, ApproveRetry):

@@ -328,11 +328,14 @@ def test_never_more_than_max_holders_and_every_run_accounted_for(
                 live.add(event.guard.fencing_token)
                 if event.waiter_run_id and before is not None:
                     # FIFO, however many places opened: no one queued ahead of the admitted waiter still waits.
+                    # (A waiter whose max_wait passed may queue again, at the end: a new place, not its old one.)
                     queued_before = [w.run_id for w in before.waiters]
                     if event.waiter_run_id in queued_before:
-                        earlier = queued_before[: queued_before.index(event.waiter_run_id)]
+                        earlier = before.waiters[: queued_before.index(event.waiter_run_id)]
                         assert record is not None
-                        assert all(run not in [w.run_id for w in record.waiters] for run in earlier)
+                        assert not {(w.run_id, w.queued_at) for w in earlier} & {
+                            (w.run_id, w.queued_at) for w in record.waiters
+                        }
             elif event.type in RUN_ENDS:
                 live.discard(event.guard.fencing_token)
         if record is None:
