@@ -633,11 +633,6 @@ def _check_semaphores(settings: Settings) -> None:
                 f"{where}: allow_supersede needs max_holders = 1 (got {rule.max_holders}): with several runs "
                 "holding a key, a superseding caller would not say which to stop"
             )
-        if backends.backend_of(settings).shared:
-            raise ConfigError(
-                f"{where}: max_holders > 1 is not available with the etcd store yet (got "
-                f"{rule.max_holders}); its guards hold one run each, so use max_holders = 1 there"
-            )
 
 
 def _check_etcd_timing(settings: Settings) -> None:

@@ -22,7 +22,7 @@ from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
 from tests.support import ROOT, InProcess, SidecarProcess, watch_until
 
-# The etcd store holds one run per guard; config refuses max_holders > 1 there (tests/unit/test_config_rules).
+# The etcd store's semaphores, with more than one sidecar on one etcd, are in test_semaphores_etcd.py.
 pytestmark = pytest.mark.backends("sqlite")
 
 RULES = (KeyRule(name="pool", match="pool:*", max_holders=3),)

@@ -141,6 +141,12 @@ def test_a_rule_makes_a_key_a_semaphore_and_doctor_says_so(tmp_path: Path) -> No
     assert "up to 4 holders at once" in describe_rule(settings.policy.rule_for("batch::x"))
 
 
-def test_a_semaphore_is_refused_on_the_etcd_store_for_now(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"the default rule: max_holders > 1 is not available with the etcd store"):
-        load(tmp_path, toml='store = "etcd://127.0.0.1:2379"\nmax_holders = 2\n')
+def test_a_semaphore_is_accepted_on_the_etcd_store(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        toml='store = "etcd://127.0.0.1:2379"\nmax_holders = 2\n[[rules]]\nname = "pool"\nmatch = "batch::*"\n'
+        "max_holders = 8\n",
+    )
+
+    assert settings.policy.rule_for("other::x").max_holders == 2
+    assert settings.policy.rule_for("batch::x").max_holders == 8

@@ -2,33 +2,46 @@
 
 Layout under the prefix (default ``/taskguard/``; documents in ``etcd_docs.py``):
 
-* ``g/<task_key>``: the guard after its last state change, the events that
-  change made, the sidecar that made it (``host``) and the lease ids of the
-  runs before it whose snapshots are kept. Every state change compares the
-  key's mod revision with the revision the decision was made on, so two
-  sidecars racing on a key get exactly one winner. Changes of different keys
-  that wait at the same time share one transaction (``etcd_txn.py``). The
-  same transaction writes:
-* ``l/<lease_id>``: the last snapshot of a run that a later run of its key
-  replaced (``find_run``, so an old lease's release is still answered). The
-  current run needs none (the copy has it); the ``RUNS_KEPT`` newest past
-  runs of a key are kept and older ones deleted, so the keys stay bounded by
-  the guards, whatever the number of runs.
-* ``o/<task_key>``: the owner of a stream-bound run, attached to the etcd
-  lease of the sidecar whose Hold stream holds it; deleted when the run ends.
-  When a whole sidecar dies or is cut off, etcd expires its lease and deletes
-  these keys; every sidecar sees the deletes and the lease keeper turns them
-  into ``Abandon`` commands (the first wins, the rest find the run ended).
+* ``g/<task_key>``: the guard after its last state change (a semaphore's
+  with every run that holds it), the events that change made, the sidecar
+  that made it (``host``), each running run's last deadline move (below)
+  and the lease ids of the past runs whose snapshots are kept. Every state
+  change compares the key's mod revision with the revision the decision was
+  made on, so two sidecars racing on a key get exactly one winner. Changes
+  of different keys that wait at the same time share one transaction
+  (``etcd_txn.py``). The same transaction writes:
+* ``l/<lease_id>``: the last snapshot of a run that left its key's record
+  (``find_run``, so an old lease's release is still answered): the one its
+  change's event tells when there is one (a semaphore's run that ended
+  beside others), else the record it was before a later run replaced it.
+  Runs still in the record need none (the copy has them); the ``RUNS_KEPT``
+  newest past runs of a key are kept (all that one change ended, if more)
+  and older ones deleted, so the keys stay bounded by the guards, whatever
+  the number of runs.
+* ``o/<task_key>\\x1f<fencing_token>``: the owner of one stream-bound run,
+  attached to the etcd lease of the sidecar whose Hold stream holds it:
+  written by the change that bound the run to that stream (its acquisition,
+  resume or claim there), deleted by the one that ends it, and left alone by
+  changes to the key's other runs, so each run stays with its own sidecar.
+  When a whole sidecar dies or is cut off, etcd expires its lease and
+  deletes its owner keys, and only those; every sidecar sees the deletes and
+  the lease keeper turns each into an ``Abandon`` of that run (the first
+  wins, the rest find the run ended).
 * ``s/<host_id>``: each sidecar's presence, on its own etcd lease
   (``etcd_lease.py``).
 
-TTL deadlines never depend on hosts' clocks agreeing. The sidecar that made a
-state change (or took a heartbeat) keeps that guard's deadline on its own
-monotonic clock and expires it; the others leave it alone while its ``s/``
-key lives. Once etcd expires that sidecar's lease (etcd counts the TTL), the
-others take over: each arms ``ttl`` from the moment it last learnt of a grant,
-renewal or heartbeat, which is never earlier than the granting sidecar would
-have. Wall-clock fields (``expires_at``, ``heartbeat_at``) are only shown.
+TTL deadlines never depend on hosts' clocks agreeing. The sidecar that last
+moved a run's deadline (granted, renewed, resumed, claimed or heartbeated it)
+keeps that deadline on its own monotonic clock and expires it; the others
+leave it alone while its ``s/`` key lives. Once etcd expires that sidecar's
+lease (etcd counts the TTL), the others take over: each arms ``ttl`` from the
+moment it last learnt of that move, which is never earlier than the keeping
+sidecar would have. A g/ document names each running run's last move (the
+etcd revision that made it, and the sidecar), and a copy takes a document's
+word on a run only when it knows of no later move: a change to one of a
+semaphore's runs, written by a sidecar that had not yet seen another run's
+heartbeat, does not undo it. Wall-clock fields (``expires_at``,
+``heartbeat_at``) are only shown.
 
 Refused triggers and heartbeats are not state changes, and not a write each:
 they change this sidecar's copy at once and are written, one put per guard,
@@ -37,7 +50,8 @@ within ``LINGER_S``:
 * ``r/<task_key>``: the refusals since the last put. Watchers everywhere get
   them as DUPLICATE_REFUSED / RETRY_REFUSED events; the guard's revision (its
   last state change) does not move, as with SQLite.
-* ``h/<task_key>``: a Hold's last heartbeat, so the deadline moves everywhere.
+* ``h/<task_key>``: the last heartbeats of the key's runs held here, so their
+  deadlines move everywhere.
 
 Every sidecar keeps a copy of all guards, loaded at start in pages that all
 read one revision and kept current by one etcd watch on the prefix from the
@@ -64,7 +78,7 @@ import grpc
 from grpc import aio
 
 from taskguard.clock import Clock, instant
-from taskguard.guard.model import Durability, Event, GuardRecord, Instant
+from taskguard.guard.model import Durability, Event, EventType, GuardRecord, Instant
 from taskguard.store import (
     Committed,
     GuardLost,
@@ -77,7 +91,7 @@ from taskguard.store import etcd_docs as docs
 from taskguard.store.etcd_client import RETRY_S, EtcdClient, EtcdSettings, range_end, unavailable
 from taskguard.store.etcd_docs import encode_revision, etcd_revision_of
 from taskguard.store.etcd_lease import SidecarLease
-from taskguard.store.etcd_txn import Moved, Transition, TxnBatcher
+from taskguard.store.etcd_txn import MAX_TXN_OPS, Moved, Transition, TxnBatcher
 from taskguard.store.etcdpb import etcdv3_pb2 as etcd
 from taskguard.store.index import GuardIndex, IndexedStore
 
@@ -92,23 +106,119 @@ MAX_REFUSALS_PER_PUT = 2000
 RUNS_KEPT = 8
 # Own commits remembered until the watch brings them back (a bound, should the watch never do so).
 _OWN_EVENTS_KEPT = 8192
+# The revision of a deadline move of this sidecar's own that is not in etcd yet (a heartbeat waiting for its
+# put): later than any etcd revision, so nothing another sidecar wrote before it undoes it.
+PENDING = 1 << 62
+# The events that move their run's deadline, and those that bind it to the stream that asked (a Hold's).
+_MOVES = frozenset({EventType.ACQUIRED, EventType.RENEWED, EventType.RESUMED})
+_BINDS = frozenset({EventType.ACQUIRED, EventType.RESUMED})
 
 OwnerLossHandler = Callable[[str, int], None]
 DeadlineHandler = Callable[[GuardRecord], None]
 
 
 def _stamped(write: Write, revision: int, slot: int) -> tuple[GuardRecord, tuple[Event, ...]]:
-    """The write's record and events with the revisions of where its transaction put them."""
+    """The write's record and events with the revisions of where its transaction put them.
+
+    An event about another of a semaphore's runs keeps that run's record, with the guard's new revision.
+    """
     record = replace(write.record, revision=encode_revision(revision, slot + max(len(write.events) - 1, 0)))
     events = tuple(
-        replace(event, revision=encode_revision(revision, slot + index), guard=record)
+        replace(
+            event,
+            revision=encode_revision(revision, slot + index),
+            guard=record if _is(event.guard, write.record) else replace(event.guard, revision=record.revision),
+        )
         for index, event in enumerate(write.events)
     )
     return record, events
 
 
+def _is(guard: GuardRecord, record: GuardRecord) -> bool:
+    return guard is record or guard == record
+
+
 def _has_deadline(record: GuardRecord) -> bool:
     return record.running and record.ttl_s is not None and record.expires_at is not None
+
+
+# --- a semaphore's runs -------------------------------------------------------------------------
+#
+# A record speaks for one run (its own fields) and lists the key's other running runs in ``holders``; what this
+# store tracks per run (deadline moves, owner keys, snapshots) is by fencing token.
+
+
+def _run_of(record: GuardRecord | None, fencing_token: int) -> GuardRecord | None:
+    """The running run of ``record`` that has ``fencing_token`` (its own, or one of its holders)."""
+    if record is None:
+        return None
+    return next((run for run in record.runs if run.fencing_token == fencing_token), None)
+
+
+def _each_run(record: GuardRecord, change: Callable[[GuardRecord], GuardRecord]) -> GuardRecord:
+    """``record`` after ``change`` (of run fields only) to its own run and to each of its holders."""
+    changed = change(record)
+    if not record.holders:
+        return changed
+    return replace(changed, holders=tuple(change(holder) for holder in record.holders))
+
+
+def _with_beat_of(run: GuardRecord, known: GuardRecord) -> GuardRecord:
+    """``run`` with what this copy knows of its deadline (``known``: the same run in the copy)."""
+    return replace(
+        run,
+        heartbeat_at=known.heartbeat_at,
+        last_seen=known.last_seen,
+        expires_at=known.expires_at,
+        expires_deadline=known.expires_deadline,
+        hold_deadline=known.hold_deadline,
+    )
+
+
+def _moved_by(write: Write, previous: GuardRecord | None) -> set[int]:
+    """The running runs whose deadline ``write`` moves (granted, renewed, resumed, claimed, heartbeated, or
+    set aside for a resume), by fencing token. A change to a semaphore's other runs leaves theirs alone."""
+    moving = {event.guard.fencing_token for event in write.events if event.type in _MOVES}
+    moved: set[int] = set()
+    for run in write.record.runs:
+        before = _run_of(previous, run.fencing_token)
+        if before is None or run.fencing_token in moving or run.claimed != before.claimed:
+            moved.add(run.fencing_token)
+        elif (run.heartbeat_at, run.expires_at, run.ttl_s) != (before.heartbeat_at, before.expires_at, before.ttl_s):
+            # Moved by the decision, or by another sidecar's heartbeat this copy took since (then the copy's
+            # is the newer reading, and the decision's is older than it).
+            if run.last_seen >= before.last_seen:
+                moved.add(run.fencing_token)
+    return moved
+
+
+def _bound_here(write: Write, previous: GuardRecord | None) -> list[GuardRecord]:
+    """The stream-bound runs ``write`` binds to a Hold stream of this sidecar (acquired or resumed on it, or
+    a queue's turn claimed by it): their owner keys go on this sidecar's lease."""
+    binding = {event.guard.fencing_token for event in write.events if event.type in _BINDS}
+    bound = []
+    for run in write.record.runs:
+        if not (run.stream_bound and run.claimed):
+            continue
+        before = _run_of(previous, run.fencing_token)
+        if run.fencing_token in binding or (before is not None and not before.claimed):
+            bound.append(run)
+    return bound
+
+
+def _put(key: bytes, value: bytes, lease: int = 0) -> Any:
+    return etcd.RequestOp(request_put=etcd.PutRequest(key=key, value=value, lease=lease))
+
+
+def _delete(key: bytes) -> Any:
+    return etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=key))
+
+
+def _armed_from_last_seen(due: set[int], run: GuardRecord) -> GuardRecord:
+    """``run``'s TTL from when this copy last learnt of its last move, if it is among ``due``."""
+    if not run.running or run.fencing_token not in due or run.ttl_s is None:
+        return run
+    return replace(run, expires_deadline=run.last_seen + run.ttl_s)
 
 
 class EtcdStore(IndexedStore):
@@ -126,16 +236,18 @@ class EtcdStore(IndexedStore):
         self._batcher = TxnBatcher(self._etcd)
         self._index = GuardIndex()
         self._mods: dict[str, int] = {}  # task key -> etcd mod revision of the g/ copy we hold
-        self._granters: dict[str, str] = {}  # task key -> the sidecar keeping its current deadline
-        self._seen: dict[str, float] = {}  # task key -> monotonic time this copy last learnt its deadline moved
+        # task key -> {fencing token of a running run: its last deadline move (revision, the sidecar keeping it)}
+        self._moves: dict[str, dict[int, docs.Move]] = {}
         self._runs: dict[str, tuple[str, ...]] = {}  # task key -> past runs with l/ snapshots, newest first
         self._hosts: set[str] = set()  # sidecars whose s/ key exists
-        self._owners: dict[str, int] = {}  # task key -> fencing token of its o/ key
-        self._pending: dict[str, tuple[Write, Transition]] = {}  # task key -> its write on its way from here
+        # task key -> {name of an o/ key of it: fencing token of the run that key owns}
+        self._owners: dict[str, dict[str, int]] = {}
+        # task key -> its write on its way from here, and what its document says of the key's runs
+        self._pending: dict[str, tuple[Write, Transition, docs.GuardMeta]] = {}
         self._own_events: dict[tuple[str, int], tuple[Event, ...]] = {}
         self._echoed: dict[str, tuple[int, GuardRecord, tuple[Event, ...]]] = {}  # own writes the watch brought first
         self._refusals: defaultdict[str, list[Event]] = defaultdict(list)
-        self._heartbeats: set[str] = set()
+        self._heartbeats: defaultdict[str, set[int]] = defaultdict(set)  # task key -> runs heartbeated since a put
         self._flusher: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._owner_loss: OwnerLossHandler | None = None
@@ -220,10 +332,18 @@ class EtcdStore(IndexedStore):
                 revision = at
                 read[kind].extend(kvs)
         hosts = {self._kind(kv.key)[1] for kv in read["s"]} | {self.host_id}
-        owners = {self._kind(kv.key)[1]: docs.owner_token(kv.value) for kv in read["o"]}
+        owners: dict[str, dict[str, int]] = {}
+        for kv in read["o"]:
+            name = self._kind(kv.key)[1]
+            owners.setdefault(docs.owner_task_key(name), {})[name] = docs.owner_token(kv.value)
         reloading = self._etcd_revision > 0
         gone_hosts = self._hosts - hosts
-        gone_owners = [(key, token) for key, token in self._owners.items() if owners.get(key) != token]
+        gone_owners = [
+            (key, token)
+            for key, named in self._owners.items()
+            for name, token in named.items()
+            if owners.get(key, {}).get(name) != token
+        ]
         self._hosts, self._owners = hosts, owners
         self._own_events.clear()
         for kv in read["g"]:
@@ -260,41 +380,62 @@ class EtcdStore(IndexedStore):
 
     # --- the copy -----------------------------------------------------------------------------
 
-    def _localize(self, now: Instant, host: str) -> docs.Localize:
-        """What a record read from etcd means on this process's clock (see the module docstring)."""
+    def _move_of(
+        self, run: GuardRecord, meta: docs.GuardMeta, mod_revision: int, known: GuardRecord | None
+    ) -> tuple[docs.Move, bool]:
+        """A running run's last deadline move, and whether it is one this copy knew already (the copy's
+        reading of the deadline stands), rather than the document's (a later one, or one the copy missed)."""
+        told = meta.move_of(run.fencing_token, mod_revision)
+        mine = self._moves.get(run.task_key, {}).get(run.fencing_token)
+        if known is not None and mine is not None and mine[0] >= told[0]:
+            return mine, True
+        return told, False
+
+    def _localize(self, now: Instant, meta: docs.GuardMeta, mod_revision: int) -> docs.Localize:
+        """What a record read from etcd means on this process's clock (see the module docstring), run by run."""
 
         def localize(record: GuardRecord) -> GuardRecord:
-            if host == self.host_id:
-                pending = self._pending.get(record.task_key)
-                mine = pending[0].record if pending is not None else self._index.get(record.task_key)
-                if mine is not None and mine.fencing_token == record.fencing_token:
-                    deadline = mine.expires_deadline if record.running else None
-                    return replace(
-                        record,
-                        last_seen=mine.last_seen,
-                        expires_deadline=deadline,
-                        hold_deadline=mine.hold_deadline if record.running else None,
-                        lock_delay_deadline=mine.lock_delay_deadline,
-                    )
-            deadline = None
-            if _has_deadline(record) and host not in self._hosts:
-                assert record.ttl_s is not None
-                deadline = now.monotonic + record.ttl_s
-            # Another host's wall clock says nothing about ours. A run's max hold is kept by the sidecar that
-            # granted it; a lock-delay runs its whole length from when this copy learns of the loss (late,
-            # never early: its length is a difference of that host's own clock readings).
-            return replace(
-                record,
-                last_seen=now.monotonic,
-                expires_deadline=deadline,
-                hold_deadline=None,
-                lock_delay_deadline=_lock_delay_from(record, now),
-            )
+            copy = self._index.get(record.task_key)
+
+            def settle(run: GuardRecord) -> GuardRecord:
+                if not run.running:
+                    return replace(run, last_seen=now.monotonic, expires_deadline=None, hold_deadline=None)
+                known = _run_of(copy, run.fencing_token)
+                (_, keeper), ours = self._move_of(run, meta, mod_revision, known)
+                if ours:
+                    assert known is not None
+                    return _with_beat_of(run, known)
+                # A run's max hold is kept by the sidecar that granted it, whoever moved its TTL since.
+                keeps_hold = known is not None and known.hold_until == run.hold_until
+                deadline = None
+                if _has_deadline(run) and (keeper == self.host_id or keeper not in self._hosts):
+                    # Its keeper is gone (or it is this sidecar, without this copy's reading): from now on,
+                    # which is late, never early. Another host's wall clock says nothing about ours.
+                    assert run.ttl_s is not None
+                    deadline = now.monotonic + run.ttl_s
+                return replace(
+                    run,
+                    last_seen=now.monotonic,
+                    expires_deadline=deadline,
+                    hold_deadline=known.hold_deadline if known is not None and keeps_hold else None,
+                )
+
+            settled = _each_run(record, settle)
+            return replace(settled, lock_delay_deadline=_lock_delay(record, copy, meta, now))
 
         return localize
 
+    def _moves_of(self, record: GuardRecord, meta: docs.GuardMeta, mod_revision: int) -> dict[int, docs.Move]:
+        """The last deadline move of each of ``record``'s running runs, as this copy takes it (see _move_of)."""
+        copy = self._index.get(record.task_key)
+        return {
+            run.fencing_token: self._move_of(run, meta, mod_revision, _run_of(copy, run.fencing_token))[0]
+            for run in record.runs
+        }
+
     def _decode_guard(self, kv: Any, now: Instant) -> docs.GuardDoc:
-        return docs.decode_guard(kv.value, kv.mod_revision, now, functools.partial(self._localize, now))
+        mod_revision = int(kv.mod_revision)
+        return docs.decode_guard(kv.value, mod_revision, now, lambda meta: self._localize(now, meta, mod_revision))
 
     def _apply_guard(self, kv: Any, now: Instant) -> list[Event]:
         """Take a g/ put into the copy (unless the copy has it already); the events it made."""
@@ -305,82 +446,153 @@ class EtcdStore(IndexedStore):
         pending = self._pending.get(key)
         if pending is not None and pending[1].ops and pending[1].ops[0].request_put.value == kv.value:
             # Our own write, back before its transaction's answer: no need to decode what we wrote.
-            write, transition = pending
+            write, transition, meta = pending
             record, events = _stamped(write, kv.mod_revision, transition.slot)
-            self._echoed[key] = (kv.mod_revision, record, events)
             if kv.mod_revision > self._mods.get(key, 0):
-                self._keep(record, kv.mod_revision, self.host_id, transition.runs, now)
+                record = self._keep_own(record, kv.mod_revision, transition.runs, meta)
+            self._echoed[key] = (kv.mod_revision, record, events)
             return list(events)
         doc = self._decode_guard(kv, now)
         if kv.mod_revision > self._mods.get(key, 0):
             record = doc.record
             current = self._index.get(key)
-            if current is not None and current.fencing_token == record.fencing_token:
-                # Keep refusals counted here that are still on their way.
+            if current is not None and current.newest_token == record.newest_token:
+                # Keep refusals counted here that are still on their way (a count is of the newest run's time).
                 record = replace(record, duplicate_count=max(record.duplicate_count, current.duplicate_count))
-            self._keep(record, kv.mod_revision, doc.host, doc.runs, now)
+            self._keep(record, kv.mod_revision, doc.runs, self._moves_of(record, doc.meta, kv.mod_revision))
         return doc.events
 
-    def _keep(self, record: GuardRecord, mod_revision: int, host: str, runs: tuple[str, ...], now: Instant) -> None:
+    def _keep(self, record: GuardRecord, mod_revision: int, runs: tuple[str, ...], moves: dict[int, docs.Move]) -> None:
         key = record.task_key
         self._index.put(record)
         self._mods[key] = mod_revision
-        self._granters[key] = host
-        self._seen[key] = now.monotonic
         self._runs[key] = runs
+        if moves:
+            self._moves[key] = moves
+        else:
+            self._moves.pop(key, None)
+
+    def _keep_own(
+        self, record: GuardRecord, mod_revision: int, runs: tuple[str, ...], meta: docs.GuardMeta
+    ) -> GuardRecord:
+        """Take this sidecar's own committed write into the copy; the record as kept.
+
+        The runs it moved are as decided here; its other runs keep what the copy learnt of them since the
+        decision (another sidecar's heartbeat may have come while the transaction was on its way).
+        """
+        copy = self._index.get(record.task_key)
+        known_moves = self._moves.get(record.task_key, {})
+        moves: dict[int, docs.Move] = {}
+
+        def settle(run: GuardRecord) -> GuardRecord:
+            if not run.running:
+                return run
+            token = run.fencing_token
+            written = meta.move_of(token, mod_revision)
+            if written == (mod_revision, self.host_id):
+                moves[token] = written
+                return run
+            known = _run_of(copy, token)
+            moves[token] = known_moves.get(token, written)
+            return _with_beat_of(run, known) if known is not None else run
+
+        kept = _each_run(record, settle)
+        self._keep(kept, mod_revision, runs, moves)
+        return kept
+
+    def _merged(self, record: GuardRecord, moved: set[int], copy: GuardRecord | None) -> GuardRecord:
+        """A change made here that is not a transaction (a refusal, a heartbeat): the runs it did not move
+        keep what the copy has of their deadlines."""
+
+        def settle(run: GuardRecord) -> GuardRecord:
+            known = _run_of(copy, run.fencing_token)
+            if not run.running or run.fencing_token in moved or known is None:
+                return run
+            return _with_beat_of(run, known)
+
+        return _each_run(record, settle)
 
     def _apply_side(self, kv: Any, now: Instant) -> list[Event]:
-        """Fold an r/ (refusals) or h/ (heartbeat) put into the copy; the refusal events it carries."""
+        """Fold an r/ (refusals) or h/ (heartbeats) put into the copy; the refusal events it carries."""
         kind, task_key = self._kind(kv.key)
         record = self._index.get(task_key)
         if record is None:
             return []  # about a guard not seen yet: nothing to fold
         if kind == "h":
-            beat = docs.decode_heartbeat(kv.value)
-            if record.running and beat.fencing_token == record.fencing_token and beat.host != self.host_id:
-                deadline = None
-                if _has_deadline(record) and beat.host not in self._hosts:
-                    assert record.ttl_s is not None
-                    deadline = now.monotonic + record.ttl_s
-                self._index.put(
-                    replace(
-                        record,
-                        heartbeat_at=beat.heartbeat_at or record.heartbeat_at,
-                        last_seen=now.monotonic,
-                        expires_at=beat.expires_at,
-                        expires_deadline=deadline,
-                    )
-                )
-                self._granters[task_key] = beat.host
-                self._seen[task_key] = now.monotonic
+            self._apply_beats(record, docs.decode_heartbeat(kv.value), int(kv.mod_revision), now)
             return []
         if kind != "r":
             return []
-        events = docs.decode_refusals(kv.value, kv.mod_revision, record)
-        counted = max(
-            (e.guard.duplicate_count for e in events if e.guard.fencing_token == record.fencing_token), default=0
-        )
-        if counted > record.duplicate_count:
-            self._index.put(replace(record, duplicate_count=counted))
-        return events
+        refusals = docs.decode_refusals(kv.value, kv.mod_revision, record)
+        if refusals.counted > record.duplicate_count:
+            self._index.put(replace(record, duplicate_count=refusals.counted))
+        return refusals.events
+
+    def _apply_beats(self, record: GuardRecord, beats: docs.HeartbeatDoc, mod_revision: int, now: Instant) -> None:
+        """A sidecar's heartbeats of runs of one key: each moves its run's deadline, unless this copy knows of
+        a later move (at start, the g/ read with it may be newer)."""
+        key = record.task_key
+        known_moves = self._moves.setdefault(key, {})
+        beaten: dict[int, GuardRecord] = {}
+        for beat in beats.beats:
+            run = _run_of(record, beat.fencing_token)
+            if run is None:
+                continue
+            mine = known_moves.get(beat.fencing_token, (0, ""))
+            if beats.host == self.host_id:
+                # Our own put, back: the move is in etcd now, unless a newer one waits for the next put.
+                if mine[1] == self.host_id and beat.fencing_token not in self._heartbeats.get(key, ()):
+                    known_moves[beat.fencing_token] = (
+                        mod_revision if mine[0] == PENDING else max(mine[0], mod_revision),
+                        self.host_id,
+                    )
+                continue
+            if mine[0] >= mod_revision:
+                continue
+            deadline = None
+            if _has_deadline(run) and beats.host not in self._hosts:
+                assert run.ttl_s is not None
+                deadline = now.monotonic + run.ttl_s
+            beaten[beat.fencing_token] = replace(
+                run,
+                heartbeat_at=beat.heartbeat_at or run.heartbeat_at,
+                last_seen=now.monotonic,
+                expires_at=beat.expires_at,
+                expires_deadline=deadline,
+            )
+            known_moves[beat.fencing_token] = (mod_revision, beats.host)
+        if not beaten:
+            return
+        updated = _each_run(record, lambda run: beaten.get(run.fencing_token, run) if run.running else run)
+        self._index.put(updated)
+        if self._deadline_set is not None and any(run.expires_deadline is not None for run in beaten.values()):
+            self._deadline_set(updated)
 
     def _host_gone(self, host: str, now: Instant) -> None:
         """etcd expired a sidecar's lease: the TTL deadlines it kept are ours to keep now."""
         for record in self._index.running():
-            key = record.task_key
-            if self._granters.get(key) != host or not _has_deadline(record) or record.expires_deadline is not None:
+            known_moves = self._moves.get(record.task_key, {})
+            due = {
+                run.fencing_token
+                for run in record.runs
+                if known_moves.get(run.fencing_token, (0, ""))[1] == host
+                and _has_deadline(run)
+                and run.expires_deadline is None
+            }
+            if not due:
                 continue
-            assert record.ttl_s is not None
-            armed = replace(record, expires_deadline=self._seen.get(key, now.monotonic) + record.ttl_s)
+            # From when this copy last learnt of the move, which is no earlier than the gone sidecar made it.
+            armed = _each_run(record, functools.partial(_armed_from_last_seen, due))
             self._index.put(armed)
             if self._deadline_set is not None:
                 self._deadline_set(armed)
 
-    def _owners_gone(self, owners: Any) -> None:
+    def _owners_gone(self, owners: Sequence[tuple[str, int]]) -> None:
         for key, token in owners:
-            record = self._index.get(key)
-            # A release deletes the owner key in the transaction that ends the run: nothing to abandon then.
-            if record is not None and record.running and record.fencing_token == token and self._owner_loss:
+            if token in self._owners.get(key, {}).values():
+                continue  # another owner key holds that run still (it resumed on another sidecar)
+            # A change that ends a run deletes its owner key in the same transaction: nothing to abandon then.
+            if _run_of(self._index.get(key), token) is not None and self._owner_loss is not None:
                 self._owner_loss(key, token)
 
     # --- following every host's changes -----------------------------------------------------
@@ -425,19 +637,16 @@ class EtcdStore(IndexedStore):
             kv = change.kv
             self._etcd_revision = max(self._etcd_revision, kv.mod_revision)
             kind, name = self._kind(kv.key)
-            if change.type == etcd.Event.DELETE:
-                if kind == "o" and name in self._owners:
-                    gone_owners.append((name, self._owners.pop(name)))
-                elif kind == "s":
+            if kind == "o":
+                gone_owners.extend(self._owner_changed(name, kv.value if change.type != etcd.Event.DELETE else None))
+            elif change.type == etcd.Event.DELETE:
+                if kind == "s":
                     self._hosts.discard(name)
                     gone_hosts.append(name)
-                continue
-            if kind == "g":
+            elif kind == "g":
                 published.extend(self._apply_guard(kv, now))
             elif kind in ("r", "h"):
                 published.extend(self._apply_side(kv, now))
-            elif kind == "o":
-                self._owners[name] = docs.owner_token(kv.value)
             elif kind == "s":
                 self._hosts.add(name)
         fresh = [event for event in published if event.revision > self._revision]
@@ -448,6 +657,20 @@ class EtcdStore(IndexedStore):
             if host != self.host_id:
                 self._host_gone(host, now)
         self._owners_gone(gone_owners)
+
+    def _owner_changed(self, name: str, value: bytes | None) -> list[tuple[str, int]]:
+        """An o/ key put (``value``) or deleted (None); the run whose owner key went, if one did."""
+        key = docs.owner_task_key(name)
+        if value is not None:
+            self._owners.setdefault(key, {})[name] = docs.owner_token(value)
+            return []
+        named = self._owners.get(key)
+        if named is None or name not in named:
+            return []
+        token = named.pop(name)
+        if not named:
+            del self._owners[key]
+        return [(key, token)]
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -490,11 +713,17 @@ class EtcdStore(IndexedStore):
         return []
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
-        """RUNNING stream-bound guards whose owner key is gone (their sidecar died while none watched)."""
-        owned: set[str] = set()
-        async for _, kvs in self._etcd.pages(self._key("o"), keys_only=True):
-            owned.update(self._kind(kv.key)[1] for kv in kvs)
-        return [record for record in self._index.running() if record.stream_bound and record.task_key not in owned]
+        """Each RUNNING stream-bound run (a semaphore's each, as a record of that run) whose owner key is gone:
+        its sidecar died while none watched. An unclaimed turn is a waiter's, not a holder's: it has none yet."""
+        owned: set[tuple[str, int]] = set()
+        async for _, kvs in self._etcd.pages(self._key("o")):
+            owned.update((docs.owner_task_key(self._kind(kv.key)[1]), docs.owner_token(kv.value)) for kv in kvs)
+        return [
+            run
+            for record in self._index.running()
+            for run in record.runs
+            if run.stream_bound and run.claimed and (record.task_key, run.fencing_token) not in owned
+        ]
 
     async def events_since(self, revision: int, limit: int) -> list[Event]:
         """From etcd's history, through a short-lived watch, up to the head this sidecar has seen.
@@ -548,7 +777,7 @@ class EtcdStore(IndexedStore):
         if kind != "r":
             return []
         record = self._index.get(task_key)
-        return docs.decode_refusals(kv.value, kv.mod_revision, record) if record is not None else []
+        return docs.decode_refusals(kv.value, kv.mod_revision, record).events if record is not None else []
 
     @property
     def revision(self) -> int:
@@ -561,22 +790,17 @@ class EtcdStore(IndexedStore):
             raise StoreUnavailable("the store is closed")
         key = write.record.task_key
         self._index.check(write)
+        previous = self._index.get(key)
         if write.durability is Durability.LAZY:
-            self._index.put(write.record)
+            kept = self._merged(write.record, set(), previous)
+            self._index.put(kept)
             self._refusals[key].extend(write.events)
             self._schedule_flush()
-            return Committed(write.record, ())
+            return Committed(kept, ())
         if write.durability is Durability.VOLATILE:
-            if write.record.stream_bound and not self.lease_alive:
-                raise GuardLost("this sidecar lost its etcd lease; its stream-bound guards may be taken elsewhere")
-            self._index.put(write.record)
-            self._granters[key] = self.host_id
-            self._heartbeats.add(key)
-            self._schedule_flush()
-            return Committed(write.record, ())
-        previous = self._index.get(key)
-        transition = self._transition(write, previous)
-        self._pending[key] = (write, transition)
+            return self._commit_volatile(write, previous)
+        transition, meta = self._transition(write, previous)
+        self._pending[key] = (write, transition, meta)
         try:
             outcome = await self._batcher.submit(transition)
         finally:
@@ -590,48 +814,88 @@ class EtcdStore(IndexedStore):
             _, record, events = echoed
         else:
             record, events = _stamped(write, revision, outcome.slot)
-        if revision > self._mods.get(key, 0):
-            self._keep(record, revision, self.host_id, transition.runs, instant(self._clock))
-            if revision > self._etcd_revision:
-                self._own_events[(key, revision)] = events
-                if len(self._own_events) > _OWN_EVENTS_KEPT:
-                    self._own_events.pop(next(iter(self._own_events)))
+            if revision > self._mods.get(key, 0):
+                record = self._keep_own(record, revision, transition.runs, meta)
+                if revision > self._etcd_revision:
+                    self._own_events[(key, revision)] = events
+                    if len(self._own_events) > _OWN_EVENTS_KEPT:
+                        self._own_events.pop(next(iter(self._own_events)))
         return Committed(record, events)
 
-    def _transition(self, write: Write, previous: GuardRecord | None) -> Transition:
-        """The writes of one state change: the guard, the replaced run's snapshot, the owner key."""
+    def _commit_volatile(self, write: Write, previous: GuardRecord | None) -> Committed:
+        """A heartbeat (or a run set aside for a resume): in the copy at once, its put within LINGER_S."""
+        key = write.record.task_key
+        moved = _moved_by(write, previous)
+        targets = [run for run in write.record.runs if run.fencing_token in moved] or [write.record]
+        if any(run.stream_bound for run in targets) and not self.lease_alive:
+            raise GuardLost("this sidecar lost its etcd lease; its stream-bound guards may be taken elsewhere")
+        kept = self._merged(write.record, moved, previous)
+        self._index.put(kept)
+        if moved:
+            known_moves = self._moves.setdefault(key, {})
+            for token in moved:
+                known_moves[token] = (PENDING, self.host_id)
+            self._heartbeats[key].update(moved)
+            self._schedule_flush()
+        return Committed(kept, ())
+
+    def _transition(self, write: Write, previous: GuardRecord | None) -> tuple[Transition, docs.GuardMeta]:
+        """The writes of one state change: the guard, the snapshots of runs that left it, the owner keys of
+        runs it binds here or ends; and what its document says of each run's deadline."""
         record = write.record
         key = record.task_key
         guard_key = self._key("g", key)
-        runs = self._runs.get(key, ())
+        moved = _moved_by(write, previous)
+        known_moves = self._moves.get(key, {})
+        moves: dict[int, docs.Move] = {}
+        for run in record.runs:
+            mine = known_moves.get(run.fencing_token)
+            # 0: this document's own revision.
+            moves[run.fencing_token] = (
+                (0, self.host_id) if run.fencing_token in moved or mine is None or mine[0] == PENDING else mine
+            )
+        lock_delay_s = None
+        if record.lock_delay_deadline is not None:
+            lock_delay_s = max(0.0, record.lock_delay_deadline - self._clock.monotonic())
+        meta = docs.GuardMeta(self.host_id, moves, lock_delay_s)
+
         ops: list[Any] = []
         keys = {guard_key}
-        if previous is not None and previous.lease_id and previous.lease_id != record.lease_id:
-            runs = (previous.lease_id, *runs)
-            run_key = self._key("l", previous.lease_id)
-            ops.append(etcd.RequestOp(request_put=etcd.PutRequest(key=run_key, value=docs.encode_run(previous))))
+        snapshots = _snapshots(write, previous)
+        for lease_id, run in snapshots.items():
+            run_key = self._key("l", lease_id)
+            ops.append(_put(run_key, docs.encode_run(run)))
             keys.add(run_key)
-            for dropped in runs[RUNS_KEPT:]:
-                dropped_key = self._key("l", dropped)
-                ops.append(etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=dropped_key)))
-                keys.add(dropped_key)
-            runs = runs[:RUNS_KEPT]
-        owner_key = self._key("o", key)
-        keys.add(owner_key)
-        uses_lease = False
-        if record.running and record.stream_bound:
-            if not self.lease_alive:
-                raise StoreUnavailable("this sidecar's etcd lease is not alive: no stream can hold a guard here")
-            owner = docs.encode_owner(record.fencing_token, self.host_id)
-            ops.append(etcd.RequestOp(request_put=etcd.PutRequest(key=owner_key, value=owner, lease=self._lease.id)))
-            uses_lease = True
-        elif key in self._owners or (previous is not None and previous.stream_bound):
-            ops.append(etcd.RequestOp(request_delete_range=etcd.DeleteRangeRequest(key=owner_key)))
-        kept_runs = runs
+        bound = _bound_here(write, previous)
+        if bound and not self.lease_alive:
+            raise StoreUnavailable("this sidecar's etcd lease is not alive: no stream can hold a guard here")
+        bound_names = {docs.owner_name(key, run.fencing_token): run.fencing_token for run in bound}
+        for name, token in bound_names.items():
+            owner_key = self._key("o", name)
+            ops.append(_put(owner_key, docs.encode_owner(token, self.host_id), self._lease.id))
+            keys.add(owner_key)
+
+        # Then what may wait for a later change if this one has no room left (etcd takes MAX_TXN_OPS at
+        # most): owner keys of runs that ended (a stale one abandons nothing: its run is no longer running),
+        # then snapshots past the ones kept.
+        room = MAX_TXN_OPS - 1 - len(ops)
+        deletes: list[bytes] = []
+        for name in _owner_keys_to_delete(key, record, previous, self._owners.get(key, {}), bound_names):
+            if len(deletes) == room:
+                break
+            deletes.append(self._key("o", name))
+        runs = [*reversed(snapshots), *(lease for lease in self._runs.get(key, ()) if lease not in snapshots)]
+        keep = max(RUNS_KEPT, len(snapshots))
+        dropped = set(runs[keep:][::-1][: max(room - len(deletes), 0)])  # the oldest first
+        deletes.extend(self._key("l", lease) for lease in dropped)
+        for deleted in deletes:
+            ops.append(_delete(deleted))
+            keys.add(deleted)
+        kept_runs = tuple(lease for lease in runs if lease not in dropped)
 
         def build(slot: int) -> list[Any]:
-            value = docs.encode_guard(record, write.events, self.host_id, kept_runs, slot)
-            return [etcd.RequestOp(request_put=etcd.PutRequest(key=guard_key, value=value)), *ops]
+            value = docs.encode_guard(record, write.events, meta, kept_runs, slot)
+            return [_put(guard_key, value), *ops]
 
         transition = Transition(
             build=build,
@@ -639,10 +903,10 @@ class EtcdStore(IndexedStore):
             slots=max(len(write.events), 1),
             compare_key=guard_key,
             expected_mod=etcd_revision_of(write.expected_revision),
-            uses_lease=uses_lease,
-            runs=runs,
+            uses_lease=bool(bound),
+            runs=kept_runs,
         )
-        return transition
+        return transition, meta
 
     def _refresh(self, kvs: Sequence[Any]) -> None:
         """Take keys as etcd has them now (after a lost compare, or a confirming read)."""
@@ -651,7 +915,7 @@ class EtcdStore(IndexedStore):
             key = self._kind(kv.key)[1]
             if kv.mod_revision > self._mods.get(key, 0):
                 doc = self._decode_guard(kv, now)
-                self._keep(doc.record, kv.mod_revision, doc.host, doc.runs, now)
+                self._keep(doc.record, kv.mod_revision, doc.runs, self._moves_of(doc.record, doc.meta, kv.mod_revision))
 
     def _schedule_flush(self) -> None:
         if self._flusher is None:
@@ -667,18 +931,18 @@ class EtcdStore(IndexedStore):
     async def _flush_side_keys(self) -> None:
         """One put per guard with refusals or a heartbeat to write; none waits for the others."""
         refusals, self._refusals = self._refusals, defaultdict(list)
-        heartbeats, self._heartbeats = self._heartbeats, set()
+        heartbeats, self._heartbeats = self._heartbeats, defaultdict(set)
         puts: list[Any] = []
         for key, events in refusals.items():
             for start in range(0, len(events), MAX_REFUSALS_PER_PUT):
                 puts.append(
                     self._put(self._key("r", key), docs.encode_refusals(events[start : start + MAX_REFUSALS_PER_PUT]))
                 )
-        for key in heartbeats:
+        for key, tokens in heartbeats.items():
             record = self._index.get(key)
-            if record is None or not record.running:
-                continue
-            puts.append(self._put(self._key("h", key), docs.encode_heartbeat(record, self.host_id)))
+            beaten = [run for run in record.runs if run.fencing_token in tokens] if record is not None else []
+            if beaten:
+                puts.append(self._put(self._key("h", key), docs.encode_heartbeat(beaten, self.host_id)))
         results = await asyncio.gather(*puts, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
@@ -702,3 +966,59 @@ def _lock_delay_from(record: GuardRecord, now: Instant) -> float | None:
     if record.lock_delay_until is None or record.released_at is None:
         return None
     return now.monotonic + max(0.0, (record.lock_delay_until - record.released_at).total_seconds())
+
+
+def _lock_delay(record: GuardRecord, copy: GuardRecord | None, meta: docs.GuardMeta, now: Instant) -> float | None:
+    """A lock-delay runs its whole length from when this copy learns of the loss (late, never early: its length
+    is a difference of that host's own clock readings); one this copy already counts goes on as it was."""
+    if record.lock_delay_until is None:
+        return None
+    if copy is not None and copy.lock_delay_until == record.lock_delay_until:
+        return copy.lock_delay_deadline
+    if record.running or record.holders or record.released_at is None:
+        # A semaphore's run was lost beside others: what was left of it when written, from now.
+        return now.monotonic + meta.lock_delay_s if meta.lock_delay_s is not None else _lock_delay_from(record, now)
+    return _lock_delay_from(record, now)
+
+
+def _snapshots(write: Write, previous: GuardRecord | None) -> dict[str, GuardRecord]:
+    """The runs that leave the record in ``write``, by lease id, each as last told: by the change's last event
+    about it (a semaphore's run that ended beside others), else as the record it was (a run replaced)."""
+    record = write.record
+    current = {run.lease_id for run in (record, *record.holders)}
+    snapshots: dict[str, GuardRecord] = {}
+    for event in write.events:
+        lease_id = event.guard.lease_id
+        if lease_id and lease_id not in current:
+            snapshots[lease_id] = _run_alone(event.guard)
+    if previous is not None and previous.lease_id and previous.lease_id not in current:
+        snapshots.setdefault(previous.lease_id, _run_alone(previous))
+    return snapshots
+
+
+def _run_alone(run: GuardRecord) -> GuardRecord:
+    """A semaphore's past run as its snapshot keeps it: without the key's other runs and queue, which a late
+    command of that run is not about (and which, N snapshots of N runs each, would outgrow a transaction)."""
+    if not (run.holders or run.tokens_issued):
+        return run
+    return replace(run, holders=(), waiters=())
+
+
+def _owner_keys_to_delete(
+    key: str, record: GuardRecord, previous: GuardRecord | None, named: dict[str, int], bound: dict[str, int]
+) -> list[str]:
+    """Owner keys (their names) that ``record`` leaves with no run to own, the ended runs' first: those go by
+    name whether this copy saw them or not; then any other owner key of a run no longer held by a stream
+    (another name of a run bound here anew, one written before semaphores)."""
+    holding = {run.fencing_token for run in record.runs if run.stream_bound}
+    names: list[str] = []
+    if previous is not None:
+        for run in previous.runs:
+            if run.stream_bound and run.fencing_token not in holding:
+                names.append(docs.owner_name(key, run.fencing_token))
+                names.extend(name for name, token in named.items() if token == run.fencing_token)
+    bound_tokens = set(bound.values())
+    names.extend(
+        name for name, token in named.items() if token not in holding or (token in bound_tokens and name not in bound)
+    )
+    return [name for name in dict.fromkeys(names) if name not in bound]

@@ -127,6 +127,15 @@ class TxnBatcher:
             )
             if fits:
                 grown = size + transition.place(slots)
+                if len(transition.ops) > MAX_TXN_OPS:
+                    # It would wait for room forever (the store keeps its changes within the limit).
+                    transition.future.set_exception(
+                        StoreUnavailable(
+                            f"a change of {len(transition.ops)} writes is more than etcd takes in one transaction"
+                            f" ({MAX_TXN_OPS})"
+                        )
+                    )
+                    continue
                 fits = ops + len(transition.ops) <= MAX_TXN_OPS and (not batch or grown <= MAX_TXN_BYTES)
             if not fits:
                 if not transition.future.done():
