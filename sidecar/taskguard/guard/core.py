@@ -169,7 +169,7 @@ def heal(record: GuardRecord | None, now: Instant, policy: Policy) -> tuple[Guar
         )
     for holder in record.holders:
         if is_expired(holder, now.monotonic):
-            ended = _lapsed(_view(record, holder), now, policy)
+            ended = _lapsed(record.view_of(holder), now, policy)
             lapsed = EventType.EXPIRED if ended.state is GuardState.EXPIRED else EventType.RELEASED
             events.append(Event(lapsed, ended, now.wall))
             record = _folded(record, holder, ended, policy)
@@ -498,7 +498,7 @@ def _new_run(
     # A run's attempt and fencing token rise together: both count the key's runs.
     number = _tokens_issued(previous) + 1
     # The runs that go on beside this one (a semaphore's), the previous run too when it still runs.
-    holders = () if previous is None else tuple(_as_holder(run) for run in previous.runs)
+    holders = () if previous is None else tuple(run.as_holder() for run in previous.runs)
     return GuardRecord(
         task_key=cmd.task_key,
         state=GuardState.RUNNING,
@@ -951,7 +951,7 @@ def _claim(current: GuardRecord, cmd: Claim, now: Instant, policy: Policy) -> De
 # failure awaiting approval, an approved retry) speaks for the key, its other runs going on as holders. A run
 # that ends otherwise while others run leaves the record (its last snapshot is the store's); the newest of the
 # rest speaks for the key again. Each run's commands (by lease, by fencing token) are decided on a record of
-# that run (``_view``) by the same rules as a single run's, then folded back.
+# that run (``GuardRecord.view_of``) by the same rules as a single run's, then folded back.
 
 
 def _has_free_slot(record: GuardRecord, policy: Policy) -> bool:
@@ -972,30 +972,6 @@ def _tokens_issued(record: GuardRecord | None) -> int:
     if record is None:
         return 0
     return max(record.newest_token, record.attempt)
-
-
-def _as_holder(run: GuardRecord) -> GuardRecord:
-    """``run`` as a record's holder: its run's fields, none of the key's."""
-    if not (run.waiters or run.holders or run.duplicate_count or run.tokens_issued or run.lock_delay_deadline):
-        return run
-    return replace(
-        run, waiters=(), holders=(), duplicate_count=0, tokens_issued=0, lock_delay_until=None, lock_delay_deadline=None
-    )
-
-
-def _view(record: GuardRecord, holder: GuardRecord) -> GuardRecord:
-    """``holder``'s run as a record of its own, with the key's queue, counters and other runs."""
-    others = tuple(_as_holder(run) for run in record.runs if run.fencing_token != holder.fencing_token)
-    return replace(
-        holder,
-        waiters=record.waiters,
-        holders=others,
-        duplicate_count=record.duplicate_count,
-        revision=record.revision,
-        tokens_issued=_tokens_issued(record),
-        lock_delay_until=record.lock_delay_until,
-        lock_delay_deadline=record.lock_delay_deadline,
-    )
 
 
 def _holder_named(record: GuardRecord, command: Command) -> GuardRecord | None:
@@ -1019,14 +995,14 @@ def _holder_named(record: GuardRecord, command: Command) -> GuardRecord | None:
 def _for_holder(record: GuardRecord, holder: GuardRecord, command: Command, now: Instant, policy: Policy) -> Decision:
     cell = RULES[type(command)][GuardState.RUNNING]
     assert not isinstance(cell, Refusal)  # every command a holder is named by has a rule for a running run
-    decision: Decision = cell(_view(record, holder), command, now, policy)
+    decision: Decision = cell(record.view_of(holder), command, now, policy)
     if decision.record is None:
         return decision
     return replace(decision, record=_settled(_folded(record, holder, decision.record, policy), policy))
 
 
 def _folded(record: GuardRecord, holder: GuardRecord, changed: GuardRecord, policy: Policy) -> GuardRecord:
-    """``record`` after ``holder``'s run became ``changed`` (a view: see ``_view``)."""
+    """``record`` after ``holder``'s run became ``changed`` (a view: see ``GuardRecord.view_of``)."""
     if changed.running or policy.rule_for(record.task_key).requires_approval(changed.state):
         if not changed.running:
             # An ended run that needs an approval speaks for the key now; the others go on beside it.
@@ -1034,7 +1010,7 @@ def _folded(record: GuardRecord, holder: GuardRecord, changed: GuardRecord, poli
         others = tuple(run for run in record.holders if run.fencing_token != holder.fencing_token)
         return replace(
             record,
-            holders=tuple(sorted((*others, _as_holder(changed)), key=lambda run: run.fencing_token)),
+            holders=tuple(sorted((*others, changed.as_holder()), key=lambda run: run.fencing_token)),
             waiters=changed.waiters,
             duplicate_count=changed.duplicate_count,
         )
@@ -1076,7 +1052,7 @@ def _force_release_all(current: GuardRecord, cmd: ForceRelease, now: Instant, po
     ended = [
         _lost(
             _ended(
-                replace(_view(current, run), holders=()),
+                replace(current.view_of(run), holders=()),
                 GuardState.CANCELLED,
                 RunStatus.CANCELLED,
                 cmd.reason,

@@ -9,6 +9,7 @@ Times: ``*_at`` fields are UTC wall time, for people; ``*_deadline`` and
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import functools
@@ -322,6 +323,38 @@ class GuardRecord:
     def run_with_lease(self, lease_id: str) -> GuardRecord | None:
         """The running run ``lease_id`` holds, as a record of that run; None when no run of the key holds it."""
         return next((run for run in self.runs if run.lease_id == lease_id), None)
+
+    def run_with_token(self, fencing_token: int) -> GuardRecord | None:
+        """The running run that has ``fencing_token``; None when no run of the key holding it has."""
+        return next((run for run in self.runs if run.fencing_token == fencing_token), None)
+
+    def as_holder(self) -> GuardRecord:
+        """This record's run as one of a record's holders: its run's fields, none of its key's."""
+        if not (self.waiters or self.holders or self.duplicate_count or self.tokens_issued or self.lock_delay_deadline):
+            return self
+        return dataclasses.replace(
+            self,
+            waiters=(),
+            holders=(),
+            duplicate_count=0,
+            tokens_issued=0,
+            lock_delay_until=None,
+            lock_delay_deadline=None,
+        )
+
+    def view_of(self, run: GuardRecord) -> GuardRecord:
+        """``run`` (one of this key's runs) as a record of its own, with the key's queue, counters and other runs:
+        how a decision about that run, and its events, see the key."""
+        return dataclasses.replace(
+            run,
+            waiters=self.waiters,
+            holders=tuple(other.as_holder() for other in self.runs if other.fencing_token != run.fencing_token),
+            duplicate_count=self.duplicate_count,
+            revision=self.revision,
+            tokens_issued=max(self.newest_token, self.attempt),
+            lock_delay_until=self.lock_delay_until,
+            lock_delay_deadline=self.lock_delay_deadline,
+        )
 
 
 # --- commands -----------------------------------------------------------------

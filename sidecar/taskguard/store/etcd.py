@@ -150,9 +150,7 @@ def _has_deadline(record: GuardRecord) -> bool:
 
 def _run_of(record: GuardRecord | None, fencing_token: int) -> GuardRecord | None:
     """The running run of ``record`` that has ``fencing_token`` (its own, or one of its holders)."""
-    if record is None:
-        return None
-    return next((run for run in record.runs if run.fencing_token == fencing_token), None)
+    return record.run_with_token(fencing_token) if record is not None else None
 
 
 def _each_run(record: GuardRecord, change: Callable[[GuardRecord], GuardRecord]) -> GuardRecord:

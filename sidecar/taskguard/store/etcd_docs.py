@@ -247,13 +247,6 @@ def encode_refusals(events: Sequence[Event]) -> bytes:
     return codec.dumps(document).encode()
 
 
-def _as_holder(run: GuardRecord) -> GuardRecord:
-    """``run`` as one of a record's holders: its run's fields, none of the key's."""
-    return replace(
-        run, waiters=(), holders=(), duplicate_count=0, tokens_issued=0, lock_delay_until=None, lock_delay_deadline=None
-    )
-
-
 def _refused_by(record: GuardRecord, raw: dict[str, Any]) -> GuardRecord:
     """The guard a refusal names: the record, or a record of the semaphore's run in the way (every run of the
     key still in it, as the core's own events about one run have it)."""
@@ -266,16 +259,7 @@ def _refused_by(record: GuardRecord, raw: dict[str, Any]) -> GuardRecord:
         # A run no longer in the record: the guard as it stands (a record naming a run that left it would
         # leave out one that still holds the key).
         return replace(record, duplicate_count=count)
-    return replace(
-        holder,
-        waiters=record.waiters,
-        holders=tuple(_as_holder(run) for run in record.runs if run.fencing_token != token),
-        duplicate_count=count,
-        revision=record.revision,
-        tokens_issued=max(record.newest_token, record.attempt),
-        lock_delay_until=record.lock_delay_until,
-        lock_delay_deadline=record.lock_delay_deadline,
-    )
+    return replace(record.view_of(holder), duplicate_count=count)
 
 
 @dataclass(frozen=True, slots=True)
