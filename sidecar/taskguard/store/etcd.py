@@ -139,7 +139,17 @@ def _is(guard: GuardRecord, record: GuardRecord) -> bool:
 
 
 def _has_deadline(record: GuardRecord) -> bool:
-    return record.running and record.ttl_s is not None and record.expires_at is not None
+    return record.running and record.expires_at is not None and _span(record) is not None
+
+
+def _span(run: GuardRecord) -> float | None:
+    """How long ``run``'s deadline lasts from its last move, for a sidecar taking it over: its TTL, or for a
+    queue's turn no call took up yet, the resume grace its deadline was set to (a difference of the granting
+    sidecar's own clock readings: no comparison of two hosts' clocks). A turn of a waiter without a TTL has
+    no TTL, and its deadline must still be kept when both its waiter's sidecar and the granting one are gone."""
+    if not run.claimed and run.expires_at is not None:
+        return max(0.0, (run.expires_at - run.heartbeat_at).total_seconds())
+    return run.ttl_s
 
 
 # --- a semaphore's runs -------------------------------------------------------------------------
@@ -214,9 +224,10 @@ def _delete(key: bytes) -> Any:
 
 def _armed_from_last_seen(due: set[int], run: GuardRecord) -> GuardRecord:
     """``run``'s TTL from when this copy last learnt of its last move, if it is among ``due``."""
-    if not run.running or run.fencing_token not in due or run.ttl_s is None:
+    span = _span(run)
+    if not run.running or run.fencing_token not in due or span is None:
         return run
-    return replace(run, expires_deadline=run.last_seen + run.ttl_s)
+    return replace(run, expires_deadline=run.last_seen + span)
 
 
 class EtcdStore(IndexedStore):
@@ -409,8 +420,7 @@ class EtcdStore(IndexedStore):
                 if _has_deadline(run) and (keeper == self.host_id or keeper not in self._hosts):
                     # Its keeper is gone (or it is this sidecar, without this copy's reading): from now on,
                     # which is late, never early. Another host's wall clock says nothing about ours.
-                    assert run.ttl_s is not None
-                    deadline = now.monotonic + run.ttl_s
+                    deadline = now.monotonic + (_span(run) or 0.0)
                 return replace(
                     run,
                     last_seen=now.monotonic,
@@ -549,8 +559,7 @@ class EtcdStore(IndexedStore):
                 continue
             deadline = None
             if _has_deadline(run) and beats.host not in self._hosts:
-                assert run.ttl_s is not None
-                deadline = now.monotonic + run.ttl_s
+                deadline = now.monotonic + (_span(run) or 0.0)
             beaten[beat.fencing_token] = replace(
                 run,
                 heartbeat_at=beat.heartbeat_at or run.heartbeat_at,
