@@ -1010,6 +1010,22 @@ def test_a_resume_after_waiting_counts_the_ttl_from_the_resume() -> None:
     assert resumed.running and resumed.expires_deadline == at(TTL * 11 + 1).monotonic
 
 
+def test_the_end_of_a_resume_grace_abandons_a_run_only_if_nothing_was_heard_of_it_since() -> None:
+    running = start(ttl_s=None, stream_bound=True)
+    # Restarted with the wall clock set back: the stored heartbeat reads as later than now. It counts from now.
+    waiting = commit(replace(running, last_seen=at(TTL * 100).monotonic), AwaitResume(KEY, 1), at(TTL * 10))
+    assert waiting.last_seen == at(TTL * 10).monotonic
+    grace_began = at(TTL * 10).monotonic
+
+    quiet = decide(waiting, Abandon(KEY, 1, "did not resume", quiet_since=grace_began), at(TTL * 10 + 15), DEFAULT)
+    assert quiet.record is not None and quiet.record.state is GuardState.ABANDONED
+
+    # Its holder came back meanwhile (on another sidecar of a shared store, which the timing one cannot see).
+    resumed = commit(waiting, Resume(KEY, running.lease_id), at(TTL * 10 + 3))
+    heard = decide(resumed, Abandon(KEY, 1, "did not resume", quiet_since=grace_began), at(TTL * 10 + 15), DEFAULT)
+    assert heard.record is None
+
+
 @pytest.mark.parametrize(
     "record",
     [

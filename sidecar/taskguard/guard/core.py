@@ -746,7 +746,11 @@ def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: 
     if not current.stream_bound or current.fencing_token != cmd.fencing_token:
         return _unchanged(current, cmd, now, policy)
     # Its max hold, if it has one, still runs: a restart must not lengthen a run past it.
-    waiting = replace(current, expires_at=current.hold_until, expires_deadline=current.hold_deadline)
+    # Heard of now, as far as this process knows (a stored heartbeat time read on a clock that moved since
+    # says nothing): the grace's end abandons it unless it is heard of again (see ``Abandon.quiet_since``).
+    waiting = replace(
+        current, expires_at=current.hold_until, expires_deadline=current.hold_deadline, last_seen=now.monotonic
+    )
     # In memory only, like a heartbeat: after another restart the run waits again, from that restart.
     return Decision(waiting, (), GuardReply(waiting), Durability.VOLATILE)
 
@@ -754,6 +758,8 @@ def _await_resume(current: GuardRecord, cmd: AwaitResume, now: Instant, policy: 
 def _abandon(current: GuardRecord, cmd: Abandon, now: Instant, policy: Policy) -> Decision:
     if not current.stream_bound or current.fencing_token != cmd.fencing_token:
         return _unchanged(current, cmd, now, policy)
+    if cmd.quiet_since is not None and current.last_seen > cmd.quiet_since:
+        return _unchanged(current, cmd, now, policy)  # resumed, or heartbeating, since the grace began
     abandoned = _lost(
         _ended(current, GuardState.ABANDONED, RunStatus.UNSPECIFIED, cmd.reason, now.wall),
         policy.rule_for(cmd.task_key),

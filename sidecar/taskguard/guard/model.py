@@ -436,6 +436,9 @@ class Abandon:
     task_key: str
     fencing_token: int
     reason: str
+    # A resume grace's end: abandon only if nothing was heard of the run since (monotonic), for its holder may
+    # have come back on another sidecar of a shared store, which the one that timed the grace cannot see.
+    quiet_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

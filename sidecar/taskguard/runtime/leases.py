@@ -240,6 +240,7 @@ class LeaseKeeper:
             record.task_key,
             record.fencing_token,
             f"holder did not resume within {grace:g}s {after}",
+            self._engine.now(),
         )
 
     def release_attachment(self, record: GuardRecord, stream: object) -> None:
@@ -259,10 +260,11 @@ class LeaseKeeper:
             if isinstance(stream, HoldSession):
                 stream.lose("this sidecar lost its lease on the shared store; another may take the guard")
 
-    def _abandon_orphan(self, key: str, token: int, reason: str) -> None:
+    def _abandon_orphan(self, key: str, token: int, reason: str, since: float) -> None:
         self._orphans.pop((key, token), None)
         if (key, token) not in self._attached:
-            self._spawn(self._engine.execute(Abandon(key, token, reason)))
+            # Not if it resumed elsewhere meanwhile (a shared store's other sidecar): the core sees it was heard of.
+            self._spawn(self._engine.execute(Abandon(key, token, reason, quiet_since=since)))
 
     def _spawn(self, work: Coroutine[Any, Any, Result]) -> None:
         task = asyncio.create_task(work)
