@@ -82,7 +82,7 @@ async def pair(cluster: EtcdCluster, skew_s: float) -> AsyncIterator[tuple[Sidec
     workdir = Path(tempfile.mkdtemp(prefix="tg-", dir="/tmp"))
     (workdir / "a").mkdir()
     timing = ("--etcd-lease-ttl", f"{LEASE_TTL_S:g}s", "--etcd-timeout", f"{TIMEOUT_S:g}s")
-    a = SidecarProcess(workdir / "a", ("--store", cluster.url, "--etcd-prefix", prefix, *timing))
+    a = SidecarProcess(workdir / "a", ("--store", cluster.url, "--etcd-prefix", prefix, *timing, "--allow-supersede"))
     await asyncio.to_thread(a.start)
     settings = config.default_settings(
         listen=f"unix:{workdir / 'b.sock'}",
@@ -91,6 +91,7 @@ async def pair(cluster: EtcdCluster, skew_s: float) -> AsyncIterator[tuple[Sidec
         etcd_prefix=prefix,
         etcd_lease_ttl_s=LEASE_TTL_S,
         etcd_timeout_s=TIMEOUT_S,
+        allow_supersede=True,
     )
     b = await server.start(settings, SkewedClock(skew_s))
     channel = aio.insecure_channel(b.address)
@@ -173,3 +174,51 @@ async def test_a_dead_granting_sidecars_lease_still_lapses_on_the_skewed_host_an
     print(f"\nB {skew_s:+g}s, A killed: A's {TTL_S:g}s lease lapsed on B {lapsed_after:.2f}s after it was granted")
     taken = await acquire(on_b, key, run_id="after")
     assert taken.outcome == pb.ACQUIRE_OUTCOME_ACQUIRED and taken.guard.fencing_token == 2
+
+
+async def test_a_waiters_max_wait_and_a_supersede_grace_are_not_cut_short_on_a_skewed_host(
+    pair: tuple[SidecarProcess, pb_grpc.TaskGuardStub], key: str, skew_s: float
+) -> None:
+    """Both are set on A's clock; B, whose wall clock is a minute off, must not end them early (a command on B
+    heals what B thinks is due)."""
+    a, on_b = pair
+    async with aio.insecure_channel(a.address) as channel:
+        on_a = pb_grpc.TaskGuardStub(channel)
+        held = await acquire(on_a, key, ttl_s=600)
+        request = pb.AcquireRequest(task_key=key, run_id="waiter", on_conflict=pb.ON_CONFLICT_QUEUE)
+        request.max_wait.FromSeconds(30)
+        waiter = on_a.Hold()
+        await waiter.write(pb.HoldRequest(acquire=request))
+        queued = await asyncio.wait_for(waiter.read(), 10)
+        assert queued.outcome == pb.ACQUIRE_OUTCOME_QUEUED
+        # B learns of the waiter, then decides something about the key: the waiter's place must hold.
+        watch = await open_watch(on_b, key_prefix=key, start_revision=queued.guard.revision)
+        while (await asyncio.wait_for(watch.read(), 10)).type != pb.GUARD_EVENT_TYPE_QUEUED:
+            pass
+        watch.cancel()
+        assert (await acquire(on_b, key, run_id="refused")).outcome == pb.ACQUIRE_OUTCOME_ALREADY_RUNNING
+        on_bs_copy = await on_b.GetGuard(pb.GetGuardRequest(task_key=key), timeout=10)
+        assert [w.run_id for w in on_bs_copy.waiters] == ["waiter"], "B cut the waiter's max_wait short"
+        waiter.cancel()
+
+        # A newer trigger supersedes the run (30 s grace, by the default rule): B must not force-release it early.
+        superseding = on_a.Hold()
+        await superseding.write(
+            pb.HoldRequest(
+                acquire=pb.AcquireRequest(task_key=key, run_id="newer", on_conflict=pb.ON_CONFLICT_SUPERSEDE)
+            )
+        )
+        asked = await asyncio.wait_for(superseding.read(), 10)
+        assert asked.outcome == pb.ACQUIRE_OUTCOME_QUEUED
+        # (The stop request and the queueing are one commit: its last event, the QUEUED, has the guard's revision.)
+        watch = await open_watch(on_b, key_prefix=key, start_revision=asked.guard.revision)
+        while (await asyncio.wait_for(watch.read(), 10)).waiter_run_id != "newer":
+            pass
+        watch.cancel()
+        assert (await acquire(on_b, key, run_id="refused-again")).outcome == pb.ACQUIRE_OUTCOME_ALREADY_RUNNING
+        on_bs_copy = await on_b.GetGuard(pb.GetGuardRequest(task_key=key), timeout=10)
+        assert (on_bs_copy.state, on_bs_copy.run_id) == (pb.GUARD_STATE_RUNNING, held.guard.run_id), (
+            "B force-released the superseded run before its grace"
+        )
+        assert (await on_a.CheckFence(pb.CheckFenceRequest(task_key=key, fencing_token=1), timeout=10)).valid
+        superseding.cancel()

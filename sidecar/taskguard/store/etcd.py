@@ -78,7 +78,7 @@ import grpc
 from grpc import aio
 
 from taskguard.clock import Clock, instant
-from taskguard.guard.model import Durability, Event, EventType, GuardRecord, Instant
+from taskguard.guard.model import Durability, Event, EventType, GuardRecord, Instant, Waiter
 from taskguard.store import (
     Committed,
     GuardLost,
@@ -429,7 +429,12 @@ class EtcdStore(IndexedStore):
                 )
 
             settled = _each_run(record, settle)
-            return replace(settled, lock_delay_deadline=_lock_delay(record, copy, meta, now))
+            return replace(
+                settled,
+                lock_delay_deadline=_lock_delay(record, copy, meta, now),
+                waiters=_waiters_localized(record, copy, meta, now),
+                stop_deadline=_stop_deadline(record, copy, meta, now),
+            )
 
         return localize
 
@@ -861,10 +866,13 @@ class EtcdStore(IndexedStore):
             moves[run.fencing_token] = (
                 (0, self.host_id) if run.fencing_token in moved or mine is None or mine[0] == PENDING else mine
             )
+        mono = self._clock.monotonic()
         lock_delay_s = None
         if record.lock_delay_deadline is not None:
-            lock_delay_s = max(0.0, record.lock_delay_deadline - self._clock.monotonic())
-        meta = docs.GuardMeta(self.host_id, moves, lock_delay_s)
+            lock_delay_s = max(0.0, record.lock_delay_deadline - mono)
+        waits = {w.run_id: max(0.0, w.wait_deadline - mono) for w in record.waiters if w.wait_deadline is not None}
+        stop_left_s = max(0.0, record.stop_deadline - mono) if record.stop_deadline is not None else None
+        meta = docs.GuardMeta(self.host_id, moves, lock_delay_s, waits, stop_left_s)
 
         ops: list[Any] = []
         keys = {guard_key}
@@ -986,6 +994,38 @@ def _lock_delay(record: GuardRecord, copy: GuardRecord | None, meta: docs.GuardM
         # A semaphore's run was lost beside others: what was left of it when written, from now.
         return now.monotonic + meta.lock_delay_s if meta.lock_delay_s is not None else _lock_delay_from(record, now)
     return _lock_delay_from(record, now)
+
+
+def _waiters_localized(
+    record: GuardRecord, copy: GuardRecord | None, meta: docs.GuardMeta, now: Instant
+) -> tuple[Waiter, ...]:
+    """``record``'s waiters with their max_wait on this process's clock: as this copy already counts it, else
+    what the writer had left of it, from now (another host's wall clock says nothing about ours)."""
+    if not any(waiter.wait_until is not None for waiter in record.waiters):
+        return record.waiters
+    counted = {(w.run_id, w.wait_until): w.wait_deadline for w in copy.waiters} if copy is not None else {}
+    waits = meta.waits or {}
+
+    def localized(waiter: Waiter) -> Waiter:
+        if waiter.wait_until is None:
+            return waiter
+        deadline = counted.get((waiter.run_id, waiter.wait_until))
+        if deadline is None and waiter.run_id in waits:
+            deadline = now.monotonic + waits[waiter.run_id]
+        if deadline is None:
+            return waiter  # written before the writer said what was left: its wall time, as then
+        return replace(waiter, wait_deadline=deadline)
+
+    return tuple(localized(waiter) for waiter in record.waiters)
+
+
+def _stop_deadline(record: GuardRecord, copy: GuardRecord | None, meta: docs.GuardMeta, now: Instant) -> float | None:
+    """When a superseded run is force-released, on this process's clock (as for a waiter's max_wait)."""
+    if record.stop_deadline is None:
+        return None
+    if copy is not None and copy.fencing_token == record.fencing_token and copy.stop_until == record.stop_until:
+        return copy.stop_deadline
+    return now.monotonic + meta.stop_left_s if meta.stop_left_s is not None else record.stop_deadline
 
 
 def _snapshots(write: Write, previous: GuardRecord | None) -> dict[str, GuardRecord]:

@@ -54,6 +54,10 @@ class GuardMeta:
     moves: Mapping[int, Move] | None = None
     # What was left of the key's lock-delay when it was written (its writer's clock), if one runs.
     lock_delay_s: float | None = None
+    # What was left then of each waiter's max_wait (by run id), and of a superseded run's grace: a copy counts
+    # them from when it learns of them (late, never early), not from another host's wall clock.
+    waits: Mapping[str, float] | None = None
+    stop_left_s: float | None = None
 
     def move_of(self, fencing_token: int, mod_revision: int) -> Move:
         """The last move of a running run's deadline this document knows of."""
@@ -154,6 +158,10 @@ def encode_guard(
         document["moves"] = {str(token): [revision, host] for token, (revision, host) in sorted(meta.moves.items())}
     if meta.lock_delay_s is not None:
         document["lock_delay_s"] = meta.lock_delay_s
+    if meta.waits:
+        document["waits"] = dict(meta.waits)
+    if meta.stop_left_s is not None:
+        document["stop_left_s"] = meta.stop_left_s
     return codec.dumps(document).encode()
 
 
@@ -164,12 +172,15 @@ def _is_record(guard: GuardRecord, record: GuardRecord) -> bool:
 def _meta_from(document: dict[str, Any]) -> GuardMeta:
     moves = document.get("moves")
     lock_delay_s = document.get("lock_delay_s")
+    stop_left_s = document.get("stop_left_s")
     return GuardMeta(
         host=str(document.get("host", "")),
         moves=(
             {int(token): (int(move[0]), str(move[1])) for token, move in moves.items()} if moves is not None else None
         ),
         lock_delay_s=float(lock_delay_s) if lock_delay_s is not None else None,
+        waits={str(run_id): float(left) for run_id, left in document.get("waits", {}).items()},
+        stop_left_s=float(stop_left_s) if stop_left_s is not None else None,
     )
 
 
