@@ -975,9 +975,7 @@ def _names_a_run_of(record: GuardRecord, fencing_token: int) -> bool:
 
 
 def _tokens_issued(record: GuardRecord | None) -> int:
-    if record is None:
-        return 0
-    return max(record.newest_token, record.attempt)
+    return record.newest_token if record is not None else 0
 
 
 def _holder_named(record: GuardRecord, command: Command) -> GuardRecord | None:
@@ -1038,17 +1036,7 @@ def _settled(record: GuardRecord, policy: Policy) -> GuardRecord:
         return record
     if record.state is GuardState.RETRY_APPROVED or policy.rule_for(record.task_key).requires_approval(record.state):
         return record
-    *older, newest = record.holders
-    return replace(
-        newest,
-        waiters=record.waiters,
-        holders=tuple(older),
-        duplicate_count=record.duplicate_count,
-        revision=record.revision,
-        tokens_issued=_tokens_issued(record),
-        lock_delay_until=record.lock_delay_until,
-        lock_delay_deadline=record.lock_delay_deadline,
-    )
+    return record.view_of(record.holders[-1])
 
 
 def _force_release_all(current: GuardRecord, cmd: ForceRelease, now: Instant, policy: Policy) -> Decision:
@@ -1073,12 +1061,12 @@ def _force_release_all(current: GuardRecord, cmd: ForceRelease, now: Instant, po
     events = tuple(Event(EventType.FORCE_RELEASED, run, now.wall, actor=operator, reason=cmd.reason) for run in ended)
     last = ended[-1]
     # A run that needs an approval keeps speaking for the key: the runs went, its failure did not.
-    record = last if current.running else replace(current, holders=(), tokens_issued=_tokens_issued(current))
     record = replace(
-        record,
+        last if current.running else current,
+        holders=(),
+        tokens_issued=_tokens_issued(current),
         lock_delay_until=last.lock_delay_until,
         lock_delay_deadline=last.lock_delay_deadline,
-        tokens_issued=_tokens_issued(current),
     )
     return Decision(record, events, GuardReply(record))
 

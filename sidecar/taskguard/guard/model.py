@@ -317,8 +317,8 @@ class GuardRecord:
 
     @property
     def newest_token(self) -> int:
-        """The highest fencing token the key has issued."""
-        return max(self.tokens_issued, self.fencing_token)
+        """The highest fencing token the key has issued (a run's attempt and token rise together)."""
+        return max(self.tokens_issued, self.fencing_token, self.attempt)
 
     def run_with_lease(self, lease_id: str) -> GuardRecord | None:
         """The running run ``lease_id`` holds, as a record of that run; None when no run of the key holds it."""
@@ -351,7 +351,7 @@ class GuardRecord:
             holders=tuple(other.as_holder() for other in self.runs if other.fencing_token != run.fencing_token),
             duplicate_count=self.duplicate_count,
             revision=self.revision,
-            tokens_issued=max(self.newest_token, self.attempt),
+            tokens_issued=self.newest_token,
             lock_delay_until=self.lock_delay_until,
             lock_delay_deadline=self.lock_delay_deadline,
         )
