@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import selectors
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,26 @@ class SidecarProcess:
         if self.process.poll() is None:
             self.process.kill()
         self._reap(10)
+
+
+@contextlib.contextmanager
+def sidecars_on_one_store(
+    workdir: Path, store_args: tuple[str, ...], hosts: int, *args: str
+) -> Iterator[list[SidecarProcess]]:
+    """``hosts`` sidecar processes, each in a folder of its own (as if on a host of its own), on one shared
+    store; all closed at the end, however far the start got."""
+    started: list[SidecarProcess] = []
+    try:
+        for number in range(hosts):
+            folder = workdir / f"host-{chr(ord('a') + number)}"
+            folder.mkdir()
+            sidecar = SidecarProcess(folder, (*store_args, *args))
+            started.append(sidecar)
+            sidecar.start()
+        yield started
+    finally:
+        for sidecar in started:
+            sidecar.close()
 
 
 @dataclass

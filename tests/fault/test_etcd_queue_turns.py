@@ -14,7 +14,7 @@ from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import SidecarProcess, acquire, watch_until
+from tests.support import SidecarProcess, acquire, sidecars_on_one_store, watch_until
 
 pytestmark = pytest.mark.backends("etcd")
 
@@ -27,18 +27,8 @@ DEATH_S = 15.0
 def three_hosts(workdir: Path, store_args: tuple[str, ...]) -> Iterator[list[SidecarProcess]]:
     """Three sidecar processes on one etcd prefix, with a short resume grace (what a queue's turn lasts until
     its waiter's call takes it up)."""
-    started = []
-    try:
-        for name in ("host-a", "host-b", "host-c"):
-            folder = workdir / name
-            folder.mkdir()
-            sidecar = SidecarProcess(folder, (*store_args, "--resume-grace", "2s"))
-            started.append(sidecar)
-            sidecar.start()
+    with sidecars_on_one_store(workdir, store_args, 3, "--resume-grace", "2s") as started:
         yield started
-    finally:
-        for sidecar in started:
-            sidecar.close()
 
 
 async def test_a_turn_no_call_takes_up_ends_after_the_grace_when_both_the_waiters_and_the_granting_sidecar_died(

@@ -26,7 +26,7 @@ from taskguard.store.etcdpb import etcdv3_pb2_grpc as etcd_grpc
 from taskguard_client import AlreadyRunning, AsyncClient, GuardState, RunStatus
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import InProcess, SidecarProcess, acquire, watch_until
+from tests.support import InProcess, SidecarProcess, acquire, sidecars_on_one_store, watch_until
 
 pytestmark = pytest.mark.backends("etcd")
 
@@ -116,18 +116,8 @@ async def pool(in_process_factory: Any) -> InProcess:
 @pytest.fixture
 def two_hosts(workdir: Path, store_args: tuple[str, ...]) -> Iterator[list[SidecarProcess]]:
     """Two sidecar processes, each in a folder of its own (as if on its own host), on one etcd prefix."""
-    started = []
-    try:
-        for name in ("host-a", "host-b"):
-            folder = workdir / name
-            folder.mkdir()
-            sidecar = SidecarProcess(folder, (*store_args, "--max-holders", "2"))
-            started.append(sidecar)
-            sidecar.start()
+    with sidecars_on_one_store(workdir, store_args, 2, "--max-holders", "2") as started:
         yield started
-    finally:
-        for sidecar in started:
-            sidecar.close()
 
 
 # --- one sidecar ------------------------------------------------------------------------------------------
