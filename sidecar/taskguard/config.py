@@ -493,7 +493,8 @@ _RULES: dict[str, _Rule] = {
         _parse_int,
         _positive,
         "must be a whole number > 0",
-        "RUNNING guards one caller may have at once (counted by who it is, whatever holder it names)",
+        "RUNNING guards and places in queues one caller may have at once (counted by who it is, whatever holder "
+        "it names)",
     ),
     "hold_first_message_timeout_s": _Rule(
         parse_duration_s,

@@ -14,7 +14,8 @@ from grpc import aio
 
 from taskguard_client.v1 import taskguard_pb2 as pb
 from taskguard_client.v1 import taskguard_pb2_grpc as pb_grpc
-from tests.support import ROOT, InProcess, SidecarProcess, acquire, open_watch
+from tests.other_user import python_as_nobody
+from tests.support import ROOT, InProcess, SidecarProcess, acquire, open_watch, watch_until
 
 TIMEOUT_S = 20.0
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
@@ -74,3 +75,52 @@ async def test_the_per_connection_watcher_limit_stays_below_the_global_one(
         (await open_watch(pb_grpc.TaskGuardStub(channel), key_prefix=key)).cancel()
     for watch in watches:
         watch.cancel()
+
+
+_HOLD_AS_ANOTHER_USER = """
+import sys
+from taskguard_client import Client
+address, *keys = sys.argv[1:]
+with Client(address, timeout=10) as client:
+    for key in keys:
+        print(client.acquire(key, ttl=600).lease_id)
+"""
+
+
+async def _queue(stub: pb_grpc.TaskGuardStub, task_key: str) -> Any:
+    call = stub.Hold()
+    await call.write(pb.HoldRequest(acquire=pb.AcquireRequest(task_key=task_key, on_conflict=pb.ON_CONFLICT_QUEUE)))
+    return call
+
+
+async def test_queueing_does_not_take_a_caller_past_its_guards_per_caller_limit(
+    sidecar_factory: Callable[..., SidecarProcess], workdir: Any, key: str
+) -> None:
+    """Each place in a queue is a run its caller gets without asking again: the places count as its guards."""
+    sidecar = sidecar_factory("--socket-mode", "0666", "--max-guards-per-holder", "3")
+    os.chmod(workdir, 0o755)
+    taken = [f"{key}/taken-{i}" for i in range(3)]
+    # Another user holds the keys this caller will queue for.
+    others = await asyncio.to_thread(python_as_nobody, _HOLD_AS_ANOTHER_USER, sidecar.address, *taken)
+    assert others.returncode == 0, others.stderr
+    async with aio.insecure_channel(sidecar.address) as channel:
+        stub = pb_grpc.TaskGuardStub(channel)
+        for mine in ("a", "b"):
+            await acquire(stub, f"{key}/{mine}", ttl_s=600)
+        first = await _queue(stub, taken[0])
+        assert (await asyncio.wait_for(first.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
+        second = await _queue(stub, taken[1])
+        with pytest.raises(aio.AioRpcError) as refused:
+            await asyncio.wait_for(second.read(), TIMEOUT_S)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"uid:{os.getuid()} already holds 2 RUNNING guards and waits in 1 queues" in (
+            refused.value.details() or ""
+        )
+        # The place ends with its stream: room again.
+        first.cancel()
+        await watch_until(
+            stub, lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_DEQUEUED for e in seen), key_prefix=taken[0]
+        )
+        third = await _queue(stub, taken[2])
+        assert (await asyncio.wait_for(third.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
+        third.cancel()

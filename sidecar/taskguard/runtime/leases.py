@@ -57,6 +57,10 @@ class LeaseKeeper:
         self._max_per_holder = max_guards_per_holder
         self._held_by: Counter[str] = Counter()
         self._admitting: Counter[str] = Counter()
+        # Places in queues, by (task key, run id): each is a run its caller may get without asking again, so it
+        # counts against the caller's limit (or queueing would take a caller past it).
+        self._waiting: dict[tuple[str, str], str] = {}
+        self._waiting_by: Counter[str] = Counter()
         self._heap: list[tuple[float, str, int]] = []
         self._armed: dict[str, tuple[int, float]] = {}
         self._wakeup = asyncio.Event()
@@ -138,6 +142,23 @@ class LeaseKeeper:
                 self._held_by[principal] -= 1
                 if self._held_by[principal] <= 0:
                     del self._held_by[principal]
+            if event.waiter_run_id:
+                self._count_waiter(event)
+
+    def _count_waiter(self, event: Event) -> None:
+        """A queue event: a waiter took a place (QUEUED), or left it (its turn came, it went, it was replaced)."""
+        place = (event.task_key, event.waiter_run_id)
+        if event.type is EventType.QUEUED:
+            waiter = next((w for w in event.guard.waiters if w.run_id == event.waiter_run_id), None)
+            if waiter is not None and place not in self._waiting:
+                self._waiting[place] = waiter.acquire.principal
+                self._waiting_by[waiter.acquire.principal] += 1
+            return
+        principal = self._waiting.pop(place, None)
+        if principal is not None:
+            self._waiting_by[principal] -= 1
+            if self._waiting_by[principal] <= 0:
+                del self._waiting_by[principal]
 
     @contextlib.contextmanager
     def admit(self, principal: str) -> Iterator[None]:
@@ -147,10 +168,11 @@ class LeaseKeeper:
         it could change at will. Acquisitions being decided count too, so a
         burst cannot overshoot.
         """
-        held = self._held_by[principal]
-        if self._max_per_holder and held + self._admitting[principal] >= self._max_per_holder:
+        held, waiting = self._held_by[principal], self._waiting_by[principal]
+        if self._max_per_holder and held + waiting + self._admitting[principal] >= self._max_per_holder:
+            places = f" and waits in {waiting} queues" if waiting else ""
             raise HolderLimit(
-                f"{principal} already holds {held} RUNNING guards (max_guards_per_holder is "
+                f"{principal} already holds {held} RUNNING guards{places} (max_guards_per_holder is "
                 f"{self._max_per_holder}, counted per caller whatever holder it names)"
             )
         self._admitting[principal] += 1
