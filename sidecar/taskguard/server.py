@@ -110,6 +110,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Sidecar:
             store.set_owner_loss_handler(keeper.owner_lost)
             store.set_lease_loss_handler(keeper.lease_lost)
             store.set_deadline_handler(keeper.arm)
+            store.set_waiters_gone_handler(keeper.waiters_gone)
         undo.push_async_callback(keeper.stop)
         telemetry = Telemetry(settings.telemetry)
         backend = backends.backend_of(settings)

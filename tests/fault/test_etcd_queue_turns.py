@@ -74,3 +74,39 @@ async def test_a_turn_no_call_takes_up_ends_after_the_grace_when_both_the_waiter
         assert ended.guard.state == pb.GUARD_STATE_CANCELLED
         assert "did not take up its turn" in ended.guard.last_detail
         assert (await acquire(stub, key, ttl_s=60, run_id="next")).outcome == pb.ACQUIRE_OUTCOME_ACQUIRED
+
+
+async def test_waiters_whose_sidecar_died_leave_the_queue_and_do_not_cost_the_others_a_grace_each(
+    workdir: Path, store_args: tuple[str, ...], key: str
+) -> None:
+    # A long resume grace: a dead waiter left in line would hold up the next one that long.
+    with sidecars_on_one_store(workdir, store_args, 2, "--resume-grace", "60s") as (doomed, survivor):
+        async with aio.insecure_channel(doomed.address) as d, aio.insecure_channel(survivor.address) as s:
+            stub = pb_grpc.TaskGuardStub(s)
+            held = await acquire(stub, key, ttl_s=600, run_id="held")
+            calls = {}
+            for run_id, channel in (("on-doomed", d), ("on-survivor", s)):
+                call = pb_grpc.TaskGuardStub(channel).Hold()
+                request = pb.AcquireRequest(task_key=key, run_id=run_id, on_conflict=pb.ON_CONFLICT_QUEUE)
+                await call.write(pb.HoldRequest(acquire=request))
+                assert (await asyncio.wait_for(call.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
+                calls[run_id] = call
+            doomed.kill()
+
+            events = await watch_until(
+                stub,
+                lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_DEQUEUED for e in seen),
+                key_prefix=key,
+                start_revision=held.guard.revision,
+                timeout_s=DEATH_S,
+            )
+            left = next(e for e in events if e.type == pb.GUARD_EVENT_TYPE_DEQUEUED)
+            assert left.waiter_run_id == "on-doomed" and "the sidecar its call was on is gone" in left.reason
+            assert [w.run_id for w in left.guard.waiters] == ["on-survivor"]
+
+            await stub.Release(pb.ReleaseRequest(lease_id=held.lease_id, status=pb.RUN_STATUS_SUCCEEDED))
+            waiting = calls["on-survivor"]
+            while (answer := await asyncio.wait_for(waiting.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED:
+                pass
+            assert (answer.outcome, answer.guard.run_id) == (pb.ACQUIRE_OUTCOME_ACQUIRED, "on-survivor")
+            waiting.cancel()

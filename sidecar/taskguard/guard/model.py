@@ -383,6 +383,9 @@ class Acquire:
     on_conflict: ConflictPolicy | None = None
     # QUEUE / KEEP_NEWEST: the caller's own bound on its wait (the key's max_wait still applies).
     max_wait_s: float | None = None
+    # The sidecar the call is on, when several share a store (its host id; "" otherwise): a waiter whose
+    # sidecar is gone has no call left to hear its turn.
+    host: str = ""
 
 
 @dataclass(frozen=True, slots=True)

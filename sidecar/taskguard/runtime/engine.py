@@ -30,7 +30,7 @@ from taskguard.guard.model import (
     Policy,
     Reply,
 )
-from taskguard.store import CommitListener, Store, StoreConflict, Write
+from taskguard.store import CommitListener, SharedStore, Store, StoreConflict, Write
 
 # A conflict means another writer (another sidecar sharing the store) won the
 # race; decide again on what it wrote. Within one process it cannot happen.
@@ -84,6 +84,8 @@ class KeyedMutex:
 class Engine:
     def __init__(self, store: Store, clock: Clock, policy: Policy) -> None:
         self._store = store
+        # A shared store's name for this sidecar; "" for a store this process alone writes.
+        self._host = store.host_id if isinstance(store, SharedStore) else ""
         self._clock = clock
         self._policy = policy
         self._mutex = KeyedMutex()
@@ -93,6 +95,8 @@ class Engine:
 
     async def execute(self, command: Command) -> Result:
         """Decide and commit ``command`` on its task key."""
+        if isinstance(command, model.Acquire) and self._host and not command.host:
+            command = replace(command, host=self._host)  # the call is here, should it wait in the queue
         return await self._mutex.run(command.task_key, lambda: self._decide_and_commit(command))
 
     async def execute_on_lease(self, lease_id: str, build: Callable[[str], LeaseCommand]) -> Result:

@@ -89,14 +89,25 @@ class LeaseKeeper:
             await self._dismiss_waiters(record)
         self._sweeper = asyncio.create_task(self._sweep(), name="taskguard-lease-sweeper")
 
-    async def _dismiss_waiters(self, record: GuardRecord) -> None:
+    async def _dismiss_waiters(
+        self,
+        record: GuardRecord,
+        why: str = "the sidecar restarted while it waited; its call ended, and a retry queues again",
+    ) -> None:
         """Waiters whose calls ended with the last process: they leave (a retry queues again)."""
-        why = "the sidecar restarted while it waited; its call ended, and a retry queues again"
         for run in record.runs:
             if not run.claimed:
                 await self._engine.execute(model.Leave(record.task_key, run.run_id, run.lease_id, why))
         for waiter in record.waiters:
             await self._engine.execute(model.Leave(record.task_key, waiter.run_id, waiter.acquire.lease_id, why))
+
+    def waiters_gone(self, record: GuardRecord) -> None:
+        """A shared store says the sidecar these waiters' calls were on is gone: nothing will hear their turn."""
+        if not self._stopping:
+            why = "the sidecar its call was on is gone (its store lease expired); a retry queues again"
+            task = asyncio.create_task(self._dismiss_waiters(record, why))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
 
     def turn(self, acquire: Acquire) -> Turn:
         """Follow ``acquire``'s key before it is decided, in case it is queued."""

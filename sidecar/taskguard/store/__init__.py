@@ -145,6 +145,13 @@ class Store(Protocol):
 class SharedStore(Protocol):
     """What only a store that several sidecars share has to tell (the server wires it to the leases)."""
 
+    # This sidecar's name among those sharing the store (a waiter's call is on one of them).
+    host_id: str
+
+    def set_waiters_gone_handler(self, handler: Callable[[GuardRecord], None]) -> None:
+        """Be told of waiters whose sidecar is gone (a guard naming only them): their calls are over."""
+        ...
+
     def set_owner_loss_handler(self, handler: Callable[[str, int], None]) -> None:
         """Be told (task key, fencing token) when the sidecar holding a stream-bound guard is gone."""
         ...

@@ -94,6 +94,7 @@ def _waiter_to_doc(waiter: Waiter) -> dict[str, Any]:
         "keep_newest": waiter.keep_newest,
         "superseding": waiter.superseding,
         "wait_until": _at(waiter.wait_until),
+        **({"host": cmd.host} if cmd.host else {}),
     }
 
 
@@ -115,6 +116,7 @@ def _waiter_from_doc(task_key: str, doc: dict[str, Any], now: Instant) -> Waiter
         retry_key=doc["retry_key"],
         on_conflict=ConflictPolicy[on_conflict] if on_conflict is not None else None,
         max_wait_s=doc["max_wait_s"],
+        host=doc.get("host", ""),
     )
     return Waiter(
         acquire,

@@ -260,6 +260,7 @@ class EtcdStore(IndexedStore):
         self._flusher: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
         self._owner_loss: OwnerLossHandler | None = None
+        self._waiters_gone: Callable[[GuardRecord], None] | None = None
         self._lease_loss: Callable[[], None] | None = None
         self._deadline_set: DeadlineHandler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -386,6 +387,19 @@ class EtcdStore(IndexedStore):
 
     def set_deadline_handler(self, handler: DeadlineHandler) -> None:
         self._deadline_set = handler
+
+    def set_waiters_gone_handler(self, handler: Callable[[GuardRecord], None]) -> None:
+        self._waiters_gone = handler
+
+    def _waiters_of_gone_hosts(self, gone: Callable[[str], bool]) -> list[GuardRecord]:
+        """Guards with waiters whose call was on a sidecar that is gone, each naming only those waiters."""
+        found = []
+        for record in self._index.queued():
+            lost = tuple(w for w in record.waiters if w.acquire.host and gone(w.acquire.host))
+            if lost:
+                # Only these waiters: the runs and the other waiters are no business of whoever dismisses them.
+                found.append(replace(record, waiters=lost, holders=(), claimed=True))
+        return found
 
     # --- the copy -----------------------------------------------------------------------------
 
@@ -598,6 +612,10 @@ class EtcdStore(IndexedStore):
             self._index.put(armed)
             if self._deadline_set is not None:
                 self._deadline_set(armed)
+        # Its waiters' calls went with it (every sidecar sees this and dismisses them: the first one wins).
+        if self._waiters_gone is not None:
+            for waiting in self._waiters_of_gone_hosts(lambda gone: gone == host):
+                self._waiters_gone(waiting)
 
     def _owners_gone(self, owners: Sequence[tuple[str, int]]) -> None:
         for key, token in owners:
@@ -720,9 +738,10 @@ class EtcdStore(IndexedStore):
         return docs.decode_run(reply.kvs[0].value, instant(self._clock))
 
     async def orphaned_waiters(self) -> list[GuardRecord]:
-        # Other sidecars' waiters share these guards, and which ones were this sidecar's last incarnation's is
-        # not recorded: they stay, and a turn none takes up ends CANCELLED after the resume grace (see core).
-        return []
+        # Waiters whose call was on a sidecar that is no longer there (this one's last incarnation among them:
+        # each start is a new host id). A gone sidecar's s/ key may still live a little: then its waiters are
+        # dismissed when it goes (_host_gone). A turn already handed to a gone call ends after the resume grace.
+        return self._waiters_of_gone_hosts(lambda host: host not in self._hosts)
 
     async def unowned_stream_guards(self) -> list[GuardRecord]:
         """Each RUNNING stream-bound run (a semaphore's each, as a record of that run) whose owner key is gone:
