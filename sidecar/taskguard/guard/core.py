@@ -262,7 +262,7 @@ def healing(record: GuardRecord | None, command: Command, now: Instant, policy: 
     """
     if record is None or not heals_first(command):
         return None
-    if isinstance(command, Expire | Abandon) and not _names_a_run_of(record, command.fencing_token):
+    if isinstance(command, Expire | Abandon) and not record.names_run(command.fencing_token):
         return None
     healed, events = heal(record, now, policy)
     if not events:
@@ -967,11 +967,6 @@ def _has_free_slot(record: GuardRecord, policy: Policy) -> bool:
 def _is_a_run_of(record: GuardRecord, cmd: Acquire) -> bool:
     """Whether ``cmd``'s run id names a run of the key that holds it now (or the record's own)."""
     return cmd.run_id == record.run_id or any(run.run_id == cmd.run_id for run in record.holders)
-
-
-def _names_a_run_of(record: GuardRecord, fencing_token: int) -> bool:
-    """Whether ``fencing_token`` is the record's own run's (ended or not) or one of its running runs'."""
-    return record.fencing_token == fencing_token or any(run.fencing_token == fencing_token for run in record.holders)
 
 
 def _tokens_issued(record: GuardRecord | None) -> int:

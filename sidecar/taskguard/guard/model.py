@@ -324,6 +324,10 @@ class GuardRecord:
         """The running run ``lease_id`` holds, as a record of that run; None when no run of the key holds it."""
         return next((run for run in self.runs if run.lease_id == lease_id), None)
 
+    def names_run(self, fencing_token: int) -> bool:
+        """Whether ``fencing_token`` is this record's own run's (ended or not) or one of its running runs'."""
+        return self.fencing_token == fencing_token or any(run.fencing_token == fencing_token for run in self.holders)
+
     def run_with_token(self, fencing_token: int) -> GuardRecord | None:
         """The running run that has ``fencing_token``; None when no run of the key holding it has."""
         return next((run for run in self.runs if run.fencing_token == fencing_token), None)

@@ -105,9 +105,7 @@ class LeaseKeeper:
         """A shared store says the sidecar these waiters' calls were on is gone: nothing will hear their turn."""
         if not self._stopping:
             why = "the sidecar its call was on is gone (its store lease expired); a retry queues again"
-            task = asyncio.create_task(self._dismiss_waiters(record, why))
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
+            self._spawn(self._dismiss_waiters(record, why))
 
     def turn(self, acquire: Acquire) -> Turn:
         """Follow ``acquire``'s key before it is decided, in case it is queued."""
@@ -229,9 +227,8 @@ class LeaseKeeper:
             log.exception("expiring %r failed; retrying in 1s", key)
             asyncio.get_running_loop().call_later(1.0, self._rearm_later, key, token)
             return
-        record = result.record
-        if record is not None and (record.fencing_token == token or any(r.fencing_token == token for r in record.runs)):
-            self.arm(record)  # heartbeats moved the deadline
+        if result.record is not None and result.record.names_run(token):
+            self.arm(result.record)  # heartbeats moved the deadline
 
     def _rearm_later(self, key: str, token: int) -> None:
         heapq.heappush(self._heap, (self._engine.now(), key, token))
@@ -299,7 +296,7 @@ class LeaseKeeper:
             # Not if it resumed elsewhere meanwhile (a shared store's other sidecar): the core sees it was heard of.
             self._spawn(self._engine.execute(Abandon(key, token, reason, quiet_since=since)))
 
-    def _spawn(self, work: Coroutine[Any, Any, Result]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
@@ -307,7 +304,7 @@ class LeaseKeeper:
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("abandoning a guard failed: %s", task.exception())
+            log.error("a command of the lease keeper (an abandon, a dismissal) failed: %s", task.exception())
 
     # --- Hold sessions ---------------------------------------------------------------
 
