@@ -634,7 +634,7 @@ def answer_past_run(
         return _NO_SUCH_LEASE.given(run)
     # Only the run itself: the key's waiters and other runs in its snapshot are long gone or moved on, and
     # their deadlines passing must not make the answer look like a change.
-    decision = decide(replace(run, waiters=(), holders=()) if run.waiters or run.holders else run, command, now, policy)
+    decision = decide(run.alone(), command, now, policy)
     if not decision.changes:
         return decision.reply
     return lost_lease(current, command.lease_id)

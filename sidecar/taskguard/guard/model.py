@@ -346,6 +346,10 @@ class GuardRecord:
             lock_delay_deadline=None,
         )
 
+    def alone(self) -> GuardRecord:
+        """This record's run without its key's queue and other runs: what a late command of that run is about."""
+        return dataclasses.replace(self, waiters=(), holders=()) if self.waiters or self.holders else self
+
     def view_of(self, run: GuardRecord) -> GuardRecord:
         """``run`` (one of this key's runs) as a record of its own, with the key's queue, counters and other runs:
         how a decision about that run, and its events, see the key."""

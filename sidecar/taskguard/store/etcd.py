@@ -1065,9 +1065,7 @@ def _snapshots(write: Write, previous: GuardRecord | None) -> dict[str, GuardRec
 def _run_alone(run: GuardRecord) -> GuardRecord:
     """A semaphore's past run as its snapshot keeps it: without the key's other runs and queue, which a late
     command of that run is not about (and which, N snapshots of N runs each, would outgrow a transaction)."""
-    if not (run.holders or run.tokens_issued):
-        return run
-    return replace(run, holders=(), waiters=())
+    return run.alone() if run.holders or run.tokens_issued else run
 
 
 def _owner_keys_to_delete(
