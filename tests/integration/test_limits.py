@@ -108,7 +108,8 @@ async def test_queueing_does_not_take_a_caller_past_its_guards_per_caller_limit(
         for mine in ("a", "b"):
             await acquire(stub, f"{key}/{mine}", ttl_s=600)
         first = await _queue(stub, taken[0])
-        assert (await asyncio.wait_for(first.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
+        queued = await asyncio.wait_for(first.read(), TIMEOUT_S)
+        assert queued.outcome == pb.ACQUIRE_OUTCOME_QUEUED
         second = await _queue(stub, taken[1])
         with pytest.raises(aio.AioRpcError) as refused:
             await asyncio.wait_for(second.read(), TIMEOUT_S)
@@ -116,10 +117,13 @@ async def test_queueing_does_not_take_a_caller_past_its_guards_per_caller_limit(
         assert f"uid:{os.getuid()} already holds 2 RUNNING guards and waits in 1 queues" in (
             refused.value.details() or ""
         )
-        # The place ends with its stream: room again.
+        # The place ends with its stream: room again. (Watched from the queueing on: the leave may come first.)
         first.cancel()
         await watch_until(
-            stub, lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_DEQUEUED for e in seen), key_prefix=taken[0]
+            stub,
+            lambda seen: any(e.type == pb.GUARD_EVENT_TYPE_DEQUEUED for e in seen),
+            key_prefix=taken[0],
+            start_revision=queued.guard.revision,
         )
         third = await _queue(stub, taken[2])
         assert (await asyncio.wait_for(third.read(), TIMEOUT_S)).outcome == pb.ACQUIRE_OUTCOME_QUEUED
